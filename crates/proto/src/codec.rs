@@ -1,0 +1,212 @@
+//! Turning frames into length-prefixed bytes and back.
+//!
+//! A frame is a 4-byte big-endian body length followed by the body, one JSON
+//! object. [`encode`] produces the whole thing once, so a broadcast can hand
+//! the same `Bytes` to every member.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::error::ProtoError;
+use crate::frame::Frame;
+use crate::limits::MAX_FRAME_LEN;
+
+/// Encodes a frame with its length prefix.
+pub fn encode(frame: &Frame) -> Bytes {
+    let mut buf = BytesMut::with_capacity(128);
+    buf.put_u32(0);
+    // Serializing our own enum into memory cannot fail: every field is a
+    // plain string, number, list or option.
+    serde_json::to_writer((&mut buf).writer(), frame).expect("frame serialization is infallible");
+    let len = (buf.len() - 4) as u32;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    buf.freeze()
+}
+
+/// Takes one whole frame body off the front of `buf`.
+///
+/// Returns `Ok(None)` when more bytes are needed. The length is checked
+/// against `max` before anything is reserved, so a prefix of 4 GiB costs
+/// nothing.
+///
+/// # Errors
+/// [`ProtoError::FrameTooLarge`] if the prefix announces more than `max`.
+pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, ProtoError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > max {
+        return Err(ProtoError::FrameTooLarge { len, max });
+    }
+    if buf.len() < 4 + len {
+        buf.reserve(4 + len - buf.len());
+        return Ok(None);
+    }
+    let mut frame = buf.split_to(4 + len);
+    let _prefix = frame.split_to(4);
+    Ok(Some(frame.freeze()))
+}
+
+/// Parses one frame body.
+///
+/// # Errors
+/// Tells apart invalid UTF-8, invalid JSON, an unknown `type` and a known
+/// type with bad fields, so the peer gets a precise error code.
+pub fn decode_body(body: &[u8]) -> Result<Frame, ProtoError> {
+    if body.len() > MAX_FRAME_LEN {
+        return Err(ProtoError::FrameTooLarge {
+            len: body.len(),
+            max: MAX_FRAME_LEN,
+        });
+    }
+    match serde_json::from_slice::<Frame>(body) {
+        Ok(frame) => Ok(frame),
+        Err(err) => Err(classify(body, err)),
+    }
+}
+
+/// Works out why a body failed to parse. Only runs on the error path.
+fn classify(body: &[u8], err: serde_json::Error) -> ProtoError {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return ProtoError::BadUtf8;
+    };
+    let value: serde_json::Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => return ProtoError::BadJson(e.to_string()),
+    };
+    let Some(kind) = value.get("type").and_then(|t| t.as_str()) else {
+        return ProtoError::BadJson("missing string field \"type\"".into());
+    };
+    if !Frame::TYPES.contains(&kind) {
+        let shown: String = kind.chars().take(40).collect();
+        return ProtoError::UnknownType(shown);
+    }
+    ProtoError::BadField {
+        kind: kind.to_string(),
+        detail: err.to_string(),
+    }
+}
+
+/// Reads one frame from a blocking reader (for simple clients and tests).
+///
+/// # Errors
+/// I/O errors, and protocol errors wrapped as `InvalidData`.
+pub fn read_frame_sync(r: &mut impl std::io::Read) -> std::io::Result<Frame> {
+    let mut prefix = [0u8; 4];
+    r.read_exact(&mut prefix)?;
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME_LEN {
+        let e = ProtoError::FrameTooLarge {
+            len,
+            max: MAX_FRAME_LEN,
+        };
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    decode_body(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+    use crate::frame::Chat;
+
+    fn roundtrip(frame: Frame) {
+        let bytes = encode(&frame);
+        let mut buf = BytesMut::from(&bytes[..]);
+        let body = split_frame(&mut buf, MAX_FRAME_LEN).unwrap().unwrap();
+        assert!(buf.is_empty());
+        assert_eq!(decode_body(&body).unwrap(), frame);
+    }
+
+    #[test]
+    fn frames_roundtrip() {
+        roundtrip(Frame::Say {
+            text: "hi".into(),
+            client_seq: 3,
+        });
+        roundtrip(Frame::Chat(Chat {
+            epoch: 2,
+            seq: 9,
+            from: "bob".into(),
+            from_id: 4,
+            client_seq: 1,
+            text: "héllo".into(),
+            bot: None,
+        }));
+        roundtrip(Frame::Leave {});
+        roundtrip(Frame::error(ErrorCode::NameTaken, "taken"));
+    }
+
+    #[test]
+    fn chat_wire_shape_is_flat() {
+        let bytes = encode(&Frame::Chat(Chat {
+            epoch: 1,
+            seq: 2,
+            from: "a".into(),
+            from_id: 1,
+            client_seq: 5,
+            text: "x".into(),
+            bot: None,
+        }));
+        let body = std::str::from_utf8(&bytes[4..]).unwrap();
+        assert_eq!(
+            body,
+            r#"{"type":"chat","epoch":1,"seq":2,"from":"a","from_id":1,"client_seq":5,"text":"x"}"#
+        );
+    }
+
+    #[test]
+    fn partial_frames_wait_for_more() {
+        let bytes = encode(&Frame::Ping { nonce: 1 });
+        let mut buf = BytesMut::from(&bytes[..3]);
+        assert_eq!(split_frame(&mut buf, MAX_FRAME_LEN), Ok(None));
+        buf.extend_from_slice(&bytes[3..bytes.len() - 1]);
+        assert_eq!(split_frame(&mut buf, MAX_FRAME_LEN), Ok(None));
+        buf.extend_from_slice(&bytes[bytes.len() - 1..]);
+        assert!(split_frame(&mut buf, MAX_FRAME_LEN).unwrap().is_some());
+    }
+
+    #[test]
+    fn huge_prefix_is_refused_before_allocation() {
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, b'{'][..]);
+        let err = split_frame(&mut buf, MAX_FRAME_LEN).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::FrameTooLarge);
+        assert!(buf.capacity() < 1024);
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        assert_eq!(decode_body(b"\xff\xfe").unwrap_err(), ProtoError::BadUtf8);
+        assert_eq!(decode_body(b"{nope").unwrap_err().code(), ErrorCode::BadJson);
+        assert_eq!(decode_body(b"[1,2]").unwrap_err().code(), ErrorCode::BadJson);
+        assert_eq!(
+            decode_body(br#"{"type":"teleport"}"#).unwrap_err(),
+            ProtoError::UnknownType("teleport".into())
+        );
+        assert_eq!(
+            decode_body(br#"{"type":"say","text":5}"#).unwrap_err().code(),
+            ErrorCode::BadField
+        );
+    }
+
+    #[test]
+    fn spoofed_from_is_ignored() {
+        let f = decode_body(br#"{"type":"say","text":"x","client_seq":1,"from":"alice"}"#).unwrap();
+        assert_eq!(
+            f,
+            Frame::Say {
+                text: "x".into(),
+                client_seq: 1
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_error_codes_survive() {
+        let f = decode_body(br#"{"type":"error","code":"from_the_future","message":"m"}"#).unwrap();
+        assert_eq!(f, Frame::error(ErrorCode::Unknown, "m"));
+    }
+}
