@@ -121,12 +121,14 @@ pub enum Frame {
         coordinator: Option<String>,
         members: Vec<MemberInfo>,
         last_seq: u64,
-        /// Digest of every delivered message so far (see docs/PROTOCOL.md).
+        /// Times this node saw a seq jump (should be 0).
+        #[serde(default)]
+        gaps: u64,
+        /// With `log: true`: the delivered messages still held, oldest
+        /// first, as `[seq, epoch, hash]` where `hash` is the hex FNV-1a of
+        /// `from_id`, a zero byte and `text` (see docs/PROTOCOL.md).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        digest: Option<String>,
-        /// Earliest seq still held in memory.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        first_seq: Option<u64>,
+        log: Option<Vec<(u64, u64, String)>>,
     },
 
     // ---- member → coordinator ----

@@ -1,1 +1,129 @@
-fn main() {}
+//! `p2pnode`: one peer of a p2pchat group chat.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use p2p_node::core::CoreConfig;
+use p2p_node::{run, EventFormat, NodeConfig, Sink};
+
+/// One peer of a p2pchat group chat: start a chat, or join one through any
+/// member. Lines typed on stdin are chat messages; /who lists members,
+/// /quit leaves.
+#[derive(Parser, Debug)]
+#[command(version, after_help = "\
+Examples:
+  p2pnode --name alice --listen 127.0.0.1:7101
+  p2pnode --name bob   --listen 127.0.0.1:7102 --join 127.0.0.1:7101
+  p2pnode --name carol --listen 127.0.0.1:7103 --join 127.0.0.1:7102,127.0.0.1:7101")]
+struct Args {
+    /// Your name in the chat: 1-32 of A-Z a-z 0-9 _ - .
+    #[arg(long)]
+    name: String,
+    /// Address this node's server listens on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Address peers should use to reach this node (default: the listening address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// A peer to join through; repeat or give a comma list, tried in order.
+    /// Without it, a new chat starts with this node as coordinator.
+    #[arg(long, value_delimiter = ',')]
+    join: Vec<String>,
+    /// If no --join peer answers, start a new chat instead of failing.
+    #[arg(long)]
+    create_if_alone: bool,
+    /// Do not read stdin (for supervisors); stop with SIGTERM or SIGINT.
+    #[arg(long)]
+    headless: bool,
+    /// How events are printed on stdout.
+    #[arg(long, value_enum, default_value_t = EventFormat::Human)]
+    events: EventFormat,
+    /// Heartbeat interval; a peer that misses 3 is dead.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    heartbeat_ms: u64,
+    /// Messages of history a newcomer receives.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    history: u64,
+    /// Time a new connection has to say hello.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    handshake_timeout_ms: u64,
+    /// Bytes that may wait unread for one member before it is disconnected.
+    #[arg(long, default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(65_536..=1 << 30))]
+    queue_limit_bytes: u64,
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = p2p_proto::limits::check_name(&args.name) {
+        eprintln!("p2pnode: invalid --name: {e}");
+        std::process::exit(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("p2pnode: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = match runtime.block_on(serve(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("p2pnode: {e:#}");
+            1
+        }
+    };
+    // stdin's blocking reader may still be parked; do not wait for it.
+    std::process::exit(code);
+}
+
+async fn serve(args: Args) -> anyhow::Result<i32> {
+    let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| {
+        format!(
+            "cannot listen on {}; is another node using that port? choose another --listen",
+            args.listen
+        )
+    })?;
+    let local = listener.local_addr().context("while reading the listening address")?;
+    let advertise = match args.advertise {
+        Some(a) => a,
+        None if local.ip().is_unspecified() => {
+            anyhow::bail!("--listen {} is a wildcard address; give --advertise HOST:PORT so peers can reach this node", args.listen)
+        }
+        None => local.to_string(),
+    };
+    let mut core = CoreConfig::new(args.name, advertise);
+    core.join = args.join.into_iter().filter(|j| !j.trim().is_empty()).collect();
+    core.create_if_alone = args.create_if_alone;
+    core.heartbeat_ms = args.heartbeat_ms;
+    core.replay = args.history as usize;
+    let mut cfg = NodeConfig::new(core);
+    cfg.handshake_timeout = Duration::from_millis(args.handshake_timeout_ms);
+    cfg.queue_bytes = args.queue_limit_bytes as usize;
+    cfg.read_stdin = !args.headless;
+    run(listener, cfg, Sink::stdout(args.events), shutdown_signal()).await
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending::<()>().await,
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

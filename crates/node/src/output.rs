@@ -1,0 +1,206 @@
+//! Printing events on stdout, as human lines or one JSON object per line.
+//!
+//! Printing happens on its own thread behind a bounded queue so a slow
+//! terminal never stalls the actor for long; stdout is for the user only
+//! (diagnostics go to stderr through `tracing`).
+
+use std::io::Write;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::thread::JoinHandle;
+
+use p2p_proto::Role;
+use serde_json::json;
+
+use crate::core::Event;
+
+/// How events are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventFormat {
+    /// Readable lines: `bob: hi`, `* carol joined`.
+    Human,
+    /// One JSON object per line (see docs/PROTOCOL.md, "Events").
+    Json,
+    /// Nothing (for benchmarks).
+    None,
+}
+
+/// Where events go.
+pub struct Sink {
+    format: EventFormat,
+    tx: Option<SyncSender<String>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sink {
+    /// Prints to stdout from a dedicated thread.
+    pub fn stdout(format: EventFormat) -> Sink {
+        let (tx, rx) = sync_channel::<String>(8192);
+        let thread = std::thread::spawn(move || print_loop(rx, std::io::stdout()));
+        Sink {
+            format,
+            tx: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Sends formatted lines to a channel (for in-process tests).
+    pub fn channel(format: EventFormat) -> (Sink, Receiver<String>) {
+        let (tx, rx) = sync_channel::<String>(1 << 16);
+        (
+            Sink {
+                format,
+                tx: Some(tx),
+                thread: None,
+            },
+            rx,
+        )
+    }
+
+    fn line(&self, line: String) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(line);
+        }
+    }
+
+    /// The node is listening (JSON only; human output starts with `Ready`).
+    pub fn listening(&self, name: &str, addr: &str) {
+        if self.format == EventFormat::Json {
+            self.line(json!({"event": "listening", "name": name, "addr": addr, "t": now_ms()}).to_string());
+        }
+    }
+
+    pub fn emit(&self, event: &Event, me: &str) {
+        let line = match self.format {
+            EventFormat::None => return,
+            EventFormat::Human => human(event, me),
+            EventFormat::Json => json_line(event),
+        };
+        if let Some(line) = line {
+            self.line(line);
+        }
+    }
+
+    /// Flushes everything printed so far and stops the printer thread.
+    pub fn close(mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn print_loop(rx: Receiver<String>, out: std::io::Stdout) {
+    let mut out = std::io::BufWriter::new(out.lock());
+    while let Ok(line) = rx.recv() {
+        let _ = writeln!(out, "{line}");
+        while let Ok(more) = rx.try_recv() {
+            let _ = writeln!(out, "{more}");
+        }
+        if out.flush().is_err() {
+            // stdout is gone (closed pipe): keep draining so senders never block.
+            while rx.recv().is_ok() {}
+            return;
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn role_str(role: Role) -> &'static str {
+    match role {
+        Role::Joining => "joining",
+        Role::Member => "member",
+        Role::Electing => "electing",
+        Role::Coordinator => "coordinator",
+    }
+}
+
+fn human(event: &Event, me: &str) -> Option<String> {
+    Some(match event {
+        Event::Ready {
+            epoch,
+            coordinator,
+            members,
+            created: true,
+            ..
+        } => format!("* started a new chat as {coordinator} (coordinator, epoch {epoch}, {members} member)"),
+        Event::Ready {
+            epoch,
+            coordinator,
+            members,
+            ..
+        } => format!("* joined as {me}; coordinator is {coordinator} (epoch {epoch}), {members} members"),
+        Event::Message { chat, .. } => match &chat.bot {
+            Some(_) => format!("[bot] {}: {}", chat.from, chat.text),
+            None => format!("{}: {}", chat.from, chat.text),
+        },
+        Event::Joined { name, .. } => format!("* {name} joined"),
+        Event::Left { name, reason, .. } => format!("* {name} {reason}"),
+        Event::Role {
+            epoch,
+            coordinator,
+            election_ms,
+            ..
+        } => match election_ms {
+            Some(ms) => format!("* coordinator is now {coordinator} (epoch {epoch}, elected in {ms} ms)"),
+            None => format!("* coordinator is now {coordinator} (epoch {epoch})"),
+        },
+        Event::Electing { lost, reason } => format!("* lost the coordinator {lost} ({reason}); electing the next"),
+        Event::Who { members, coordinator } => {
+            let names: Vec<String> = members
+                .iter()
+                .map(|m| {
+                    let mut s = m.name.clone();
+                    if m.id == *coordinator {
+                        s.push_str(" (coordinator)");
+                    }
+                    if m.name == me {
+                        s.push_str(" (you)");
+                    }
+                    s
+                })
+                .collect();
+            format!("* members: {}", names.join(", "))
+        }
+        Event::Rejected { reason, .. } => format!("* not delivered: {reason}"),
+        Event::Error { message, .. } => format!("* error: {message}"),
+    })
+}
+
+fn json_line(event: &Event) -> Option<String> {
+    let t = now_ms();
+    let v = match event {
+        Event::Ready {
+            id,
+            epoch,
+            coordinator,
+            members,
+            created,
+        } => json!({"event": "ready", "id": id, "epoch": epoch, "coordinator": coordinator,
+                    "members": members, "created": created, "t": t}),
+        Event::Message { chat, replay } => json!({"event": "message", "epoch": chat.epoch, "seq": chat.seq,
+            "from": chat.from, "from_id": chat.from_id, "client_seq": chat.client_seq, "text": chat.text,
+            "bot": chat.bot, "replay": replay, "t": t}),
+        Event::Joined { id, name } => json!({"event": "joined", "id": id, "name": name, "t": t}),
+        Event::Left { id, name, reason } => json!({"event": "left", "id": id, "name": name, "reason": reason, "t": t}),
+        Event::Role {
+            role,
+            epoch,
+            coordinator,
+            election_ms,
+        } => json!({"event": "role", "role": role_str(*role), "epoch": epoch, "coordinator": coordinator,
+                    "election_ms": election_ms, "t": t}),
+        Event::Electing { lost, reason } => json!({"event": "electing", "lost": lost, "reason": reason, "t": t}),
+        Event::Who { members, coordinator } => json!({"event": "who", "members": members, "coordinator": coordinator}),
+        Event::Rejected { client_seq, reason } => {
+            json!({"event": "rejected", "client_seq": client_seq, "reason": reason, "t": t})
+        }
+        Event::Error { code, message } => json!({"event": "error", "code": code, "message": message, "t": t}),
+    };
+    Some(v.to_string())
+}

@@ -1,0 +1,275 @@
+//! The driver: one actor task owns the [`Core`] and performs its outputs;
+//! the listener and each connection run in their own tasks and talk to the
+//! actor over a bounded channel. No lock is held across an `.await`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::task::TaskTracker;
+
+use crate::conn::{self, ConnLimits, Msg, Writer};
+use crate::core::{ConnId, Core, CoreConfig, Input, Output};
+use crate::output::Sink;
+
+/// Everything a node needs besides its listener.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub core: CoreConfig,
+    /// Time a new connection has to send its first frame.
+    pub handshake_timeout: Duration,
+    /// Per-member write queue limit in bytes.
+    pub queue_bytes: usize,
+    /// Read chat lines from stdin.
+    pub read_stdin: bool,
+}
+
+impl NodeConfig {
+    pub fn new(core: CoreConfig) -> NodeConfig {
+        NodeConfig {
+            core,
+            handshake_timeout: Duration::from_secs(3),
+            queue_bytes: 8 * 1024 * 1024,
+            read_stdin: false,
+        }
+    }
+}
+
+/// Runs a node on `listener` until it leaves (by `/quit`, stdin closing, or
+/// `shutdown` completing) or cannot join. Returns the exit code.
+///
+/// # Errors
+/// Only if the listener's own address cannot be read.
+pub async fn run(
+    listener: TcpListener,
+    mut cfg: NodeConfig,
+    sink: Sink,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<i32> {
+    let local = listener.local_addr().context("while reading the listening address")?;
+    if cfg.core.addr.is_empty() {
+        cfg.core.addr = local.to_string();
+    }
+    sink.listening(&cfg.core.name, &cfg.core.addr);
+    let (tx, mut rx) = mpsc::channel::<Msg>(4096);
+    let tracker = TaskTracker::new();
+    let limits = ConnLimits {
+        handshake: cfg.handshake_timeout,
+        queue_bytes: cfg.queue_bytes,
+    };
+    // Outbound dials get longer than a heartbeat-based guess: a new
+    // coordinator answers a resume only once its resume window closes.
+    let dial_limits = ConnLimits {
+        handshake: Duration::from_millis((cfg.core.heartbeat_ms * 10).max(500)),
+        ..limits
+    };
+    let accept = tokio::spawn(accept_loop(
+        listener,
+        tx.clone(),
+        limits,
+        tracker.clone(),
+        cfg.core.max_members + 256,
+    ));
+    let stdin = cfg.read_stdin.then(|| tokio::spawn(stdin_loop(tx.clone())));
+
+    let start = Instant::now();
+    let now = || start.elapsed().as_millis() as u64;
+    let name = cfg.core.name.clone();
+    let mut driver = Driver {
+        core: Core::new(cfg.core.clone(), now()),
+        writers: HashMap::new(),
+        group: Vec::new(),
+        tx: tx.clone(),
+        dial_limits,
+        tracker: tracker.clone(),
+        sink,
+        name,
+        exit: None,
+    };
+    driver.apply(now());
+    let mut ticker = tokio::time::interval(Duration::from_millis(driver.core.tick_ms()));
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    let mut shutting_down = false;
+    while driver.exit.is_none() {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(Msg::Registered(conn, writer)) => { driver.writers.insert(conn, writer); }
+                Some(Msg::Input(input)) => driver.core.handle(now(), input),
+                None => break,
+            },
+            _ = ticker.tick() => driver.core.handle(now(), Input::Tick),
+            _ = &mut shutdown, if !shutting_down => {
+                shutting_down = true;
+                driver.core.handle(now(), Input::Quit);
+            }
+        }
+        driver.apply(now());
+    }
+    accept.abort();
+    if let Some(s) = stdin {
+        s.abort();
+    }
+    // Let goodbyes (leave frames, the coordinator's own `left`) reach the wire.
+    for writer in driver.writers.values() {
+        writer.close();
+    }
+    tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    let code = driver.exit.unwrap_or(0);
+    driver.sink.close();
+    Ok(code)
+}
+
+struct Driver {
+    core: Core,
+    writers: HashMap<ConnId, Writer>,
+    /// The broadcast group: admitted members' writers.
+    group: Vec<(ConnId, Writer)>,
+    tx: mpsc::Sender<Msg>,
+    dial_limits: ConnLimits,
+    tracker: TaskTracker,
+    sink: Sink,
+    name: String,
+    exit: Option<i32>,
+}
+
+impl Driver {
+    /// Performs every output of the core, feeding back slow-consumer drops.
+    fn apply(&mut self, now: u64) {
+        loop {
+            let outputs: Vec<Output> = self.core.drain().collect();
+            if outputs.is_empty() {
+                return;
+            }
+            let mut overflowed: Vec<(ConnId, usize)> = Vec::new();
+            for out in outputs {
+                match out {
+                    Output::Send(conn, bytes) => {
+                        if let Some(w) = self.writers.get(&conn) {
+                            if let Err(conn::Overflow(n)) = w.push(bytes) {
+                                overflowed.push((conn, n));
+                            }
+                        }
+                    }
+                    Output::Broadcast(bytes) => {
+                        for (conn, w) in &self.group {
+                            if let Err(conn::Overflow(n)) = w.push(bytes.clone()) {
+                                overflowed.push((*conn, n));
+                            }
+                        }
+                    }
+                    Output::Attach(conn) => {
+                        if let Some(w) = self.writers.get(&conn) {
+                            self.group.push((conn, w.clone()));
+                        }
+                    }
+                    Output::Close(conn) => {
+                        if let Some(w) = self.writers.remove(&conn) {
+                            w.close();
+                        }
+                        self.group.retain(|(c, _)| *c != conn);
+                    }
+                    Output::Dial { conn, addr, hello } => self.dial(conn, addr, hello),
+                    Output::Notify { addr, frame } => {
+                        tokio::spawn(notify(addr, frame));
+                    }
+                    Output::Event(e) => self.sink.emit(&e, &self.name),
+                    Output::Exit(code) => {
+                        self.exit.get_or_insert(code);
+                    }
+                }
+            }
+            overflowed.sort_unstable();
+            overflowed.dedup_by_key(|(c, _)| *c);
+            for (conn, queued) in overflowed {
+                if let Some(w) = self.writers.remove(&conn) {
+                    w.kill();
+                }
+                self.group.retain(|(c, _)| *c != conn);
+                tracing::warn!(conn, queued, "dropping a slow consumer");
+                let reason = format!("disconnected (slow consumer: {queued} bytes unread)");
+                self.core.handle(now, Input::Closed(conn, Some(reason)));
+            }
+        }
+    }
+
+    fn dial(&self, conn: ConnId, addr: String, hello: Bytes) {
+        let tx = self.tx.clone();
+        let limits = self.dial_limits;
+        let tracker = self.tracker.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(limits.handshake, TcpStream::connect(&addr)).await {
+                Ok(Ok(stream)) => conn::start(stream, conn, Some(hello), tx, limits, &tracker, None).await,
+                Ok(Err(e)) => {
+                    tracing::debug!(%addr, error = %e, "dial failed");
+                    let _ = tx.send(Msg::Input(Input::Closed(conn, Some(format!("cannot connect to {addr}: {e}"))))).await;
+                }
+                Err(_) => {
+                    let _ = tx.send(Msg::Input(Input::Closed(conn, Some(format!("timed out connecting to {addr}"))))).await;
+                }
+            }
+        });
+    }
+}
+
+/// Connects, sends one frame, closes. Failures are expected (the target is
+/// often dead) and only logged.
+async fn notify(addr: String, frame: Bytes) {
+    let attempt = async {
+        let mut s = TcpStream::connect(&addr).await?;
+        s.write_all(&frame).await?;
+        s.shutdown().await
+    };
+    if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(1), attempt).await {
+        tracing::debug!(%addr, error = %e, "announcement not delivered");
+    }
+}
+
+async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<Msg>, limits: ConnLimits, tracker: TaskTracker, max_conns: usize) {
+    let next_id = Arc::new(AtomicU64::new(1));
+    let permits = Arc::new(Semaphore::new(max_conns));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many connections; refusing");
+            continue;
+        };
+        let conn = next_id.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(conn, %peer, "accepted");
+        conn::start(stream, conn, None, tx.clone(), limits, &tracker, Some(permit)).await;
+    }
+}
+
+async fn stdin_loop(tx: mpsc::Sender<Msg>) {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        match lines.next_line().await {
+            Ok(Some(line)) => {
+                if tx.send(Msg::Input(Input::User(line))).await.is_err() {
+                    return;
+                }
+            }
+            Ok(None) | Err(_) => {
+                let _ = tx.send(Msg::Input(Input::Quit)).await;
+                return;
+            }
+        }
+    }
+}
