@@ -1,1 +1,6 @@
+//! The one integration-test binary: drives the real `p2pnode` (and later
+//! `p2pctl`) processes over real sockets on 127.0.0.1.
 
+mod node;
+mod node_input;
+mod util;

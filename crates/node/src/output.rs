@@ -28,17 +28,21 @@ pub enum EventFormat {
 pub struct Sink {
     format: EventFormat,
     tx: Option<SyncSender<String>>,
+    /// Lines not printed because stdout was not read fast enough. Printing
+    /// never blocks the node: a stalled node would miss heartbeats.
+    dropped: std::cell::Cell<u64>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Sink {
     /// Prints to stdout from a dedicated thread.
     pub fn stdout(format: EventFormat) -> Sink {
-        let (tx, rx) = sync_channel::<String>(8192);
+        let (tx, rx) = sync_channel::<String>(1 << 16);
         let thread = std::thread::spawn(move || print_loop(rx, std::io::stdout()));
         Sink {
             format,
             tx: Some(tx),
+            dropped: std::cell::Cell::new(0),
             thread: Some(thread),
         }
     }
@@ -50,6 +54,7 @@ impl Sink {
             Sink {
                 format,
                 tx: Some(tx),
+                dropped: std::cell::Cell::new(0),
                 thread: None,
             },
             rx,
@@ -57,8 +62,21 @@ impl Sink {
     }
 
     fn line(&self, line: String) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(line);
+        let Some(tx) = &self.tx else { return };
+        let dropped = self.dropped.get();
+        if dropped > 0 {
+            let note = match self.format {
+                EventFormat::Json => json!({"event": "dropped", "count": dropped, "t": now_ms()}).to_string(),
+                _ => format!("* {dropped} events not shown: stdout was not read fast enough"),
+            };
+            if tx.try_send(note).is_err() {
+                self.dropped.set(dropped + 1);
+                return;
+            }
+            self.dropped.set(0);
+        }
+        if tx.try_send(line).is_err() {
+            self.dropped.set(self.dropped.get() + 1);
         }
     }
 

@@ -25,10 +25,17 @@ pub enum Append {
     AddedAfterGap { missing: u64 },
 }
 
+/// Most bytes of history a node holds (16 MiB).
+pub const DEFAULT_CAP_BYTES: usize = 16 << 20;
+
 pub struct Log {
     entries: VecDeque<Entry>,
     /// How many messages to hold; older ones are forgotten.
     cap: usize,
+    /// Bytes of encoded frames held, and the most we hold (bounds memory
+    /// whatever the message sizes).
+    bytes: usize,
+    cap_bytes: usize,
     last_seq: u64,
     last_epoch: u64,
     /// Highest client_seq sequenced per member id, for de-duplication. Kept
@@ -43,6 +50,8 @@ impl Log {
         Log {
             entries: VecDeque::with_capacity(cap.min(1024)),
             cap: cap.max(1),
+            bytes: 0,
+            cap_bytes: DEFAULT_CAP_BYTES,
             last_seq: 0,
             last_epoch: 0,
             client_seq: HashMap::new(),
@@ -84,10 +93,13 @@ impl Log {
         }
         self.last_seq = chat.seq;
         self.last_epoch = chat.epoch;
-        if self.entries.len() == self.cap {
-            self.entries.pop_front();
-        }
+        self.bytes += frame.len();
         self.entries.push_back(Entry { chat, frame });
+        while self.entries.len() > self.cap || (self.bytes > self.cap_bytes && self.entries.len() > 1) {
+            if let Some(old) = self.entries.pop_front() {
+                self.bytes -= old.frame.len();
+            }
+        }
         if missing > 0 {
             self.gaps += 1;
             Append::AddedAfterGap { missing }

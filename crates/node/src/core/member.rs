@@ -35,8 +35,12 @@ pub(super) struct Electing {
     since: Millis,
     /// Members found dead on the way, the lost coordinator first.
     dead: BTreeSet<u64>,
-    /// An address to try first (given by a redirect or an announcement).
-    direct: Option<String>,
+    /// A peer to try first: (member id or 0, address). The lost coordinator
+    /// itself when the loss was only a closed connection (it may have cut
+    /// just us off), or a coordinator named by a redirect or announcement.
+    direct: Option<(u64, String)>,
+    /// The coordinator we lost, to go back to if a successor says it lives.
+    lost: Option<MemberInfo>,
     /// The successor being dialled: (member id or 0 for `direct`, connection).
     target: Option<(u64, ConnId)>,
     retry_at: Option<Millis>,
@@ -135,8 +139,13 @@ impl Core {
                 coordinator,
                 members,
                 replay,
+                heartbeat_ms,
                 ..
-            } => self.on_welcome(conn, member_id, epoch, coordinator, members, replay),
+            } => {
+                // The chat runs on its coordinator's heartbeat.
+                self.cfg.heartbeat_ms = heartbeat_ms.clamp(10, 60_000);
+                self.on_welcome(conn, member_id, epoch, coordinator, members, replay)
+            }
             Frame::Chat(chat) => {
                 let replay = match &mut self.state {
                     State::Member(u) if u.replay_left > 0 => {
@@ -169,7 +178,7 @@ impl Core {
                 if id == self.coordinator && matches!(self.state, State::Member(_)) {
                     // The election drops it from the list (it is in `dead`).
                     self.out.push(Output::Close(conn));
-                    self.start_election(format!("the coordinator {reason}"));
+                    self.start_election(format!("the coordinator {reason}"), false);
                 } else {
                     self.members.retain(|m| m.id != id);
                 }
@@ -222,7 +231,7 @@ impl Core {
         if !self.my_ids.contains(&member_id) {
             self.my_ids.push(member_id);
         }
-        self.epoch = epoch;
+        let old_epoch = std::mem::replace(&mut self.epoch, epoch);
         self.coordinator = coordinator;
         match prev {
             State::Joining(_) => self.emit(Event::Ready {
@@ -253,12 +262,15 @@ impl Core {
                     })
                     .collect();
                 self.out.extend(newcomers.into_iter().map(Output::Event));
-                self.emit(Event::Role {
+                let same_reign = e.lost.as_ref().is_some_and(|l| l.id == coordinator) && old_epoch == epoch;
+                if !same_reign {
+                    self.emit(Event::Role {
                     role: Role::Member,
                     epoch,
                     coordinator: self.coordinator_name(),
-                    election_ms: Some(self.now.saturating_sub(e.since)),
-                });
+                        election_ms: Some(self.now.saturating_sub(e.since)),
+                    });
+                }
             }
             _ => {}
         }
@@ -326,6 +338,13 @@ impl Core {
             }
             State::Electing(e) if busy => {
                 e.target = None;
+                if code == ErrorCode::CoordinatorAlive {
+                    // The successor still hears the coordinator: go back to it.
+                    if let Some(lost) = &e.lost {
+                        e.dead.remove(&lost.id);
+                        e.direct = Some((lost.id, lost.addr.clone()));
+                    }
+                }
                 e.retry_at = Some(retry_at);
             }
             State::Electing(_) => self.uplink_closed(conn, Some(message)),
@@ -351,7 +370,7 @@ impl Core {
             State::Member(_) => {
                 self.out.push(Output::Close(conn));
                 let why = reason.unwrap_or_else(|| "connection closed".into());
-                self.start_election(why);
+                self.start_election(why, true);
             }
             State::Electing(e) => {
                 if let Some((id, _)) = e.target.take() {
@@ -372,7 +391,7 @@ impl Core {
             State::Member(u) if now.saturating_sub(u.last_heard) >= dead_after => {
                 let conn = u.conn;
                 self.out.push(Output::Close(conn));
-                self.start_election("missed 3 heartbeats".into());
+                self.start_election("missed 3 heartbeats".into(), false);
             }
             State::Electing(e) if e.retry_at.is_some_and(|t| now >= t) => {
                 e.retry_at = None;
@@ -386,13 +405,18 @@ impl Core {
         }
     }
 
-    /// The coordinator is gone: find the earliest-joined survivor.
-    pub(super) fn start_election(&mut self, reason: String) {
+    /// The coordinator is gone: find the earliest-joined survivor. With
+    /// `probe`, first check the coordinator itself: a closed connection may
+    /// mean it dropped only us (a killed process refuses at once).
+    pub(super) fn start_election(&mut self, reason: String, probe: bool) {
+        let lost_info = self.member(self.coordinator).cloned();
         let lost = self.coordinator_name();
+        let direct = lost_info.as_ref().filter(|_| probe).map(|m| (m.id, m.addr.clone()));
         self.state = State::Electing(Electing {
             since: self.now,
             dead: BTreeSet::from([self.coordinator]),
-            direct: None,
+            direct,
+            lost: lost_info,
             target: None,
             retry_at: None,
         });
@@ -414,7 +438,8 @@ impl Core {
         self.state = State::Electing(Electing {
             since: self.now,
             dead: BTreeSet::new(),
-            direct: Some(addr),
+            direct: Some((0, addr)),
+            lost: None,
             target: None,
             retry_at: None,
         });
@@ -440,11 +465,11 @@ impl Core {
         let State::Electing(e) = &self.state else { return };
         let resume = self.resume(&e.dead);
         let hello = self.hello(Some(resume));
-        if let Some(addr) = e.direct.clone() {
+        if let Some((id, addr)) = e.direct.clone() {
             let conn = self.dial(&addr, &hello);
             if let State::Electing(e) = &mut self.state {
                 e.direct = None;
-                e.target = Some((0, conn));
+                e.target = Some((id, conn));
             }
             return;
         }

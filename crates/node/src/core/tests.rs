@@ -444,3 +444,22 @@ fn duplicate_resend_is_dropped_by_client_seq() {
     sim.run();
     assert_eq!(sim.assert_agree(&[0, 1]).len(), 1);
 }
+
+#[test]
+fn a_member_cut_off_by_the_coordinator_rejoins_instead_of_taking_over() {
+    // n1 is first in line; being dropped (slow consumer) must not make it
+    // think the coordinator died and seize the chat.
+    let mut sim = cluster(3);
+    sim.say(2, "m1");
+    let (&(_, conn), _) = sim.links.iter().find(|((n, _), (peer, _))| *n == 0 && *peer == 1).unwrap();
+    sim.input(0, Input::Closed(conn, Some("disconnected (slow consumer)".into())));
+    sim.close_link(0, conn);
+    sim.run();
+    sim.advance(HB * 5);
+    assert_eq!(sim.coordinators(), vec![0]);
+    assert!((0..3).all(|i| sim.nodes[i].core.epoch() == 1));
+    assert_eq!(sim.nodes[1].core.role(), Role::Member);
+    assert_eq!(sim.nodes[0].core.members().len(), 3, "n1 is back");
+    sim.say(1, "m2");
+    sim.assert_agree(&[0, 1, 2]);
+}

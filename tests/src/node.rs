@@ -1,0 +1,314 @@
+//! p2pnode behaviour against real processes: joining, ordering, failover,
+//! hangs, membership changes, names and clean exits.
+
+use std::thread;
+
+use nix::sys::signal::Signal;
+use p2p_proto::{Frame, PROTOCOL_VERSION};
+
+use crate::util::{assert_same_sequence, Node, Raw};
+
+fn join_args(addrs: &[&Node]) -> Vec<String> {
+    vec!["--join".into(), addrs.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",")]
+}
+
+fn node(name: &str, via: &[&Node]) -> Node {
+    let args = join_args(via);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Node::join(name, &args)
+}
+
+#[test]
+fn joins_direct_and_redirected_share_one_order_and_who() {
+    let mut a = Node::join("alice", &[]);
+    let mut b = node("bob", &[&a]);
+    let mut c = node("carol", &[&b]); // bob is not coordinator: redirected
+    let ready = c.wait_event("ready", |e| e["event"] == "ready");
+    assert_eq!(ready["coordinator"], "alice");
+    assert_eq!(ready["members"], 3);
+    a.wait_event("carol joined", |e| e["event"] == "joined" && e["name"] == "carol");
+
+    for (n, text) in [(&mut a, "one"), (&mut b, "two"), (&mut c, "three")] {
+        n.say(text);
+    }
+    for n in [&a, &b, &c] {
+        n.wait_message("three");
+        n.wait_message("one");
+        n.wait_message("two");
+    }
+    let seq = assert_same_sequence(&[&a, &b, &c]);
+    assert_eq!(seq.len(), 3);
+    // Every sender got its own message back (its acknowledgement).
+    for n in [&a, &b, &c] {
+        assert!(seq.iter().any(|m| m.1 == n.name));
+    }
+
+    c.say("/who");
+    let who = c.wait_event("who", |e| e["event"] == "who");
+    let names: Vec<&str> = who["members"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["alice", "bob", "carol"]);
+    assert_eq!(who["coordinator"], who["members"][0]["id"]);
+}
+
+#[test]
+fn sender_cannot_spoof_from() {
+    let a = Node::join("alice", &[]);
+    let mut raw = Raw::hello(&a.addr, "mallory");
+    raw.send_body(br#"{"type":"say","text":"i am alice","client_seq":1,"from":"alice","from_id":1}"#);
+    let ev = a.wait_message("i am alice");
+    assert_eq!(ev["from"], "mallory");
+    let echoed = raw.read_until("own message", |f| matches!(f, Frame::Chat(_)));
+    let Frame::Chat(chat) = echoed else { unreachable!() };
+    assert_eq!(chat.from, "mallory");
+    assert_eq!(chat.client_seq, 1);
+}
+
+#[test]
+fn human_output_is_plain_lines() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(crate::util::bin("p2pnode"))
+        .args(["--name", "alice", "--listen", "127.0.0.1:0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "hello there").unwrap();
+    writeln!(stdin, "/who").unwrap();
+    writeln!(stdin, "/quit").unwrap();
+    let lines: Vec<String> = BufReader::new(child.stdout.take().unwrap()).lines().map_while(Result::ok).collect();
+    let status = crate::util::wait_until("alice to exit", || child.try_wait().ok().flatten());
+    assert!(status.success());
+    assert!(lines[0].starts_with("* started a new chat as alice"), "{lines:?}");
+    assert!(lines.contains(&"alice: hello there".to_string()), "{lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with("* members: alice (coordinator)")), "{lines:?}");
+}
+
+#[test]
+fn coordinator_sigkill_loses_and_duplicates_nothing() {
+    let a = Node::join("alice", &["--heartbeat-ms", "50"]);
+    let mut b = node("bob", &[&a]);
+    let mut c = node("carol", &[&a]);
+    let mut d = node("dave", &[&a]);
+    d.wait_event("all joined", |e| e["event"] == "joined" || e["members"] == 4);
+    b.wait_event("dave joined", |e| e["event"] == "joined" && e["name"] == "dave");
+    // Traffic from every survivor while the coordinator dies.
+    let writer = thread::spawn(move || {
+        for i in 0..60 {
+            c.say(&format!("c{i}"));
+            if i == 20 {
+                a.signal(Signal::SIGKILL);
+            }
+            thread::sleep(std::time::Duration::from_millis(2));
+        }
+        (a, c)
+    });
+    for i in 0..40 {
+        d.say(&format!("d{i}"));
+        b.say(&format!("b{i}"));
+    }
+    let (_a, c) = writer.join().unwrap();
+    for n in [&b, &c, &d] {
+        n.wait_message("c59");
+        n.wait_message("d39");
+        n.wait_message("b39");
+        n.wait_event("new coordinator bob", |e| e["event"] == "role" && e["coordinator"] == "bob" && e["epoch"] == 2);
+    }
+    // Wait for the complete set on everyone, then compare.
+    for n in [&b, &c, &d] {
+        crate::util::wait_until("all 140 messages", || (n.messages().len() >= 140).then_some(()));
+    }
+    let seq = assert_same_sequence(&[&b, &c, &d]);
+    let mut texts: Vec<&str> = seq.iter().map(|m| m.2.as_str()).collect();
+    assert_eq!(texts.len(), 140, "every message exactly once");
+    texts.sort_unstable();
+    texts.dedup();
+    assert_eq!(texts.len(), 140, "no duplicates");
+    // Per-sender order is kept.
+    let cs: Vec<&str> = seq.iter().filter(|m| m.1 == "carol").map(|m| m.2.as_str()).collect();
+    let expected: Vec<String> = (0..60).map(|i| format!("c{i}")).collect();
+    assert_eq!(cs, expected.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+#[test]
+fn coordinator_and_successor_killed_together() {
+    let a = Node::join("alice", &[]);
+    let b = node("bob", &[&a]);
+    let mut c = node("carol", &[&a]);
+    let d = node("dave", &[&a]);
+    d.wait_event("members", |e| e["event"] == "ready");
+    c.wait_event("dave joined", |e| e["event"] == "joined" && e["name"] == "dave");
+    a.signal(Signal::SIGKILL);
+    b.signal(Signal::SIGKILL);
+    for n in [&c, &d] {
+        n.wait_event("carol takes over", |e| e["event"] == "role" && e["coordinator"] == "carol");
+    }
+    c.say("still here");
+    d.wait_message("still here");
+    assert_same_sequence(&[&c, &d]);
+}
+
+#[test]
+fn hung_coordinator_is_replaced_and_rejoins_after_sigcont() {
+    let mut a = Node::join("alice", &[]);
+    let b = node("bob", &[&a]);
+    let mut c = node("carol", &[&a]);
+    c.wait_event("ready", |e| e["event"] == "ready");
+    b.wait_event("carol joined", |e| e["event"] == "joined");
+    c.say("before");
+    b.wait_message("before");
+    a.signal(Signal::SIGSTOP);
+    for n in [&b, &c] {
+        n.wait_event("bob elected", |e| {
+            e["event"] == "role" && e["coordinator"] == "bob" && e["epoch"] == 2
+        });
+    }
+    c.say("during");
+    b.wait_message("during");
+    a.signal(Signal::SIGCONT);
+    a.wait_event("alice steps down", |e| {
+        e["event"] == "role" && e["role"] == "member" && e["coordinator"] == "bob" && e["epoch"] == 2
+    });
+    b.wait_event("alice rejoined", |e| e["event"] == "joined" && e["name"] == "alice");
+    a.say("back");
+    for n in [&b, &c] {
+        n.wait_message("back");
+    }
+    a.wait_message("back");
+    // alice delivers the message sent while she hung, exactly once.
+    a.wait_message("during");
+    assert_same_sequence(&[&a, &b, &c]);
+}
+
+#[test]
+fn killed_and_hung_members_are_removed() {
+    let a = Node::join("alice", &[]);
+    let b = node("bob", &[&a]);
+    let c = node("carol", &[&a]);
+    let d = node("dave", &[&a]);
+    b.wait_event("dave joined", |e| e["event"] == "joined" && e["name"] == "dave");
+    c.signal(Signal::SIGKILL);
+    for n in [&a, &b] {
+        n.wait_event("carol disconnected", |e| {
+            e["event"] == "left" && e["name"] == "carol" && e["reason"] == "disconnected"
+        });
+    }
+    d.signal(Signal::SIGSTOP);
+    for n in [&a, &b] {
+        n.wait_event("dave missed heartbeats", |e| {
+            e["event"] == "left" && e["name"] == "dave" && e["reason"].as_str().unwrap().contains("missed 3 heartbeats")
+        });
+    }
+    d.signal(Signal::SIGCONT);
+}
+
+#[test]
+fn last_survivor_leads_and_admits_newcomers() {
+    let a = Node::join("alice", &[]);
+    let b = node("bob", &[&a]);
+    b.wait_event("ready", |e| e["event"] == "ready");
+    a.signal(Signal::SIGKILL);
+    b.wait_event("bob alone", |e| e["event"] == "role" && e["role"] == "coordinator");
+    let mut c = node("carol", &[&b]);
+    let ready = c.wait_event("ready", |e| e["event"] == "ready");
+    assert_eq!(ready["coordinator"], "bob");
+    c.say("hi bob");
+    b.wait_message("hi bob");
+}
+
+#[test]
+fn joining_through_a_just_elected_coordinator() {
+    let a = Node::join("alice", &[]);
+    let b = node("bob", &[&a]);
+    let c = node("carol", &[&a]);
+    c.wait_event("ready", |e| e["event"] == "ready");
+    b.wait_event("carol joined", |e| e["event"] == "joined");
+    a.signal(Signal::SIGKILL);
+    b.wait_event("bob leads", |e| e["event"] == "role" && e["coordinator"] == "bob");
+    // Through the new coordinator, and through a member that redirects to it.
+    let d = node("dave", &[&b]);
+    let e = node("erin", &[&c]);
+    for n in [&d, &e] {
+        assert_eq!(n.wait_event("ready", |e| e["event"] == "ready")["coordinator"], "bob");
+    }
+}
+
+#[test]
+fn taken_name_is_refused() {
+    let a = Node::join("alice", &[]);
+    let _b = node("bob", &[&a]);
+    let mut dup = Node::start("bob", &["--join", &a.addr]);
+    let err = dup.wait_event("refusal", |e| e["event"] == "error");
+    assert_eq!(err["code"], "name_taken");
+    assert!(err["message"].as_str().unwrap().contains("bob"));
+    assert_eq!(dup.wait_exit().code(), Some(2));
+}
+
+#[test]
+fn newcomer_receives_recent_history() {
+    let mut a = Node::join("alice", &["--history", "3"]);
+    for i in 0..5 {
+        a.say(&format!("h{i}"));
+    }
+    a.wait_message("h4");
+    let b = node("bob", &[&a]);
+    let replayed = b.wait_events("3 replayed", 3, |e| e["event"] == "message" && e["replay"] == true);
+    let texts: Vec<&str> = replayed.iter().map(|e| e["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, vec!["h2", "h3", "h4"]);
+}
+
+#[test]
+fn join_tries_each_peer_and_fails_clearly_when_none_answers() {
+    // A port that was free a moment ago: nobody listens there.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let a = Node::join("alice", &[]);
+    let b = Node::join("bob", &["--join", &format!("{dead},{}", a.addr)]);
+    assert_eq!(b.wait_event("ready", |e| e["event"] == "ready")["coordinator"], "alice");
+
+    let mut lonely = Node::start("carol", &["--join", &dead]);
+    let err = lonely.wait_event("error", |e| e["event"] == "error");
+    assert!(err["message"].as_str().unwrap().contains(&dead));
+    assert_eq!(lonely.wait_exit().code(), Some(2));
+
+    let alone = Node::join("dave", &["--join", &dead, "--create-if-alone"]);
+    assert_eq!(alone.wait_event("ready", |e| e["event"] == "ready")["created"], true);
+}
+
+#[test]
+fn quit_and_ctrl_c_leave_cleanly() {
+    let a = Node::join("alice", &[]);
+    let mut b = node("bob", &[&a]);
+    let mut c = node("carol", &[&a]);
+    c.wait_event("ready", |e| e["event"] == "ready");
+    b.say("/quit");
+    assert!(b.wait_exit().success());
+    a.wait_event("bob left", |e| e["event"] == "left" && e["name"] == "bob" && e["reason"] == "left");
+    c.signal(Signal::SIGINT);
+    assert!(c.wait_exit().success(), "ctrl-c exits 0");
+    assert_eq!(c.stderr(), "", "no error text on ctrl-c");
+    a.wait_event("carol left", |e| e["event"] == "left" && e["name"] == "carol" && e["reason"] == "left");
+    assert!(a.stray_lines().is_empty(), "json mode prints only json: {:?}", a.stray_lines());
+}
+
+#[test]
+fn observers_get_status_without_joining() {
+    let a = Node::join("alice", &[]);
+    let b = node("bob", &[&a]);
+    b.wait_event("ready", |e| e["event"] == "ready");
+    let mut raw = Raw::connect(&b.addr);
+    raw.send(&Frame::StatusRequest { log: true });
+    let status = raw.read_until("status", |f| matches!(f, Frame::Status { .. }));
+    let Frame::Status { name, role, epoch, coordinator, members, .. } = status else { unreachable!() };
+    assert_eq!(name, "bob");
+    assert_eq!(role, p2p_proto::Role::Member);
+    assert_eq!(epoch, 1);
+    assert_eq!(coordinator.as_deref(), Some("alice"));
+    assert_eq!(members.len(), 2);
+    // A version mismatch is refused with both versions named.
+    let mut raw = Raw::connect(&a.addr);
+    raw.send(&Frame::Hello { version: PROTOCOL_VERSION + 1, name: "zed".into(), addr: "x:1".into(), resume: None });
+    let err = raw.read_until("error", |f| matches!(f, Frame::Error { .. }));
+    assert!(matches!(err, Frame::Error { code: p2p_proto::ErrorCode::VersionMismatch, .. }), "{err:?}");
+}

@@ -1,0 +1,106 @@
+//! Hostile and broken input: every case gets an error frame where the
+//! protocol allows and a closed connection, and the chat carries on.
+
+use p2p_proto::{ErrorCode, Frame};
+
+use crate::util::{wait_until, Node, Raw};
+
+fn expect_error(raw: &mut Raw, code: ErrorCode) {
+    let frame = raw.read_until("error frame", |f| matches!(f, Frame::Error { .. }));
+    let Frame::Error { code: got, message } = frame else { unreachable!() };
+    assert_eq!(got, code, "{message}");
+    assert!(!message.is_empty());
+    wait_until("the node to close the connection", || raw.closed().then_some(()));
+}
+
+#[test]
+fn bad_input_gets_an_error_and_disturbs_nobody() {
+    let a = Node::join("alice", &["--handshake-timeout-ms", "300"]);
+    let mut b = Node::join("bob", &["--join", &a.addr]);
+    b.wait_event("ready", |e| e["event"] == "ready");
+
+    // Random bytes: read as a length prefix far over the limit.
+    let mut raw = Raw::connect(&a.addr);
+    raw.send_raw(&[0x9e, 0x13, 0x77, 0x01, 0xff, 0x00, 0x42]);
+    expect_error(&mut raw, ErrorCode::FrameTooLarge);
+
+    // A 4 GiB length prefix: refused before any allocation.
+    let mut raw = Raw::connect(&a.addr);
+    raw.send_raw(&[0xff, 0xff, 0xff, 0xff]);
+    expect_error(&mut raw, ErrorCode::FrameTooLarge);
+
+    // A frame just over the limit.
+    let mut raw = Raw::connect(&a.addr);
+    let len = (p2p_proto::limits::MAX_FRAME_LEN + 1) as u32;
+    raw.send_raw(&len.to_be_bytes());
+    expect_error(&mut raw, ErrorCode::FrameTooLarge);
+
+    let cases: [(&[u8], ErrorCode); 4] = [
+        (b"{not json", ErrorCode::BadJson),
+        (br#"{"type":"teleport","to":"mars"}"#, ErrorCode::UnknownType),
+        (b"{\"type\":\"hello\",\"name\":\"\xff\xfe\"}", ErrorCode::BadUtf8),
+        (br#"{"type":"hello","version":"one"}"#, ErrorCode::BadField),
+    ];
+    for (body, code) in cases {
+        let mut raw = Raw::connect(&a.addr);
+        raw.send_body(body);
+        expect_error(&mut raw, code);
+    }
+
+    // A chat frame before hello.
+    let mut raw = Raw::connect(&a.addr);
+    raw.send(&Frame::Say { text: "sneaky".into(), client_seq: 1 });
+    expect_error(&mut raw, ErrorCode::UnexpectedFrame);
+
+    // Connects and never says hello: dropped after the handshake timeout.
+    let mut silent = Raw::connect(&a.addr);
+    expect_error(&mut silent, ErrorCode::HandshakeTimeout);
+
+    // Garbage from an admitted member: it is dropped, the others are not.
+    let mut member = Raw::hello(&a.addr, "mallory");
+    member.send_body(b"\x00\x01garbage");
+    expect_error(&mut member, ErrorCode::BadJson);
+    b.wait_event("mallory dropped", |e| e["event"] == "left" && e["name"] == "mallory");
+
+    // The chat carries on.
+    b.say("still fine");
+    a.wait_message("still fine");
+    assert_eq!(a.events().iter().filter(|e| e["event"] == "error").count(), 0);
+}
+
+#[test]
+fn a_member_that_never_reads_is_cut_off_and_others_carry_on() {
+    // A member that never reads also never answers pings; a long heartbeat
+    // lets the queue limit, not the heartbeat, catch it here.
+    let mut a = Node::join("alice", &["--queue-limit-bytes", "1048576", "--history", "0", "--heartbeat-ms", "2000"]);
+    let b = Node::join("bob", &["--join", &a.addr]);
+    b.wait_event("ready", |e| e["event"] == "ready");
+    let sloth = Raw::hello(&a.addr, "sloth"); // joins, then never reads
+    b.wait_event("sloth joined", |e| e["event"] == "joined" && e["name"] == "sloth");
+    let big = "x".repeat(4000);
+    let mut sent = 0;
+    // Loopback socket buffers hold a few MB; keep talking until the
+    // coordinator gives up on sloth (bounded: at most 64 MB).
+    while sent < 16_000 {
+        for i in 0..200 {
+            a.say(&format!("{sent}-{i} {big}"));
+        }
+        sent += 200;
+        let gone = a.has_event(|e| e["event"] == "left" && e["name"] == "sloth");
+        if gone {
+            break;
+        }
+    }
+    let left = a.wait_event("sloth dropped", |e| e["event"] == "left" && e["name"] == "sloth");
+    assert!(left["reason"].as_str().unwrap().contains("slow consumer"), "{left}");
+    let last = format!("{}-199 {big}", sent - 200);
+    b.wait_message(&last);
+    // Memory stayed bounded: the coordinator did not buffer the flood for sloth.
+    let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", a.pid()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().unwrap()))
+        .unwrap();
+    assert!(rss_kib < 96 * 1024, "coordinator RSS {rss_kib} KiB after the flood");
+    drop(sloth);
+}

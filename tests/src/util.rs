@@ -1,0 +1,325 @@
+//! Helpers for driving the real binaries: building them once, node
+//! processes that are killed when dropped, JSON event capture, and waiting
+//! for a condition with a deadline (never a fixed sleep).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use p2p_proto::{encode, read_frame_sync, Frame};
+use serde_json::Value;
+
+/// How long any single wait in a test may take before it fails.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+/// The directory holding the built binaries (building them once if the
+/// tests run under cargo).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test binary path");
+        // target/<profile>/deps/integration-… → target/<profile>
+        let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+        if let Ok(cargo) = std::env::var("CARGO") {
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "--quiet", "-p", "p2p-node", "--bins"]);
+            if dir.ends_with("release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("running cargo build for the binaries");
+            assert!(status.success(), "building the binaries failed");
+        }
+        dir
+    })
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(path.exists(), "{} is missing; run cargo build --workspace", path.display());
+    path
+}
+
+/// Waits until `check` returns Some, or panics after `DEADLINE` with `what`.
+pub fn wait_until<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[derive(Default)]
+struct Captured {
+    events: Vec<Value>,
+    /// Non-JSON stdout lines (there should be none with --events json).
+    other: Vec<String>,
+    closed: bool,
+}
+
+/// A running `p2pnode` with `--events json`; killed (SIGKILL) on drop.
+pub struct Node {
+    pub name: String,
+    pub addr: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: Arc<(Mutex<Captured>, Condvar)>,
+    err: Arc<Mutex<String>>,
+}
+
+impl Node {
+    /// Starts a node on a free port; `extra` are further flags (e.g.
+    /// `--join`). Waits until it listens.
+    pub fn start(name: &str, extra: &[&str]) -> Node {
+        let mut node = Node::spawn(name, extra);
+        let ev = node.wait_event("listening", |e| e["event"] == "listening");
+        node.addr = ev["addr"].as_str().expect("listening addr").to_string();
+        node
+    }
+
+    /// Starts a node and waits until it is in the chat.
+    pub fn join(name: &str, extra: &[&str]) -> Node {
+        let node = Node::start(name, extra);
+        node.wait_event("ready", |e| e["event"] == "ready");
+        node
+    }
+
+    /// Starts without waiting for anything.
+    pub fn spawn(name: &str, extra: &[&str]) -> Node {
+        let mut child = Command::new(bin("p2pnode"))
+            .args(["--name", name, "--listen", "127.0.0.1:0", "--events", "json"])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning p2pnode");
+        let out = Arc::new((Mutex::new(Captured::default()), Condvar::new()));
+        let stdout = child.stdout.take().expect("stdout");
+        let out2 = out.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let (lock, cv) = &*out2;
+                let mut c = lock.lock().unwrap();
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => c.events.push(v),
+                    Err(_) => c.other.push(line),
+                }
+                cv.notify_all();
+            }
+            let (lock, cv) = &*out2;
+            lock.lock().unwrap().closed = true;
+            cv.notify_all();
+        });
+        let err = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().expect("stderr");
+        let err2 = err.clone();
+        std::thread::spawn(move || {
+            let mut buf = String::new();
+            let _ = stderr.read_to_string(&mut buf);
+            err2.lock().unwrap().push_str(&buf);
+        });
+        Node {
+            name: name.to_string(),
+            addr: String::new(),
+            stdin: child.stdin.take(),
+            child,
+            out,
+            err,
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Types a line on the node's stdin.
+    pub fn say(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().expect("node started without stdin");
+        writeln!(stdin, "{text}").expect("writing to the node's stdin");
+        stdin.flush().expect("flushing the node's stdin");
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).expect("signalling the node");
+    }
+
+    /// A snapshot of every JSON event so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.out.0.lock().unwrap().events.clone()
+    }
+
+    /// True if some event so far matches (without copying them all).
+    pub fn has_event(&self, pred: impl Fn(&Value) -> bool) -> bool {
+        self.out.0.lock().unwrap().events.iter().any(pred)
+    }
+
+    /// Stdout lines that were not JSON.
+    pub fn stray_lines(&self) -> Vec<String> {
+        self.out.0.lock().unwrap().other.clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.err.lock().unwrap().clone()
+    }
+
+    /// Waits for the first event matching `pred` and returns it.
+    pub fn wait_event(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_events(what, 1, pred).remove(0)
+    }
+
+    /// Waits until `n` events match `pred`; returns them.
+    pub fn wait_events(&self, what: &str, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let end = Instant::now() + DEADLINE;
+        let (lock, cv) = &*self.out;
+        let mut c = lock.lock().unwrap();
+        loop {
+            let found: Vec<Value> = c.events.iter().filter(|e| pred(e)).cloned().collect();
+            if found.len() >= n {
+                return found;
+            }
+            let now = Instant::now();
+            if now >= end || c.closed {
+                let recent: Vec<String> = c.events.iter().rev().take(10).rev().map(|e| {
+                    let s = e.to_string();
+                    s.chars().take(200).collect()
+                }).collect();
+                let why = if c.closed { "stdout closed" } else { "timed out" };
+                let stderr: String = self.err.lock().unwrap().chars().take(2000).collect();
+                drop(c);
+                panic!(
+                    "{}: {why} waiting for {what} ({} of {n}); last events:\n{}\nstderr: {stderr}",
+                    self.name,
+                    found.len(),
+                    recent.join("\n"),
+                );
+            }
+            c = cv.wait_timeout(c, end - now).unwrap().0;
+        }
+    }
+
+    /// Delivered chat messages as (seq, from, text), in delivery order.
+    pub fn messages(&self) -> Vec<(u64, String, String)> {
+        self.events()
+            .iter()
+            .filter(|e| e["event"] == "message")
+            .map(|e| {
+                (
+                    e["seq"].as_u64().unwrap_or(0),
+                    e["from"].as_str().unwrap_or("").to_string(),
+                    e["text"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until this node delivered a message with `text`.
+    pub fn wait_message(&self, text: &str) -> Value {
+        let shown: String = text.chars().take(40).collect();
+        self.wait_event(&format!("message {shown:?}"), |e| e["event"] == "message" && e["text"] == text)
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        wait_until(&format!("{} to exit", self.name), || self.child.try_wait().ok().flatten())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Asserts that every node delivered the same sequence, numbered 1..=n
+/// without gaps or duplicates, and returns it.
+pub fn assert_same_sequence(nodes: &[&Node]) -> Vec<(u64, String, String)> {
+    let first = nodes[0].messages();
+    for (i, m) in first.iter().enumerate() {
+        assert_eq!(m.0, i as u64 + 1, "{}: gap or duplicate at {m:?} in {first:?}", nodes[0].name);
+    }
+    for n in &nodes[1..] {
+        assert_eq!(n.messages(), first, "{} and {} disagree", n.name, nodes[0].name);
+    }
+    first
+}
+
+/// A hand-driven protocol client over a plain socket.
+pub struct Raw {
+    pub stream: TcpStream,
+}
+
+impl Raw {
+    pub fn connect(addr: &str) -> Raw {
+        let stream = TcpStream::connect(addr).expect("connecting to the node");
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        Raw { stream }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+    }
+
+    pub fn send(&mut self, frame: &Frame) {
+        self.send_raw(&encode(frame));
+    }
+
+    /// Sends a frame whose body is `body` exactly.
+    pub fn send_body(&mut self, body: &[u8]) {
+        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(body);
+        self.send_raw(&bytes);
+    }
+
+    pub fn read(&mut self) -> std::io::Result<Frame> {
+        read_frame_sync(&mut self.stream)
+    }
+
+    /// Reads frames until one matches, skipping pings and the like.
+    pub fn read_until(&mut self, what: &str, pred: impl Fn(&Frame) -> bool) -> Frame {
+        loop {
+            match self.read() {
+                Ok(f) if pred(&f) => return f,
+                Ok(_) => {}
+                Err(e) => panic!("connection ended while waiting for {what}: {e}"),
+            }
+        }
+    }
+
+    /// True once the node has closed the connection (EOF or reset).
+    pub fn closed(&mut self) -> bool {
+        let mut buf = [0u8; 4096];
+        loop {
+            match self.stream.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                    return false
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+
+    /// Joins as a member and reads up to the welcome.
+    pub fn hello(addr: &str, name: &str) -> Raw {
+        let mut raw = Raw::connect(addr);
+        raw.send(&Frame::Hello {
+            version: p2p_proto::PROTOCOL_VERSION,
+            name: name.into(),
+            addr: "127.0.0.1:9".into(),
+            resume: None,
+        });
+        raw.read_until("welcome", |f| matches!(f, Frame::Welcome { .. }));
+        raw
+    }
+}
