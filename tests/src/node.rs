@@ -9,7 +9,10 @@ use p2p_proto::{Frame, PROTOCOL_VERSION};
 use crate::util::{assert_same_sequence, Node, Raw};
 
 fn join_args(addrs: &[&Node]) -> Vec<String> {
-    vec!["--join".into(), addrs.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",")]
+    vec![
+        "--join".into(),
+        addrs.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(","),
+    ]
 }
 
 fn node(name: &str, via: &[&Node]) -> Node {
@@ -45,7 +48,12 @@ fn joins_direct_and_redirected_share_one_order_and_who() {
 
     c.say("/who");
     let who = c.wait_event("who", |e| e["event"] == "who");
-    let names: Vec<&str> = who["members"].as_array().unwrap().iter().map(|m| m["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = who["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, vec!["alice", "bob", "carol"]);
     assert_eq!(who["coordinator"], who["members"][0]["id"]);
 }
@@ -78,12 +86,20 @@ fn human_output_is_plain_lines() {
     writeln!(stdin, "hello there").unwrap();
     writeln!(stdin, "/who").unwrap();
     writeln!(stdin, "/quit").unwrap();
-    let lines: Vec<String> = BufReader::new(child.stdout.take().unwrap()).lines().map_while(Result::ok).collect();
+    let lines: Vec<String> = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .collect();
     let status = crate::util::wait_until("alice to exit", || child.try_wait().ok().flatten());
     assert!(status.success());
     assert!(lines[0].starts_with("* started a new chat as alice"), "{lines:?}");
     assert!(lines.contains(&"alice: hello there".to_string()), "{lines:?}");
-    assert!(lines.iter().any(|l| l.starts_with("* members: alice (coordinator)")), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("* members: alice (coordinator)")),
+        "{lines:?}"
+    );
 }
 
 #[test]
@@ -114,7 +130,9 @@ fn coordinator_sigkill_loses_and_duplicates_nothing() {
         n.wait_message("c59");
         n.wait_message("d39");
         n.wait_message("b39");
-        n.wait_event("new coordinator bob", |e| e["event"] == "role" && e["coordinator"] == "bob" && e["epoch"] == 2);
+        n.wait_event("new coordinator bob", |e| {
+            e["event"] == "role" && e["coordinator"] == "bob" && e["epoch"] == 2
+        });
     }
     // Wait for the complete set on everyone, then compare.
     for n in [&b, &c, &d] {
@@ -127,7 +145,11 @@ fn coordinator_sigkill_loses_and_duplicates_nothing() {
     texts.dedup();
     assert_eq!(texts.len(), 140, "no duplicates");
     // Per-sender order is kept.
-    let cs: Vec<&str> = seq.iter().filter(|m| m.1 == "carol").map(|m| m.2.as_str()).collect();
+    let cs: Vec<&str> = seq
+        .iter()
+        .filter(|m| m.1 == "carol")
+        .map(|m| m.2.as_str())
+        .collect();
     let expected: Vec<String> = (0..60).map(|i| format!("c{i}")).collect();
     assert_eq!(cs, expected.iter().map(String::as_str).collect::<Vec<_>>());
 }
@@ -143,7 +165,9 @@ fn coordinator_and_successor_killed_together() {
     a.signal(Signal::SIGKILL);
     b.signal(Signal::SIGKILL);
     for n in [&c, &d] {
-        n.wait_event("carol takes over", |e| e["event"] == "role" && e["coordinator"] == "carol");
+        n.wait_event("carol takes over", |e| {
+            e["event"] == "role" && e["coordinator"] == "carol"
+        });
     }
     c.say("still here");
     d.wait_message("still here");
@@ -171,7 +195,9 @@ fn hung_coordinator_is_replaced_and_rejoins_after_sigcont() {
     a.wait_event("alice steps down", |e| {
         e["event"] == "role" && e["role"] == "member" && e["coordinator"] == "bob" && e["epoch"] == 2
     });
-    b.wait_event("alice rejoined", |e| e["event"] == "joined" && e["name"] == "alice");
+    b.wait_event("alice rejoined", |e| {
+        e["event"] == "joined" && e["name"] == "alice"
+    });
     a.say("back");
     for n in [&b, &c] {
         n.wait_message("back");
@@ -198,7 +224,9 @@ fn killed_and_hung_members_are_removed() {
     d.signal(Signal::SIGSTOP);
     for n in [&a, &b] {
         n.wait_event("dave missed heartbeats", |e| {
-            e["event"] == "left" && e["name"] == "dave" && e["reason"].as_str().unwrap().contains("missed 3 heartbeats")
+            e["event"] == "left"
+                && e["name"] == "dave"
+                && e["reason"].as_str().unwrap().contains("missed 3 heartbeats")
         });
     }
     d.signal(Signal::SIGCONT);
@@ -210,7 +238,9 @@ fn last_survivor_leads_and_admits_newcomers() {
     let b = node("bob", &[&a]);
     b.wait_event("ready", |e| e["event"] == "ready");
     a.signal(Signal::SIGKILL);
-    b.wait_event("bob alone", |e| e["event"] == "role" && e["role"] == "coordinator");
+    b.wait_event("bob alone", |e| {
+        e["event"] == "role" && e["role"] == "coordinator"
+    });
     let mut c = node("carol", &[&b]);
     let ready = c.wait_event("ready", |e| e["event"] == "ready");
     assert_eq!(ready["coordinator"], "bob");
@@ -231,7 +261,10 @@ fn joining_through_a_just_elected_coordinator() {
     let d = node("dave", &[&b]);
     let e = node("erin", &[&c]);
     for n in [&d, &e] {
-        assert_eq!(n.wait_event("ready", |e| e["event"] == "ready")["coordinator"], "bob");
+        assert_eq!(
+            n.wait_event("ready", |e| e["event"] == "ready")["coordinator"],
+            "bob"
+        );
     }
 }
 
@@ -254,7 +287,9 @@ fn newcomer_receives_recent_history() {
     }
     a.wait_message("h4");
     let b = node("bob", &[&a]);
-    let replayed = b.wait_events("3 replayed", 3, |e| e["event"] == "message" && e["replay"] == true);
+    let replayed = b.wait_events("3 replayed", 3, |e| {
+        e["event"] == "message" && e["replay"] == true
+    });
     let texts: Vec<&str> = replayed.iter().map(|e| e["text"].as_str().unwrap()).collect();
     assert_eq!(texts, vec!["h2", "h3", "h4"]);
 }
@@ -262,10 +297,17 @@ fn newcomer_receives_recent_history() {
 #[test]
 fn join_tries_each_peer_and_fails_clearly_when_none_answers() {
     // A port that was free a moment ago: nobody listens there.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
     let a = Node::join("alice", &[]);
     let b = Node::join("bob", &["--join", &format!("{dead},{}", a.addr)]);
-    assert_eq!(b.wait_event("ready", |e| e["event"] == "ready")["coordinator"], "alice");
+    assert_eq!(
+        b.wait_event("ready", |e| e["event"] == "ready")["coordinator"],
+        "alice"
+    );
 
     let mut lonely = Node::start("carol", &["--join", &dead]);
     let err = lonely.wait_event("error", |e| e["event"] == "error");
@@ -273,7 +315,10 @@ fn join_tries_each_peer_and_fails_clearly_when_none_answers() {
     assert_eq!(lonely.wait_exit().code(), Some(2));
 
     let alone = Node::join("dave", &["--join", &dead, "--create-if-alone"]);
-    assert_eq!(alone.wait_event("ready", |e| e["event"] == "ready")["created"], true);
+    assert_eq!(
+        alone.wait_event("ready", |e| e["event"] == "ready")["created"],
+        true
+    );
 }
 
 #[test]
@@ -284,12 +329,20 @@ fn quit_and_ctrl_c_leave_cleanly() {
     c.wait_event("ready", |e| e["event"] == "ready");
     b.say("/quit");
     assert!(b.wait_exit().success());
-    a.wait_event("bob left", |e| e["event"] == "left" && e["name"] == "bob" && e["reason"] == "left");
+    a.wait_event("bob left", |e| {
+        e["event"] == "left" && e["name"] == "bob" && e["reason"] == "left"
+    });
     c.signal(Signal::SIGINT);
     assert!(c.wait_exit().success(), "ctrl-c exits 0");
     assert_eq!(c.stderr(), "", "no error text on ctrl-c");
-    a.wait_event("carol left", |e| e["event"] == "left" && e["name"] == "carol" && e["reason"] == "left");
-    assert!(a.stray_lines().is_empty(), "json mode prints only json: {:?}", a.stray_lines());
+    a.wait_event("carol left", |e| {
+        e["event"] == "left" && e["name"] == "carol" && e["reason"] == "left"
+    });
+    assert!(
+        a.stray_lines().is_empty(),
+        "json mode prints only json: {:?}",
+        a.stray_lines()
+    );
 }
 
 #[test]
@@ -300,7 +353,17 @@ fn observers_get_status_without_joining() {
     let mut raw = Raw::connect(&b.addr);
     raw.send(&Frame::StatusRequest { log: true });
     let status = raw.read_until("status", |f| matches!(f, Frame::Status { .. }));
-    let Frame::Status { name, role, epoch, coordinator, members, .. } = status else { unreachable!() };
+    let Frame::Status {
+        name,
+        role,
+        epoch,
+        coordinator,
+        members,
+        ..
+    } = status
+    else {
+        unreachable!()
+    };
     assert_eq!(name, "bob");
     assert_eq!(role, p2p_proto::Role::Member);
     assert_eq!(epoch, 1);
@@ -308,7 +371,21 @@ fn observers_get_status_without_joining() {
     assert_eq!(members.len(), 2);
     // A version mismatch is refused with both versions named.
     let mut raw = Raw::connect(&a.addr);
-    raw.send(&Frame::Hello { version: PROTOCOL_VERSION + 1, name: "zed".into(), addr: "x:1".into(), resume: None });
+    raw.send(&Frame::Hello {
+        version: PROTOCOL_VERSION + 1,
+        name: "zed".into(),
+        addr: "x:1".into(),
+        resume: None,
+    });
     let err = raw.read_until("error", |f| matches!(f, Frame::Error { .. }));
-    assert!(matches!(err, Frame::Error { code: p2p_proto::ErrorCode::VersionMismatch, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Frame::Error {
+                code: p2p_proto::ErrorCode::VersionMismatch,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }

@@ -7,7 +7,9 @@ use crate::util::{wait_until, Node, Raw};
 
 fn expect_error(raw: &mut Raw, code: ErrorCode) {
     let frame = raw.read_until("error frame", |f| matches!(f, Frame::Error { .. }));
-    let Frame::Error { code: got, message } = frame else { unreachable!() };
+    let Frame::Error { code: got, message } = frame else {
+        unreachable!()
+    };
     assert_eq!(got, code, "{message}");
     assert!(!message.is_empty());
     wait_until("the node to close the connection", || raw.closed().then_some(()));
@@ -49,7 +51,10 @@ fn bad_input_gets_an_error_and_disturbs_nobody() {
 
     // A chat frame before hello.
     let mut raw = Raw::connect(&a.addr);
-    raw.send(&Frame::Say { text: "sneaky".into(), client_seq: 1 });
+    raw.send(&Frame::Say {
+        text: "sneaky".into(),
+        client_seq: 1,
+    });
     expect_error(&mut raw, ErrorCode::UnexpectedFrame);
 
     // Connects and never says hello: dropped after the handshake timeout.
@@ -60,7 +65,9 @@ fn bad_input_gets_an_error_and_disturbs_nobody() {
     let mut member = Raw::hello(&a.addr, "mallory");
     member.send_body(b"\x00\x01garbage");
     expect_error(&mut member, ErrorCode::BadJson);
-    b.wait_event("mallory dropped", |e| e["event"] == "left" && e["name"] == "mallory");
+    b.wait_event("mallory dropped", |e| {
+        e["event"] == "left" && e["name"] == "mallory"
+    });
 
     // The chat carries on.
     b.say("still fine");
@@ -72,7 +79,17 @@ fn bad_input_gets_an_error_and_disturbs_nobody() {
 fn a_member_that_never_reads_is_cut_off_and_others_carry_on() {
     // A member that never reads also never answers pings; a long heartbeat
     // lets the queue limit, not the heartbeat, catch it here.
-    let mut a = Node::join("alice", &["--queue-limit-bytes", "1048576", "--history", "0", "--heartbeat-ms", "2000"]);
+    let mut a = Node::join(
+        "alice",
+        &[
+            "--queue-limit-bytes",
+            "1048576",
+            "--history",
+            "0",
+            "--heartbeat-ms",
+            "2000",
+        ],
+    );
     let b = Node::join("bob", &["--join", &a.addr]);
     b.wait_event("ready", |e| e["event"] == "ready");
     let sloth = Raw::hello(&a.addr, "sloth"); // joins, then never reads
@@ -92,15 +109,24 @@ fn a_member_that_never_reads_is_cut_off_and_others_carry_on() {
         }
     }
     let left = a.wait_event("sloth dropped", |e| e["event"] == "left" && e["name"] == "sloth");
-    assert!(left["reason"].as_str().unwrap().contains("slow consumer"), "{left}");
+    assert!(
+        left["reason"].as_str().unwrap().contains("slow consumer"),
+        "{left}"
+    );
     let last = format!("{}-199 {big}", sent - 200);
     b.wait_message(&last);
     // Memory stayed bounded: the coordinator did not buffer the flood for sloth.
     let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", a.pid()))
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().unwrap()))
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().unwrap())
+        })
         .unwrap();
-    assert!(rss_kib < 96 * 1024, "coordinator RSS {rss_kib} KiB after the flood");
+    assert!(
+        rss_kib < 96 * 1024,
+        "coordinator RSS {rss_kib} KiB after the flood"
+    );
     drop(sloth);
 }

@@ -24,7 +24,11 @@ pub fn bin_dir() -> &'static Path {
     DIR.get_or_init(|| {
         let exe = std::env::current_exe().expect("test binary path");
         // target/<profile>/deps/integration-… → target/<profile>
-        let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
         if let Ok(cargo) = std::env::var("CARGO") {
             let mut cmd = Command::new(cargo);
             cmd.args(["build", "--quiet", "-p", "p2p-node", "--bins"]);
@@ -40,7 +44,11 @@ pub fn bin_dir() -> &'static Path {
 
 pub fn bin(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
-    assert!(path.exists(), "{} is missing; run cargo build --workspace", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing; run cargo build --workspace",
+        path.display()
+    );
     path
 }
 
@@ -188,10 +196,17 @@ impl Node {
             }
             let now = Instant::now();
             if now >= end || c.closed {
-                let recent: Vec<String> = c.events.iter().rev().take(10).rev().map(|e| {
-                    let s = e.to_string();
-                    s.chars().take(200).collect()
-                }).collect();
+                let recent: Vec<String> = c
+                    .events
+                    .iter()
+                    .rev()
+                    .take(10)
+                    .rev()
+                    .map(|e| {
+                        let s = e.to_string();
+                        s.chars().take(200).collect()
+                    })
+                    .collect();
                 let why = if c.closed { "stdout closed" } else { "timed out" };
                 let stderr: String = self.err.lock().unwrap().chars().take(2000).collect();
                 drop(c);
@@ -224,12 +239,16 @@ impl Node {
     /// Waits until this node delivered a message with `text`.
     pub fn wait_message(&self, text: &str) -> Value {
         let shown: String = text.chars().take(40).collect();
-        self.wait_event(&format!("message {shown:?}"), |e| e["event"] == "message" && e["text"] == text)
+        self.wait_event(&format!("message {shown:?}"), |e| {
+            e["event"] == "message" && e["text"] == text
+        })
     }
 
     /// Waits for the process to exit.
     pub fn wait_exit(&mut self) -> ExitStatus {
-        wait_until(&format!("{} to exit", self.name), || self.child.try_wait().ok().flatten())
+        wait_until(&format!("{} to exit", self.name), || {
+            self.child.try_wait().ok().flatten()
+        })
     }
 }
 
@@ -245,7 +264,12 @@ impl Drop for Node {
 pub fn assert_same_sequence(nodes: &[&Node]) -> Vec<(u64, String, String)> {
     let first = nodes[0].messages();
     for (i, m) in first.iter().enumerate() {
-        assert_eq!(m.0, i as u64 + 1, "{}: gap or duplicate at {m:?} in {first:?}", nodes[0].name);
+        assert_eq!(
+            m.0,
+            i as u64 + 1,
+            "{}: gap or duplicate at {m:?} in {first:?}",
+            nodes[0].name
+        );
     }
     for n in &nodes[1..] {
         assert_eq!(n.messages(), first, "{} and {} disagree", n.name, nodes[0].name);
@@ -302,7 +326,10 @@ impl Raw {
             match self.stream.read(&mut buf) {
                 Ok(0) => return true,
                 Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
                     return false
                 }
                 Err(_) => return true,

@@ -131,7 +131,11 @@ pub async fn start(
     let _ = go_tx.send(writer);
 }
 
-async fn write_loop(half: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<WriteMsg>, queued: Arc<AtomicUsize>) {
+async fn write_loop(
+    half: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<WriteMsg>,
+    queued: Arc<AtomicUsize>,
+) {
     let mut out = BufWriter::with_capacity(64 * 1024, half);
     while let Some(mut msg) = rx.recv().await {
         loop {
@@ -160,7 +164,13 @@ async fn write_loop(half: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<WriteM
     }
 }
 
-async fn read_loop(conn: ConnId, half: OwnedReadHalf, actor: mpsc::Sender<Msg>, writer: Writer, handshake: Duration) {
+async fn read_loop(
+    conn: ConnId,
+    half: OwnedReadHalf,
+    actor: mpsc::Sender<Msg>,
+    writer: Writer,
+    handshake: Duration,
+) {
     let codec = LengthDelimitedCodec::builder()
         .length_field_length(4)
         .max_frame_length(MAX_FRAME_LEN)
@@ -173,7 +183,11 @@ async fn read_loop(conn: ConnId, half: OwnedReadHalf, actor: mpsc::Sender<Msg>, 
                 Ok(next) => next,
                 Err(_) => {
                     let ms = handshake.as_millis();
-                    refuse(&writer, ErrorCode::HandshakeTimeout, format!("no frame within {ms} ms of connecting"));
+                    refuse(
+                        &writer,
+                        ErrorCode::HandshakeTimeout,
+                        format!("no frame within {ms} ms of connecting"),
+                    );
                     break Some("disconnected (handshake timeout)".to_string());
                 }
             }
@@ -211,6 +225,8 @@ async fn read_loop(conn: ConnId, half: OwnedReadHalf, actor: mpsc::Sender<Msg>, 
 
 /// Best-effort error frame, then close.
 fn refuse(writer: &Writer, code: ErrorCode, message: String) {
-    let _ = writer.tx.send(WriteMsg::Frame(encode(&Frame::error(code, message))));
+    let _ = writer
+        .tx
+        .send(WriteMsg::Frame(encode(&Frame::error(code, message))));
     let _ = writer.tx.send(WriteMsg::Close);
 }

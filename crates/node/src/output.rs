@@ -168,7 +168,9 @@ fn human(event: &Event, me: &str) -> Option<String> {
             Some(ms) => format!("* coordinator is now {coordinator} (epoch {epoch}, elected in {ms} ms)"),
             None => format!("* coordinator is now {coordinator} (epoch {epoch})"),
         },
-        Event::Electing { lost, reason } => format!("* lost the coordinator {lost} ({reason}); electing the next"),
+        Event::Electing { lost, reason } => {
+            format!("* lost the coordinator {lost} ({reason}); electing the next")
+        }
         Event::Who { members, coordinator } => {
             let names: Vec<String> = members
                 .iter()
@@ -205,7 +207,9 @@ fn json_line(event: &Event) -> Option<String> {
             "from": chat.from, "from_id": chat.from_id, "client_seq": chat.client_seq, "text": chat.text,
             "bot": chat.bot, "replay": replay, "t": t}),
         Event::Joined { id, name } => json!({"event": "joined", "id": id, "name": name, "t": t}),
-        Event::Left { id, name, reason } => json!({"event": "left", "id": id, "name": name, "reason": reason, "t": t}),
+        Event::Left { id, name, reason } => {
+            json!({"event": "left", "id": id, "name": name, "reason": reason, "t": t})
+        }
         Event::Role {
             role,
             epoch,
@@ -213,8 +217,12 @@ fn json_line(event: &Event) -> Option<String> {
             election_ms,
         } => json!({"event": "role", "role": role_str(*role), "epoch": epoch, "coordinator": coordinator,
                     "election_ms": election_ms, "t": t}),
-        Event::Electing { lost, reason } => json!({"event": "electing", "lost": lost, "reason": reason, "t": t}),
-        Event::Who { members, coordinator } => json!({"event": "who", "members": members, "coordinator": coordinator}),
+        Event::Electing { lost, reason } => {
+            json!({"event": "electing", "lost": lost, "reason": reason, "t": t})
+        }
+        Event::Who { members, coordinator } => {
+            json!({"event": "who", "members": members, "coordinator": coordinator})
+        }
         Event::Rejected { client_seq, reason } => {
             json!({"event": "rejected", "client_seq": client_seq, "reason": reason, "t": t})
         }

@@ -54,7 +54,9 @@ pub async fn run(
     sink: Sink,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<i32> {
-    let local = listener.local_addr().context("while reading the listening address")?;
+    let local = listener
+        .local_addr()
+        .context("while reading the listening address")?;
     if cfg.core.addr.is_empty() {
         cfg.core.addr = local.to_string();
     }
@@ -211,10 +213,20 @@ impl Driver {
                 Ok(Ok(stream)) => conn::start(stream, conn, Some(hello), tx, limits, &tracker, None).await,
                 Ok(Err(e)) => {
                     tracing::debug!(%addr, error = %e, "dial failed");
-                    let _ = tx.send(Msg::Input(Input::Closed(conn, Some(format!("cannot connect to {addr}: {e}"))))).await;
+                    let _ = tx
+                        .send(Msg::Input(Input::Closed(
+                            conn,
+                            Some(format!("cannot connect to {addr}: {e}")),
+                        )))
+                        .await;
                 }
                 Err(_) => {
-                    let _ = tx.send(Msg::Input(Input::Closed(conn, Some(format!("timed out connecting to {addr}"))))).await;
+                    let _ = tx
+                        .send(Msg::Input(Input::Closed(
+                            conn,
+                            Some(format!("timed out connecting to {addr}")),
+                        )))
+                        .await;
                 }
             }
         });
@@ -234,7 +246,13 @@ async fn notify(addr: String, frame: Bytes) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, tx: mpsc::Sender<Msg>, limits: ConnLimits, tracker: TaskTracker, max_conns: usize) {
+async fn accept_loop(
+    listener: TcpListener,
+    tx: mpsc::Sender<Msg>,
+    limits: ConnLimits,
+    tracker: TaskTracker,
+    max_conns: usize,
+) {
     let next_id = Arc::new(AtomicU64::new(1));
     let permits = Arc::new(Semaphore::new(max_conns));
     loop {

@@ -89,10 +89,16 @@ pub enum Frame {
         log: bool,
     },
     /// Observer asks the node to post `text` as its own user.
-    Post { text: String },
+    Post {
+        text: String,
+    },
     /// A coordinator announces its reign to a peer that may not know it (the
     /// old coordinator after a hang, a peer that did not resume).
-    Announce { epoch: u64, coordinator: MemberInfo, members: u32 },
+    Announce {
+        epoch: u64,
+        coordinator: MemberInfo,
+        members: u32,
+    },
 
     // ---- handshake answers (node → client) ----
     /// Admitted. `replay` chat frames follow (recent history, or the gap
@@ -108,10 +114,16 @@ pub enum Frame {
         plugins: Vec<String>,
     },
     /// This node is not the coordinator; connect there instead.
-    Redirect { addr: String, epoch: u64 },
+    Redirect {
+        addr: String,
+        epoch: u64,
+    },
     /// Something went wrong; `message` is a human sentence. Usually followed
     /// by the connection closing.
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
     /// Answer to `status_request`.
     Status {
         name: String,
@@ -133,23 +145,44 @@ pub enum Frame {
 
     // ---- member → coordinator ----
     /// A chat message to sequence.
-    Say { text: String, client_seq: u64 },
-    Pong { nonce: u64 },
+    Say {
+        text: String,
+        client_seq: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
     /// Clean leave.
     Leave {},
     /// Messages the coordinator asked for with `sync_request`.
-    Sync { entries: Vec<Chat> },
+    Sync {
+        entries: Vec<Chat>,
+    },
 
     // ---- coordinator → member ----
     Chat(Chat),
-    Joined { member: MemberInfo },
-    Left { id: u64, name: String, reason: String },
-    Ping { nonce: u64 },
+    Joined {
+        member: MemberInfo,
+    },
+    Left {
+        id: u64,
+        name: String,
+        reason: String,
+    },
+    Ping {
+        nonce: u64,
+    },
     /// Asks a resuming member for the messages in `from..=to` it holds.
-    SyncRequest { from: u64, to: u64 },
+    SyncRequest {
+        from: u64,
+        to: u64,
+    },
     /// The sender's message was not delivered (a bot dropped it, or it was
     /// invalid); `reason` is shown to the sender.
-    Rejected { client_seq: u64, reason: String },
+    Rejected {
+        client_seq: u64,
+        reason: String,
+    },
 }
 
 impl Frame {

@@ -11,11 +11,14 @@ use p2p_node::{run, EventFormat, NodeConfig, Sink};
 /// member. Lines typed on stdin are chat messages; /who lists members,
 /// /quit leaves.
 #[derive(Parser, Debug)]
-#[command(version, after_help = "\
+#[command(
+    version,
+    after_help = "\
 Examples:
   p2pnode --name alice --listen 127.0.0.1:7101
   p2pnode --name bob   --listen 127.0.0.1:7102 --join 127.0.0.1:7101
-  p2pnode --name carol --listen 127.0.0.1:7103 --join 127.0.0.1:7102,127.0.0.1:7101")]
+  p2pnode --name carol --listen 127.0.0.1:7103 --join 127.0.0.1:7102,127.0.0.1:7101"
+)]
 struct Args {
     /// Your name in the chat: 1-32 of A-Z a-z 0-9 _ - .
     #[arg(long)]
@@ -84,17 +87,24 @@ fn main() {
 }
 
 async fn serve(args: Args) -> anyhow::Result<i32> {
-    let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| {
-        format!(
-            "cannot listen on {}; is another node using that port? choose another --listen",
-            args.listen
-        )
-    })?;
-    let local = listener.local_addr().context("while reading the listening address")?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {}; is another node using that port? choose another --listen",
+                args.listen
+            )
+        })?;
+    let local = listener
+        .local_addr()
+        .context("while reading the listening address")?;
     let advertise = match args.advertise {
         Some(a) => a,
         None if local.ip().is_unspecified() => {
-            anyhow::bail!("--listen {} is a wildcard address; give --advertise HOST:PORT so peers can reach this node", args.listen)
+            anyhow::bail!(
+                "--listen {} is a wildcard address; give --advertise HOST:PORT so peers can reach this node",
+                args.listen
+            )
         }
         None => local.to_string(),
     };

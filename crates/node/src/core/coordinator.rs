@@ -115,7 +115,13 @@ impl Core {
         }
         self.epoch = epoch;
         self.coordinator = me;
-        let max_id = self.members.iter().map(|m| m.id).chain(dead.iter().copied()).max().unwrap_or(0);
+        let max_id = self
+            .members
+            .iter()
+            .map(|m| m.id)
+            .chain(dead.iter().copied())
+            .max()
+            .unwrap_or(0);
         let next_id = max_id.max(self.log.max_sender()).max(me) + 1;
         let mut coord = Coord::new(next_id, self.now);
         let expected: BTreeSet<u64> = self.members.iter().map(|m| m.id).filter(|id| *id != me).collect();
@@ -176,7 +182,13 @@ impl Core {
                     });
                     self.send(conn, &ping);
                     if ahead {
-                        self.send(conn, &Frame::SyncRequest { from: last_seq + 1, to });
+                        self.send(
+                            conn,
+                            &Frame::SyncRequest {
+                                from: last_seq + 1,
+                                to,
+                            },
+                        );
                     }
                     self.maybe_close_window();
                 }
@@ -194,7 +206,10 @@ impl Core {
                     c.links.remove(&old);
                     self.out.push(Output::Close(old));
                 }
-                let after = self.log.consistent_with(r.last_epoch, r.last_seq).then_some(r.last_seq);
+                let after = self
+                    .log
+                    .consistent_with(r.last_epoch, r.last_seq)
+                    .then_some(r.last_seq);
                 self.welcome(conn, id, after);
                 return self.attach(conn, id, name);
             }
@@ -216,10 +231,18 @@ impl Core {
         let c = self.coord().expect("checked above");
         let id = c.next_id;
         c.next_id += 1;
-        let info = MemberInfo { id, name: name.clone(), addr };
-        self.out.push(Output::Broadcast(encode(&Frame::Joined { member: info.clone() })));
+        let info = MemberInfo {
+            id,
+            name: name.clone(),
+            addr,
+        };
+        self.out
+            .push(Output::Broadcast(encode(&Frame::Joined { member: info.clone() })));
         self.members.push(info);
-        self.emit(Event::Joined { id, name: name.clone() });
+        self.emit(Event::Joined {
+            id,
+            name: name.clone(),
+        });
         let after = resume
             .as_ref()
             .filter(|r| self.log.consistent_with(r.last_epoch, r.last_seq))
@@ -251,7 +274,14 @@ impl Core {
     fn attach(&mut self, conn: ConnId, id: u64, name: String) {
         let now = self.now;
         let Some(c) = self.coord() else { return };
-        c.links.insert(conn, Link { id, name, last_heard: now });
+        c.links.insert(
+            conn,
+            Link {
+                id,
+                name,
+                last_heard: now,
+            },
+        );
         c.by_member.insert(id, conn);
         self.out.push(Output::Attach(conn));
     }
@@ -285,7 +315,10 @@ impl Core {
                 let kind = super::frame_type(&other);
                 self.send(
                     conn,
-                    &Frame::error(ErrorCode::UnexpectedFrame, format!("{kind} is not allowed from a member")),
+                    &Frame::error(
+                        ErrorCode::UnexpectedFrame,
+                        format!("{kind} is not allowed from a member"),
+                    ),
                 );
                 self.remove_member(conn, format!("disconnected (sent an unexpected {kind} frame)"));
             }
@@ -294,7 +327,14 @@ impl Core {
 
     /// Orders one message: assigns (epoch, seq), encodes it once, hands the
     /// same bytes to every member, and delivers it here.
-    pub(super) fn sequence(&mut self, from_id: u64, from: String, client_seq: u64, text: String, bot: Option<String>) {
+    pub(super) fn sequence(
+        &mut self,
+        from_id: u64,
+        from: String,
+        client_seq: u64,
+        text: String,
+        bot: Option<String>,
+    ) {
         let chat = Chat {
             epoch: self.epoch,
             seq: self.log.last_seq() + 1,
@@ -321,7 +361,12 @@ impl Core {
     /// Sequences our own messages that are still unacknowledged.
     fn flush_pending(&mut self) {
         let done = self.log.client_seq(self.me.id);
-        let pending: Vec<_> = self.pending.iter().filter(|(cs, _)| *cs > done).cloned().collect();
+        let pending: Vec<_> = self
+            .pending
+            .iter()
+            .filter(|(cs, _)| *cs > done)
+            .cloned()
+            .collect();
         self.pending.retain(|(cs, _)| *cs > done);
         for (cs, text) in pending {
             self.coord_sequence_own(cs, text);
@@ -370,7 +415,11 @@ impl Core {
             c.next_ping = now + hb;
             c.nonce += 1;
             let ping = encode(&Frame::Ping { nonce: c.nonce });
-            let resumers: Vec<ConnId> = c.window.iter().flat_map(|w| w.resumed.iter().map(|r| r.conn)).collect();
+            let resumers: Vec<ConnId> = c
+                .window
+                .iter()
+                .flat_map(|w| w.resumed.iter().map(|r| r.conn))
+                .collect();
             for conn in resumers {
                 self.out.push(Output::Send(conn, ping.clone()));
             }
@@ -401,7 +450,10 @@ impl Core {
                 && limits::check_text(&chat.text).is_ok()
                 && limits::check_name(&chat.from).is_ok();
             if !valid {
-                tracing::warn!(seq = chat.seq, "ignoring a sync entry that does not continue our history");
+                tracing::warn!(
+                    seq = chat.seq,
+                    "ignoring a sync entry that does not continue our history"
+                );
                 continue;
             }
             self.deliver(chat, false);
@@ -418,7 +470,10 @@ impl Core {
 
     fn maybe_close_window(&mut self) {
         let Some(c) = self.coord() else { return };
-        if c.window.as_ref().is_some_and(|w| w.expected.is_empty() && w.sync.is_none()) {
+        if c.window
+            .as_ref()
+            .is_some_and(|w| w.expected.is_empty() && w.sync.is_none())
+        {
             self.close_window();
         }
     }
@@ -440,10 +495,11 @@ impl Core {
             }
         }
         // Known members first so the snapshot everyone gets is complete.
-        let (known, unknown): (Vec<_>, Vec<_>) = w
-            .resumed
-            .into_iter()
-            .partition(|r| self.members.iter().any(|m| m.id == r.resume.member_id && m.name == r.name));
+        let (known, unknown): (Vec<_>, Vec<_>) = w.resumed.into_iter().partition(|r| {
+            self.members
+                .iter()
+                .any(|m| m.id == r.resume.member_id && m.name == r.name)
+        });
         for r in known.into_iter().chain(unknown) {
             self.coord_admit(r.conn, r.name, r.addr, Some(r.resume));
         }
@@ -471,7 +527,10 @@ impl Core {
         self.follow(
             epoch,
             coordinator.addr,
-            &format!("{} is coordinator of epoch {epoch}; stepping down", coordinator.name),
+            &format!(
+                "{} is coordinator of epoch {epoch}; stepping down",
+                coordinator.name
+            ),
         );
     }
 }

@@ -87,7 +87,9 @@ impl Core {
     /// Dials the next join candidate, or settles what to do when none is left.
     fn join_next(&mut self) {
         let hello = self.hello(None);
-        let State::Joining(j) = &mut self.state else { return };
+        let State::Joining(j) = &mut self.state else {
+            return;
+        };
         if let Some(addr) = j.candidates.get(j.next).cloned() {
             j.next += 1;
             let conn = self.next_dial;
@@ -128,7 +130,7 @@ impl Core {
     }
 
     /// A frame from the coordinator, or from the peer we are dialling.
-    pub(super) fn from_coordinator(&mut self, conn: ConnId, frame: Frame) {
+    pub(super) fn on_uplink_frame(&mut self, conn: ConnId, frame: Frame) {
         if let State::Member(u) = &mut self.state {
             u.last_heard = self.now;
         }
@@ -188,7 +190,12 @@ impl Core {
                 let to = to.min(from.saturating_add(100_000));
                 let entries: Vec<_> = self.log.range(from, to).cloned().collect();
                 for chunk in entries.chunks(limits::MAX_SYNC_ENTRIES) {
-                    self.send(conn, &Frame::Sync { entries: chunk.to_vec() });
+                    self.send(
+                        conn,
+                        &Frame::Sync {
+                            entries: chunk.to_vec(),
+                        },
+                    );
                 }
                 self.send(conn, &Frame::Sync { entries: Vec::new() });
             }
@@ -265,9 +272,9 @@ impl Core {
                 let same_reign = e.lost.as_ref().is_some_and(|l| l.id == coordinator) && old_epoch == epoch;
                 if !same_reign {
                     self.emit(Event::Role {
-                    role: Role::Member,
-                    epoch,
-                    coordinator: self.coordinator_name(),
+                        role: Role::Member,
+                        epoch,
+                        coordinator: self.coordinator_name(),
                         election_ms: Some(self.now.saturating_sub(e.since)),
                     });
                 }
@@ -316,7 +323,10 @@ impl Core {
     fn on_uplink_error(&mut self, conn: ConnId, code: p2p_proto::ErrorCode, message: String) {
         let fatal = matches!(
             code,
-            ErrorCode::NameTaken | ErrorCode::BadName | ErrorCode::VersionMismatch | ErrorCode::TooManyMembers
+            ErrorCode::NameTaken
+                | ErrorCode::BadName
+                | ErrorCode::VersionMismatch
+                | ErrorCode::TooManyMembers
         );
         self.out.push(Output::Close(conn));
         if fatal {
@@ -328,7 +338,10 @@ impl Core {
             self.out.push(Output::Exit(2));
             return;
         }
-        let busy = matches!(code, ErrorCode::Electing | ErrorCode::CoordinatorAlive | ErrorCode::ShuttingDown);
+        let busy = matches!(
+            code,
+            ErrorCode::Electing | ErrorCode::CoordinatorAlive | ErrorCode::ShuttingDown
+        );
         let retry_at = self.now + self.tick_ms();
         match &mut self.state {
             State::Joining(j) => {
@@ -353,7 +366,10 @@ impl Core {
                     code: Some(code),
                     message: format!("the coordinator dropped us: {message}; rejoining"),
                 });
-                let addr = self.member(self.coordinator).map(|m| m.addr.clone()).unwrap_or_default();
+                let addr = self
+                    .member(self.coordinator)
+                    .map(|m| m.addr.clone())
+                    .unwrap_or_default();
                 self.follow(self.epoch, addr, "dropped by the coordinator");
             }
             _ => {}
@@ -411,7 +427,10 @@ impl Core {
     pub(super) fn start_election(&mut self, reason: String, probe: bool) {
         let lost_info = self.member(self.coordinator).cloned();
         let lost = self.coordinator_name();
-        let direct = lost_info.as_ref().filter(|_| probe).map(|m| (m.id, m.addr.clone()));
+        let direct = lost_info
+            .as_ref()
+            .filter(|_| probe)
+            .map(|m| (m.id, m.addr.clone()));
         self.state = State::Electing(Electing {
             since: self.now,
             dead: BTreeSet::from([self.coordinator]),
@@ -518,7 +537,11 @@ impl Core {
             );
         }
         if first != Some(self.me.id) {
-            return self.refuse(conn, ErrorCode::Electing, "an earlier-joined member may still take over; retry");
+            return self.refuse(
+                conn,
+                ErrorCode::Electing,
+                "an earlier-joined member may still take over; retry",
+            );
         }
         if let Some(c) = old_conn {
             self.out.push(Output::Close(c));

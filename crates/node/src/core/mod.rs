@@ -13,8 +13,8 @@ mod tests;
 use bytes::Bytes;
 use p2p_proto::{encode, limits, Chat, ErrorCode, Frame, MemberInfo, Resume, Role, PROTOCOL_VERSION};
 
-pub use self::log::hash;
 use self::coordinator::Coord;
+pub use self::log::hash;
 use self::log::Log;
 
 /// Identifies one connection for the life of the process.
@@ -93,7 +93,11 @@ pub enum Output {
     Close(ConnId),
     /// Open a connection to `addr` and send `hello` first; report frames and
     /// the close as inputs for `conn`.
-    Dial { conn: ConnId, addr: String, hello: Bytes },
+    Dial {
+        conn: ConnId,
+        addr: String,
+        hello: Bytes,
+    },
     /// Open a connection, send one frame and close (best effort, no report).
     Notify { addr: String, frame: Bytes },
     /// Tell the user.
@@ -114,9 +118,19 @@ pub enum Event {
         created: bool,
     },
     /// A delivered chat message; `replay` marks history received on joining.
-    Message { chat: Chat, replay: bool },
-    Joined { id: u64, name: String },
-    Left { id: u64, name: String, reason: String },
+    Message {
+        chat: Chat,
+        replay: bool,
+    },
+    Joined {
+        id: u64,
+        name: String,
+    },
+    Left {
+        id: u64,
+        name: String,
+        reason: String,
+    },
     /// A new coordinator reign, as seen from this node.
     Role {
         role: Role,
@@ -126,12 +140,24 @@ pub enum Event {
         election_ms: Option<u64>,
     },
     /// The coordinator was lost; an election is under way.
-    Electing { lost: String, reason: String },
+    Electing {
+        lost: String,
+        reason: String,
+    },
     /// Answer to `/who`: members in join order.
-    Who { members: Vec<MemberInfo>, coordinator: u64 },
+    Who {
+        members: Vec<MemberInfo>,
+        coordinator: u64,
+    },
     /// A message of ours was not delivered.
-    Rejected { client_seq: u64, reason: String },
-    Error { code: Option<ErrorCode>, message: String },
+    Rejected {
+        client_seq: u64,
+        reason: String,
+    },
+    Error {
+        code: Option<ErrorCode>,
+        message: String,
+    },
 }
 
 /// Where this node stands.
@@ -316,7 +342,7 @@ impl Core {
             }
         }
         if self.is_uplink(conn) {
-            return self.from_coordinator(conn, frame);
+            return self.on_uplink_frame(conn, frame);
         }
         match frame {
             Frame::Hello {
@@ -353,7 +379,10 @@ impl Core {
             other => self.refuse(
                 conn,
                 ErrorCode::UnexpectedFrame,
-                format!("a connection must open with hello or status_request, not {}", frame_type(&other)),
+                format!(
+                    "a connection must open with hello or status_request, not {}",
+                    frame_type(&other)
+                ),
             ),
         }
     }
@@ -364,18 +393,33 @@ impl Core {
             State::Member(_) => match resume {
                 Some(r) if r.epoch >= self.epoch => self.takeover_request(conn, name, addr, r),
                 _ => {
-                    let addr = self.member(self.coordinator).map(|m| m.addr.clone()).unwrap_or_default();
-                    self.send(conn, &Frame::Redirect { addr, epoch: self.epoch });
+                    let addr = self
+                        .member(self.coordinator)
+                        .map(|m| m.addr.clone())
+                        .unwrap_or_default();
+                    self.send(
+                        conn,
+                        &Frame::Redirect {
+                            addr,
+                            epoch: self.epoch,
+                        },
+                    );
                     self.out.push(Output::Close(conn));
                 }
             },
             State::Electing(_) => match resume {
                 Some(r) if r.epoch >= self.epoch => self.takeover_request(conn, name, addr, r),
-                _ => self.refuse(conn, ErrorCode::Electing, "an election is under way; retry in a moment"),
+                _ => self.refuse(
+                    conn,
+                    ErrorCode::Electing,
+                    "an election is under way; retry in a moment",
+                ),
             },
-            State::Joining(_) | State::Stopped => {
-                self.refuse(conn, ErrorCode::Electing, "this node has not joined a chat yet; retry in a moment")
-            }
+            State::Joining(_) | State::Stopped => self.refuse(
+                conn,
+                ErrorCode::Electing,
+                "this node has not joined a chat yet; retry in a moment",
+            ),
         }
     }
 
@@ -490,7 +534,9 @@ impl Core {
             State::Coordinator(c) => {
                 let mine = c.member_count() as u32;
                 let they_win = epoch > self.epoch
-                    || (epoch == self.epoch && (members, std::cmp::Reverse(coordinator.id)) > (mine, std::cmp::Reverse(self.me.id)));
+                    || (epoch == self.epoch
+                        && (members, std::cmp::Reverse(coordinator.id))
+                            > (mine, std::cmp::Reverse(self.me.id)));
                 if they_win {
                     self.step_down(epoch, coordinator);
                 } else if epoch == self.epoch {

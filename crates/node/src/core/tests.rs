@@ -145,7 +145,9 @@ impl Sim {
                         self.links.insert((peer, pconn), (node, conn));
                         self.deliver(node, conn, &hello);
                     }
-                    _ => self.queue.push_back((node, Input::Closed(conn, Some("refused".into())))),
+                    _ => self
+                        .queue
+                        .push_back((node, Input::Closed(conn, Some("refused".into())))),
                 },
                 Output::Notify { addr, frame } => {
                     if let Some(peer) = self.addr_of(&addr).filter(|p| !self.nodes[*p].dead) {
@@ -163,7 +165,12 @@ impl Sim {
     /// SIGKILL: every connection of the node closes at once.
     fn kill(&mut self, node: usize) {
         self.nodes[node].dead = true;
-        let conns: Vec<ConnId> = self.links.keys().filter(|(n, _)| *n == node).map(|(_, c)| *c).collect();
+        let conns: Vec<ConnId> = self
+            .links
+            .keys()
+            .filter(|(n, _)| *n == node)
+            .map(|(_, c)| *c)
+            .collect();
         for conn in conns {
             self.close_link(node, conn);
         }
@@ -196,7 +203,12 @@ impl Sim {
     fn assert_agree(&self, nodes: &[usize]) -> Vec<(u64, String)> {
         let first = self.texts(nodes[0]);
         for (i, (seq, _)) in first.iter().enumerate() {
-            assert_eq!(*seq, i as u64 + 1, "node {} has a gap or duplicate: {first:?}", nodes[0]);
+            assert_eq!(
+                *seq,
+                i as u64 + 1,
+                "node {} has a gap or duplicate: {first:?}",
+                nodes[0]
+            );
         }
         for n in &nodes[1..] {
             assert_eq!(self.texts(*n), first, "node {n} disagrees with node {}", nodes[0]);
@@ -234,7 +246,13 @@ fn joins_through_any_peer_and_everyone_sees_one_order() {
 fn sender_identity_comes_from_the_connection() {
     let mut sim = cluster(2);
     sim.say(1, "hello");
-    let Event::Message { chat, .. } = sim.nodes[0].events.iter().rev().find(|e| matches!(e, Event::Message { .. })).unwrap() else {
+    let Event::Message { chat, .. } = sim.nodes[0]
+        .events
+        .iter()
+        .rev()
+        .find(|e| matches!(e, Event::Message { .. }))
+        .unwrap()
+    else {
         unreachable!()
     };
     assert_eq!(chat.from, "n1");
@@ -250,7 +268,10 @@ fn coordinator_kill_elects_earliest_survivor_and_loses_nothing() {
     assert_eq!(sim.nodes[1].core.epoch(), 2);
     sim.say(3, "after");
     let seq = sim.assert_agree(&[1, 2, 3]);
-    assert_eq!(seq.iter().map(|s| s.1.as_str()).collect::<Vec<_>>(), vec!["n2:before", "n3:after"]);
+    assert_eq!(
+        seq.iter().map(|s| s.1.as_str()).collect::<Vec<_>>(),
+        vec!["n2:before", "n3:after"]
+    );
 }
 
 #[test]
@@ -291,7 +312,10 @@ fn furthest_ahead_survivor_fills_the_gap_without_duplicates() {
     sim.kill(0);
     sim.advance(HB * 5);
     let seq = sim.assert_agree(&[1, 2, 3]);
-    assert_eq!(seq.iter().map(|s| s.1.as_str()).collect::<Vec<_>>(), vec!["n1:m1", "n3:m2"]);
+    assert_eq!(
+        seq.iter().map(|s| s.1.as_str()).collect::<Vec<_>>(),
+        vec!["n1:m1", "n3:m2"]
+    );
     // n3 re-sent m2 (never acknowledged to it? it was) — either way one copy.
     sim.say(2, "m3");
     assert_eq!(sim.assert_agree(&[1, 2, 3]).len(), 3);
@@ -303,7 +327,12 @@ fn killing_coordinator_and_successor_hands_over_to_the_next() {
     sim.say(3, "x");
     sim.nodes[1].dead = true; // dies silently first…
     sim.kill(0); // …then the coordinator goes
-    let conns: Vec<ConnId> = sim.links.keys().filter(|(n, _)| *n == 1).map(|(_, c)| *c).collect();
+    let conns: Vec<ConnId> = sim
+        .links
+        .keys()
+        .filter(|(n, _)| *n == 1)
+        .map(|(_, c)| *c)
+        .collect();
     for c in conns {
         sim.close_link(1, c);
     }
@@ -322,7 +351,11 @@ fn hung_coordinator_is_replaced_and_steps_down_when_it_wakes() {
     sim.say(1, "before");
     sim.stop(0);
     sim.advance(HB * 2);
-    assert_eq!(sim.coordinators(), vec![0], "two heartbeats are not enough to declare death");
+    assert_eq!(
+        sim.coordinators(),
+        vec![0],
+        "two heartbeats are not enough to declare death"
+    );
     sim.advance(HB * 3);
     assert!(sim.coordinators().contains(&1));
     assert_eq!(sim.nodes[1].core.epoch(), 2);
@@ -427,7 +460,10 @@ fn clean_coordinator_quit_hands_over_at_once() {
     sim.run();
     assert_eq!(sim.nodes[0].exit, Some(0));
     assert_eq!(sim.coordinators(), vec![1]);
-    assert!(sim.nodes[2].events.iter().any(|e| matches!(e, Event::Left { name, reason, .. } if name == "n0" && reason == "left")));
+    assert!(sim.nodes[2]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Left { name, reason, .. } if name == "n0" && reason == "left")));
 }
 
 #[test]
@@ -440,7 +476,16 @@ fn duplicate_resend_is_dropped_by_client_seq() {
         _ => panic!("n1 should be a member"),
     };
     let (peer, pconn) = sim.links[&(1, uplink)];
-    sim.input(peer, Input::Frame(pconn, Frame::Say { text: "once".into(), client_seq: 1 }));
+    sim.input(
+        peer,
+        Input::Frame(
+            pconn,
+            Frame::Say {
+                text: "once".into(),
+                client_seq: 1,
+            },
+        ),
+    );
     sim.run();
     assert_eq!(sim.assert_agree(&[0, 1]).len(), 1);
 }
@@ -451,8 +496,15 @@ fn a_member_cut_off_by_the_coordinator_rejoins_instead_of_taking_over() {
     // think the coordinator died and seize the chat.
     let mut sim = cluster(3);
     sim.say(2, "m1");
-    let (&(_, conn), _) = sim.links.iter().find(|((n, _), (peer, _))| *n == 0 && *peer == 1).unwrap();
-    sim.input(0, Input::Closed(conn, Some("disconnected (slow consumer)".into())));
+    let (&(_, conn), _) = sim
+        .links
+        .iter()
+        .find(|((n, _), (peer, _))| *n == 0 && *peer == 1)
+        .unwrap();
+    sim.input(
+        0,
+        Input::Closed(conn, Some("disconnected (slow consumer)".into())),
+    );
     sim.close_link(0, conn);
     sim.run();
     sim.advance(HB * 5);
