@@ -1,1 +1,26 @@
-fn main() {}
+//! Repository automation: `cargo xtask <task>`. This file only dispatches.
+
+mod ci;
+mod demo;
+mod util;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("demo") => demo::run(&args[1..]),
+        Some("ci") => ci::run(),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <task>\n\n\
+                 tasks:\n  \
+                 demo [-f FILE]   build release binaries and run `p2pctl demo` on cluster.example.yaml\n  \
+                 ci               run .ci/run (fmt, clippy, tests)"
+            );
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("xtask: {e:#}");
+        std::process::exit(1);
+    }
+}

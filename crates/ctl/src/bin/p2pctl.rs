@@ -1,0 +1,253 @@
+//! `p2pctl`: bring up, watch, break and repair a local p2pchat cluster.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use p2p_ctl::config::{default_file, Cluster};
+use p2p_ctl::control::{self, Request, Response};
+use p2p_ctl::display::ps_table;
+use p2p_ctl::{demo, logs, run};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Bring up, watch, break and repair a local p2pchat cluster",
+    after_help = "\
+Examples:
+  p2pctl demo                         # the whole story in one command
+  p2pctl up -d                        # start cluster.yaml (or cluster.example.yaml) in the background
+  p2pctl ps
+  p2pctl kill --coordinator           # SIGKILL whoever coordinates now; watch the re-election
+  p2pctl say bob hello everyone
+  p2pctl logs -f
+  p2pctl check                        # do all nodes agree on the delivered sequence?
+  p2pctl down"
+)]
+struct Args {
+    /// Cluster file (default: cluster.yaml, else cluster.example.yaml).
+    #[arg(short, long, global = true)]
+    file: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start every node and supervise them; Ctrl-C stops the cluster.
+    Up {
+        /// Return once all nodes are ready, leaving the supervisor in the background.
+        #[arg(short, long)]
+        detach: bool,
+        /// Internal: run as the background supervisor.
+        #[arg(long, hide = true)]
+        supervise: bool,
+    },
+    /// Check the cluster file and the ports, start nothing.
+    Validate,
+    /// One row per node: pid, address, state, role, epoch, restarts, uptime.
+    Ps {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a signal to a node, or to whichever node is coordinator now.
+    Kill {
+        /// The node to signal.
+        #[arg(required_unless_present = "coordinator", conflicts_with = "coordinator")]
+        node: Option<String>,
+        /// Signal the current coordinator.
+        #[arg(long)]
+        coordinator: bool,
+        /// KILL, TERM, INT, STOP or CONT.
+        #[arg(long, short, default_value = "KILL")]
+        signal: String,
+    },
+    /// Start a stopped node; it rejoins through any live peer.
+    Start { node: String },
+    /// Stop a node (TERM, then KILL after the grace period); it stays down.
+    Stop { node: String },
+    /// Stop a node and start it again.
+    Restart { node: String },
+    /// Post a chat message as a node.
+    Say {
+        node: String,
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
+    /// Show node logs, merged with name prefixes unless a node is named.
+    Logs {
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+        node: Option<String>,
+    },
+    /// Check that all live nodes delivered the same messages in the same order.
+    Check,
+    /// Stop the cluster and its supervisor.
+    Down,
+    /// The story: up, chat, kill the coordinator, re-election, restart, check, down.
+    Demo,
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // One thread: node processes are spawned from it, and their
+    // parent-death signal is tied to the spawning thread.
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("p2pctl: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = match rt.block_on(dispatch(args)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("p2pctl: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+async fn call(cluster: &Cluster, req: Request) -> anyhow::Result<serde_json::Value> {
+    let resp: Response = control::call(&cluster.state_dir, &cluster.name, &req).await?;
+    if !resp.ok {
+        bail!(resp.error.unwrap_or_else(|| "the supervisor refused".into()));
+    }
+    Ok(resp.data.unwrap_or(serde_json::Value::Null))
+}
+
+async fn dispatch(args: Args) -> anyhow::Result<i32> {
+    let file = default_file(args.file.as_deref())?;
+    match args.cmd {
+        Cmd::Validate => {
+            let c = Cluster::load(&file)?;
+            println!(
+                "{}: cluster {} is valid: {} nodes on {}, {} plugins, restart policy {:?}",
+                file.display(),
+                c.name,
+                c.nodes.len(),
+                c.host,
+                c.plugins.len(),
+                c.restart.policy
+            );
+            Ok(0)
+        }
+        Cmd::Up { detach: true, .. } => run::up_detached(&Cluster::load(&file)?).await,
+        // `--supervise` (the background half of `up -d`) runs the same
+        // foreground supervisor; its output goes to supervisor.log.
+        Cmd::Up { .. } => run::up_foreground(Cluster::load(&file)?, false).await,
+        Cmd::Demo => demo::demo(Cluster::load(&file)?).await,
+        Cmd::Logs { follow, node } => {
+            logs::logs(&Cluster::load_unbound(&file)?, node.as_deref(), follow).await
+        }
+        cmd => {
+            let cluster = Cluster::load_unbound(&file)?;
+            client(&cluster, cmd).await
+        }
+    }
+}
+
+async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
+    match cmd {
+        Cmd::Ps { json } => {
+            let rows = call(cluster, Request::Ps).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", ps_table(rows.as_array().map(Vec::as_slice).unwrap_or(&[])));
+            }
+        }
+        Cmd::Kill {
+            node,
+            coordinator,
+            signal,
+        } => {
+            let d = call(
+                cluster,
+                Request::Kill {
+                    node,
+                    coordinator,
+                    signal,
+                },
+            )
+            .await?;
+            let role = if d["was_coordinator"] == true {
+                " (the coordinator)"
+            } else {
+                ""
+            };
+            println!(
+                "sent SIG{} to {}{role}, pid {}",
+                d["signal"].as_str().unwrap_or("?").trim_start_matches("SIG"),
+                d["node"].as_str().unwrap_or("?"),
+                d["pid"]
+            );
+        }
+        Cmd::Start { node } => {
+            call(cluster, Request::Start { node: node.clone() }).await?;
+            println!("starting {node}");
+        }
+        Cmd::Stop { node } => {
+            call(cluster, Request::Stop { node: node.clone() }).await?;
+            println!("stopping {node}");
+        }
+        Cmd::Restart { node } => {
+            call(cluster, Request::Restart { node: node.clone() }).await?;
+            println!("restarting {node}");
+        }
+        Cmd::Say { node, text } => {
+            let text = text.join(" ");
+            p2p_proto::limits::check_text(&text).map_err(|e| anyhow::anyhow!("cannot send that: {e}"))?;
+            call(cluster, Request::Say { node, text }).await?;
+        }
+        Cmd::Check => {
+            let d = call(cluster, Request::Check).await?;
+            let nodes = d["nodes"].as_array().cloned().unwrap_or_default();
+            if d["agree"] == true {
+                println!(
+                    "ok: {} nodes agree on {} messages (same order, no gaps, no duplicates)",
+                    nodes.len(),
+                    d["last_seq"]
+                );
+                return Ok(0);
+            }
+            println!("DISAGREE: {}", d["difference"].as_str().unwrap_or("?"));
+            for n in nodes {
+                println!(
+                    "  {} last_seq {} held {} gaps {}",
+                    n["name"].as_str().unwrap_or(""),
+                    n["last_seq"],
+                    n["held"],
+                    n["gaps"]
+                );
+            }
+            return Ok(1);
+        }
+        Cmd::Down => {
+            let pid = std::fs::read_to_string(cluster.state_dir.join("supervisor.pid")).unwrap_or_default();
+            call(cluster, Request::Down)
+                .await
+                .context("while stopping the cluster")?;
+            // Wait for the supervisor process itself to be gone.
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                let pid = nix::unistd::Pid::from_raw(pid);
+                let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while nix::sys::signal::kill(pid, None).is_ok() && std::time::Instant::now() < end {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+            println!("cluster {} stopped", cluster.name);
+        }
+        _ => unreachable!("handled in dispatch"),
+    }
+    Ok(0)
+}

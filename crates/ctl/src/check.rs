@@ -1,0 +1,206 @@
+//! Talking to nodes directly as an observer: posting a message as a node,
+//! and checking that every live node delivered the same sequence.
+
+use std::time::{Duration, Instant};
+
+use p2p_proto::{decode_body, encode, limits::MAX_FRAME_LEN, Frame};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::control::Response;
+
+const IO_TIMEOUT: Duration = Duration::from_secs(2);
+
+async fn read_frame(s: &mut TcpStream) -> std::io::Result<Frame> {
+    let mut prefix = [0u8; 4];
+    s.read_exact(&mut prefix).await?;
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "frame over the limit",
+        ));
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await?;
+    decode_body(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Asks the node at `addr` to post `text` as its own user.
+///
+/// # Errors
+/// If the node cannot be reached in time.
+pub async fn post(addr: &str, text: &str) -> std::io::Result<()> {
+    p2p_proto::limits::check_text(text)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let attempt = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(&encode(&Frame::Post {
+            text: text.to_string(),
+        }))
+        .await?;
+        s.shutdown().await
+    };
+    tokio::time::timeout(IO_TIMEOUT, attempt)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")))
+}
+
+/// A node's status as an observer sees it.
+pub struct NodeStatus {
+    pub name: String,
+    pub last_seq: u64,
+    pub gaps: u64,
+    pub log: Vec<(u64, u64, String)>,
+}
+
+/// Fetches a node's status with its log digest.
+///
+/// # Errors
+/// If the node cannot be reached or answers nonsense.
+pub async fn status(addr: &str) -> std::io::Result<NodeStatus> {
+    let attempt = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(&encode(&Frame::StatusRequest { log: true })).await?;
+        loop {
+            match read_frame(&mut s).await? {
+                Frame::Status {
+                    name,
+                    last_seq,
+                    gaps,
+                    log,
+                    ..
+                } => {
+                    return Ok(NodeStatus {
+                        name,
+                        last_seq,
+                        gaps,
+                        log: log.unwrap_or_default(),
+                    })
+                }
+                _ => continue,
+            }
+        }
+    };
+    tokio::time::timeout(IO_TIMEOUT, attempt)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")))
+}
+
+/// Checks that the given nodes agree: same messages in the same order, no
+/// gaps, no duplicates. Waits up to 3 s for messages in flight to settle.
+pub async fn check(nodes: Vec<(String, String)>) -> Response {
+    if nodes.is_empty() {
+        return Response::err("no running node to check");
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut statuses = Vec::new();
+        for (name, addr) in &nodes {
+            match status(addr).await {
+                Ok(s) => statuses.push(s),
+                Err(e) => return Response::err(format!("cannot reach node {name} at {addr}: {e}")),
+            }
+        }
+        let settled = statuses.windows(2).all(|w| w[0].last_seq == w[1].last_seq);
+        if settled || Instant::now() > deadline {
+            return compare(&statuses);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Compares digests over the seqs each pair holds in common.
+pub fn compare(statuses: &[NodeStatus]) -> Response {
+    let summary: Vec<_> = statuses
+        .iter()
+        .map(|s| json!({"name": s.name, "last_seq": s.last_seq, "held": s.log.len(), "gaps": s.gaps}))
+        .collect();
+    let fail = |what: String| Response::ok(json!({"agree": false, "nodes": summary, "difference": what}));
+    for s in statuses {
+        if s.gaps > 0 {
+            return fail(format!("{} saw {} gap(s) in its sequence", s.name, s.gaps));
+        }
+        for w in s.log.windows(2) {
+            if w[1].0 != w[0].0 + 1 {
+                return fail(format!(
+                    "{} holds seq {} followed by seq {}",
+                    s.name, w[0].0, w[1].0
+                ));
+            }
+        }
+    }
+    for s in statuses {
+        if s.last_seq != statuses[0].last_seq {
+            return fail(format!(
+                "{} delivered up to seq {} but {} up to seq {}",
+                statuses[0].name, statuses[0].last_seq, s.name, s.last_seq
+            ));
+        }
+    }
+    let reference = statuses.iter().max_by_key(|s| s.log.len()).expect("non-empty");
+    for s in statuses {
+        for entry in &s.log {
+            let Some(first) = reference.log.first() else { break };
+            let Some(theirs) = entry
+                .0
+                .checked_sub(first.0)
+                .and_then(|i| reference.log.get(i as usize))
+            else {
+                continue;
+            };
+            if theirs != entry {
+                return fail(format!(
+                    "first difference at seq {}: {} has epoch {} hash {}, {} has epoch {} hash {}",
+                    entry.0, s.name, entry.1, entry.2, reference.name, theirs.1, theirs.2
+                ));
+            }
+        }
+    }
+    Response::ok(json!({"agree": true, "nodes": summary, "last_seq": statuses[0].last_seq}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn st(name: &str, log: &[(u64, u64, &str)]) -> NodeStatus {
+        NodeStatus {
+            name: name.into(),
+            last_seq: log.last().map(|l| l.0).unwrap_or(0),
+            gaps: 0,
+            log: log.iter().map(|(a, b, c)| (*a, *b, c.to_string())).collect(),
+        }
+    }
+
+    fn agree(r: Response) -> (bool, String) {
+        let d = r.data.unwrap();
+        (
+            d["agree"].as_bool().unwrap(),
+            d["difference"].as_str().unwrap_or("").to_string(),
+        )
+    }
+
+    #[test]
+    fn overlapping_windows_agree() {
+        let a = st("a", &[(1, 1, "x"), (2, 1, "y"), (3, 2, "z")]);
+        let b = st("b", &[(2, 1, "y"), (3, 2, "z")]);
+        assert!(agree(compare(&[a, b])).0);
+    }
+
+    #[test]
+    fn differences_are_located() {
+        let a = st("a", &[(1, 1, "x"), (2, 1, "y")]);
+        let b = st("b", &[(1, 1, "x"), (2, 2, "q")]);
+        let (ok, why) = agree(compare(&[a, b]));
+        assert!(!ok);
+        assert!(why.contains("seq 2"), "{why}");
+        let c = st("c", &[(1, 1, "x"), (3, 1, "y")]);
+        let (ok, why) = agree(compare(&[c]));
+        assert!(!ok && why.contains("followed by seq 3"), "{why}");
+        let d = st("d", &[(1, 1, "x")]);
+        let e = st("e", &[(1, 1, "x"), (2, 1, "y")]);
+        assert!(!agree(compare(&[d, e])).0);
+    }
+}

@@ -1,0 +1,449 @@
+//! The cluster file: its shape, and every check made before anything
+//! starts. Each error names the file, the line and what to change.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// When a node that exits is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Never restart.
+    Never,
+    /// Restart after a crash (non-zero exit or a signal p2pctl did not send).
+    OnFailure,
+    /// Restart whenever it exits, even after `p2pctl kill`; not after `p2pctl stop`.
+    Always,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Restart {
+    #[serde(default = "default_policy")]
+    pub policy: Policy,
+    /// Restarts allowed before the node is marked failed.
+    #[serde(default = "default_max_restarts")]
+    pub max_restarts: u32,
+    /// First delay before a restart; doubles with each restart.
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+    /// Ceiling for the doubling delay.
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+impl Default for Restart {
+    fn default() -> Restart {
+        Restart {
+            policy: default_policy(),
+            max_restarts: default_max_restarts(),
+            backoff_ms: default_backoff_ms(),
+            max_backoff_ms: default_max_backoff_ms(),
+        }
+    }
+}
+
+fn default_policy() -> Policy {
+    Policy::OnFailure
+}
+fn default_max_restarts() -> u32 {
+    5
+}
+fn default_backoff_ms() -> u64 {
+    200
+}
+fn default_max_backoff_ms() -> u64 {
+    5000
+}
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_heartbeat() -> u64 {
+    100
+}
+fn default_grace() -> u64 {
+    3000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    pub name: String,
+    /// 0 lets the system pick a free port at each start.
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSpec {
+    pub name: String,
+    #[serde(default)]
+    pub config: serde_yaml::Value,
+}
+
+/// The file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: String,
+    #[serde(default = "default_host")]
+    host: String,
+    #[serde(default = "default_heartbeat")]
+    heartbeat_ms: u64,
+    #[serde(default = "default_grace")]
+    stop_grace_ms: u64,
+    #[serde(default)]
+    restart: Restart,
+    nodes: Vec<NodeSpec>,
+    #[serde(default)]
+    plugins: Vec<PluginSpec>,
+}
+
+/// A checked cluster description.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub name: String,
+    pub host: IpAddr,
+    pub heartbeat_ms: u64,
+    /// Time between SIGTERM and SIGKILL when stopping a node.
+    pub stop_grace_ms: u64,
+    pub restart: Restart,
+    pub nodes: Vec<NodeSpec>,
+    pub plugins: Vec<PluginSpec>,
+    /// The file it came from.
+    pub file: PathBuf,
+    /// `.p2pctl/<name>/` next to the file.
+    pub state_dir: PathBuf,
+}
+
+/// A cluster file that cannot be used, with the sentence to show.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Picks the cluster file: `-f FILE`, else `cluster.yaml`, else
+/// `cluster.example.yaml` in the current directory.
+///
+/// # Errors
+/// When none is given and neither default exists.
+pub fn default_file(given: Option<&Path>) -> Result<PathBuf, ConfigError> {
+    if let Some(f) = given {
+        return Ok(f.to_path_buf());
+    }
+    for name in ["cluster.yaml", "cluster.example.yaml"] {
+        if Path::new(name).exists() {
+            return Ok(PathBuf::from(name));
+        }
+    }
+    Err(ConfigError(
+        "no cluster file: neither cluster.yaml nor cluster.example.yaml is in the current directory; pass -f FILE".into(),
+    ))
+}
+
+impl Cluster {
+    /// Reads and checks a cluster file, including that its ports are free.
+    ///
+    /// # Errors
+    /// The first problem found, as a sentence with file and line.
+    pub fn load(file: &Path) -> Result<Cluster, ConfigError> {
+        let cluster = Cluster::load_unbound(file)?;
+        cluster.check_ports_free()?;
+        Ok(cluster)
+    }
+
+    /// Reads and checks a cluster file without probing its ports (for
+    /// commands that talk to a running cluster).
+    ///
+    /// # Errors
+    /// The first problem found, as a sentence with file and line.
+    pub fn load_unbound(file: &Path) -> Result<Cluster, ConfigError> {
+        let shown = file.display().to_string();
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| ConfigError(format!("{shown}: cannot read the cluster file: {e}")))?;
+        Cluster::parse(&text, file)
+    }
+
+    /// Parses and checks cluster-file text (ports not probed).
+    ///
+    /// # Errors
+    /// The first problem found, as a sentence with file and line.
+    pub fn parse(text: &str, file: &Path) -> Result<Cluster, ConfigError> {
+        let shown = file.display().to_string();
+        let raw: RawCluster = serde_yaml::from_str(text).map_err(|e| {
+            let at = e
+                .location()
+                .map(|l| format!("{shown}:{}:{}", l.line(), l.column()));
+            let msg = e.to_string();
+            // serde_yaml appends "at line L column C"; we lead with it instead.
+            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+            ConfigError(format!("{}: {msg}", at.unwrap_or(shown.clone())))
+        })?;
+        let line = |key: &str, value: &str, nth: usize| -> String {
+            match find_line(text, key, value, nth) {
+                Some(l) => format!("{shown}:{l}"),
+                None => shown.clone(),
+            }
+        };
+        if let Err(e) = check_cluster_name(&raw.name) {
+            return Err(ConfigError(format!("{}: {e}", line("name", &raw.name, 0))));
+        }
+        let host: IpAddr = raw.host.parse().map_err(|_| {
+            ConfigError(format!(
+                "{}: host {:?} is not an IP address; use an address such as 127.0.0.1",
+                line("host", &raw.host, 0),
+                raw.host
+            ))
+        })?;
+        if !(10..=60_000).contains(&raw.heartbeat_ms) {
+            return Err(ConfigError(format!(
+                "{}: heartbeat_ms must be between 10 and 60000, got {}",
+                line("heartbeat_ms", &raw.heartbeat_ms.to_string(), 0),
+                raw.heartbeat_ms
+            )));
+        }
+        let r = &raw.restart;
+        if r.backoff_ms == 0 || r.max_backoff_ms < r.backoff_ms {
+            return Err(ConfigError(format!(
+                "{}: restart.backoff_ms must be at least 1 and not above max_backoff_ms ({} > {})",
+                line("backoff_ms", &r.backoff_ms.to_string(), 0),
+                r.backoff_ms,
+                r.max_backoff_ms
+            )));
+        }
+        if raw.nodes.is_empty() {
+            return Err(ConfigError(format!(
+                "{shown}: nodes is empty; list at least one node"
+            )));
+        }
+        if raw.nodes.len() > 64 {
+            return Err(ConfigError(format!(
+                "{shown}: {} nodes listed; p2pctl runs at most 64",
+                raw.nodes.len()
+            )));
+        }
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut ports: HashMap<u16, usize> = HashMap::new();
+        let mut name_seen: HashMap<&str, usize> = HashMap::new();
+        for (i, n) in raw.nodes.iter().enumerate() {
+            let nth = name_seen.entry(n.name.as_str()).or_insert(0);
+            let here = line("name", &n.name, *nth);
+            *nth += 1;
+            if let Err(e) = p2p_proto::limits::check_name(&n.name) {
+                return Err(ConfigError(format!("{here}: node {e}")));
+            }
+            if let Some(first) = names.insert(&n.name, i) {
+                let there = line("name", &n.name, 0);
+                return Err(ConfigError(format!(
+                    "{here}: node name {} is used twice (first at {there}, node #{}); give each node its own name",
+                    n.name,
+                    first + 1
+                )));
+            }
+            if n.port != 0 {
+                if let Some(first) = ports.insert(n.port, i) {
+                    return Err(ConfigError(format!(
+                        "{}: port {} of node {} is already used by node {}; give each node its own port",
+                        line("port", &n.port.to_string(), 1),
+                        n.port,
+                        n.name,
+                        raw.nodes[first].name
+                    )));
+                }
+            }
+        }
+        let mut plugin_names: HashMap<&str, ()> = HashMap::new();
+        for p in &raw.plugins {
+            if p.name.is_empty()
+                || p.name.len() > 64
+                || !p
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+            {
+                return Err(ConfigError(format!(
+                    "{}: plugin name {:?} must be 1-64 characters of a-z 0-9 _ -",
+                    line("name", &p.name, 0),
+                    p.name
+                )));
+            }
+            if plugin_names.insert(&p.name, ()).is_some() {
+                return Err(ConfigError(format!(
+                    "{}: plugin {} is listed twice",
+                    line("name", &p.name, 1),
+                    p.name
+                )));
+            }
+        }
+        let dir = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let state_dir = dir.join(".p2pctl").join(&raw.name);
+        Ok(Cluster {
+            name: raw.name,
+            host,
+            heartbeat_ms: raw.heartbeat_ms,
+            stop_grace_ms: raw.stop_grace_ms,
+            restart: raw.restart,
+            nodes: raw.nodes,
+            plugins: raw.plugins,
+            file: file.to_path_buf(),
+            state_dir,
+        })
+    }
+
+    /// Fails if any fixed port is already taken.
+    fn check_ports_free(&self) -> Result<(), ConfigError> {
+        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+        for n in self.nodes.iter().filter(|n| n.port != 0) {
+            let addr = SocketAddr::new(self.host, n.port);
+            if let Err(e) = TcpListener::bind(addr) {
+                let at = match find_line(&text, "port", &n.port.to_string(), 0) {
+                    Some(l) => format!("{}:{l}", self.file.display()),
+                    None => self.file.display().to_string(),
+                };
+                let why = if e.kind() == std::io::ErrorKind::AddrInUse {
+                    "is already in use".to_string()
+                } else {
+                    format!("cannot be bound ({e})")
+                };
+                return Err(ConfigError(format!(
+                    "{at}: port {} of node {} {why} on {}; stop what uses it or choose another port",
+                    n.port, n.name, self.host
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The address a node listens on (`host:port`, port 0 for any).
+    pub fn listen_addr(&self, node: &NodeSpec) -> SocketAddr {
+        SocketAddr::new(self.host, node.port)
+    }
+}
+
+fn check_cluster_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 40
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "cluster name {name:?} must be 1-40 characters of A-Z a-z 0-9 _ - (it names the state directory)"
+        ));
+    }
+    Ok(())
+}
+
+/// The 1-based line of the `nth` (0-based) `key: value` in `text`, written
+/// either as `key: value` or `- key: value`, quoted or not.
+fn find_line(text: &str, key: &str, value: &str, nth: usize) -> Option<usize> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            let l = l.trim_start().trim_start_matches("- ").trim_start();
+            let Some(rest) = l.strip_prefix(key).and_then(|r| r.strip_prefix(':')) else {
+                return false;
+            };
+            let v = rest
+                .split(" #")
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_matches(['"', '\'']);
+            v == value
+        })
+        .map(|(i, _)| i + 1)
+        .nth(nth)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Cluster, ConfigError> {
+        Cluster::parse(text, Path::new("c.yaml"))
+    }
+
+    const GOOD: &str = "name: demo\nnodes:\n  - name: a\n    port: 7001\n  - name: b\n    port: 7002\n";
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.host.to_string(), "127.0.0.1");
+        assert_eq!(c.heartbeat_ms, 100);
+        assert_eq!(c.restart.policy, Policy::OnFailure);
+        assert_eq!(c.state_dir, Path::new(".").join(".p2pctl").join("demo"));
+    }
+
+    #[test]
+    fn unknown_key_names_line() {
+        let e = parse("name: demo\nnodez: []\n").unwrap_err().0;
+        assert!(e.starts_with("c.yaml:2:"), "{e}");
+        assert!(e.contains("unknown field `nodez`"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_name_names_both_lines() {
+        let e = parse("name: demo\nnodes:\n  - name: a\n    port: 1\n  - name: a\n    port: 2\n")
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("c.yaml:5:"), "{e}");
+        assert!(e.contains("used twice") && e.contains("c.yaml:3"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_port_names_line() {
+        let e = parse("name: demo\nnodes:\n  - name: a\n    port: 7\n  - name: b\n    port: 7\n")
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("c.yaml:6:"), "{e}");
+        assert!(e.contains("port 7 of node b is already used by node a"), "{e}");
+    }
+
+    #[test]
+    fn bad_host_and_values() {
+        let e = parse("name: demo\nhost: over.there\nnodes:\n  - name: a\n    port: 1\n")
+            .unwrap_err()
+            .0;
+        assert!(
+            e.starts_with("c.yaml:2:") && e.contains("not an IP address"),
+            "{e}"
+        );
+        let e = parse("name: demo\nheartbeat_ms: 1\nnodes:\n  - name: a\n    port: 1\n")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("heartbeat_ms"), "{e}");
+        let e = parse("name: demo\nnodes: []\n").unwrap_err().0;
+        assert!(e.contains("nodes is empty"), "{e}");
+        let e = parse("name: demo\nnodes:\n  - name: a b\n    port: 1\n")
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("c.yaml:3:"), "{e}");
+        let e = parse("name: demo\nrestart:\n  policy: sometimes\nnodes:\n  - name: a\n    port: 1\n")
+            .unwrap_err()
+            .0;
+        assert!(e.starts_with("c.yaml:3:") && e.contains("sometimes"), "{e}");
+    }
+
+    #[test]
+    fn taken_port_is_refused() {
+        let held = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let dir = std::env::temp_dir().join(format!("p2pctl-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.yaml");
+        std::fs::write(
+            &file,
+            format!("name: demo\nnodes:\n  - name: a\n    port: {port}\n"),
+        )
+        .unwrap();
+        let e = Cluster::load(&file).unwrap_err().0;
+        assert!(e.contains(":4:") && e.contains("already in use"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

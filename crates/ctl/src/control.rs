@@ -1,0 +1,170 @@
+//! The control socket: requests from `p2pctl` commands to the running
+//! supervisor, one JSON line each way (a stream of lines for `events`).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::supervisor::Handle;
+
+/// A command for the supervisor.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Ps,
+    Kill {
+        node: Option<String>,
+        #[serde(default)]
+        coordinator: bool,
+        signal: String,
+    },
+    Start {
+        node: String,
+    },
+    Stop {
+        node: String,
+    },
+    Restart {
+        node: String,
+    },
+    Say {
+        node: String,
+        text: String,
+    },
+    Check,
+    Down,
+    /// Stream every supervisor event until the client hangs up.
+    Events,
+}
+
+/// The supervisor's answer: `{"ok":true,"data":…}` or `{"ok":false,"error":…}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    pub fn ok(data: serde_json::Value) -> Response {
+        Response {
+            ok: true,
+            data: Some(data),
+            error: None,
+        }
+    }
+
+    pub fn err(msg: impl Into<String>) -> Response {
+        Response {
+            ok: false,
+            data: None,
+            error: Some(msg.into()),
+        }
+    }
+}
+
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("ctl.sock")
+}
+
+/// Serves the control socket until the supervisor stops.
+pub async fn serve(listener: UnixListener, handle: Handle) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            let Ok(Some(line)) = lines.next_line().await else {
+                return;
+            };
+            let req: Request = match serde_json::from_str(&line) {
+                Ok(r) => r,
+                Err(e) => {
+                    let resp = Response::err(format!("bad request: {e}"));
+                    let _ = write
+                        .write_all(
+                            format!("{}\n", serde_json::to_string(&resp).unwrap_or_default()).as_bytes(),
+                        )
+                        .await;
+                    return;
+                }
+            };
+            if let Request::Events = req {
+                let mut rx = handle.subscribe();
+                loop {
+                    match rx.recv().await {
+                        Ok(ev) => {
+                            let line = format!("{}\n", serde_json::to_string(&ev).unwrap_or_default());
+                            if write.write_all(line.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return,
+                    }
+                }
+            }
+            let resp = handle.request(req).await;
+            let line = format!("{}\n", serde_json::to_string(&resp).unwrap_or_default());
+            let _ = write.write_all(line.as_bytes()).await;
+        });
+    }
+}
+
+/// A failed attempt to reach the supervisor.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no cluster {name:?} is running (no control socket at {}); start it with p2pctl up", path.display())]
+    NotRunning { name: String, path: PathBuf },
+    #[error("the supervisor of cluster {name:?} did not answer: {detail}")]
+    Broken { name: String, detail: String },
+}
+
+/// Connects to a running supervisor.
+///
+/// # Errors
+/// [`ClientError::NotRunning`] when no supervisor listens.
+pub async fn connect(state_dir: &Path, name: &str) -> Result<UnixStream, ClientError> {
+    let path = socket_path(state_dir);
+    UnixStream::connect(&path)
+        .await
+        .map_err(|_| ClientError::NotRunning {
+            name: name.to_string(),
+            path,
+        })
+}
+
+/// Sends one request and reads the answer.
+///
+/// # Errors
+/// When no supervisor runs, or it hangs up without answering.
+pub async fn call(state_dir: &Path, name: &str, req: &Request) -> Result<Response, ClientError> {
+    let stream = connect(state_dir, name).await?;
+    let (read, mut write) = stream.into_split();
+    let broken = |detail: String| ClientError::Broken {
+        name: name.to_string(),
+        detail,
+    };
+    let line = format!(
+        "{}\n",
+        serde_json::to_string(req).map_err(|e| broken(e.to_string()))?
+    );
+    write
+        .write_all(line.as_bytes())
+        .await
+        .map_err(|e| broken(e.to_string()))?;
+    let mut lines = BufReader::new(read).lines();
+    let answer = lines
+        .next_line()
+        .await
+        .map_err(|e| broken(e.to_string()))?
+        .ok_or_else(|| broken("connection closed".into()))?;
+    serde_json::from_str(&answer).map_err(|e| broken(e.to_string()))
+}

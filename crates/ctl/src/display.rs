@@ -1,0 +1,189 @@
+//! Turning supervisor and node events into the lines `p2pctl` prints:
+//! a colored node-name prefix, each chat message once (not once per node),
+//! membership changes as the coordinator saw them.
+
+use std::collections::{HashMap, HashSet};
+
+use console::Style;
+use serde_json::Value;
+
+use crate::supervisor::CtlEvent;
+
+const PALETTE: [console::Color; 6] = [
+    console::Color::Cyan,
+    console::Color::Magenta,
+    console::Color::Yellow,
+    console::Color::Green,
+    console::Color::Blue,
+    console::Color::Red,
+];
+
+/// Stateful formatter for the event stream.
+pub struct Display {
+    width: usize,
+    colors: HashMap<String, Style>,
+    shown_seq: u64,
+    shown_lost: HashSet<String>,
+    coordinator: Option<String>,
+}
+
+impl Display {
+    pub fn new(names: &[String]) -> Display {
+        let colors = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), Style::new().fg(PALETTE[i % PALETTE.len()]).bold()))
+            .collect();
+        Display {
+            width: names.iter().map(String::len).max().unwrap_or(4).max(4),
+            colors,
+            shown_seq: 0,
+            shown_lost: HashSet::new(),
+            coordinator: None,
+        }
+    }
+
+    /// `name | text` with the name colored and padded.
+    pub fn prefixed(&self, name: &str, text: &str) -> String {
+        let padded = format!("{name:>w$}", w = self.width);
+        let styled = match self.colors.get(name) {
+            Some(s) => s.apply_to(padded).to_string(),
+            None => Style::new().dim().apply_to(padded).to_string(),
+        };
+        format!("{styled} | {text}")
+    }
+
+    /// The line to print for an event, if any.
+    pub fn line(&mut self, ev: &CtlEvent) -> Option<String> {
+        match ev {
+            CtlEvent::Node { node, event } => self.node_line(node, event),
+            CtlEvent::Process { node, what } => Some(self.prefixed(node, what)),
+            CtlEvent::Coordinator {
+                node,
+                epoch,
+                election_ms,
+                since_kill_ms,
+            } => {
+                self.coordinator = Some(node.clone());
+                self.shown_lost.clear();
+                let mut text = format!("★ coordinator (epoch {epoch})");
+                if let Some(ms) = election_ms {
+                    text.push_str(&format!(", elected in {ms} ms"));
+                }
+                if let Some(ms) = since_kill_ms {
+                    text.push_str(&format!(", {ms:.1} ms after the kill"));
+                }
+                Some(self.prefixed(node, &text))
+            }
+            CtlEvent::AllReady { nodes } => Some(format!("cluster is up: {nodes} nodes ready")),
+            CtlEvent::StartFailed { reason } => Some(format!("start-up failed: {reason}")),
+        }
+    }
+
+    fn node_line(&mut self, node: &str, e: &Value) -> Option<String> {
+        let s = |k: &str| e[k].as_str().unwrap_or("").to_string();
+        match e["event"].as_str()? {
+            "ready" => Some(self.prefixed(
+                node,
+                &format!("ready (coordinator {}, epoch {})", s("coordinator"), e["epoch"]),
+            )),
+            "message" => {
+                let seq = e["seq"].as_u64().unwrap_or(0);
+                if seq <= self.shown_seq {
+                    return None;
+                }
+                self.shown_seq = seq;
+                let from = s("from");
+                let tag = if e["bot"].is_string() { " [bot]" } else { "" };
+                let meta = Style::new()
+                    .dim()
+                    .apply_to(format!("(epoch {}, seq {seq})", e["epoch"]));
+                Some(self.prefixed(&from, &format!("{}{tag} {meta}", s("text"))))
+            }
+            "joined" if self.coordinator.as_deref() == Some(node) => {
+                Some(self.prefixed(node, &format!("* {} joined", s("name"))))
+            }
+            "left" if self.coordinator.as_deref() == Some(node) => {
+                Some(self.prefixed(node, &format!("* {} {}", s("name"), s("reason"))))
+            }
+            "electing" => {
+                let lost = s("lost");
+                self.shown_lost.insert(lost.clone()).then(|| {
+                    self.prefixed(
+                        node,
+                        &format!("lost coordinator {lost} ({}); electing", s("reason")),
+                    )
+                })
+            }
+            "error" => Some(self.prefixed(node, &format!("error: {}", s("message")))),
+            "dropped" => Some(self.prefixed(
+                node,
+                &format!("{} events not printed (stdout too slow)", e["count"]),
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// A node's log line in human form (`logs`): JSON events become sentences,
+/// other lines (its stderr) are shown as they are.
+pub fn log_line(line: &str) -> Option<String> {
+    let Ok(e) = serde_json::from_str::<Value>(line) else {
+        return Some(line.to_string());
+    };
+    let s = |k: &str| e[k].as_str().unwrap_or("").to_string();
+    Some(match e["event"].as_str()? {
+        "listening" => format!("listening on {}", s("addr")),
+        "ready" => format!(
+            "ready: coordinator {}, epoch {}, {} members",
+            s("coordinator"),
+            e["epoch"],
+            e["members"]
+        ),
+        "message" => format!("{}: {}", s("from"), s("text")),
+        "joined" => format!("* {} joined", s("name")),
+        "left" => format!("* {} {}", s("name"), s("reason")),
+        "electing" => format!("* lost coordinator {} ({}); electing", s("lost"), s("reason")),
+        "role" => format!(
+            "* coordinator is now {} (epoch {}{})",
+            s("coordinator"),
+            e["epoch"],
+            e["election_ms"]
+                .as_u64()
+                .map(|m| format!(", elected in {m} ms"))
+                .unwrap_or_default()
+        ),
+        "rejected" => format!("* not delivered: {}", s("reason")),
+        "error" => format!("* error: {}", s("message")),
+        other => format!("{other}: {e}"),
+    })
+}
+
+/// The `ps` table.
+pub fn ps_table(rows: &[Value]) -> String {
+    let mut out = format!(
+        "{:<12} {:>7}  {:<21} {:<10} {:<11} {:>5} {:>8} {:>8}\n",
+        "NAME", "PID", "ADDRESS", "STATE", "ROLE", "EPOCH", "RESTARTS", "UPTIME"
+    );
+    for r in rows {
+        let uptime = r["uptime_ms"]
+            .as_u64()
+            .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<12} {:>7}  {:<21} {:<10} {:<11} {:>5} {:>8} {:>8}\n",
+            r["name"].as_str().unwrap_or(""),
+            r["pid"]
+                .as_u64()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into()),
+            r["addr"].as_str().unwrap_or(""),
+            r["state"].as_str().unwrap_or(""),
+            r["role"].as_str().unwrap_or("-"),
+            r["epoch"].to_string(),
+            r["restarts"].to_string(),
+            uptime
+        ));
+    }
+    out
+}

@@ -1,0 +1,304 @@
+//! Bringing a cluster up: in the foreground (progress, then the event
+//! stream, Ctrl-C stops it), or detached (`-d`: a background supervisor,
+//! and this process returns once every node is ready).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::net::UnixListener;
+use tokio::sync::broadcast;
+
+use crate::config::Cluster;
+use crate::control::{self, Request};
+use crate::display::Display;
+use crate::supervisor::{CtlEvent, Handle, Supervisor};
+
+/// Finds `p2pnode`: `$P2PNODE_BIN`, else next to this executable.
+///
+/// # Errors
+/// When it is not there, with how to build it.
+pub fn node_bin() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("P2PNODE_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("while locating the p2pctl executable")?;
+    let bin = exe.with_file_name("p2pnode");
+    if !bin.exists() {
+        bail!(
+            "p2pnode not found at {}; build it with `cargo build -p p2p-node` (or `cargo xtask demo`), or set P2PNODE_BIN",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// A supervisor running in this process, with its control socket.
+pub struct Running {
+    pub handle: Handle,
+    pub events: broadcast::Receiver<CtlEvent>,
+    task: tokio::task::JoinHandle<()>,
+    serve: tokio::task::JoinHandle<()>,
+    state_dir: PathBuf,
+}
+
+impl Running {
+    /// Waits for the supervisor to finish (after `down` or the shutdown
+    /// signal), then removes the socket and pid file.
+    pub async fn finish(self) {
+        let _ = self.task.await;
+        self.serve.abort();
+        cleanup(&self.state_dir);
+    }
+}
+
+fn cleanup(state_dir: &Path) {
+    let _ = std::fs::remove_file(control::socket_path(state_dir));
+    let _ = std::fs::remove_file(state_dir.join("supervisor.pid"));
+}
+
+/// Refuses to start a cluster whose supervisor already answers.
+///
+/// # Errors
+/// When it is running.
+pub async fn ensure_not_running(cluster: &Cluster) -> anyhow::Result<()> {
+    if control::connect(&cluster.state_dir, &cluster.name).await.is_ok() {
+        let pid = std::fs::read_to_string(cluster.state_dir.join("supervisor.pid")).unwrap_or_default();
+        bail!(
+            "cluster {:?} is already running (supervisor pid {}); stop it with `p2pctl -f {} down` first",
+            cluster.name,
+            pid.trim(),
+            cluster.file.display()
+        );
+    }
+    Ok(())
+}
+
+/// Starts the supervisor in this process: binds the control socket, spawns
+/// the nodes. Stops when `down` arrives or `shutdown` completes.
+///
+/// # Errors
+/// If the state directory or control socket cannot be set up.
+pub async fn start(
+    cluster: Cluster,
+    node_bin: PathBuf,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Running> {
+    ensure_not_running(&cluster).await?;
+    let state_dir = cluster.state_dir.clone();
+    std::fs::create_dir_all(state_dir.join("logs"))
+        .with_context(|| format!("cannot create the state directory {}", state_dir.display()))?;
+    let sock = control::socket_path(&state_dir);
+    let _ = std::fs::remove_file(&sock); // stale: nobody answered on it
+    let listener = UnixListener::bind(&sock)
+        .with_context(|| format!("cannot create the control socket {}", sock.display()))?;
+    std::fs::write(state_dir.join("supervisor.pid"), std::process::id().to_string())
+        .with_context(|| format!("cannot write {}", state_dir.join("supervisor.pid").display()))?;
+    for n in &cluster.nodes {
+        // Each run starts fresh logs.
+        let _ = std::fs::remove_file(state_dir.join("logs").join(format!("{}.log", n.name)));
+    }
+    let sup = Supervisor::new(cluster, node_bin);
+    let handle = sup.handle();
+    let events = handle.subscribe();
+    let serve = tokio::spawn(control::serve(listener, handle.clone()));
+    let task = tokio::spawn(sup.run(shutdown));
+    Ok(Running {
+        handle,
+        events,
+        task,
+        serve,
+        state_dir,
+    })
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn signals() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn progress(n: usize) -> ProgressBar {
+    let bar = ProgressBar::new(n as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} starting nodes [{bar:20}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.enable_steady_tick(Duration::from_millis(80));
+    bar
+}
+
+/// Waits for start-up to finish, advancing a progress bar. Returns false
+/// if it failed.
+pub async fn wait_ready(running: &mut Running, display: &mut Display, n: usize, quiet: bool) -> bool {
+    let bar = (!quiet).then(|| progress(n));
+    loop {
+        match running.events.recv().await {
+            Ok(CtlEvent::AllReady { .. }) => {
+                if let Some(b) = &bar {
+                    b.finish_and_clear();
+                }
+                return true;
+            }
+            Ok(ev @ CtlEvent::StartFailed { .. }) => {
+                if let Some(b) = &bar {
+                    b.finish_and_clear();
+                }
+                if let Some(l) = display.line(&ev) {
+                    eprintln!("{l}");
+                }
+                return false;
+            }
+            Ok(ev) => {
+                if let (Some(b), CtlEvent::Node { node, event }) = (&bar, &ev) {
+                    if event["event"] == "ready" {
+                        b.inc(1);
+                        b.set_message(format!("{node} ready"));
+                    }
+                }
+                let line = display.line(&ev);
+                if let (Some(l), false) = (line, quiet) {
+                    match &bar {
+                        Some(b) => b.println(l),
+                        None => println!("{l}"),
+                    }
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// `p2pctl up` in the foreground.
+///
+/// # Errors
+/// If the supervisor cannot start.
+pub async fn up_foreground(cluster: Cluster, quiet: bool) -> anyhow::Result<i32> {
+    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    let n = names.len();
+    let name = cluster.name.clone();
+    let file = cluster.file.clone();
+    let mut running = start(cluster, node_bin()?, signals()).await?;
+    let mut display = Display::new(&names);
+    let ok = wait_ready(&mut running, &mut display, n, quiet).await;
+    if ok && !quiet {
+        println!(
+            "cluster {name} is up ({n} nodes). Ctrl-C stops it; from another terminal: p2pctl -f {} ps | kill --coordinator | logs -f",
+            file.display()
+        );
+    }
+    loop {
+        match running.events.recv().await {
+            Ok(ev) => {
+                if let (Some(l), false) = (display.line(&ev), quiet) {
+                    println!("{l}");
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(k)) => {
+                if !quiet {
+                    println!("({k} events not shown)");
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    running.finish().await;
+    if !quiet {
+        println!("cluster {name} stopped");
+    }
+    Ok(if ok { 0 } else { 1 })
+}
+
+/// `p2pctl up -d`: starts a background supervisor and waits until every
+/// node is running.
+///
+/// # Errors
+/// If it cannot start, or start-up fails (with the supervisor's log tail).
+pub async fn up_detached(cluster: &Cluster) -> anyhow::Result<i32> {
+    ensure_not_running(cluster).await?;
+    node_bin()?;
+    std::fs::create_dir_all(&cluster.state_dir)
+        .with_context(|| format!("cannot create {}", cluster.state_dir.display()))?;
+    let log_path = cluster.state_dir.join("supervisor.log");
+    let log =
+        std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("while locating p2pctl")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("-f")
+        .arg(&cluster.file)
+        .args(["up", "--supervise"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; it detaches the supervisor from
+    // this terminal so closing it does not stop the cluster.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            nix::unistd::setsid()?;
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("while starting the background supervisor")?;
+    let n = cluster.nodes.len();
+    let bar = progress(n);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bar.finish_and_clear();
+            let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = tail
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            bail!(
+                "the background supervisor stopped during start-up ({status}); its log {} ends with:\n{}",
+                log_path.display(),
+                tail.join("\n")
+            );
+        }
+        if let Ok(resp) = control::call(&cluster.state_dir, &cluster.name, &Request::Ps).await {
+            let rows = resp.data.and_then(|d| d.as_array().cloned()).unwrap_or_default();
+            let ready = rows.iter().filter(|r| r["state"] == "running").count();
+            bar.set_position(ready as u64);
+            if ready == n {
+                bar.finish_and_clear();
+                let coord = rows
+                    .iter()
+                    .find(|r| r["role"] == "coordinator")
+                    .and_then(|r| r["name"].as_str());
+                println!(
+                    "cluster {} is up in the background: {n} nodes, coordinator {} (supervisor pid {}); `p2pctl -f {} down` stops it",
+                    cluster.name,
+                    coord.unwrap_or("?"),
+                    child.id(),
+                    cluster.file.display()
+                );
+                return Ok(0);
+            }
+        }
+        if Instant::now() > deadline {
+            bar.finish_and_clear();
+            bail!(
+                "the cluster did not become ready within 30 s; see {} and {}",
+                log_path.display(),
+                cluster.state_dir.join("logs").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

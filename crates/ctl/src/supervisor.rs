@@ -1,0 +1,685 @@
+//! The supervisor: one actor task owns every node slot. Node processes,
+//! timers and control requests reach it as messages; it keeps each node's
+//! state, role and epoch from the nodes' own JSON events (so it knows the
+//! coordinator within milliseconds of an election), restarts nodes per
+//! policy, and broadcasts what happens to subscribers.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::config::{Cluster, Policy};
+use crate::control::{Request, Response};
+use crate::proc::{self, ExitInfo};
+
+/// What the supervisor tells subscribers (the `up` display, `demo`, tests).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CtlEvent {
+    /// A JSON event printed by a node.
+    Node { node: String, event: Value },
+    /// A process started, exited, is waiting to restart, or failed.
+    Process { node: String, what: String },
+    /// A (new) coordinator reign, learned from the coordinator's own event.
+    Coordinator {
+        node: String,
+        epoch: u64,
+        /// As measured by the node: coordinator loss to new reign.
+        election_ms: Option<u64>,
+        /// From `p2pctl kill` of the previous coordinator to this event.
+        since_kill_ms: Option<f64>,
+    },
+    /// Every node of the initial start is ready.
+    AllReady { nodes: usize },
+    /// Startup failed; the supervisor is stopping.
+    StartFailed { reason: String },
+}
+
+/// Messages to the actor.
+pub enum SupMsg {
+    Line { idx: usize, gen: u64, line: String },
+    Exited { idx: usize, gen: u64, info: ExitInfo },
+    RestartDue { idx: usize, gen: u64 },
+    GraceOver { idx: usize, gen: u64 },
+    Request(Request, oneshot::Sender<Response>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    Starting,
+    Running,
+    Paused,
+    Stopping,
+    Stopped,
+    Exited,
+    Restarting,
+    Failed,
+}
+
+/// Why a node is (going) down by the user's hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UserDown {
+    /// `p2pctl kill`: restart only under `always`.
+    Killed,
+    /// `p2pctl stop` (or `restart`, which starts it again itself).
+    Stopped,
+}
+
+struct Slot {
+    name: String,
+    port: u16,
+    state: NodeState,
+    pid: Option<u32>,
+    /// Bumped at each spawn; messages from an older process are ignored.
+    gen: u64,
+    restarts: u32,
+    role: Option<String>,
+    epoch: u64,
+    addr: Option<String>,
+    started: Option<Instant>,
+    user_down: Option<UserDown>,
+    /// Start again as soon as it exits (`p2pctl restart`).
+    restart_after_exit: bool,
+    last_exit: Option<String>,
+}
+
+/// A cheap handle to the running supervisor.
+#[derive(Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<SupMsg>,
+    events: broadcast::Sender<CtlEvent>,
+}
+
+impl Handle {
+    pub async fn request(&self, req: Request) -> Response {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(SupMsg::Request(req, tx)).await.is_err() {
+            return Response::err("the supervisor is shutting down");
+        }
+        rx.await
+            .unwrap_or_else(|_| Response::err("the supervisor is shutting down"))
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<CtlEvent> {
+        self.events.subscribe()
+    }
+}
+
+pub struct Supervisor {
+    cluster: Cluster,
+    node_bin: PathBuf,
+    slots: Vec<Slot>,
+    tx: mpsc::Sender<SupMsg>,
+    rx: mpsc::Receiver<SupMsg>,
+    events: broadcast::Sender<CtlEvent>,
+    /// Current coordinator as (epoch, node name).
+    coordinator: Option<(u64, String)>,
+    /// When `p2pctl kill` hit the coordinator of which epoch.
+    coordinator_killed: Option<(u64, Instant)>,
+    /// Initial start: index of the next node to spawn (None when done).
+    starting: Option<usize>,
+    start_deadline: Instant,
+    /// `down` requests waiting for every node to stop.
+    stopping: Vec<oneshot::Sender<Response>>,
+}
+
+impl Supervisor {
+    pub fn new(cluster: Cluster, node_bin: PathBuf) -> Supervisor {
+        let (tx, rx) = mpsc::channel(4096);
+        let (events, _) = broadcast::channel(4096);
+        let slots = cluster
+            .nodes
+            .iter()
+            .map(|n| Slot {
+                name: n.name.clone(),
+                port: n.port,
+                state: NodeState::Stopped,
+                pid: None,
+                gen: 0,
+                restarts: 0,
+                role: None,
+                epoch: 0,
+                addr: None,
+                started: None,
+                user_down: None,
+                restart_after_exit: false,
+                last_exit: None,
+            })
+            .collect();
+        Supervisor {
+            cluster,
+            node_bin,
+            slots,
+            tx,
+            rx,
+            events,
+            coordinator: None,
+            coordinator_killed: None,
+            starting: None,
+            start_deadline: Instant::now(),
+            stopping: Vec::new(),
+        }
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle {
+            tx: self.tx.clone(),
+            events: self.events.clone(),
+        }
+    }
+
+    fn logs_dir(&self) -> PathBuf {
+        self.cluster.state_dir.join("logs")
+    }
+
+    fn emit(&self, ev: CtlEvent) {
+        let _ = self.events.send(ev);
+    }
+
+    /// Runs until `down` (or `shutdown` completes): starts the nodes one by
+    /// one (each joins through those already up), then supervises.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        let _ = std::fs::create_dir_all(self.logs_dir());
+        self.starting = Some(0);
+        self.start_deadline = Instant::now() + Duration::from_secs(20);
+        self.spawn(0, false);
+        tokio::pin!(shutdown);
+        let mut ticker = tokio::time::interval(Duration::from_millis(250));
+        let mut shut = false;
+        loop {
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some(m) => self.on_msg(m),
+                    None => break,
+                },
+                _ = &mut shutdown, if !shut => {
+                    shut = true;
+                    self.begin_down(None);
+                }
+                _ = ticker.tick() => self.check_start_deadline(),
+            }
+            if !self.stopping.is_empty() || shut {
+                if self.slots.iter().all(|s| s.pid.is_none()) {
+                    for tx in self.stopping.drain(..) {
+                        let _ = tx.send(Response::ok(json!({"stopped": true})));
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    fn check_start_deadline(&mut self) {
+        if let Some(i) = self.starting {
+            if Instant::now() > self.start_deadline {
+                let name = self.slots[i].name.clone();
+                let reason = format!(
+                    "node {name} did not become ready within 20 s; see its log in {}",
+                    self.logs_dir().join(format!("{name}.log")).display()
+                );
+                self.starting = None;
+                self.emit(CtlEvent::StartFailed { reason });
+                self.begin_down(None);
+            }
+        }
+    }
+
+    fn node_args(&self, idx: usize, restart: bool) -> Vec<String> {
+        let slot = &self.slots[idx];
+        let listen = std::net::SocketAddr::new(self.cluster.host, slot.port);
+        let mut args = vec![
+            "--name".into(),
+            slot.name.clone(),
+            "--listen".into(),
+            listen.to_string(),
+            "--headless".into(),
+            "--events".into(),
+            "json".into(),
+            "--heartbeat-ms".into(),
+            self.cluster.heartbeat_ms.to_string(),
+        ];
+        let peers: Vec<String> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| *i != idx && s.pid.is_some())
+            .filter_map(|(_, s)| s.addr.clone())
+            .collect();
+        if !peers.is_empty() {
+            args.push("--join".into());
+            args.push(peers.join(","));
+        }
+        if restart || peers.is_empty() {
+            args.push("--create-if-alone".into());
+        }
+        args
+    }
+
+    fn spawn(&mut self, idx: usize, restart: bool) {
+        let args = self.node_args(idx, restart);
+        let log = self.logs_dir().join(format!("{}.log", self.slots[idx].name));
+        let slot = &mut self.slots[idx];
+        slot.gen += 1;
+        slot.role = None;
+        slot.epoch = 0;
+        slot.addr = None;
+        slot.user_down = None;
+        slot.restart_after_exit = false;
+        let gen = slot.gen;
+        let name = slot.name.clone();
+        match proc::spawn(&self.node_bin, &args, log, idx, gen, self.tx.clone()) {
+            Ok(pid) => {
+                let slot = &mut self.slots[idx];
+                slot.pid = Some(pid);
+                slot.state = NodeState::Starting;
+                slot.started = Some(Instant::now());
+                self.emit(CtlEvent::Process {
+                    node: name,
+                    what: format!("started (pid {pid})"),
+                });
+            }
+            Err(e) => {
+                let slot = &mut self.slots[idx];
+                slot.state = NodeState::Failed;
+                let what = format!("cannot start {}: {e}", self.node_bin.display());
+                slot.last_exit = Some(what.clone());
+                self.emit(CtlEvent::Process { node: name, what });
+                if self.starting.is_some() {
+                    self.starting = None;
+                    self.emit(CtlEvent::StartFailed {
+                        reason: format!("cannot start {}: {e}", self.node_bin.display()),
+                    });
+                    self.begin_down(None);
+                }
+            }
+        }
+    }
+
+    fn on_msg(&mut self, msg: SupMsg) {
+        match msg {
+            SupMsg::Line { idx, gen, line } => {
+                if self.slots[idx].gen == gen {
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        self.on_node_event(idx, v);
+                    }
+                }
+            }
+            SupMsg::Exited { idx, gen, info } => {
+                if self.slots[idx].gen == gen {
+                    self.on_exit(idx, info);
+                }
+            }
+            SupMsg::RestartDue { idx, gen } => {
+                let s = &self.slots[idx];
+                if s.gen == gen && s.state == NodeState::Restarting && self.stopping.is_empty() {
+                    self.spawn(idx, true);
+                }
+            }
+            SupMsg::GraceOver { idx, gen } => {
+                let s = &self.slots[idx];
+                if s.gen == gen {
+                    if let Some(pid) = s.pid {
+                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
+                        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                    }
+                }
+            }
+            SupMsg::Request(req, reply) => self.on_request(req, reply),
+        }
+    }
+
+    fn on_node_event(&mut self, idx: usize, v: Value) {
+        let name = self.slots[idx].name.clone();
+        let kind = v["event"].as_str().unwrap_or("").to_string();
+        // Subscribers see the node's own event before what it leads to.
+        self.emit(CtlEvent::Node {
+            node: name.clone(),
+            event: v.clone(),
+        });
+        match kind.as_str() {
+            "listening" => self.slots[idx].addr = v["addr"].as_str().map(str::to_string),
+            "ready" => {
+                let epoch = v["epoch"].as_u64().unwrap_or(0);
+                let coord = v["coordinator"].as_str().unwrap_or("").to_string();
+                let slot = &mut self.slots[idx];
+                slot.state = NodeState::Running;
+                slot.epoch = epoch;
+                slot.role = Some(if coord == name { "coordinator" } else { "member" }.into());
+                self.note_coordinator(epoch, &coord, None);
+                if self.starting == Some(idx) {
+                    let next = idx + 1;
+                    if next < self.slots.len() {
+                        self.starting = Some(next);
+                        self.spawn(next, false);
+                    } else {
+                        self.starting = None;
+                        self.emit(CtlEvent::AllReady {
+                            nodes: self.slots.len(),
+                        });
+                    }
+                }
+            }
+            "role" => {
+                let epoch = v["epoch"].as_u64().unwrap_or(0);
+                let coord = v["coordinator"].as_str().unwrap_or("").to_string();
+                let slot = &mut self.slots[idx];
+                slot.epoch = epoch;
+                slot.role = v["role"].as_str().map(str::to_string);
+                self.note_coordinator(epoch, &coord, v["election_ms"].as_u64());
+            }
+            _ => {}
+        }
+    }
+
+    /// Records a coordinator reign reported by any node; announces it once.
+    fn note_coordinator(&mut self, epoch: u64, name: &str, election_ms: Option<u64>) {
+        if name.is_empty() {
+            return;
+        }
+        let newer = match &self.coordinator {
+            None => true,
+            Some((e, n)) => epoch > *e || (epoch == *e && n != name),
+        };
+        if !newer {
+            return;
+        }
+        self.coordinator = Some((epoch, name.to_string()));
+        let since_kill_ms = self
+            .coordinator_killed
+            .filter(|(e, _)| *e < epoch)
+            .map(|(_, t)| t.elapsed().as_secs_f64() * 1000.0);
+        if since_kill_ms.is_some() {
+            self.coordinator_killed = None;
+        }
+        self.emit(CtlEvent::Coordinator {
+            node: name.to_string(),
+            epoch,
+            election_ms,
+            since_kill_ms,
+        });
+    }
+
+    fn on_exit(&mut self, idx: usize, info: ExitInfo) {
+        let policy = self.cluster.restart.policy;
+        let max = self.cluster.restart.max_restarts;
+        let down = !self.stopping.is_empty();
+        let slot = &mut self.slots[idx];
+        slot.pid = None;
+        slot.role = None;
+        slot.started = None;
+        slot.last_exit = Some(info.describe());
+        let name = slot.name.clone();
+        let mut what = info.describe();
+        let restart_now = slot.restart_after_exit;
+        let wants_restart = !down
+            && !restart_now
+            && match (policy, slot.user_down) {
+                (_, Some(UserDown::Stopped)) => false,
+                (Policy::Always, _) => true,
+                (Policy::OnFailure, None) => !info.success(),
+                _ => false,
+            };
+        if down || slot.user_down == Some(UserDown::Stopped) && !restart_now {
+            slot.state = NodeState::Stopped;
+        } else if restart_now {
+            slot.state = NodeState::Restarting;
+        } else if wants_restart {
+            if slot.restarts >= max {
+                slot.state = NodeState::Failed;
+                what = format!(
+                    "{what}; failed after {max} restarts, not restarting (p2pctl start {name} tries again)"
+                );
+            } else {
+                let base = self.cluster.restart.backoff_ms;
+                let delay = base
+                    .saturating_mul(1u64 << slot.restarts.min(20))
+                    .min(self.cluster.restart.max_backoff_ms);
+                slot.restarts += 1;
+                slot.state = NodeState::Restarting;
+                what = format!(
+                    "{what}; restarting in {delay} ms (restart {} of {max})",
+                    slot.restarts
+                );
+                let (tx, gen) = (self.tx.clone(), slot.gen);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    let _ = tx.send(SupMsg::RestartDue { idx, gen }).await;
+                });
+            }
+        } else {
+            slot.state = NodeState::Exited;
+        }
+        self.emit(CtlEvent::Process { node: name, what });
+        if restart_now && !down {
+            self.spawn(idx, true);
+        }
+        if self.starting == Some(idx) && !restart_now {
+            self.starting = None;
+            self.emit(CtlEvent::StartFailed {
+                reason: format!(
+                    "node {} exited during start-up; see {}",
+                    self.slots[idx].name,
+                    self.logs_dir()
+                        .join(format!("{}.log", self.slots[idx].name))
+                        .display()
+                ),
+            });
+            self.begin_down(None);
+        }
+    }
+
+    fn find(&self, node: &str) -> Result<usize, Response> {
+        self.slots.iter().position(|s| s.name == node).ok_or_else(|| {
+            let names: Vec<&str> = self.slots.iter().map(|s| s.name.as_str()).collect();
+            Response::err(format!("no node named {node:?}; nodes are {}", names.join(", ")))
+        })
+    }
+
+    fn on_request(&mut self, req: Request, reply: oneshot::Sender<Response>) {
+        let resp = match req {
+            Request::Ps => Response::ok(self.ps()),
+            Request::Kill {
+                node,
+                coordinator,
+                signal,
+            } => self.kill(node, coordinator, &signal),
+            Request::Start { node } => match self.find(&node) {
+                Ok(i) if self.slots[i].pid.is_some() => Response::err(format!(
+                    "node {node} is already running (pid {})",
+                    self.slots[i].pid.unwrap_or(0)
+                )),
+                Ok(i) => {
+                    self.slots[i].restarts = 0;
+                    self.spawn(i, true);
+                    Response::ok(json!({"node": node, "pid": self.slots[i].pid}))
+                }
+                Err(r) => r,
+            },
+            Request::Stop { node } => match self.find(&node) {
+                Ok(i) if self.slots[i].pid.is_none() => {
+                    self.slots[i].state = NodeState::Stopped;
+                    Response::ok(json!({"node": node, "was": "not running"}))
+                }
+                Ok(i) => {
+                    self.stop(i, false);
+                    Response::ok(json!({"node": node, "stopping": true}))
+                }
+                Err(r) => r,
+            },
+            Request::Restart { node } => match self.find(&node) {
+                Ok(i) if self.slots[i].pid.is_none() => {
+                    self.slots[i].restarts = 0;
+                    self.spawn(i, true);
+                    Response::ok(json!({"node": node, "pid": self.slots[i].pid}))
+                }
+                Ok(i) => {
+                    self.stop(i, true);
+                    Response::ok(json!({"node": node, "restarting": true}))
+                }
+                Err(r) => r,
+            },
+            Request::Say { node, text } => match self.find(&node) {
+                Ok(i) => match self.slots[i].addr.clone().filter(|_| self.slots[i].pid.is_some()) {
+                    Some(addr) => {
+                        tokio::spawn(async move {
+                            let r = crate::check::post(&addr, &text).await;
+                            let _ = reply.send(match r {
+                                Ok(()) => Response::ok(json!({"node": node})),
+                                Err(e) => Response::err(format!("cannot reach node {node} at {addr}: {e}")),
+                            });
+                        });
+                        return;
+                    }
+                    None => Response::err(format!(
+                        "node {node} is not running; start it with p2pctl start {node}"
+                    )),
+                },
+                Err(r) => r,
+            },
+            Request::Check => {
+                let nodes: Vec<(String, String)> = self
+                    .slots
+                    .iter()
+                    .filter(|s| s.pid.is_some() && s.state == NodeState::Running)
+                    .filter_map(|s| s.addr.clone().map(|a| (s.name.clone(), a)))
+                    .collect();
+                tokio::spawn(async move {
+                    let _ = reply.send(crate::check::check(nodes).await);
+                });
+                return;
+            }
+            Request::Down => {
+                self.begin_down(Some(reply));
+                return;
+            }
+            Request::Events => Response::err("events is a stream; use the control socket directly"),
+        };
+        let _ = reply.send(resp);
+    }
+
+    fn ps(&self) -> Value {
+        let rows: Vec<Value> = self
+            .slots
+            .iter()
+            .map(|s| {
+                json!({
+                    "name": s.name,
+                    "pid": s.pid,
+                    "addr": s.addr.clone().unwrap_or_else(|| format!("{}:{}", self.cluster.host, s.port)),
+                    "state": s.state,
+                    "role": s.role.clone().filter(|_| s.pid.is_some()),
+                    "epoch": s.epoch,
+                    "restarts": s.restarts,
+                    "uptime_ms": s.started.map(|t| t.elapsed().as_millis() as u64),
+                    "last_exit": s.last_exit,
+                })
+            })
+            .collect();
+        Value::Array(rows)
+    }
+
+    fn kill(&mut self, node: Option<String>, coordinator: bool, signal: &str) -> Response {
+        let sig = match signal.to_ascii_uppercase().trim_start_matches("SIG") {
+            "KILL" => Signal::SIGKILL,
+            "TERM" => Signal::SIGTERM,
+            "INT" => Signal::SIGINT,
+            "STOP" => Signal::SIGSTOP,
+            "CONT" => Signal::SIGCONT,
+            other => {
+                return Response::err(format!(
+                    "unknown signal {other:?}; use KILL, TERM, INT, STOP or CONT"
+                ))
+            }
+        };
+        let idx = if coordinator {
+            let Some((_, name)) = self.coordinator.clone() else {
+                return Response::err("no coordinator is known yet");
+            };
+            match self.slots.iter().position(|s| s.name == name && s.pid.is_some()) {
+                Some(i) => i,
+                None => return Response::err(format!("the coordinator {name} is not running")),
+            }
+        } else {
+            let Some(node) = node else {
+                return Response::err("name a node or pass --coordinator");
+            };
+            match self.find(&node) {
+                Ok(i) => i,
+                Err(r) => return r,
+            }
+        };
+        let slot = &self.slots[idx];
+        let Some(pid) = slot.pid else {
+            return Response::err(format!("node {} is not running", slot.name));
+        };
+        let was_coordinator = self.coordinator.as_ref().is_some_and(|(_, n)| *n == slot.name);
+        if let Err(e) = kill(Pid::from_raw(pid as i32), sig) {
+            return Response::err(format!("cannot signal node {} (pid {pid}): {e}", slot.name));
+        }
+        let epoch = self.coordinator.as_ref().map(|(e, _)| *e).unwrap_or(0);
+        let slot = &mut self.slots[idx];
+        match sig {
+            Signal::SIGSTOP => slot.state = NodeState::Paused,
+            Signal::SIGCONT => {
+                if slot.state == NodeState::Paused {
+                    slot.state = NodeState::Running;
+                }
+            }
+            _ => slot.user_down = Some(UserDown::Killed),
+        }
+        if was_coordinator && sig != Signal::SIGCONT {
+            self.coordinator_killed = Some((epoch, Instant::now()));
+        }
+        let name = self.slots[idx].name.clone();
+        self.emit(CtlEvent::Process {
+            node: name.clone(),
+            what: format!("sent {} by p2pctl kill", sig.as_str()),
+        });
+        Response::ok(
+            json!({"node": name, "pid": pid, "signal": sig.as_str(), "was_coordinator": was_coordinator}),
+        )
+    }
+
+    /// SIGTERM now, SIGKILL after the grace period.
+    fn stop(&mut self, idx: usize, then_restart: bool) {
+        let grace = self.cluster.stop_grace_ms;
+        let slot = &mut self.slots[idx];
+        slot.user_down = Some(UserDown::Stopped);
+        slot.restart_after_exit = then_restart;
+        let Some(pid) = slot.pid else { return };
+        slot.state = NodeState::Stopping;
+        let pid = Pid::from_raw(pid as i32);
+        let _ = kill(pid, Signal::SIGCONT);
+        let _ = kill(pid, Signal::SIGTERM);
+        let (tx, gen) = (self.tx.clone(), slot.gen);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(grace)).await;
+            let _ = tx.send(SupMsg::GraceOver { idx, gen }).await;
+        });
+    }
+
+    fn begin_down(&mut self, reply: Option<oneshot::Sender<Response>>) {
+        self.starting = None;
+        for i in 0..self.slots.len() {
+            if self.slots[i].pid.is_some() {
+                self.stop(i, false);
+            } else if self.slots[i].state == NodeState::Restarting {
+                self.slots[i].state = NodeState::Stopped;
+            }
+        }
+        match reply {
+            Some(r) => self.stopping.push(r),
+            None => {
+                // Internal shutdown: keep a sender so the loop waits for exits.
+                let (tx, _rx) = oneshot::channel();
+                self.stopping.push(tx);
+            }
+        }
+    }
+}
