@@ -1,6 +1,7 @@
 //! The one integration-test binary: drives the real `p2pnode` (and later
 //! `p2pctl`) processes over real sockets on 127.0.0.1.
 
+mod ctl;
 mod node;
 mod node_input;
 mod util;

@@ -31,7 +31,7 @@ pub fn bin_dir() -> &'static Path {
             .to_path_buf();
         if let Ok(cargo) = std::env::var("CARGO") {
             let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--quiet", "-p", "p2p-node", "--bins"]);
+            cmd.args(["build", "--quiet", "-p", "p2p-node", "-p", "p2p-ctl", "--bins"]);
             if dir.ends_with("release") {
                 cmd.arg("--release");
             }

@@ -65,7 +65,8 @@ impl Display {
                 since_kill_ms,
             } => {
                 self.coordinator = Some(node.clone());
-                self.shown_lost.clear();
+                // If this node is lost later, that is news again.
+                self.shown_lost.remove(node);
                 let mut text = format!("★ coordinator (epoch {epoch})");
                 if let Some(ms) = election_ms {
                     text.push_str(&format!(", elected in {ms} ms"));

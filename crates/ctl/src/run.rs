@@ -39,7 +39,7 @@ pub fn node_bin() -> anyhow::Result<PathBuf> {
 pub struct Running {
     pub handle: Handle,
     pub events: broadcast::Receiver<CtlEvent>,
-    task: tokio::task::JoinHandle<()>,
+    task: Option<tokio::task::JoinHandle<()>>,
     serve: tokio::task::JoinHandle<()>,
     state_dir: PathBuf,
 }
@@ -47,10 +47,30 @@ pub struct Running {
 impl Running {
     /// Waits for the supervisor to finish (after `down` or the shutdown
     /// signal), then removes the socket and pid file.
-    pub async fn finish(self) {
-        let _ = self.task.await;
+    pub async fn finish(mut self) {
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
         self.serve.abort();
         cleanup(&self.state_dir);
+    }
+
+    /// Waits for the next event; `None` once the supervisor has stopped
+    /// (events already queued are still returned first).
+    pub async fn next_event(&mut self) -> Option<CtlEvent> {
+        loop {
+            let Some(task) = self.task.as_mut() else {
+                return self.events.try_recv().ok();
+            };
+            tokio::select! {
+                ev = self.events.recv() => match ev {
+                    Ok(ev) => return Some(ev),
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return None,
+                },
+                _ = task => { self.task = None; }
+            }
+        }
     }
 }
 
@@ -108,7 +128,7 @@ pub async fn start(
     Ok(Running {
         handle,
         events,
-        task,
+        task: Some(task),
         serve,
         state_dir,
     })
@@ -169,8 +189,8 @@ pub async fn wait_ready(running: &mut Running, display: &mut Display, n: usize, 
                 let line = display.line(&ev);
                 if let (Some(l), false) = (line, quiet) {
                     match &bar {
-                        Some(b) => b.println(l),
-                        None => println!("{l}"),
+                        Some(b) if !b.is_hidden() => b.println(l),
+                        _ => println!("{l}"),
                     }
                 }
             }
@@ -198,19 +218,9 @@ pub async fn up_foreground(cluster: Cluster, quiet: bool) -> anyhow::Result<i32>
             file.display()
         );
     }
-    loop {
-        match running.events.recv().await {
-            Ok(ev) => {
-                if let (Some(l), false) = (display.line(&ev), quiet) {
-                    println!("{l}");
-                }
-            }
-            Err(broadcast::error::RecvError::Lagged(k)) => {
-                if !quiet {
-                    println!("({k} events not shown)");
-                }
-            }
-            Err(_) => break,
+    while let Some(ev) = running.next_event().await {
+        if let (Some(l), false) = (display.line(&ev), quiet) {
+            println!("{l}");
         }
     }
     running.finish().await;

@@ -204,13 +204,11 @@ impl Supervisor {
                 }
                 _ = ticker.tick() => self.check_start_deadline(),
             }
-            if !self.stopping.is_empty() || shut {
-                if self.slots.iter().all(|s| s.pid.is_none()) {
-                    for tx in self.stopping.drain(..) {
-                        let _ = tx.send(Response::ok(json!({"stopped": true})));
-                    }
-                    break;
+            if (!self.stopping.is_empty() || shut) && self.slots.iter().all(|s| s.pid.is_none()) {
+                for tx in self.stopping.drain(..) {
+                    let _ = tx.send(Response::ok(json!({"stopped": true})));
                 }
+                break;
             }
         }
     }

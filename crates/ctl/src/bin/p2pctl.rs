@@ -26,16 +26,26 @@ Examples:
 )]
 struct Args {
     /// Cluster file (default: cluster.yaml, else cluster.example.yaml).
-    #[arg(short, long, global = true)]
+    #[arg(short, long)]
     file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// `-f FILE` after the command name (`p2pctl up -f my.yaml`).
+#[derive(clap::Args, Debug, Default)]
+struct FileArg {
+    /// Cluster file (default: cluster.yaml, else cluster.example.yaml).
+    #[arg(short, long = "file", value_name = "FILE")]
+    file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Start every node and supervise them; Ctrl-C stops the cluster.
     Up {
+        #[command(flatten)]
+        f: FileArg,
         /// Return once all nodes are ready, leaving the supervisor in the background.
         #[arg(short, long)]
         detach: bool,
@@ -44,15 +54,22 @@ enum Cmd {
         supervise: bool,
     },
     /// Check the cluster file and the ports, start nothing.
-    Validate,
+    Validate {
+        #[command(flatten)]
+        f: FileArg,
+    },
     /// One row per node: pid, address, state, role, epoch, restarts, uptime.
     Ps {
+        #[command(flatten)]
+        f: FileArg,
         /// Print a JSON array instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// Send a signal to a node, or to whichever node is coordinator now.
     Kill {
+        #[command(flatten)]
+        f: FileArg,
         /// The node to signal.
         #[arg(required_unless_present = "coordinator", conflicts_with = "coordinator")]
         node: Option<String>,
@@ -64,30 +81,76 @@ enum Cmd {
         signal: String,
     },
     /// Start a stopped node; it rejoins through any live peer.
-    Start { node: String },
+    Start {
+        #[command(flatten)]
+        f: FileArg,
+        node: String,
+    },
     /// Stop a node (TERM, then KILL after the grace period); it stays down.
-    Stop { node: String },
+    Stop {
+        #[command(flatten)]
+        f: FileArg,
+        node: String,
+    },
     /// Stop a node and start it again.
-    Restart { node: String },
+    Restart {
+        #[command(flatten)]
+        f: FileArg,
+        node: String,
+    },
     /// Post a chat message as a node.
     Say {
+        #[command(flatten)]
+        f: FileArg,
         node: String,
         #[arg(required = true, num_args = 1..)]
         text: Vec<String>,
     },
     /// Show node logs, merged with name prefixes unless a node is named.
     Logs {
+        /// Cluster file (default: cluster.yaml, else cluster.example.yaml).
+        #[arg(long = "file", value_name = "FILE")]
+        file: Option<PathBuf>,
         /// Keep printing new lines.
         #[arg(short, long)]
         follow: bool,
         node: Option<String>,
     },
     /// Check that all live nodes delivered the same messages in the same order.
-    Check,
+    Check {
+        #[command(flatten)]
+        f: FileArg,
+    },
     /// Stop the cluster and its supervisor.
-    Down,
+    Down {
+        #[command(flatten)]
+        f: FileArg,
+    },
     /// The story: up, chat, kill the coordinator, re-election, restart, check, down.
-    Demo,
+    Demo {
+        #[command(flatten)]
+        f: FileArg,
+    },
+}
+
+impl Cmd {
+    /// The `-f FILE` given after the command name, if any.
+    fn file(&self) -> Option<&PathBuf> {
+        match self {
+            Cmd::Logs { file, .. } => file.as_ref(),
+            Cmd::Up { f, .. }
+            | Cmd::Validate { f }
+            | Cmd::Ps { f, .. }
+            | Cmd::Kill { f, .. }
+            | Cmd::Start { f, .. }
+            | Cmd::Stop { f, .. }
+            | Cmd::Restart { f, .. }
+            | Cmd::Say { f, .. }
+            | Cmd::Check { f }
+            | Cmd::Down { f }
+            | Cmd::Demo { f } => f.file.as_ref(),
+        }
+    }
 }
 
 fn main() {
@@ -126,9 +189,9 @@ async fn call(cluster: &Cluster, req: Request) -> anyhow::Result<serde_json::Val
 }
 
 async fn dispatch(args: Args) -> anyhow::Result<i32> {
-    let file = default_file(args.file.as_deref())?;
+    let file = default_file(args.cmd.file().or(args.file.as_ref()).map(PathBuf::as_path))?;
     match args.cmd {
-        Cmd::Validate => {
+        Cmd::Validate { .. } => {
             let c = Cluster::load(&file)?;
             println!(
                 "{}: cluster {} is valid: {} nodes on {}, {} plugins, restart policy {:?}",
@@ -145,8 +208,8 @@ async fn dispatch(args: Args) -> anyhow::Result<i32> {
         // `--supervise` (the background half of `up -d`) runs the same
         // foreground supervisor; its output goes to supervisor.log.
         Cmd::Up { .. } => run::up_foreground(Cluster::load(&file)?, false).await,
-        Cmd::Demo => demo::demo(Cluster::load(&file)?).await,
-        Cmd::Logs { follow, node } => {
+        Cmd::Demo { .. } => demo::demo(Cluster::load(&file)?).await,
+        Cmd::Logs { follow, node, .. } => {
             logs::logs(&Cluster::load_unbound(&file)?, node.as_deref(), follow).await
         }
         cmd => {
@@ -158,7 +221,7 @@ async fn dispatch(args: Args) -> anyhow::Result<i32> {
 
 async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
     match cmd {
-        Cmd::Ps { json } => {
+        Cmd::Ps { json, .. } => {
             let rows = call(cluster, Request::Ps).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -170,6 +233,7 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
             node,
             coordinator,
             signal,
+            ..
         } => {
             let d = call(
                 cluster,
@@ -192,24 +256,24 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
                 d["pid"]
             );
         }
-        Cmd::Start { node } => {
+        Cmd::Start { node, .. } => {
             call(cluster, Request::Start { node: node.clone() }).await?;
             println!("starting {node}");
         }
-        Cmd::Stop { node } => {
+        Cmd::Stop { node, .. } => {
             call(cluster, Request::Stop { node: node.clone() }).await?;
             println!("stopping {node}");
         }
-        Cmd::Restart { node } => {
+        Cmd::Restart { node, .. } => {
             call(cluster, Request::Restart { node: node.clone() }).await?;
             println!("restarting {node}");
         }
-        Cmd::Say { node, text } => {
+        Cmd::Say { node, text, .. } => {
             let text = text.join(" ");
             p2p_proto::limits::check_text(&text).map_err(|e| anyhow::anyhow!("cannot send that: {e}"))?;
             call(cluster, Request::Say { node, text }).await?;
         }
-        Cmd::Check => {
+        Cmd::Check { .. } => {
             let d = call(cluster, Request::Check).await?;
             let nodes = d["nodes"].as_array().cloned().unwrap_or_default();
             if d["agree"] == true {
@@ -232,7 +296,7 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
             }
             return Ok(1);
         }
-        Cmd::Down => {
+        Cmd::Down { .. } => {
             let pid = std::fs::read_to_string(cluster.state_dir.join("supervisor.pid")).unwrap_or_default();
             call(cluster, Request::Down)
                 .await
@@ -241,7 +305,10 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
             if let Ok(pid) = pid.trim().parse::<i32>() {
                 let pid = nix::unistd::Pid::from_raw(pid);
                 let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-                while nix::sys::signal::kill(pid, None).is_ok() && std::time::Instant::now() < end {
+                while nix::sys::signal::kill(pid, None).is_ok() {
+                    if std::time::Instant::now() > end {
+                        bail!("the nodes stopped but the supervisor (pid {pid}) is still running; kill it");
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
             }

@@ -1,0 +1,320 @@
+//! p2pctl against the real binaries: a supervisor per test in its own
+//! temporary directory, nodes on free ports, and nothing left behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::util::{bin, wait_until};
+
+/// A temporary directory with a cluster file; tears the cluster down and
+/// removes itself on drop.
+pub struct TestCluster {
+    pub dir: PathBuf,
+    pub file: PathBuf,
+    pub name: String,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub fn alive(pid: i32) -> bool {
+    // A zombie still answers kill(0); look at its state too.
+    kill(Pid::from_raw(pid), None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.split(") ").nth(1).is_some_and(|rest| rest.starts_with('Z')))
+            .unwrap_or(true)
+}
+
+impl TestCluster {
+    /// A cluster of `nodes` on free ports; `extra` is appended to the YAML.
+    pub fn new(nodes: &[&str], extra: &str) -> TestCluster {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("t{n}");
+        let dir = std::env::temp_dir().join(format!("p2pctl-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut yaml = format!("name: {name}\nheartbeat_ms: 50\nstop_grace_ms: 1000\nnodes:\n");
+        for node in nodes {
+            yaml.push_str(&format!("  - name: {node}\n    port: 0\n"));
+        }
+        yaml.push_str(extra);
+        let file = dir.join("cluster.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        TestCluster { dir, file, name }
+    }
+
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("p2pctl"))
+            .arg("-f")
+            .arg(&self.file)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("running p2pctl")
+    }
+
+    /// Runs p2pctl and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "p2pctl {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn up(&self) {
+        self.ok(&["up", "-d"]);
+    }
+
+    pub fn ps(&self) -> Vec<Value> {
+        let out = self.ok(&["ps", "--json"]);
+        serde_json::from_str::<Value>(&out).unwrap().as_array().cloned().unwrap()
+    }
+
+    /// Polls `ps --json` until `pred` holds for the rows.
+    pub fn wait_ps(&self, what: &str, pred: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        wait_until(what, || {
+            let rows = self.ps();
+            pred(&rows).then_some(rows)
+        })
+    }
+
+    pub fn row<'a>(rows: &'a [Value], name: &str) -> &'a Value {
+        rows.iter().find(|r| r["name"] == name).expect("node row")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join(".p2pctl").join(&self.name)
+    }
+
+    pub fn supervisor_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.state_dir().join("supervisor.pid")).ok()?.trim().parse().ok()
+    }
+
+    pub fn node_pids(&self) -> Vec<i32> {
+        self.ps().iter().filter_map(|r| r["pid"].as_i64()).map(|p| p as i32).collect()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let _ = self.ctl(&["down"]);
+        if let Some(pid) = self.supervisor_pid() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn all_running(n: usize) -> impl Fn(&[Value]) -> bool {
+    move |rows| rows.iter().filter(|r| r["state"] == "running").count() == n
+}
+
+fn coordinators(rows: &[Value]) -> Vec<&Value> {
+    rows.iter().filter(|r| r["role"] == "coordinator").collect()
+}
+
+#[test]
+fn up_ps_down_leaves_no_process() {
+    let c = TestCluster::new(&["alice", "bob", "carol"], "");
+    c.up();
+    let rows = c.ps();
+    assert_eq!(rows.len(), 3);
+    for r in &rows {
+        for key in ["name", "pid", "addr", "state", "role", "epoch", "restarts"] {
+            assert!(r.get(key).is_some(), "ps --json row lacks {key}: {r}");
+        }
+        assert_eq!(r["state"], "running");
+    }
+    assert_eq!(TestCluster::row(&rows, "alice")["role"], "coordinator");
+    assert_eq!(coordinators(&rows).len(), 1);
+    let table = c.ok(&["ps"]);
+    assert!(table.contains("NAME") && table.contains("coordinator"), "{table}");
+    let mut pids = c.node_pids();
+    pids.push(c.supervisor_pid().unwrap());
+    let out = c.ok(&["down"]);
+    assert!(out.contains("stopped"), "{out}");
+    for pid in pids {
+        wait_until(&format!("pid {pid} to be gone"), || (!alive(pid)).then_some(()));
+    }
+    assert!(!c.state_dir().join("ctl.sock").exists());
+    let out = c.ctl(&["ps"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no cluster") && err.contains("p2pctl up"), "{err}");
+}
+
+#[test]
+fn second_up_is_refused_clearly() {
+    let c = TestCluster::new(&["alice", "bob"], "");
+    c.up();
+    let before = c.node_pids();
+    let out = c.ctl(&["up", "-d"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already running") && err.contains("down"), "{err}");
+    assert_eq!(c.node_pids(), before, "nothing new was started");
+}
+
+#[test]
+fn kill_coordinator_gives_exactly_one_new_coordinator() {
+    let c = TestCluster::new(&["alice", "bob", "carol", "dave"], "");
+    c.up();
+    let out = c.ok(&["kill", "--coordinator"]);
+    assert!(out.contains("alice") && out.contains("coordinator"), "{out}");
+    let rows = c.wait_ps("one new coordinator at epoch 2", |rows| {
+        let co = coordinators(rows);
+        co.len() == 1 && co[0]["epoch"] == 2 && co[0]["name"] != "alice"
+    });
+    assert_eq!(coordinators(&rows)[0]["name"], "bob");
+    // Killed by the user under on-failure: not restarted behind their back.
+    let alice = TestCluster::row(&rows, "alice");
+    assert_eq!(alice["state"], "exited", "{alice}");
+    assert_eq!(alice["restarts"], 0);
+    // Members follow the new epoch.
+    c.wait_ps("members at epoch 2", |rows| {
+        rows.iter().filter(|r| r["state"] == "running").all(|r| r["epoch"] == 2)
+    });
+}
+
+#[test]
+fn restarted_node_rejoins_and_chat_agrees() {
+    let c = TestCluster::new(&["alice", "bob", "carol"], "");
+    c.up();
+    let old = TestCluster::row(&c.ps(), "bob")["pid"].clone();
+    c.ok(&["restart", "bob"]);
+    c.wait_ps("bob back with a new pid", |rows| {
+        let b = TestCluster::row(rows, "bob");
+        b["state"] == "running" && b["pid"] != old && b["role"] == "member"
+    });
+    c.ok(&["say", "bob", "hello", "after", "restart"]);
+    c.ok(&["say", "alice", "welcome back"]);
+    let out = c.ok(&["check"]);
+    assert!(out.contains("3 nodes agree on 2 messages"), "{out}");
+    let logs = c.ok(&["logs", "carol"]);
+    assert!(logs.contains("bob: hello after restart"), "{logs}");
+    let merged = c.ok(&["logs"]);
+    assert!(merged.contains("alice") && merged.contains("carol"), "{merged}");
+}
+
+#[test]
+fn crashing_node_restarts_with_backoff_then_fails() {
+    let extra = "restart:\n  policy: on-failure\n  max_restarts: 2\n  backoff_ms: 20\n  max_backoff_ms: 100\n";
+    let c = TestCluster::new(&["alice", "bob"], extra);
+    c.up();
+    for round in 1..=2u64 {
+        let pid = TestCluster::row(&c.ps(), "bob")["pid"].as_i64().unwrap() as i32;
+        kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap(); // a crash, not p2pctl kill
+        c.wait_ps(&format!("restart {round}"), |rows| {
+            let b = TestCluster::row(rows, "bob");
+            b["restarts"] == round && b["state"] == "running" && b["pid"].as_i64() != Some(pid as i64)
+        });
+    }
+    let pid = TestCluster::row(&c.ps(), "bob")["pid"].as_i64().unwrap() as i32;
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    let rows = c.wait_ps("bob failed", |rows| TestCluster::row(rows, "bob")["state"] == "failed");
+    assert_eq!(TestCluster::row(&rows, "bob")["restarts"], 2);
+    assert!(TestCluster::row(&rows, "bob")["last_exit"].as_str().unwrap().contains("SIGKILL"));
+    // `start` tries again.
+    c.ok(&["start", "bob"]);
+    c.wait_ps("bob running again", all_running(2));
+}
+
+#[test]
+fn always_policy_restarts_even_after_kill() {
+    let c = TestCluster::new(&["alice", "bob"], "restart:\n  policy: always\n  backoff_ms: 10\n");
+    c.up();
+    c.ok(&["kill", "bob", "--signal", "TERM"]);
+    c.wait_ps("bob restarted", |rows| {
+        let b = TestCluster::row(rows, "bob");
+        b["restarts"] == 1 && b["state"] == "running"
+    });
+    // `stop` is the way to keep it down.
+    c.ok(&["stop", "bob"]);
+    c.wait_ps("bob stopped", |rows| TestCluster::row(rows, "bob")["state"] == "stopped");
+}
+
+#[test]
+fn sigkill_of_the_supervisor_takes_its_nodes_with_it() {
+    let c = TestCluster::new(&["alice", "bob", "carol"], "");
+    c.up();
+    let pids = c.node_pids();
+    assert_eq!(pids.len(), 3);
+    kill(Pid::from_raw(c.supervisor_pid().unwrap()), Signal::SIGKILL).unwrap();
+    for pid in pids {
+        wait_until(&format!("node pid {pid} to die with its supervisor"), || (!alive(pid)).then_some(()));
+    }
+}
+
+#[test]
+fn check_agrees_after_several_failovers_under_traffic() {
+    let c = TestCluster::new(&["alice", "bob", "carol", "dave", "erin"], "");
+    c.up();
+    let mut epoch = 1;
+    for round in 0..3 {
+        for node in ["alice", "bob", "carol", "dave", "erin"] {
+            let _ = c.ctl(&["say", node, &format!("round {round} from {node}")]);
+        }
+        c.ok(&["kill", "--coordinator"]);
+        epoch += 1;
+        for node in ["carol", "dave", "erin"] {
+            let _ = c.ctl(&["say", node, &format!("during failover {round} from {node}")]);
+        }
+        c.wait_ps(&format!("epoch {epoch}"), |rows| {
+            let co = coordinators(rows);
+            co.len() == 1 && co[0]["epoch"] == epoch
+        });
+    }
+    let out = c.ok(&["check"]);
+    assert!(out.starts_with("ok: 2 nodes agree"), "{out}");
+    // Bring the killed ones back; they catch up and agree too.
+    for node in ["alice", "bob", "carol"] {
+        c.ok(&["start", node]);
+    }
+    c.wait_ps("all running", all_running(5));
+    let out = c.ok(&["check"]);
+    assert!(out.starts_with("ok: 5 nodes agree"), "{out}");
+}
+
+fn validate_err(yaml: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("p2pctl-bad-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let run = |cmd: &str| {
+        Command::new(bin("p2pctl")).arg("-f").arg(&file).arg(cmd).output().expect("p2pctl")
+    };
+    let out = run("validate");
+    assert!(!out.status.success(), "validate accepted:\n{yaml}");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    // `up` refuses the same file and starts nothing.
+    let up = run("up");
+    assert!(!up.status.success());
+    assert!(!Path::new(&dir).join(".p2pctl").exists(), "up created state for a bad file");
+    std::fs::remove_dir_all(&dir).unwrap();
+    err
+}
+
+#[test]
+fn each_bad_cluster_file_gets_its_own_clear_error() {
+    let err = validate_err("name: x\nnodes:\n  - name: a\n    port: 7000\n    colour: red\n");
+    assert!(err.contains("bad.yaml:5") && err.contains("unknown field `colour`"), "{err}");
+    let err = validate_err("name: x\nnodes:\n  - name: a\n    port: 1\n  - name: a\n    port: 2\n");
+    assert!(err.contains("bad.yaml:5") && err.contains("used twice"), "{err}");
+    let err = validate_err("name: x\nnodes:\n  - name: a\n    port: 9\n  - name: b\n    port: 9\n");
+    assert!(err.contains("bad.yaml:6") && err.contains("port 9"), "{err}");
+    let err = validate_err("name: x\nhost: my-laptop\nnodes:\n  - name: a\n    port: 1\n");
+    assert!(err.contains("bad.yaml:2") && err.contains("not an IP address"), "{err}");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let err = validate_err(&format!("name: x\nnodes:\n  - name: a\n    port: 0\n  - name: b\n    port: {port}\n"));
+    assert!(err.contains("bad.yaml:6") && err.contains("already in use"), "{err}");
+    let err = validate_err("name: x\nnodes: [\n");
+    assert!(err.contains("bad.yaml"), "{err}");
+}
