@@ -74,7 +74,11 @@ impl TestCluster {
 
     pub fn ps(&self) -> Vec<Value> {
         let out = self.ok(&["ps", "--json"]);
-        serde_json::from_str::<Value>(&out).unwrap().as_array().cloned().unwrap()
+        serde_json::from_str::<Value>(&out)
+            .unwrap()
+            .as_array()
+            .cloned()
+            .unwrap()
     }
 
     /// Polls `ps --json` until `pred` holds for the rows.
@@ -94,11 +98,19 @@ impl TestCluster {
     }
 
     pub fn supervisor_pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.state_dir().join("supervisor.pid")).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.state_dir().join("supervisor.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     pub fn node_pids(&self) -> Vec<i32> {
-        self.ps().iter().filter_map(|r| r["pid"].as_i64()).map(|p| p as i32).collect()
+        self.ps()
+            .iter()
+            .filter_map(|r| r["pid"].as_i64())
+            .map(|p| p as i32)
+            .collect()
     }
 }
 
@@ -179,7 +191,9 @@ fn kill_coordinator_gives_exactly_one_new_coordinator() {
     assert_eq!(alice["restarts"], 0);
     // Members follow the new epoch.
     c.wait_ps("members at epoch 2", |rows| {
-        rows.iter().filter(|r| r["state"] == "running").all(|r| r["epoch"] == 2)
+        rows.iter()
+            .filter(|r| r["state"] == "running")
+            .all(|r| r["epoch"] == 2)
     });
 }
 
@@ -205,7 +219,8 @@ fn restarted_node_rejoins_and_chat_agrees() {
 
 #[test]
 fn crashing_node_restarts_with_backoff_then_fails() {
-    let extra = "restart:\n  policy: on-failure\n  max_restarts: 2\n  backoff_ms: 20\n  max_backoff_ms: 100\n";
+    let extra =
+        "restart:\n  policy: on-failure\n  max_restarts: 2\n  backoff_ms: 20\n  max_backoff_ms: 100\n";
     let c = TestCluster::new(&["alice", "bob"], extra);
     c.up();
     for round in 1..=2u64 {
@@ -218,9 +233,14 @@ fn crashing_node_restarts_with_backoff_then_fails() {
     }
     let pid = TestCluster::row(&c.ps(), "bob")["pid"].as_i64().unwrap() as i32;
     kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
-    let rows = c.wait_ps("bob failed", |rows| TestCluster::row(rows, "bob")["state"] == "failed");
+    let rows = c.wait_ps("bob failed", |rows| {
+        TestCluster::row(rows, "bob")["state"] == "failed"
+    });
     assert_eq!(TestCluster::row(&rows, "bob")["restarts"], 2);
-    assert!(TestCluster::row(&rows, "bob")["last_exit"].as_str().unwrap().contains("SIGKILL"));
+    assert!(TestCluster::row(&rows, "bob")["last_exit"]
+        .as_str()
+        .unwrap()
+        .contains("SIGKILL"));
     // `start` tries again.
     c.ok(&["start", "bob"]);
     c.wait_ps("bob running again", all_running(2));
@@ -228,7 +248,10 @@ fn crashing_node_restarts_with_backoff_then_fails() {
 
 #[test]
 fn always_policy_restarts_even_after_kill() {
-    let c = TestCluster::new(&["alice", "bob"], "restart:\n  policy: always\n  backoff_ms: 10\n");
+    let c = TestCluster::new(
+        &["alice", "bob"],
+        "restart:\n  policy: always\n  backoff_ms: 10\n",
+    );
     c.up();
     c.ok(&["kill", "bob", "--signal", "TERM"]);
     c.wait_ps("bob restarted", |rows| {
@@ -237,7 +260,9 @@ fn always_policy_restarts_even_after_kill() {
     });
     // `stop` is the way to keep it down.
     c.ok(&["stop", "bob"]);
-    c.wait_ps("bob stopped", |rows| TestCluster::row(rows, "bob")["state"] == "stopped");
+    c.wait_ps("bob stopped", |rows| {
+        TestCluster::row(rows, "bob")["state"] == "stopped"
+    });
 }
 
 #[test]
@@ -248,7 +273,9 @@ fn sigkill_of_the_supervisor_takes_its_nodes_with_it() {
     assert_eq!(pids.len(), 3);
     kill(Pid::from_raw(c.supervisor_pid().unwrap()), Signal::SIGKILL).unwrap();
     for pid in pids {
-        wait_until(&format!("node pid {pid} to die with its supervisor"), || (!alive(pid)).then_some(()));
+        wait_until(&format!("node pid {pid} to die with its supervisor"), || {
+            (!alive(pid)).then_some(())
+        });
     }
 }
 
@@ -283,12 +310,21 @@ fn check_agrees_after_several_failovers_under_traffic() {
 }
 
 fn validate_err(yaml: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("p2pctl-bad-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+    let dir = std::env::temp_dir().join(format!(
+        "p2pctl-bad-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("bad.yaml");
     std::fs::write(&file, yaml).unwrap();
     let run = |cmd: &str| {
-        Command::new(bin("p2pctl")).arg("-f").arg(&file).arg(cmd).output().expect("p2pctl")
+        Command::new(bin("p2pctl"))
+            .arg("-f")
+            .arg(&file)
+            .arg(cmd)
+            .output()
+            .expect("p2pctl")
     };
     let out = run("validate");
     assert!(!out.status.success(), "validate accepted:\n{yaml}");
@@ -296,7 +332,10 @@ fn validate_err(yaml: &str) -> String {
     // `up` refuses the same file and starts nothing.
     let up = run("up");
     assert!(!up.status.success());
-    assert!(!Path::new(&dir).join(".p2pctl").exists(), "up created state for a bad file");
+    assert!(
+        !Path::new(&dir).join(".p2pctl").exists(),
+        "up created state for a bad file"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
     err
 }
@@ -304,17 +343,28 @@ fn validate_err(yaml: &str) -> String {
 #[test]
 fn each_bad_cluster_file_gets_its_own_clear_error() {
     let err = validate_err("name: x\nnodes:\n  - name: a\n    port: 7000\n    colour: red\n");
-    assert!(err.contains("bad.yaml:5") && err.contains("unknown field `colour`"), "{err}");
+    assert!(
+        err.contains("bad.yaml:5") && err.contains("unknown field `colour`"),
+        "{err}"
+    );
     let err = validate_err("name: x\nnodes:\n  - name: a\n    port: 1\n  - name: a\n    port: 2\n");
     assert!(err.contains("bad.yaml:5") && err.contains("used twice"), "{err}");
     let err = validate_err("name: x\nnodes:\n  - name: a\n    port: 9\n  - name: b\n    port: 9\n");
     assert!(err.contains("bad.yaml:6") && err.contains("port 9"), "{err}");
     let err = validate_err("name: x\nhost: my-laptop\nnodes:\n  - name: a\n    port: 1\n");
-    assert!(err.contains("bad.yaml:2") && err.contains("not an IP address"), "{err}");
+    assert!(
+        err.contains("bad.yaml:2") && err.contains("not an IP address"),
+        "{err}"
+    );
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = held.local_addr().unwrap().port();
-    let err = validate_err(&format!("name: x\nnodes:\n  - name: a\n    port: 0\n  - name: b\n    port: {port}\n"));
-    assert!(err.contains("bad.yaml:6") && err.contains("already in use"), "{err}");
+    let err = validate_err(&format!(
+        "name: x\nnodes:\n  - name: a\n    port: 0\n  - name: b\n    port: {port}\n"
+    ));
+    assert!(
+        err.contains("bad.yaml:6") && err.contains("already in use"),
+        "{err}"
+    );
     let err = validate_err("name: x\nnodes: [\n");
     assert!(err.contains("bad.yaml"), "{err}");
 }

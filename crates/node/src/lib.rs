@@ -8,6 +8,7 @@
 mod conn;
 pub mod core;
 pub mod output;
+pub mod plugins;
 mod server;
 
 pub use output::{EventFormat, Sink};

@@ -189,6 +189,14 @@ fn human(event: &Event, me: &str) -> Option<String> {
         }
         Event::Rejected { reason, .. } => format!("* not delivered: {reason}"),
         Event::Error { message, .. } => format!("* error: {message}"),
+        Event::Verdict {
+            plugin,
+            rule,
+            action,
+            member,
+        } => format!("* {plugin}: {action} of {member}'s message (rule {rule})"),
+        Event::Plugin { name, state, detail } if detail.is_empty() => format!("* plugin {name} {state}"),
+        Event::Plugin { name, state, detail } => format!("* plugin {name} {state}: {detail}"),
     })
 }
 
@@ -227,6 +235,17 @@ fn json_line(event: &Event) -> Option<String> {
             json!({"event": "rejected", "client_seq": client_seq, "reason": reason, "t": t})
         }
         Event::Error { code, message } => json!({"event": "error", "code": code, "message": message, "t": t}),
+        Event::Verdict {
+            plugin,
+            rule,
+            action,
+            member,
+        } => {
+            json!({"event": "verdict", "plugin": plugin, "rule": rule, "action": action, "member": member, "t": t})
+        }
+        Event::Plugin { name, state, detail } => {
+            json!({"event": "plugin", "name": name, "state": state, "detail": detail, "t": t})
+        }
     };
     Some(v.to_string())
 }

@@ -30,6 +30,8 @@ pub struct NodeConfig {
     pub queue_bytes: usize,
     /// Read chat lines from stdin.
     pub read_stdin: bool,
+    /// Where plugins are looked up by name (`lib<name>.so`).
+    pub plugin_dir: std::path::PathBuf,
 }
 
 impl NodeConfig {
@@ -39,8 +41,18 @@ impl NodeConfig {
             handshake_timeout: Duration::from_secs(3),
             queue_bytes: 8 * 1024 * 1024,
             read_stdin: false,
+            plugin_dir: default_plugin_dir(),
         }
     }
+}
+
+/// The directory of the running executable (where cargo puts the plugin
+/// libraries next to `p2pnode`), or the current directory.
+pub fn default_plugin_dir() -> std::path::PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(std::path::Path::to_path_buf))
+        .unwrap_or_else(|| ".".into())
 }
 
 /// Runs a node on `listener` until it leaves (by `/quit`, stdin closing, or
@@ -86,7 +98,11 @@ pub async fn run(
     let now = || start.elapsed().as_millis() as u64;
     let name = cfg.core.name.clone();
     let mut driver = Driver {
-        core: Core::new(cfg.core.clone(), now()),
+        core: Core::with_hooks(
+            cfg.core.clone(),
+            now(),
+            Box::new(crate::plugins::PluginHost::new(cfg.plugin_dir.clone())),
+        ),
         writers: HashMap::new(),
         group: Vec::new(),
         tx: tx.clone(),

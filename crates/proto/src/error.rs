@@ -39,6 +39,8 @@ pub enum ErrorCode {
     TooManyMembers,
     /// The node is shutting down.
     ShuttingDown,
+    /// A plugin could not be attached (missing, wrong ABI, bad config…).
+    PluginRefused,
     /// A code from a newer peer that this version does not know.
     #[serde(other)]
     Unknown,
@@ -64,6 +66,7 @@ impl ErrorCode {
             ErrorCode::StaleEpoch => "stale_epoch",
             ErrorCode::TooManyMembers => "too_many_members",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::PluginRefused => "plugin_refused",
             ErrorCode::Unknown => "unknown",
         }
     }

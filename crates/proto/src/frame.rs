@@ -56,6 +56,36 @@ pub struct Resume {
     pub dead: Vec<u64>,
 }
 
+/// One bot plugin of the chat: a name (never a path: each node resolves it
+/// in its own plugin directory) and its JSON configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginRef {
+    pub name: String,
+    /// JSON text; `{}` when the plugin takes none.
+    #[serde(default = "empty_config")]
+    pub config: String,
+}
+
+fn empty_config() -> String {
+    "{}".into()
+}
+
+/// A loaded plugin as one node reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginStatus {
+    pub name: String,
+    pub version: String,
+    /// `active`, `quarantined` or `refused`.
+    pub state: String,
+    pub calls: u64,
+    pub drops: u64,
+    /// Time spent inside the plugin, in microseconds.
+    pub time_us: u64,
+    /// Why it is quarantined or refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// A node's role, as reported in `status` and events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -92,6 +122,15 @@ pub enum Frame {
     Post {
         text: String,
     },
+    /// Observer asks the coordinator to add (or reconfigure) a plugin.
+    Attach {
+        name: String,
+        config: String,
+    },
+    /// Observer asks the coordinator to remove a plugin.
+    Detach {
+        name: String,
+    },
     /// A coordinator announces its reign to a peer that may not know it (the
     /// old coordinator after a hang, a peer that did not resume).
     Announce {
@@ -110,8 +149,9 @@ pub enum Frame {
         members: Vec<MemberInfo>,
         replay: u32,
         heartbeat_ms: u64,
+        /// The chat's plugin set, in calling order.
         #[serde(default)]
-        plugins: Vec<String>,
+        plugins: Vec<PluginRef>,
     },
     /// This node is not the coordinator; connect there instead.
     Redirect {
@@ -141,6 +181,9 @@ pub enum Frame {
         /// `from_id`, a zero byte and `text` (see docs/PROTOCOL.md).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         log: Option<Vec<(u64, u64, String)>>,
+        /// The plugins this node has loaded (only the coordinator calls them).
+        #[serde(default)]
+        plugins: Vec<PluginStatus>,
     },
 
     // ---- member → coordinator ----
@@ -177,6 +220,10 @@ pub enum Frame {
         from: u64,
         to: u64,
     },
+    /// The chat's plugin set changed (after attach/detach).
+    Plugins {
+        set: Vec<PluginRef>,
+    },
     /// The sender's message was not delivered (a bot dropped it, or it was
     /// invalid); `reason` is shown to the sender.
     Rejected {
@@ -192,6 +239,9 @@ impl Frame {
         "hello",
         "status_request",
         "post",
+        "attach",
+        "detach",
+        "plugins",
         "announce",
         "welcome",
         "redirect",

@@ -9,7 +9,7 @@ pub mod limits;
 
 pub use codec::{decode_body, encode, read_frame_sync, split_frame};
 pub use error::{ErrorCode, ProtoError};
-pub use frame::{Chat, Frame, MemberInfo, Resume, Role};
+pub use frame::{Chat, Frame, MemberInfo, PluginRef, PluginStatus, Resume, Role};
 
 /// Protocol version carried in every `hello`; a node refuses any other.
 pub const PROTOCOL_VERSION: u32 = 1;

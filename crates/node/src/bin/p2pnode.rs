@@ -51,6 +51,15 @@ struct Args {
     /// Time a new connection has to say hello.
     #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     handshake_timeout_ms: u64,
+    /// A bot plugin for a chat this node starts: NAME or NAME:CONFIG_JSON
+    /// (repeatable; called in this order). A node that joins a chat takes
+    /// the chat's plugins instead.
+    #[arg(long = "plugin", value_name = "NAME[:CONFIG_JSON]")]
+    plugins: Vec<String>,
+    /// Directory holding plugin libraries (lib<name>.so); default: the
+    /// directory of this executable.
+    #[arg(long)]
+    plugin_dir: Option<std::path::PathBuf>,
     /// Bytes that may wait unread for one member before it is disconnected.
     #[arg(long, default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(65_536..=1 << 30))]
     queue_limit_bytes: u64,
@@ -113,10 +122,23 @@ async fn serve(args: Args) -> anyhow::Result<i32> {
     core.create_if_alone = args.create_if_alone;
     core.heartbeat_ms = args.heartbeat_ms;
     core.replay = args.history as usize;
+    for spec in &args.plugins {
+        let (name, config) = match spec.split_once(':') {
+            Some((n, c)) => (n.to_string(), c.to_string()),
+            None => (spec.clone(), "{}".to_string()),
+        };
+        p2p_node::core::check_plugin_name(&name).map_err(|e| anyhow::anyhow!("--plugin {spec}: {e}"))?;
+        serde_json::from_str::<serde_json::Value>(&config)
+            .map_err(|e| anyhow::anyhow!("--plugin {spec}: the configuration is not valid JSON: {e}"))?;
+        core.plugins.push(p2p_proto::PluginRef { name, config });
+    }
     let mut cfg = NodeConfig::new(core);
     cfg.handshake_timeout = Duration::from_millis(args.handshake_timeout_ms);
     cfg.queue_bytes = args.queue_limit_bytes as usize;
     cfg.read_stdin = !args.headless;
+    if let Some(dir) = args.plugin_dir {
+        cfg.plugin_dir = dir;
+    }
     run(listener, cfg, Sink::stdout(args.events), shutdown_signal()).await
 }
 

@@ -7,7 +7,11 @@ use std::collections::{BTreeSet, HashMap};
 
 use p2p_proto::{encode, limits, Chat, ErrorCode, Frame, MemberInfo, Resume, Role};
 
+use super::hooks::{Decision, HookMessage};
 use super::{ConnId, Core, Event, Millis, Output, State};
+
+/// Bot posts may trigger bot posts this many levels deep, no more.
+const MAX_BOT_DEPTH: u32 = 3;
 
 pub(super) struct Coord {
     links: HashMap<ConnId, Link>,
@@ -151,6 +155,7 @@ impl Core {
             });
         }
         if open {
+            self.replay_to_plugins();
             self.flush_pending();
         }
     }
@@ -248,7 +253,11 @@ impl Core {
             .filter(|r| self.log.consistent_with(r.last_epoch, r.last_seq))
             .map(|r| r.last_seq);
         self.welcome(conn, id, after);
-        self.attach(conn, id, name);
+        self.attach(conn, id, name.clone());
+        if self.hooks.active() {
+            let posts = self.hooks.on_join(id, &name);
+            self.bot_posts(posts, 0);
+        }
     }
 
     /// Sends `welcome` and the replay: everything after `after`, or the
@@ -304,7 +313,7 @@ impl Core {
                 if let Err(reason) = limits::check_text(&text) {
                     self.send(conn, &Frame::Rejected { client_seq, reason });
                 } else if client_seq > self.log.client_seq(id) {
-                    self.sequence(id, name, client_seq, text, None);
+                    self.submit(id, name, client_seq, text, None, Some(conn), 0);
                 }
                 // else: a re-send of a message already sequenced; its copy
                 // reached (or will reach) the sender through the replay.
@@ -355,7 +364,106 @@ impl Core {
 
     pub(super) fn coord_sequence_own(&mut self, client_seq: u64, text: String) {
         let (id, name) = (self.me.id, self.me.name.clone());
-        self.sequence(id, name, client_seq, text, None);
+        self.submit(id, name, client_seq, text, None, None, 0);
+    }
+
+    /// Runs the plugin chain on a message, then sequences it (or tells the
+    /// sender it was dropped), then lets plugins see it delivered and
+    /// sequences their posts. `conn` is the sender's connection (None for
+    /// our own user and for bots).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn submit(
+        &mut self,
+        from_id: u64,
+        from: String,
+        client_seq: u64,
+        text: String,
+        bot: Option<String>,
+        conn: Option<ConnId>,
+        depth: u32,
+    ) {
+        if !self.hooks.active() {
+            return self.sequence(from_id, from, client_seq, text, bot);
+        }
+        let msg = HookMessage {
+            epoch: self.epoch,
+            seq: self.log.last_seq() + 1,
+            from_id,
+            from: &from,
+            text: &text,
+            bot: bot.as_deref(),
+        };
+        let outcome = self.hooks.on_message(&msg);
+        for v in outcome.verdicts {
+            self.emit(Event::Verdict {
+                plugin: v.plugin,
+                rule: v.rule,
+                action: v.action,
+                member: from.clone(),
+            });
+        }
+        match outcome.decision {
+            Decision::Drop { reason } => {
+                if self.my_ids.contains(&from_id) && client_seq > 0 {
+                    self.pending.retain(|(cs, _)| *cs != client_seq);
+                    self.emit(Event::Rejected { client_seq, reason });
+                } else if let Some(conn) = conn {
+                    self.send(conn, &p2p_proto::Frame::Rejected { client_seq, reason });
+                }
+            }
+            Decision::Deliver(text) => {
+                let seq = self.log.last_seq() + 1;
+                self.sequence(from_id, from.clone(), client_seq, text.clone(), bot.clone());
+                let msg = HookMessage {
+                    epoch: self.epoch,
+                    seq,
+                    from_id,
+                    from: &from,
+                    text: &text,
+                    bot: bot.as_deref(),
+                };
+                let posts = self.hooks.on_delivered(&msg, false);
+                self.bot_posts(posts, depth);
+            }
+        }
+        self.bot_posts(outcome.posts, depth);
+        self.plugin_reports();
+    }
+
+    /// Sequences messages posted by bots (through the chain, minus the poster).
+    pub(super) fn bot_posts(&mut self, posts: Vec<(String, String)>, depth: u32) {
+        for (plugin, text) in posts {
+            if depth >= MAX_BOT_DEPTH {
+                tracing::warn!(%plugin, "bot post dropped: bots answering bots too deep");
+                continue;
+            }
+            if let Err(e) = limits::check_text(&text) {
+                tracing::warn!(%plugin, error = %e, "bot post dropped");
+                continue;
+            }
+            self.submit(0, plugin.clone(), 0, text, Some(plugin), None, depth + 1);
+        }
+    }
+
+    /// Shows the held history to the plugins after a takeover, so stateful
+    /// ones (the logger) can continue where the old coordinator stopped.
+    fn replay_to_plugins(&mut self) {
+        if !self.hooks.active() {
+            return;
+        }
+        let chats: Vec<Chat> = self.log.range(0, u64::MAX).cloned().collect();
+        for c in &chats {
+            let msg = HookMessage {
+                epoch: c.epoch,
+                seq: c.seq,
+                from_id: c.from_id,
+                from: &c.from,
+                text: &c.text,
+                bot: c.bot.as_deref(),
+            };
+            let _ = self.hooks.on_delivered(&msg, true);
+        }
+        self.plugin_reports();
     }
 
     /// Sequences our own messages that are still unacknowledged.
@@ -384,6 +492,10 @@ impl Core {
             name: link.name.clone(),
             reason: reason.clone(),
         })));
+        if self.hooks.active() {
+            let posts = self.hooks.on_leave(link.id, &link.name, &reason);
+            self.bot_posts(posts, 0);
+        }
         self.emit(Event::Left {
             id: link.id,
             name: link.name,
@@ -506,6 +618,7 @@ impl Core {
         for (conn, name, addr) in w.held {
             self.coord_admit(conn, name, addr, None);
         }
+        self.replay_to_plugins();
         self.flush_pending();
     }
 

@@ -61,6 +61,8 @@ impl Core {
         self.coordinator = 1;
         self.members = vec![self.me.clone()];
         self.state = State::Coordinator(super::Coord::new(2, self.now));
+        let set = self.cfg.plugins.clone();
+        self.apply_plugins(set);
         self.emit(Event::Ready {
             id: 1,
             epoch: 1,
@@ -142,11 +144,19 @@ impl Core {
                 members,
                 replay,
                 heartbeat_ms,
-                ..
+                plugins,
             } => {
-                // The chat runs on its coordinator's heartbeat.
+                // The chat runs on its coordinator's heartbeat and plugin set.
                 self.cfg.heartbeat_ms = heartbeat_ms.clamp(10, 60_000);
+                if plugins != self.plugins {
+                    self.apply_plugins(plugins);
+                }
                 self.on_welcome(conn, member_id, epoch, coordinator, members, replay)
+            }
+            Frame::Plugins { set } => {
+                if set != self.plugins {
+                    self.apply_plugins(set);
+                }
             }
             Frame::Chat(chat) => {
                 let replay = match &mut self.state {

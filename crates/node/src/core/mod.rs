@@ -5,15 +5,19 @@
 //! run whole clusters in memory.
 
 mod coordinator;
+pub mod hooks;
 mod log;
 mod member;
 #[cfg(test)]
 mod tests;
 
 use bytes::Bytes;
-use p2p_proto::{encode, limits, Chat, ErrorCode, Frame, MemberInfo, Resume, Role, PROTOCOL_VERSION};
+use p2p_proto::{
+    encode, limits, Chat, ErrorCode, Frame, MemberInfo, PluginRef, Resume, Role, PROTOCOL_VERSION,
+};
 
 use self::coordinator::Coord;
+use self::hooks::{HookReport, Hooks, NoHooks};
 pub use self::log::hash;
 use self::log::Log;
 
@@ -42,8 +46,9 @@ pub struct CoreConfig {
     /// Messages held for catching up resuming members (at least `replay`).
     pub keep: usize,
     pub max_members: usize,
-    /// Plugin names announced in `welcome`.
-    pub plugins: Vec<String>,
+    /// The plugin set a chat started by this node begins with (a joiner
+    /// takes the chat's set instead).
+    pub plugins: Vec<PluginRef>,
 }
 
 impl CoreConfig {
@@ -158,6 +163,19 @@ pub enum Event {
         code: Option<ErrorCode>,
         message: String,
     },
+    /// A plugin dropped or rewrote someone's message.
+    Verdict {
+        plugin: String,
+        rule: String,
+        action: &'static str,
+        member: String,
+    },
+    /// A plugin was loaded, refused, quarantined or detached here.
+    Plugin {
+        name: String,
+        state: &'static str,
+        detail: String,
+    },
 }
 
 /// Where this node stands.
@@ -191,12 +209,20 @@ pub struct Core {
     now: Millis,
     state: State,
     out: Vec<Output>,
+    /// The chat's plugin set (replicated; only the coordinator calls it).
+    plugins: Vec<PluginRef>,
+    hooks: Box<dyn Hooks>,
 }
 
 impl Core {
     /// Creates the core and starts it: either a new chat (no peers to join)
     /// or a join through the configured peers.
     pub fn new(cfg: CoreConfig, now: Millis) -> Core {
+        Core::with_hooks(cfg, now, Box::new(NoHooks))
+    }
+
+    /// Like [`Core::new`], with a plugin chain.
+    pub fn with_hooks(cfg: CoreConfig, now: Millis, hooks: Box<dyn Hooks>) -> Core {
         let keep = cfg.keep.max(cfg.replay);
         let mut core = Core {
             me: MemberInfo {
@@ -215,6 +241,8 @@ impl Core {
             now,
             state: State::Stopped,
             out: Vec::new(),
+            plugins: Vec::new(),
+            hooks,
             cfg,
         };
         if core.cfg.join.is_empty() {
@@ -368,6 +396,10 @@ impl Core {
                 self.send(conn, &status);
             }
             Frame::Post { text } => self.on_user_text(text),
+            Frame::Attach { name, config } => {
+                self.on_plugin_change(conn, PluginChange::Attach(PluginRef { name, config }))
+            }
+            Frame::Detach { name } => self.on_plugin_change(conn, PluginChange::Detach(name)),
             Frame::Announce {
                 epoch,
                 coordinator,
@@ -522,6 +554,7 @@ impl Core {
             last_seq: self.log.last_seq(),
             gaps: self.log.gaps(),
             log: with_log.then(|| self.log.digest()),
+            plugins: self.hooks.status(),
         }
     }
 
@@ -565,6 +598,111 @@ impl Core {
             members,
         }
     }
+}
+
+/// A change to the chat's plugin set asked by an observer.
+enum PluginChange {
+    Attach(PluginRef),
+    Detach(String),
+}
+
+impl Core {
+    /// Loads/unloads plugins to match `set` and reports what happened.
+    fn apply_plugins(&mut self, set: Vec<PluginRef>) -> Vec<HookReport> {
+        self.plugins = set;
+        let reports = self.hooks.set_plugins(&self.plugins);
+        for r in &reports {
+            self.emit(Event::Plugin {
+                name: r.plugin.clone(),
+                state: r.state,
+                detail: r.detail.clone(),
+            });
+        }
+        reports
+    }
+
+    /// Surfaces quarantines and the like noticed during calls.
+    fn plugin_reports(&mut self) {
+        for r in self.hooks.reports() {
+            self.emit(Event::Plugin {
+                name: r.plugin,
+                state: r.state,
+                detail: r.detail,
+            });
+        }
+    }
+
+    fn on_plugin_change(&mut self, conn: ConnId, change: PluginChange) {
+        if !matches!(self.state, State::Coordinator(_)) {
+            let addr = self
+                .member(self.coordinator)
+                .map(|m| m.addr.clone())
+                .unwrap_or_default();
+            self.send(
+                conn,
+                &Frame::Redirect {
+                    addr,
+                    epoch: self.epoch,
+                },
+            );
+            return self.out.push(Output::Close(conn));
+        }
+        let mut set = self.plugins.clone();
+        match &change {
+            PluginChange::Attach(p) => {
+                if let Err(e) = check_plugin_name(&p.name) {
+                    return self.refuse(conn, ErrorCode::PluginRefused, e);
+                }
+                match set.iter_mut().find(|x| x.name == p.name) {
+                    Some(x) => x.config = p.config.clone(),
+                    None => set.push(p.clone()),
+                }
+            }
+            PluginChange::Detach(name) => {
+                if !set.iter().any(|x| &x.name == name) {
+                    return self.refuse(
+                        conn,
+                        ErrorCode::PluginRefused,
+                        format!("no plugin named {name:?} is attached"),
+                    );
+                }
+                set.retain(|x| &x.name != name);
+            }
+        }
+        let previous = self.plugins.clone();
+        let reports = self.apply_plugins(set);
+        if let PluginChange::Attach(p) = &change {
+            if let Some(r) = reports
+                .iter()
+                .find(|r| r.plugin == p.name && r.state == "refused")
+            {
+                let detail = r.detail.clone();
+                self.apply_plugins(previous);
+                return self.refuse(conn, ErrorCode::PluginRefused, detail);
+            }
+        }
+        let frame = encode(&Frame::Plugins {
+            set: self.plugins.clone(),
+        });
+        self.out.push(Output::Broadcast(frame));
+        let status = self.status(false);
+        self.send(conn, &status);
+    }
+}
+
+/// Plugin names travel the network and become file names: `[a-z0-9_-]`.
+pub fn check_plugin_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "plugin name {name:?} must be 1-64 characters of a-z 0-9 _ -"
+        ));
+    }
+    Ok(())
 }
 
 /// The wire name of a frame, for error messages.

@@ -1,0 +1,547 @@
+//! The plugin host: loads bot plugins (cdylibs) by name from this node's
+//! plugin directory, checks their descriptor, and runs the chain for the
+//! core through [`Hooks`]. Every call is made from the actor task, one at a
+//! time, so a plugin never sees concurrent calls and there is never a call
+//! in flight when the set changes.
+//!
+//! Libraries are never unmapped: a Rust cdylib registers thread-local
+//! destructors and may have started threads, and unmapping code that a
+//! thread or destructor still points into crashes the process. A detached
+//! plugin is unloaded (its `unload` runs, its instance is freed) but its
+//! code stays mapped, inactive; attaching it again maps the same library.
+
+use std::ffi::c_void;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use p2p_plugin_api::abi::{self, Descriptor, HostApi, MessageIn, Str, VerdictIn};
+use p2p_proto::{limits, PluginRef, PluginStatus};
+
+use crate::core::check_plugin_name;
+use crate::core::hooks::{Decision, HookMessage, HookReport, Hooks, Outcome, VerdictRecord};
+
+/// What a plugin handed over during one call.
+#[derive(Default)]
+struct CallState {
+    posts: Vec<String>,
+    verdict: Option<(u32, String, String)>,
+    error: Option<String>,
+}
+
+/// Host-side context a plugin's callbacks reach through `HostApi::ctx`.
+struct Ctx {
+    name: String,
+    call: Mutex<CallState>,
+}
+
+fn ctx<'a>(p: *mut c_void) -> &'a Ctx {
+    // SAFETY: `p` is the Box<Ctx> pointer we put in HostApi::ctx; it lives
+    // as long as the plugin instance (and longer: it is never freed before
+    // the library's instance is).
+    unsafe { &*(p as *const Ctx) }
+}
+
+/// Copies a plugin string, bounded so a plugin cannot make us allocate
+/// without limit.
+fn take(s: Str) -> String {
+    let capped = Str {
+        ptr: s.ptr,
+        len: s.len.min(64 * 1024),
+    };
+    // SAFETY: the plugin passes a string valid for the callback (ABI rule).
+    unsafe { capped.to_str_lossy() }.into_owned()
+}
+
+extern "C" fn cb_post(c: *mut c_void, text: Str) {
+    if let Ok(mut call) = ctx(c).call.lock() {
+        if call.posts.len() < 16 {
+            call.posts.push(take(text));
+        }
+    }
+}
+
+extern "C" fn cb_verdict(c: *mut c_void, action: u32, text: Str, rule: Str) {
+    if let Ok(mut call) = ctx(c).call.lock() {
+        call.verdict = Some((action, take(text), take(rule)));
+    }
+}
+
+extern "C" fn cb_error(c: *mut c_void, message: Str) {
+    if let Ok(mut call) = ctx(c).call.lock() {
+        call.error = Some(take(message));
+    }
+}
+
+extern "C" fn cb_log(c: *mut c_void, level: u32, message: Str) {
+    let name = &ctx(c).name;
+    let message = take(message);
+    match level {
+        abi::LOG_ERROR => tracing::error!(plugin = %name, "{message}"),
+        abi::LOG_WARN => tracing::warn!(plugin = %name, "{message}"),
+        abi::LOG_INFO => tracing::info!(plugin = %name, "{message}"),
+        _ => tracing::debug!(plugin = %name, "{message}"),
+    }
+}
+
+struct Loaded {
+    name: String,
+    version: String,
+    config: String,
+    desc: &'static Descriptor,
+    instance: *mut c_void,
+    /// Boxed so their addresses stay fixed for the plugin.
+    _api: Box<HostApi>,
+    ctx: Box<Ctx>,
+    quarantined: Option<String>,
+    calls: u64,
+    drops: u64,
+    time: Duration,
+}
+
+// SAFETY: a plugin instance is only ever called from the one task that
+// owns the host (calls are serialised); moving it between threads is what
+// the ABI allows (instances are `Send` in the safe layer).
+unsafe impl Send for Loaded {}
+
+/// A plugin that could not be loaded.
+struct Refused {
+    name: String,
+    error: String,
+}
+
+/// The host: the loaded plugins in calling order.
+pub struct PluginHost {
+    dir: PathBuf,
+    loaded: Vec<Loaded>,
+    refused: Vec<Refused>,
+    reports: Vec<HookReport>,
+}
+
+/// The file a plugin name maps to in `dir`.
+pub fn plugin_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(
+        "{}{}{}",
+        std::env::consts::DLL_PREFIX,
+        name.replace('-', "_"),
+        std::env::consts::DLL_SUFFIX
+    ))
+}
+
+impl PluginHost {
+    pub fn new(dir: PathBuf) -> PluginHost {
+        PluginHost {
+            dir,
+            loaded: Vec::new(),
+            refused: Vec::new(),
+            reports: Vec::new(),
+        }
+    }
+
+    /// Loads one plugin: checks the name, the file, the symbol, the ABI
+    /// version and size, the name in the descriptor, then calls `load`.
+    fn load(&self, p: &PluginRef) -> Result<Loaded, String> {
+        check_plugin_name(&p.name)?;
+        let path = plugin_path(&self.dir, &p.name);
+        if !path.exists() {
+            return Err(format!(
+                "plugin {}: no file at {} (plugins load from the node's --plugin-dir)",
+                p.name,
+                path.display()
+            ));
+        }
+        // SAFETY: loading a library runs its initialisers; the file lives in
+        // the directory the operator chose for plugins, and its name comes
+        // from a validated plugin name, never from a path sent by a peer.
+        let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| {
+            format!(
+                "plugin {}: {} is not a loadable shared library: {e}",
+                p.name,
+                path.display()
+            )
+        })?;
+        // Never unmapped (see the module docs).
+        let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+        // SAFETY: the symbol's type is fixed by the ABI.
+        let entry: libloading::Symbol<'static, extern "C" fn() -> *const Descriptor> =
+            unsafe { lib.get(abi::ENTRY_SYMBOL.as_bytes()) }.map_err(|_| {
+                format!(
+                    "plugin {}: {} has no `{}` symbol; it is not a p2pchat plugin (use p2p_plugin_api::export_plugin!)",
+                    p.name,
+                    path.display(),
+                    abi::ENTRY_SYMBOL
+                )
+            })?;
+        let desc_ptr = entry();
+        if desc_ptr.is_null() {
+            return Err(format!(
+                "plugin {}: {} returned no descriptor",
+                p.name,
+                path.display()
+            ));
+        }
+        // SAFETY: read the two leading u32s first; every ABI version keeps
+        // them at the start, so this is valid whatever the rest holds.
+        let (version, size) = unsafe {
+            let head = desc_ptr as *const u32;
+            (head.read(), head.add(1).read())
+        };
+        if version != abi::ABI_VERSION {
+            return Err(format!(
+                "plugin {}: {} was built for plugin ABI version {version}, this node speaks version {}; rebuild it against this p2p-plugin-api",
+                p.name,
+                path.display(),
+                abi::ABI_VERSION
+            ));
+        }
+        let expected = std::mem::size_of::<Descriptor>() as u32;
+        if size != expected {
+            return Err(format!(
+                "plugin {}: {} has a descriptor of {size} bytes, expected {expected} for ABI version {}; rebuild it",
+                p.name,
+                path.display(),
+                abi::ABI_VERSION
+            ));
+        }
+        // SAFETY: version and size match: the descriptor has our layout and
+        // is static in the (never unmapped) library.
+        let desc: &'static Descriptor = unsafe { &*desc_ptr };
+        // SAFETY: static strings of the descriptor.
+        let (dname, dversion) = unsafe {
+            (
+                desc.name.to_str_lossy().into_owned(),
+                desc.version.to_str_lossy().into_owned(),
+            )
+        };
+        if dname != p.name {
+            return Err(format!(
+                "plugin {}: {} calls itself {dname:?}; the file name and the plugin name must agree",
+                p.name,
+                path.display()
+            ));
+        }
+        let ctx = Box::new(Ctx {
+            name: p.name.clone(),
+            call: Mutex::new(CallState::default()),
+        });
+        let api = Box::new(HostApi {
+            ctx: &*ctx as *const Ctx as *mut c_void,
+            post: cb_post,
+            verdict: cb_verdict,
+            error: cb_error,
+            log: cb_log,
+        });
+        let config = if p.config.trim().is_empty() {
+            "{}".to_string()
+        } else {
+            p.config.clone()
+        };
+        let mut instance: *mut c_void = std::ptr::null_mut();
+        let rc = (desc.load)(Str::from_str(&config), &*api, &mut instance);
+        if rc != abi::RC_OK {
+            let why = ctx.call.lock().ok().and_then(|mut c| c.error.take());
+            let why = why.unwrap_or_else(|| {
+                if rc == abi::RC_PANIC {
+                    "it panicked".into()
+                } else {
+                    "no reason given".into()
+                }
+            });
+            return Err(format!("plugin {}: load refused: {why}", p.name));
+        }
+        Ok(Loaded {
+            name: p.name.clone(),
+            version: dversion,
+            config: p.config.clone(),
+            desc,
+            instance,
+            _api: api,
+            ctx,
+            quarantined: None,
+            calls: 0,
+            drops: 0,
+            time: Duration::ZERO,
+        })
+    }
+
+    /// Calls into plugin `i`; quarantines it on an error or panic.
+    fn call(&mut self, i: usize, f: impl FnOnce(&Loaded) -> i32) -> Option<CallState> {
+        let p = &mut self.loaded[i];
+        if p.quarantined.is_some() {
+            return None;
+        }
+        if let Ok(mut c) = p.ctx.call.lock() {
+            *c = CallState::default();
+        }
+        let start = Instant::now();
+        let rc = f(p);
+        p.time += start.elapsed();
+        p.calls += 1;
+        let state = p
+            .ctx
+            .call
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default();
+        if rc != abi::RC_OK {
+            let why = state.error.clone().unwrap_or_else(|| match rc {
+                abi::RC_PANIC => "it panicked".into(),
+                _ => format!("it returned error code {rc}"),
+            });
+            tracing::error!(plugin = %p.name, %why, "plugin quarantined");
+            p.quarantined = Some(why.clone());
+            self.reports.push(HookReport {
+                plugin: p.name.clone(),
+                state: "quarantined",
+                detail: format!("{why}; it is no longer called and the chat goes on"),
+            });
+            return None;
+        }
+        Some(state)
+    }
+
+    fn posts_of(&self, i: usize, state: &mut CallState, out: &mut Vec<(String, String)>) {
+        for text in state.posts.drain(..) {
+            out.push((self.loaded[i].name.clone(), text));
+        }
+    }
+
+    fn notify_verdict(&mut self, from: usize, action: u32, rule: &str, member_id: u64, member: &str) {
+        let plugin = self.loaded[from].name.clone();
+        for j in 0..self.loaded.len() {
+            if j == from {
+                continue;
+            }
+            let v = VerdictIn {
+                plugin: Str::from_str(&plugin),
+                action,
+                rule: Str::from_str(rule),
+                member_id,
+                member: Str::from_str(member),
+            };
+            let _ = self.call(j, |p| (p.desc.on_verdict)(p.instance, &v));
+        }
+    }
+
+    fn unload(p: Loaded) {
+        if p.quarantined.is_none() {
+            (p.desc.unload)(p.instance);
+        }
+        // A quarantined instance may be in any state: it is leaked, not
+        // unloaded. Its Ctx and HostApi stay alive with it.
+        if p.quarantined.is_some() {
+            std::mem::forget(p);
+        }
+    }
+}
+
+impl Drop for PluginHost {
+    fn drop(&mut self) {
+        for p in self.loaded.drain(..) {
+            PluginHost::unload(p);
+        }
+    }
+}
+
+fn message_in<'a>(m: &'a HookMessage, flags: u32) -> MessageIn {
+    let mut f = flags;
+    if m.bot.is_some() {
+        f |= abi::FLAG_BOT;
+    }
+    MessageIn {
+        epoch: m.epoch,
+        seq: m.seq,
+        from_id: m.from_id,
+        from: Str::from_str(m.from),
+        text: Str::from_str(m.text),
+        flags: f,
+    }
+}
+
+impl Hooks for PluginHost {
+    fn set_plugins(&mut self, set: &[PluginRef]) -> Vec<HookReport> {
+        let mut reports = Vec::new();
+        // Unload what left the set or changed configuration.
+        let mut keep = Vec::new();
+        for p in self.loaded.drain(..) {
+            if set.iter().any(|s| s.name == p.name && s.config == p.config) {
+                keep.push(p);
+            } else {
+                reports.push(HookReport {
+                    plugin: p.name.clone(),
+                    state: "detached",
+                    detail: String::new(),
+                });
+                PluginHost::unload(p);
+            }
+        }
+        self.refused.clear();
+        let mut ordered = Vec::new();
+        for want in set {
+            if let Some(pos) = keep.iter().position(|p| p.name == want.name) {
+                ordered.push(keep.remove(pos));
+                continue;
+            }
+            match self.load(want) {
+                Ok(p) => {
+                    reports.push(HookReport {
+                        plugin: p.name.clone(),
+                        state: "loaded",
+                        detail: format!("version {}", p.version),
+                    });
+                    ordered.push(p);
+                }
+                Err(error) => {
+                    tracing::error!(%error, "plugin refused");
+                    reports.push(HookReport {
+                        plugin: want.name.clone(),
+                        state: "refused",
+                        detail: error.clone(),
+                    });
+                    self.refused.push(Refused {
+                        name: want.name.clone(),
+                        error,
+                    });
+                }
+            }
+        }
+        self.loaded = ordered;
+        reports
+    }
+
+    fn on_message(&mut self, msg: &HookMessage) -> Outcome {
+        let mut text = msg.text.to_string();
+        let mut verdicts = Vec::new();
+        let mut posts = Vec::new();
+        for i in 0..self.loaded.len() {
+            if msg.bot == Some(self.loaded[i].name.as_str()) {
+                continue;
+            }
+            let current = HookMessage { text: &text, ..*msg };
+            let m = message_in(&current, 0);
+            let Some(mut state) = self.call(i, |p| (p.desc.on_message)(p.instance, &m)) else {
+                continue;
+            };
+            self.posts_of(i, &mut state, &mut posts);
+            match state.verdict {
+                Some((abi::ACTION_DROP, reason, rule)) => {
+                    self.loaded[i].drops += 1;
+                    verdicts.push(VerdictRecord {
+                        plugin: self.loaded[i].name.clone(),
+                        rule: rule.clone(),
+                        action: "drop",
+                    });
+                    self.notify_verdict(i, abi::ACTION_DROP, &rule, msg.from_id, msg.from);
+                    let reason = if reason.is_empty() {
+                        format!("dropped by {}", self.loaded[i].name)
+                    } else {
+                        reason
+                    };
+                    return Outcome {
+                        decision: Decision::Drop { reason },
+                        verdicts,
+                        posts,
+                    };
+                }
+                Some((abi::ACTION_REWRITE, new_text, rule)) => match limits::check_text(&new_text) {
+                    Ok(()) => {
+                        text = new_text;
+                        verdicts.push(VerdictRecord {
+                            plugin: self.loaded[i].name.clone(),
+                            rule: rule.clone(),
+                            action: "rewrite",
+                        });
+                        self.notify_verdict(i, abi::ACTION_REWRITE, &rule, msg.from_id, msg.from);
+                    }
+                    Err(e) => {
+                        tracing::warn!(plugin = %self.loaded[i].name, error = %e, "ignoring an invalid rewrite")
+                    }
+                },
+                _ => {}
+            }
+        }
+        Outcome {
+            decision: Decision::Deliver(text),
+            verdicts,
+            posts,
+        }
+    }
+
+    fn on_delivered(&mut self, msg: &HookMessage, replay: bool) -> Vec<(String, String)> {
+        let m = message_in(msg, if replay { abi::FLAG_REPLAY } else { 0 });
+        let mut posts = Vec::new();
+        for i in 0..self.loaded.len() {
+            if msg.bot == Some(self.loaded[i].name.as_str()) {
+                continue;
+            }
+            if let Some(mut state) = self.call(i, |p| (p.desc.on_delivered)(p.instance, &m)) {
+                if !replay {
+                    self.posts_of(i, &mut state, &mut posts);
+                }
+            }
+        }
+        posts
+    }
+
+    fn on_join(&mut self, id: u64, name: &str) -> Vec<(String, String)> {
+        let mut posts = Vec::new();
+        for i in 0..self.loaded.len() {
+            if let Some(mut state) = self.call(i, |p| (p.desc.on_join)(p.instance, id, Str::from_str(name))) {
+                self.posts_of(i, &mut state, &mut posts);
+            }
+        }
+        posts
+    }
+
+    fn on_leave(&mut self, id: u64, name: &str, reason: &str) -> Vec<(String, String)> {
+        let mut posts = Vec::new();
+        for i in 0..self.loaded.len() {
+            let r = self.call(i, |p| {
+                (p.desc.on_leave)(p.instance, id, Str::from_str(name), Str::from_str(reason))
+            });
+            if let Some(mut state) = r {
+                self.posts_of(i, &mut state, &mut posts);
+            }
+        }
+        posts
+    }
+
+    fn reports(&mut self) -> Vec<HookReport> {
+        std::mem::take(&mut self.reports)
+    }
+
+    fn status(&self) -> Vec<PluginStatus> {
+        let mut out: Vec<PluginStatus> = self
+            .loaded
+            .iter()
+            .map(|p| PluginStatus {
+                name: p.name.clone(),
+                version: p.version.clone(),
+                state: if p.quarantined.is_some() {
+                    "quarantined"
+                } else {
+                    "active"
+                }
+                .into(),
+                calls: p.calls,
+                drops: p.drops,
+                time_us: p.time.as_micros() as u64,
+                error: p.quarantined.clone(),
+            })
+            .collect();
+        out.extend(self.refused.iter().map(|r| PluginStatus {
+            name: r.name.clone(),
+            version: String::new(),
+            state: "refused".into(),
+            calls: 0,
+            drops: 0,
+            time_us: 0,
+            error: Some(r.error.clone()),
+        }));
+        out
+    }
+
+    fn active(&self) -> bool {
+        self.loaded.iter().any(|p| p.quarantined.is_none())
+    }
+}

@@ -1,0 +1,159 @@
+//! The C ABI itself: plain `#[repr(C)]` types and function pointers.
+//!
+//! Ownership rules (every buffer):
+//! - Strings the host passes in (`Str` fields and arguments) are borrowed:
+//!   valid only until the call returns. Copy what you keep.
+//! - Strings a plugin hands out (verdict text, bot posts, error messages,
+//!   log lines) go through the host's callbacks in [`HostApi`]; the host
+//!   copies them before the callback returns, so the plugin keeps ownership
+//!   and may free or reuse its buffer at once.
+//! - The [`Descriptor`] and the strings in it (name, version) are static:
+//!   they must live as long as the library is loaded.
+//! - The instance pointer returned by `load` belongs to the plugin; the host
+//!   only passes it back, and calls `unload` exactly once.
+
+use std::ffi::c_void;
+
+/// Version of this ABI. A host refuses a descriptor with another version.
+pub const ABI_VERSION: u32 = 1;
+
+/// The symbol every plugin exports: `extern "C" fn() -> *const Descriptor`.
+pub const ENTRY_SYMBOL: &str = "p2pchat_plugin_entry";
+
+/// Return codes of every plugin function.
+pub const RC_OK: i32 = 0;
+/// The plugin failed; it reported a message through `HostApi::error`.
+pub const RC_ERROR: i32 = 1;
+/// The plugin panicked (caught at the boundary).
+pub const RC_PANIC: i32 = 2;
+
+/// Verdict actions.
+pub const ACTION_DELIVER: u32 = 0;
+pub const ACTION_DROP: u32 = 1;
+pub const ACTION_REWRITE: u32 = 2;
+
+/// `MessageIn::flags` bit: history replayed to plugins when their node takes
+/// over as coordinator (already delivered; verdicts are ignored).
+pub const FLAG_REPLAY: u32 = 1;
+/// `MessageIn::flags` bit: the message was posted by a bot.
+pub const FLAG_BOT: u32 = 2;
+
+/// Log levels for `HostApi::log`.
+pub const LOG_ERROR: u32 = 1;
+pub const LOG_WARN: u32 = 2;
+pub const LOG_INFO: u32 = 3;
+pub const LOG_DEBUG: u32 = 4;
+
+/// A borrowed UTF-8 string: pointer and length in bytes (not NUL-terminated).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Str {
+    pub ptr: *const u8,
+    pub len: usize,
+}
+
+impl Str {
+    pub const EMPTY: Str = Str {
+        ptr: std::ptr::null(),
+        len: 0,
+    };
+
+    /// Borrows a Rust string (valid while `s` is).
+    pub const fn from_str(s: &str) -> Str {
+        Str {
+            ptr: s.as_ptr(),
+            len: s.len(),
+        }
+    }
+
+    /// Reads the string back.
+    ///
+    /// # Safety
+    /// `ptr` must point to `len` readable bytes for the lifetime `'a`.
+    /// Invalid UTF-8 is replaced, never trusted.
+    pub unsafe fn to_str_lossy<'a>(self) -> std::borrow::Cow<'a, str> {
+        if self.ptr.is_null() || self.len == 0 {
+            return std::borrow::Cow::Borrowed("");
+        }
+        // SAFETY: guaranteed by the caller.
+        let bytes = unsafe { std::slice::from_raw_parts(self.ptr, self.len) };
+        String::from_utf8_lossy(bytes)
+    }
+}
+
+/// A chat message as a plugin sees it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MessageIn {
+    pub epoch: u64,
+    /// For `on_message`: the seq it will get if delivered. For
+    /// `on_delivered`: its seq.
+    pub seq: u64,
+    pub from_id: u64,
+    pub from: Str,
+    pub text: Str,
+    /// `FLAG_REPLAY`, `FLAG_BOT`.
+    pub flags: u32,
+}
+
+/// A verdict another plugin made, for `on_verdict`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct VerdictIn {
+    /// The plugin that made it.
+    pub plugin: Str,
+    /// `ACTION_DROP` or `ACTION_REWRITE`.
+    pub action: u32,
+    pub rule: Str,
+    pub member_id: u64,
+    pub member: Str,
+}
+
+/// What the host offers a plugin. Valid from `load` until `unload` returns.
+/// Callbacks copy their arguments before returning.
+#[repr(C)]
+pub struct HostApi {
+    /// Opaque; pass it back to every callback.
+    pub ctx: *mut c_void,
+    /// Posts a bot message (sequenced like any message, not fed back into
+    /// the plugin that posted it). Allowed during any call.
+    pub post: extern "C" fn(ctx: *mut c_void, text: Str),
+    /// Sets the verdict of the current `on_message` call. Not calling it
+    /// means deliver. `text` is the reason shown to the sender (drop) or the
+    /// new text (rewrite); `rule` identifies the rule that decided.
+    pub verdict: extern "C" fn(ctx: *mut c_void, action: u32, text: Str, rule: Str),
+    /// Explains an `RC_ERROR` return (and a refused `load`).
+    pub error: extern "C" fn(ctx: *mut c_void, message: Str),
+    /// Writes to the node's diagnostics.
+    pub log: extern "C" fn(ctx: *mut c_void, level: u32, message: Str),
+}
+
+/// The plugin's entry points. Every function returns an `RC_*` code except
+/// `unload`. `instance` is what `load` stored.
+#[repr(C)]
+pub struct Descriptor {
+    /// Must be [`ABI_VERSION`]; checked before anything else is read.
+    pub abi_version: u32,
+    /// `size_of::<Descriptor>()` as the plugin was built; checked second.
+    pub size: u32,
+    /// `[a-z0-9_-]`, the name the host loads it by.
+    pub name: Str,
+    pub version: Str,
+    /// Creates an instance from a JSON configuration (`{}` if none).
+    pub load: extern "C" fn(config: Str, host: *const HostApi, instance: *mut *mut c_void) -> i32,
+    /// Decides on a message before it is sequenced (call `HostApi::verdict`).
+    pub on_message: extern "C" fn(instance: *mut c_void, msg: *const MessageIn) -> i32,
+    /// Sees a message after it was sequenced and sent.
+    pub on_delivered: extern "C" fn(instance: *mut c_void, msg: *const MessageIn) -> i32,
+    /// Sees a drop or rewrite decided by another plugin.
+    pub on_verdict: extern "C" fn(instance: *mut c_void, verdict: *const VerdictIn) -> i32,
+    pub on_join: extern "C" fn(instance: *mut c_void, member_id: u64, name: Str) -> i32,
+    pub on_leave: extern "C" fn(instance: *mut c_void, member_id: u64, name: Str, reason: Str) -> i32,
+    /// Frees the instance. Called once; no call follows.
+    pub unload: extern "C" fn(instance: *mut c_void),
+}
+
+// SAFETY: a descriptor holds only static strings and function pointers.
+unsafe impl Sync for Descriptor {}
+// SAFETY: the host serialises every call into one plugin instance.
+unsafe impl Send for HostApi {}

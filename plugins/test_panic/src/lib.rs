@@ -1,0 +1,24 @@
+//! A test bot that panics on any message containing "boom" (to check that
+//! the node quarantines it and the chat goes on). Not for real use.
+
+use p2p_plugin_api::{export_plugin, Host, Message, Plugin, Verdict};
+
+struct Panicky;
+
+impl Plugin for Panicky {
+    const NAME: &'static str = "test_panic";
+    const VERSION: &'static str = "0.0.1";
+
+    fn load(_config: &str, _host: &Host) -> Result<Self, String> {
+        Ok(Panicky)
+    }
+
+    fn on_message(&mut self, msg: &Message, _host: &Host) -> Verdict {
+        if msg.text.contains("boom") {
+            panic!("the test plugin was asked to blow up");
+        }
+        Verdict::Deliver
+    }
+}
+
+export_plugin!(Panicky);
