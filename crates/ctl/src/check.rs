@@ -36,15 +36,46 @@ pub async fn post(addr: &str, text: &str) -> std::io::Result<()> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let attempt = async {
         let mut s = TcpStream::connect(addr).await?;
-        s.write_all(&encode(&Frame::Post {
+        let post = Frame::Post {
             text: text.to_string(),
-        }))
-        .await?;
-        s.shutdown().await
+        };
+        s.write_all(&encode(&post)).await?;
+        // The node answers once the message is queued, so says sent one
+        // after another keep their order.
+        match read_frame(&mut s).await? {
+            Frame::Error { message, .. } => Err(std::io::Error::other(message)),
+            _ => Ok(()),
+        }
     };
     tokio::time::timeout(IO_TIMEOUT, attempt)
         .await
         .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")))
+}
+
+/// Sends an observer request (attach/detach/status) to `addr`, following
+/// one redirect to the coordinator; returns the node's `status` answer.
+///
+/// # Errors
+/// The node's refusal (e.g. a plugin that cannot load) or an I/O failure.
+pub async fn coordinator_request(addr: &str, frame: &Frame) -> Result<Frame, String> {
+    let mut target = addr.to_string();
+    for _ in 0..2 {
+        let attempt = async {
+            let mut s = TcpStream::connect(&target).await?;
+            s.write_all(&encode(frame)).await?;
+            read_frame(&mut s).await
+        };
+        let reply = tokio::time::timeout(IO_TIMEOUT, attempt)
+            .await
+            .map_err(|_| format!("node at {target} did not answer in time"))?
+            .map_err(|e| format!("node at {target}: {e}"))?;
+        match reply {
+            Frame::Redirect { addr, .. } => target = addr,
+            Frame::Error { message, .. } => return Err(message),
+            other => return Ok(other),
+        }
+    }
+    Err("the coordinator keeps moving; try again".into())
 }
 
 /// A node's status as an observer sees it.

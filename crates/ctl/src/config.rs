@@ -84,6 +84,21 @@ pub struct PluginSpec {
     pub config: serde_yaml::Value,
 }
 
+impl PluginSpec {
+    /// The configuration as JSON text (`{}` when absent).
+    pub fn config_json(&self) -> String {
+        yaml_to_json(&self.config)
+    }
+}
+
+/// YAML configuration → JSON text for a plugin (`{}` for null).
+pub fn yaml_to_json(v: &serde_yaml::Value) -> String {
+    if v.is_null() {
+        return "{}".into();
+    }
+    serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
+}
+
 /// The file as written.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

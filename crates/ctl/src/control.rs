@@ -34,6 +34,16 @@ pub enum Request {
         text: String,
     },
     Check,
+    /// Attach (or reconfigure) a plugin; `config` is JSON text.
+    Attach {
+        name: String,
+        config: String,
+    },
+    Detach {
+        name: String,
+    },
+    /// Plugin status as the coordinator reports it.
+    Plugins,
     Down,
     /// Stream every supervisor event until the client hangs up.
     Events,

@@ -23,12 +23,17 @@ struct Seen {
     delivered: HashMap<String, HashSet<String>>,
     coordinator: Option<(String, u64)>,
     ready: HashSet<String>,
+    /// Verdicts reported by the coordinator.
+    verdicts: usize,
 }
 
 struct Story {
     running: Running,
     display: Display,
     seen: Seen,
+    /// Plugins the cluster file attaches.
+    plugins: Vec<String>,
+    state_dir: std::path::PathBuf,
 }
 
 fn step(text: &str) {
@@ -49,6 +54,9 @@ impl Story {
                 }
                 Some("ready") => {
                     self.seen.ready.insert(node.clone());
+                }
+                Some("verdict") if self.seen.coordinator.as_ref().is_some_and(|(c, _)| c == node) => {
+                    self.seen.verdicts += 1;
                 }
                 _ => {}
             },
@@ -107,6 +115,8 @@ impl Story {
 /// Any step that fails, with what it was waiting for.
 pub async fn demo(cluster: Cluster) -> anyhow::Result<i32> {
     let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    let plugins: Vec<String> = cluster.plugins.iter().map(|p| p.name.clone()).collect();
+    let state_dir = cluster.state_dir.clone();
     if names.len() < 3 {
         bail!(
             "the demo needs at least 3 nodes; {} lists {}",
@@ -122,6 +132,8 @@ pub async fn demo(cluster: Cluster) -> anyhow::Result<i32> {
         cluster.file.display()
     ));
     let started = Instant::now();
+    // A fresh transcript for this run (the logger opens it when it loads).
+    let _ = std::fs::remove_file(state_dir.join("transcript.jsonl"));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         tokio::select! {
@@ -139,6 +151,8 @@ pub async fn demo(cluster: Cluster) -> anyhow::Result<i32> {
         running,
         display,
         seen: Seen::default(),
+        plugins,
+        state_dir,
     };
     let result = story_steps(&mut story, &names, started).await;
     step("Tearing down");
@@ -158,6 +172,9 @@ pub async fn demo(cluster: Cluster) -> anyhow::Result<i32> {
 }
 
 async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> anyhow::Result<()> {
+    let plugins = story.plugins.clone();
+    let has = |p: &str| plugins.iter().any(|x| x == p);
+    let echo = has("echo");
     let ps = story.request(Request::Ps).await?;
     let coord = ps
         .as_array()
@@ -187,7 +204,13 @@ async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> a
     for (node, text) in lines {
         story.say(node, text).await?;
     }
-    let texts: Vec<String> = lines.iter().map(|(_, t)| t.to_string()).collect();
+    let mut texts: Vec<String> = lines.iter().map(|(_, t)| t.to_string()).collect();
+    if echo {
+        story
+            .say(names[1].as_str(), "!echo the echo bot answers this")
+            .await?;
+        texts.push("the echo bot answers this".into());
+    }
     let all: Vec<String> = names.to_vec();
     story
         .until("the first messages", Duration::from_secs(10), |s| {
@@ -264,6 +287,62 @@ async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> a
         })
         .await?;
 
+    if echo {
+        step(&format!(
+            "The bots survived the failover: {new_coord} now runs them"
+        ));
+        story
+            .say(&speaker, "!echo still echoing after the failover")
+            .await?;
+        let all = names.to_vec();
+        story
+            .until("the echo after failover", Duration::from_secs(10), |s| {
+                all.iter().all(|n| {
+                    s.delivered
+                        .get(n)
+                        .is_some_and(|d| d.contains("still echoing after the failover"))
+                })
+            })
+            .await?;
+    }
+
+    step("Attaching the moderation bot at runtime (p2pctl attach moderation --config …)");
+    let config = r#"{"banned":["spam","scam"],"action":"mask","rate":{"messages":3,"per_ms":10000}}"#;
+    match story
+        .request(Request::Attach {
+            name: "moderation".into(),
+            config: config.into(),
+        })
+        .await
+    {
+        Ok(_) => {
+            println!("attached moderation: banned words masked, at most 3 messages per 10 s per member");
+            story.say(&speaker, "great deal, totally not SPAM").await?;
+            for i in 1..=4 {
+                story.say(&coord, &format!("flood {i}")).await?;
+            }
+            let all = names.to_vec();
+            story
+                .until("the moderated messages", Duration::from_secs(10), |s| {
+                    all.iter().all(|n| {
+                        s.delivered.get(n).is_some_and(|d| {
+                            d.contains("great deal, totally not ***") && d.contains("flood 3")
+                        })
+                    })
+                })
+                .await?;
+            story
+                .until("the rate-limit verdict", Duration::from_secs(10), |s| {
+                    s.verdicts >= 2
+                })
+                .await?;
+            println!("(flood 4 was dropped by the rate limit: no node delivered it; {coord} was told why)");
+        }
+        Err(e) => println!(
+            "moderation not attached: {e:#} (build the plugins: cargo build -p p2p-plugin-moderation)"
+        ),
+    }
+
     step("Checking that every node delivered the same sequence");
     let check = story.request(Request::Check).await?;
     if check["agree"] != true {
@@ -275,5 +354,29 @@ async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> a
         check["nodes"].as_array().map(Vec::len).unwrap_or(0),
         check["last_seq"]
     );
+    if has("logger") {
+        let transcript = story.state_dir.join("transcript.jsonl");
+        let text = std::fs::read_to_string(&transcript).unwrap_or_default();
+        let seqs: Vec<u64> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["type"] == "message")
+            .filter_map(|v| v["seq"].as_u64())
+            .collect();
+        let expected: Vec<u64> = (1..=check["last_seq"].as_u64().unwrap_or(0)).collect();
+        if seqs != expected {
+            bail!(
+                "the logger's transcript {} holds seqs {seqs:?}, expected 1..={}",
+                transcript.display(),
+                expected.len()
+            );
+        }
+        println!(
+            "{} the logger's transcript {} holds seqs 1..={} across the failover: no gap, no duplicate",
+            Style::new().green().bold().apply_to("transcript:"),
+            transcript.display(),
+            expected.len()
+        );
+    }
     Ok(())
 }

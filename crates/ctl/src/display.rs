@@ -117,6 +117,23 @@ impl Display {
                 })
             }
             "error" => Some(self.prefixed(node, &format!("error: {}", s("message")))),
+            "verdict" if self.coordinator.as_deref() == Some(node) => Some(self.prefixed(
+                &s("plugin"),
+                &format!("{} {}'s message (rule {})", s("action"), s("member"), s("rule")),
+            )),
+            "plugin" if s("state") != "loaded" || self.coordinator.as_deref() == Some(node) => {
+                Some(self.prefixed(
+                    node,
+                    &format!("plugin {} {}{}", s("name"), s("state"), {
+                        let d = s("detail");
+                        if d.is_empty() {
+                            String::new()
+                        } else {
+                            format!(": {d}")
+                        }
+                    }),
+                ))
+            }
             "dropped" => Some(self.prefixed(
                 node,
                 &format!("{} events not printed (stdout too slow)", e["count"]),
@@ -156,6 +173,14 @@ pub fn log_line(line: &str) -> Option<String> {
         ),
         "rejected" => format!("* not delivered: {}", s("reason")),
         "error" => format!("* error: {}", s("message")),
+        "verdict" => format!(
+            "* {}: {} of {}'s message (rule {})",
+            s("plugin"),
+            s("action"),
+            s("member"),
+            s("rule")
+        ),
+        "plugin" => format!("* plugin {} {} {}", s("name"), s("state"), s("detail")),
         other => format!("{other}: {e}"),
     })
 }

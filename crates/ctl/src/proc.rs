@@ -45,13 +45,17 @@ impl ExitInfo {
 pub fn spawn(
     bin: &Path,
     args: &[String],
+    cwd: &Path,
     log: PathBuf,
     idx: usize,
     gen: u64,
     tx: mpsc::Sender<SupMsg>,
 ) -> std::io::Result<u32> {
     let mut cmd = Command::new(bin);
+    // Relative paths in plugin configs (the logger's transcript) resolve
+    // in the cluster's state directory.
     cmd.args(args)
+        .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -22,7 +22,11 @@ use crate::supervisor::{CtlEvent, Handle, Supervisor};
 /// When it is not there, with how to build it.
 pub fn node_bin() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("P2PNODE_BIN") {
-        return Ok(PathBuf::from(p));
+        let p = PathBuf::from(p);
+        // Nodes run in the state directory: keep the path absolute.
+        return p
+            .canonicalize()
+            .with_context(|| format!("P2PNODE_BIN={} does not exist", p.display()));
     }
     let exe = std::env::current_exe().context("while locating the p2pctl executable")?;
     let bin = exe.with_file_name("p2pnode");

@@ -242,6 +242,10 @@ impl Supervisor {
             "--heartbeat-ms".into(),
             self.cluster.heartbeat_ms.to_string(),
         ];
+        for p in &self.cluster.plugins {
+            args.push("--plugin".into());
+            args.push(format!("{}:{}", p.name, p.config_json()));
+        }
         let peers: Vec<String> = self
             .slots
             .iter()
@@ -271,7 +275,15 @@ impl Supervisor {
         slot.restart_after_exit = false;
         let gen = slot.gen;
         let name = slot.name.clone();
-        match proc::spawn(&self.node_bin, &args, log, idx, gen, self.tx.clone()) {
+        match proc::spawn(
+            &self.node_bin,
+            &args,
+            &self.cluster.state_dir,
+            log,
+            idx,
+            gen,
+            self.tx.clone(),
+        ) {
             Ok(pid) => {
                 let slot = &mut self.slots[idx];
                 slot.pid = Some(pid);
@@ -552,6 +564,18 @@ impl Supervisor {
                 });
                 return;
             }
+            Request::Attach { name, config } => {
+                let frame = p2p_proto::Frame::Attach { name, config };
+                return self.to_coordinator(frame, reply);
+            }
+            Request::Detach { name } => {
+                let frame = p2p_proto::Frame::Detach { name };
+                return self.to_coordinator(frame, reply);
+            }
+            Request::Plugins => {
+                let frame = p2p_proto::Frame::StatusRequest { log: false };
+                return self.to_coordinator(frame, reply);
+            }
             Request::Down => {
                 self.begin_down(Some(reply));
                 return;
@@ -559,6 +583,36 @@ impl Supervisor {
             Request::Events => Response::err("events is a stream; use the control socket directly"),
         };
         let _ = reply.send(resp);
+    }
+
+    /// Sends an observer frame to the current coordinator; answers with the
+    /// plugin list from its status.
+    fn to_coordinator(&self, frame: p2p_proto::Frame, reply: oneshot::Sender<Response>) {
+        let addr = self
+            .coordinator
+            .as_ref()
+            .and_then(|(_, name)| self.slots.iter().find(|s| &s.name == name && s.pid.is_some()))
+            .and_then(|s| s.addr.clone())
+            .or_else(|| {
+                self.slots
+                    .iter()
+                    .find(|s| s.pid.is_some())
+                    .and_then(|s| s.addr.clone())
+            });
+        let Some(addr) = addr else {
+            let _ = reply.send(Response::err("no node is running"));
+            return;
+        };
+        tokio::spawn(async move {
+            let resp = match crate::check::coordinator_request(&addr, &frame).await {
+                Ok(p2p_proto::Frame::Status { name, plugins, .. }) => {
+                    Response::ok(json!({"coordinator": name, "plugins": plugins}))
+                }
+                Ok(other) => Response::err(format!("unexpected answer from the coordinator: {other:?}")),
+                Err(e) => Response::err(e),
+            };
+            let _ = reply.send(resp);
+        });
     }
 
     fn ps(&self) -> Value {

@@ -116,6 +116,30 @@ enum Cmd {
         follow: bool,
         node: Option<String>,
     },
+    /// Attach (or reconfigure) a bot plugin on the running cluster.
+    Attach {
+        #[command(flatten)]
+        f: FileArg,
+        /// Plugin name (a lib<name>.so in the nodes' plugin directory).
+        name: String,
+        /// Configuration as YAML/JSON text, or @FILE to read it from a file.
+        #[arg(long)]
+        config: Option<String>,
+    },
+    /// Detach a bot plugin from the running cluster.
+    Detach {
+        #[command(flatten)]
+        f: FileArg,
+        name: String,
+    },
+    /// Plugins of the chat: name, version, state, calls, drops, time spent.
+    Plugins {
+        #[command(flatten)]
+        f: FileArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check that all live nodes delivered the same messages in the same order.
     Check {
         #[command(flatten)]
@@ -146,6 +170,9 @@ impl Cmd {
             | Cmd::Stop { f, .. }
             | Cmd::Restart { f, .. }
             | Cmd::Say { f, .. }
+            | Cmd::Attach { f, .. }
+            | Cmd::Detach { f, .. }
+            | Cmd::Plugins { f, .. }
             | Cmd::Check { f }
             | Cmd::Down { f }
             | Cmd::Demo { f } => f.file.as_ref(),
@@ -272,6 +299,69 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
             let text = text.join(" ");
             p2p_proto::limits::check_text(&text).map_err(|e| anyhow::anyhow!("cannot send that: {e}"))?;
             call(cluster, Request::Say { node, text }).await?;
+        }
+        Cmd::Attach { name, config, .. } => {
+            let config = match config {
+                None => "{}".to_string(),
+                Some(c) => {
+                    let text = match c.strip_prefix('@') {
+                        Some(path) => std::fs::read_to_string(path)
+                            .with_context(|| format!("cannot read the plugin configuration file {path}"))?,
+                        None => c,
+                    };
+                    let v: serde_yaml::Value = serde_yaml::from_str(&text)
+                        .map_err(|e| anyhow::anyhow!("--config is neither YAML nor JSON: {e}"))?;
+                    p2p_ctl::config::yaml_to_json(&v)
+                }
+            };
+            let d = call(
+                cluster,
+                Request::Attach {
+                    name: name.clone(),
+                    config,
+                },
+            )
+            .await?;
+            println!(
+                "attached {name} (coordinator {})",
+                d["coordinator"].as_str().unwrap_or("?")
+            );
+        }
+        Cmd::Detach { name, .. } => {
+            call(cluster, Request::Detach { name: name.clone() }).await?;
+            println!("detached {name}");
+        }
+        Cmd::Plugins { json, .. } => {
+            let d = call(cluster, Request::Plugins).await?;
+            let list = d["plugins"].as_array().cloned().unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else if list.is_empty() {
+                println!(
+                    "no plugins attached (coordinator {})",
+                    d["coordinator"].as_str().unwrap_or("?")
+                );
+            } else {
+                println!(
+                    "{:<14} {:<9} {:<12} {:>8} {:>6} {:>10}",
+                    "NAME", "VERSION", "STATE", "CALLS", "DROPS", "TIME"
+                );
+                for p in list {
+                    println!(
+                        "{:<14} {:<9} {:<12} {:>8} {:>6} {:>8}us{}",
+                        p["name"].as_str().unwrap_or(""),
+                        p["version"].as_str().unwrap_or(""),
+                        p["state"].as_str().unwrap_or(""),
+                        p["calls"].to_string(),
+                        p["drops"].to_string(),
+                        p["time_us"].to_string(),
+                        p["error"]
+                            .as_str()
+                            .map(|e| format!("  ({e})"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
         }
         Cmd::Check { .. } => {
             let d = call(cluster, Request::Check).await?;

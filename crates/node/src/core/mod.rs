@@ -395,7 +395,12 @@ impl Core {
                 let status = self.status(log);
                 self.send(conn, &status);
             }
-            Frame::Post { text } => self.on_user_text(text),
+            Frame::Post { text } => {
+                // Answer once queued, so a poster's messages keep their order.
+                self.on_user_text(text);
+                let status = self.status(false);
+                self.send(conn, &status);
+            }
             Frame::Attach { name, config } => {
                 self.on_plugin_change(conn, PluginChange::Attach(PluginRef { name, config }))
             }
