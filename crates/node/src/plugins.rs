@@ -237,7 +237,9 @@ impl PluginHost {
             p.config.clone()
         };
         let mut instance: *mut c_void = std::ptr::null_mut();
-        let rc = (desc.load)(Str::from_str(&config), &*api, &mut instance);
+        // SAFETY: arguments follow the ABI: a string valid for the call, a
+        // HostApi that outlives the instance, a writable out-pointer.
+        let rc = unsafe { (desc.load)(Str::from_str(&config), &*api, &mut instance) };
         if rc != abi::RC_OK {
             let why = ctx.call.lock().ok().and_then(|mut c| c.error.take());
             let why = why.unwrap_or_else(|| {
@@ -319,13 +321,16 @@ impl PluginHost {
                 member_id,
                 member: Str::from_str(member),
             };
-            let _ = self.call(j, |p| (p.desc.on_verdict)(p.instance, &v));
+            // SAFETY: instance from load; `v` and its strings outlive the call.
+            let _ = self.call(j, |p| unsafe { (p.desc.on_verdict)(p.instance, &v) });
         }
     }
 
     fn unload(p: Loaded) {
         if p.quarantined.is_none() {
-            (p.desc.unload)(p.instance);
+            // SAFETY: the instance came from this plugin's load and is
+            // unloaded once (the Loaded is consumed here).
+            unsafe { (p.desc.unload)(p.instance) };
         }
         // A quarantined instance may be in any state: it is leaked, not
         // unloaded. Its Ctx and HostApi stay alive with it.
@@ -343,7 +348,7 @@ impl Drop for PluginHost {
     }
 }
 
-fn message_in<'a>(m: &'a HookMessage, flags: u32) -> MessageIn {
+fn message_in(m: &HookMessage, flags: u32) -> MessageIn {
     let mut f = flags;
     if m.bot.is_some() {
         f |= abi::FLAG_BOT;
@@ -419,7 +424,8 @@ impl Hooks for PluginHost {
             }
             let current = HookMessage { text: &text, ..*msg };
             let m = message_in(&current, 0);
-            let Some(mut state) = self.call(i, |p| (p.desc.on_message)(p.instance, &m)) else {
+            // SAFETY: instance from load; `m` borrows strings that outlive the call.
+            let Some(mut state) = self.call(i, |p| unsafe { (p.desc.on_message)(p.instance, &m) }) else {
                 continue;
             };
             self.posts_of(i, &mut state, &mut posts);
@@ -474,7 +480,8 @@ impl Hooks for PluginHost {
             if msg.bot == Some(self.loaded[i].name.as_str()) {
                 continue;
             }
-            if let Some(mut state) = self.call(i, |p| (p.desc.on_delivered)(p.instance, &m)) {
+            // SAFETY: instance from load; `m` borrows strings that outlive the call.
+            if let Some(mut state) = self.call(i, |p| unsafe { (p.desc.on_delivered)(p.instance, &m) }) {
                 if !replay {
                     self.posts_of(i, &mut state, &mut posts);
                 }
@@ -486,7 +493,10 @@ impl Hooks for PluginHost {
     fn on_join(&mut self, id: u64, name: &str) -> Vec<(String, String)> {
         let mut posts = Vec::new();
         for i in 0..self.loaded.len() {
-            if let Some(mut state) = self.call(i, |p| (p.desc.on_join)(p.instance, id, Str::from_str(name))) {
+            // SAFETY: instance from load; `name` outlives the call.
+            if let Some(mut state) = self.call(i, |p| unsafe {
+                (p.desc.on_join)(p.instance, id, Str::from_str(name))
+            }) {
                 self.posts_of(i, &mut state, &mut posts);
             }
         }
@@ -496,7 +506,8 @@ impl Hooks for PluginHost {
     fn on_leave(&mut self, id: u64, name: &str, reason: &str) -> Vec<(String, String)> {
         let mut posts = Vec::new();
         for i in 0..self.loaded.len() {
-            let r = self.call(i, |p| {
+            // SAFETY: instance from load; the strings outlive the call.
+            let r = self.call(i, |p| unsafe {
                 (p.desc.on_leave)(p.instance, id, Str::from_str(name), Str::from_str(reason))
             });
             if let Some(mut state) = r {

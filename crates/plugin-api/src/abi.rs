@@ -140,17 +140,17 @@ pub struct Descriptor {
     pub name: Str,
     pub version: Str,
     /// Creates an instance from a JSON configuration (`{}` if none).
-    pub load: extern "C" fn(config: Str, host: *const HostApi, instance: *mut *mut c_void) -> i32,
+    pub load: unsafe extern "C" fn(config: Str, host: *const HostApi, instance: *mut *mut c_void) -> i32,
     /// Decides on a message before it is sequenced (call `HostApi::verdict`).
-    pub on_message: extern "C" fn(instance: *mut c_void, msg: *const MessageIn) -> i32,
+    pub on_message: unsafe extern "C" fn(instance: *mut c_void, msg: *const MessageIn) -> i32,
     /// Sees a message after it was sequenced and sent.
-    pub on_delivered: extern "C" fn(instance: *mut c_void, msg: *const MessageIn) -> i32,
+    pub on_delivered: unsafe extern "C" fn(instance: *mut c_void, msg: *const MessageIn) -> i32,
     /// Sees a drop or rewrite decided by another plugin.
-    pub on_verdict: extern "C" fn(instance: *mut c_void, verdict: *const VerdictIn) -> i32,
-    pub on_join: extern "C" fn(instance: *mut c_void, member_id: u64, name: Str) -> i32,
-    pub on_leave: extern "C" fn(instance: *mut c_void, member_id: u64, name: Str, reason: Str) -> i32,
+    pub on_verdict: unsafe extern "C" fn(instance: *mut c_void, verdict: *const VerdictIn) -> i32,
+    pub on_join: unsafe extern "C" fn(instance: *mut c_void, member_id: u64, name: Str) -> i32,
+    pub on_leave: unsafe extern "C" fn(instance: *mut c_void, member_id: u64, name: Str, reason: Str) -> i32,
     /// Frees the instance. Called once; no call follows.
-    pub unload: extern "C" fn(instance: *mut c_void),
+    pub unload: unsafe extern "C" fn(instance: *mut c_void),
 }
 
 // SAFETY: a descriptor holds only static strings and function pointers.

@@ -239,7 +239,11 @@ unsafe fn inst<'a, P>(instance: *mut c_void) -> &'a mut Instance<P> {
 }
 
 #[doc(hidden)]
-pub extern "C" fn shim_load<P: Plugin>(config: Str, host: *const HostApi, out: *mut *mut c_void) -> i32 {
+pub unsafe extern "C" fn shim_load<P: Plugin>(
+    config: Str,
+    host: *const HostApi,
+    out: *mut *mut c_void,
+) -> i32 {
     if host.is_null() || out.is_null() {
         return abi::RC_ERROR;
     }
@@ -266,7 +270,7 @@ pub extern "C" fn shim_load<P: Plugin>(config: Str, host: *const HostApi, out: *
 }
 
 #[doc(hidden)]
-pub extern "C" fn shim_on_message<P: Plugin>(instance: *mut c_void, msg: *const MessageIn) -> i32 {
+pub unsafe extern "C" fn shim_on_message<P: Plugin>(instance: *mut c_void, msg: *const MessageIn) -> i32 {
     // SAFETY: the host passes back the pointer from load.
     let i = unsafe { inst::<P>(instance) };
     let host = Host { api: i.host.api };
@@ -281,7 +285,7 @@ pub extern "C" fn shim_on_message<P: Plugin>(instance: *mut c_void, msg: *const 
 }
 
 #[doc(hidden)]
-pub extern "C" fn shim_on_delivered<P: Plugin>(instance: *mut c_void, msg: *const MessageIn) -> i32 {
+pub unsafe extern "C" fn shim_on_delivered<P: Plugin>(instance: *mut c_void, msg: *const MessageIn) -> i32 {
     // SAFETY: the host passes back the pointer from load.
     let i = unsafe { inst::<P>(instance) };
     let host = Host { api: i.host.api };
@@ -295,7 +299,7 @@ pub extern "C" fn shim_on_delivered<P: Plugin>(instance: *mut c_void, msg: *cons
 }
 
 #[doc(hidden)]
-pub extern "C" fn shim_on_verdict<P: Plugin>(instance: *mut c_void, v: *const VerdictIn) -> i32 {
+pub unsafe extern "C" fn shim_on_verdict<P: Plugin>(instance: *mut c_void, v: *const VerdictIn) -> i32 {
     // SAFETY: the host passes back the pointer from load.
     let i = unsafe { inst::<P>(instance) };
     let host = Host { api: i.host.api };
@@ -328,7 +332,7 @@ pub extern "C" fn shim_on_verdict<P: Plugin>(instance: *mut c_void, v: *const Ve
 }
 
 #[doc(hidden)]
-pub extern "C" fn shim_on_join<P: Plugin>(instance: *mut c_void, id: u64, name: Str) -> i32 {
+pub unsafe extern "C" fn shim_on_join<P: Plugin>(instance: *mut c_void, id: u64, name: Str) -> i32 {
     // SAFETY: the host passes back the pointer from load.
     let i = unsafe { inst::<P>(instance) };
     let host = Host { api: i.host.api };
@@ -341,7 +345,12 @@ pub extern "C" fn shim_on_join<P: Plugin>(instance: *mut c_void, id: u64, name: 
 }
 
 #[doc(hidden)]
-pub extern "C" fn shim_on_leave<P: Plugin>(instance: *mut c_void, id: u64, name: Str, reason: Str) -> i32 {
+pub unsafe extern "C" fn shim_on_leave<P: Plugin>(
+    instance: *mut c_void,
+    id: u64,
+    name: Str,
+    reason: Str,
+) -> i32 {
     // SAFETY: the host passes back the pointer from load.
     let i = unsafe { inst::<P>(instance) };
     let host = Host { api: i.host.api };
@@ -354,7 +363,7 @@ pub extern "C" fn shim_on_leave<P: Plugin>(instance: *mut c_void, id: u64, name:
 }
 
 #[doc(hidden)]
-pub extern "C" fn shim_unload<P: Plugin>(instance: *mut c_void) {
+pub unsafe extern "C" fn shim_unload<P: Plugin>(instance: *mut c_void) {
     if instance.is_null() {
         return;
     }
