@@ -4,4 +4,5 @@
 mod ctl;
 mod node;
 mod node_input;
+mod plugins;
 mod util;

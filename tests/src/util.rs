@@ -31,7 +31,18 @@ pub fn bin_dir() -> &'static Path {
             .to_path_buf();
         if let Ok(cargo) = std::env::var("CARGO") {
             let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--quiet", "-p", "p2p-node", "-p", "p2p-ctl", "--bins"]);
+            cmd.args(["build", "--quiet"]);
+            for p in [
+                "p2p-node",
+                "p2p-ctl",
+                "p2p-plugin-echo",
+                "p2p-plugin-moderation",
+                "p2p-plugin-logger",
+                "p2p-plugin-test-panic",
+                "p2p-plugin-test-oldabi",
+            ] {
+                cmd.args(["-p", p]);
+            }
             if dir.ends_with("release") {
                 cmd.arg("--release");
             }

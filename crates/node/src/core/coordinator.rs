@@ -274,7 +274,7 @@ impl Core {
             members: self.members.clone(),
             replay: frames.len() as u32,
             heartbeat_ms: self.cfg.heartbeat_ms,
-            plugins: self.cfg.plugins.clone(),
+            plugins: self.plugins.clone(),
         };
         self.send(conn, &welcome);
         self.out.extend(frames.into_iter().map(|f| Output::Send(conn, f)));

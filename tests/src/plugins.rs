@@ -1,0 +1,252 @@
+//! Bot plugins with the real `.so` files and real processes.
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use crate::ctl::TestCluster;
+use crate::util::{wait_until, Node};
+
+fn transcript(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn temp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("p2p-plugins-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn echo_answers_only_its_command() {
+    let mut a = Node::join("alice", &["--plugin", "echo"]);
+    let b = Node::join("bob", &["--join", &a.addr]);
+    a.wait_event("bob joined", |e| e["event"] == "joined");
+    a.say("!echo hello there");
+    a.say("echo without the bang");
+    let bot = b.wait_event("echo's post", |e| e["event"] == "message" && e["bot"] == "echo");
+    assert_eq!(bot["text"], "hello there");
+    assert_eq!(bot["from"], "echo");
+    b.wait_message("echo without the bang");
+    assert_eq!(b.events().iter().filter(|e| e["bot"] == "echo").count(), 1);
+}
+
+#[test]
+fn moderation_masks_drops_and_limits_and_the_logger_never_sees_dropped_text() {
+    let dir = temp("moderation");
+    let log = dir.join("t.jsonl");
+    let moderation = r#"moderation:{"banned":["spam"],"action":"mask","max_length":20,"rate":{"messages":2,"per_ms":60000}}"#;
+    let logger = format!(r#"logger:{{"path":"{}"}}"#, log.display());
+    let a = Node::join("alice", &["--plugin", moderation, "--plugin", &logger]);
+    let mut b = Node::join("bob", &["--join", &a.addr]);
+    b.say("some SPAM here");
+    b.say("this one is far too long to pass");
+    b.say("fine");
+    b.say("one too many");
+    let masked = a.wait_message("some *** here");
+    assert_eq!(masked["from"], "bob");
+    b.wait_message("some *** here");
+    b.wait_message("fine");
+    let rejected = b.wait_events("two rejections", 2, |e| e["event"] == "rejected");
+    assert!(
+        rejected[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("limit here is 20"),
+        "{rejected:?}"
+    );
+    assert!(
+        rejected[1]["reason"].as_str().unwrap().contains("slow down"),
+        "{rejected:?}"
+    );
+    let verdicts = a.wait_events("three verdicts", 3, |e| e["event"] == "verdict");
+    let rules: Vec<&str> = verdicts.iter().map(|v| v["rule"].as_str().unwrap()).collect();
+    assert_eq!(rules, vec!["banned-word", "max-length", "rate-limit"]);
+    // Dropped messages reached no member...
+    for n in [&a, &b] {
+        assert!(!n
+            .messages()
+            .iter()
+            .any(|m| m.2.contains("too long") || m.2 == "one too many"));
+    }
+    // ...and not the transcript, which has the verdicts without the text.
+    let lines = wait_until("transcript", || {
+        let t = transcript(&log);
+        (t.len() >= 5).then_some(t)
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !text.contains("too long") && !text.contains("one too many") && !text.contains("SPAM"),
+        "{text}"
+    );
+    let v: Vec<&Value> = lines.iter().filter(|l| l["type"] == "verdict").collect();
+    assert_eq!(v.len(), 3);
+    assert_eq!(v[1]["action"], "drop");
+    assert_eq!(v[1]["member"], "bob");
+    assert!(v[1].get("text").is_none());
+    let msgs: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["type"] == "message")
+        .map(|l| l["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(msgs, vec!["some *** here", "fine"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_panicking_plugin_is_quarantined_and_chat_goes_on() {
+    let mut a = Node::join("alice", &["--plugin", "test_panic", "--plugin", "echo"]);
+    a.say("boom");
+    let q = a.wait_event("quarantine", |e| {
+        e["event"] == "plugin" && e["state"] == "quarantined"
+    });
+    assert_eq!(q["name"], "test_panic");
+    assert!(q["detail"].as_str().unwrap().contains("panicked"), "{q}");
+    a.wait_message("boom");
+    a.say("!echo still alive");
+    a.wait_event("echo still works", |e| {
+        e["event"] == "message" && e["text"] == "still alive"
+    });
+    a.say("boom again");
+    a.wait_message("boom again");
+    assert_eq!(
+        a.events().iter().filter(|e| e["state"] == "quarantined").count(),
+        1,
+        "not called again"
+    );
+}
+
+#[test]
+fn wrong_abi_missing_file_and_bad_names_are_refused_without_stopping_the_node() {
+    let mut a = Node::join(
+        "alice",
+        &[
+            "--plugin",
+            "test_oldabi",
+            "--plugin",
+            "nosuchbot",
+            "--plugin",
+            "echo",
+        ],
+    );
+    let refused = a.wait_events("two refusals", 2, |e| {
+        e["event"] == "plugin" && e["state"] == "refused"
+    });
+    let old = refused[0]["detail"].as_str().unwrap();
+    assert!(
+        old.contains("libtest_oldabi") && old.contains("version 99") && old.contains("version 1"),
+        "{old}"
+    );
+    assert!(
+        refused[1]["detail"].as_str().unwrap().contains("no file at"),
+        "{refused:?}"
+    );
+    a.say("!echo the rest still loads");
+    a.wait_message("the rest still loads");
+    // A path is never a plugin name.
+    let mut evil = Node::spawn("mallory", &["--plugin", "../../tmp/evil"]);
+    assert_eq!(evil.wait_exit().code(), Some(1));
+    assert!(evil.stderr().contains("plugin name"), "{}", evil.stderr());
+}
+
+#[test]
+fn attach_detach_at_runtime_and_bots_survive_failovers_with_one_transcript() {
+    let extra = "plugins:\n  - name: echo\n  - name: logger\n    config: { path: transcript.jsonl }\n";
+    let c = TestCluster::new(&["alice", "bob", "carol", "dave"], extra);
+    c.up();
+    let out = c.ok(&["plugins"]);
+    assert!(
+        out.contains("echo") && out.contains("logger") && out.contains("active"),
+        "{out}"
+    );
+
+    // Attach moderation with one command; it acts at once.
+    c.ok(&[
+        "attach",
+        "moderation",
+        "--config",
+        "{banned: [spam], action: drop}",
+    ]);
+    let out = c.ctl(&["say", "carol", "buy", "spam"]);
+    assert!(out.status.success());
+    c.ok(&["say", "carol", "no problem here"]);
+    let listed = c.ok(&["plugins", "--json"]);
+    let plugins: Vec<Value> = serde_json::from_str(&listed).unwrap();
+    let m = plugins.iter().find(|p| p["name"] == "moderation").unwrap();
+    assert_eq!(m["state"], "active");
+    assert_eq!(m["drops"], 1);
+    // Refused attaches say why and change nothing.
+    let out = c.ctl(&["attach", "../evil"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("plugin name"));
+    let out = c.ctl(&["attach", "moderation", "--config", "{colour: red}"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown field"),
+        "{out:?}"
+    );
+
+    // Several failovers under traffic; the bots keep working on each new coordinator.
+    for round in 0..2 {
+        c.ok(&["kill", "--coordinator"]);
+        c.ok(&["say", "dave", &format!("!echo round {round}")]);
+        c.ok(&["say", "dave", "spam after failover"]);
+        c.wait_ps(&format!("epoch {}", round + 2), |rows| {
+            rows.iter()
+                .any(|r| r["role"] == "coordinator" && r["epoch"] == round + 2)
+        });
+    }
+    let logs = wait_until("echoes after the failovers", || {
+        let l = c.ok(&["logs", "dave"]);
+        (l.contains("echo: round 0") && l.contains("echo: round 1")).then_some(l)
+    });
+    assert!(
+        !logs.contains("dave: spam after failover"),
+        "moderation still drops after failover: {logs}"
+    );
+
+    // Detach: no longer moderated.
+    c.ok(&["detach", "moderation"]);
+    c.ok(&["say", "dave", "spam is fine now"]);
+    let check = c.ok(&["check"]);
+    assert!(check.starts_with("ok: 2 nodes agree"), "{check}");
+    let agreed: u64 = check
+        .split(" on ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // The transcript is the agreed sequence: 1..=last, no gap, no duplicate.
+    let t = transcript(&c.state_dir().join("transcript.jsonl"));
+    let seqs: Vec<u64> = t
+        .iter()
+        .filter(|l| l["type"] == "message")
+        .map(|l| l["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=agreed).collect::<Vec<_>>(), "transcript {t:?}");
+    assert!(t.iter().any(|l| l["text"] == "spam is fine now"));
+}
+
+#[test]
+fn hung_coordinator_with_plugins_hands_them_over() {
+    let mut a = Node::join("alice", &["--plugin", "echo"]);
+    let mut b = Node::join("bob", &["--join", &a.addr]);
+    b.wait_event("ready", |e| e["event"] == "ready");
+    let loaded = b.wait_event("echo loaded on bob too", |e| {
+        e["event"] == "plugin" && e["name"] == "echo"
+    });
+    assert_eq!(loaded["state"], "loaded");
+    a.signal(Signal::SIGSTOP);
+    b.wait_event("bob leads", |e| e["event"] == "role" && e["coordinator"] == "bob");
+    b.say("!echo from bob's reign");
+    b.wait_event("echo", |e| e["bot"] == "echo" && e["text"] == "from bob's reign");
+    a.signal(Signal::SIGCONT);
+    a.wait_message("from bob's reign");
+    a.say("/quit");
+}
