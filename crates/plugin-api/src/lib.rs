@@ -3,7 +3,7 @@
 //! in `catch_unwind`: a panic never crosses into the node, it becomes an
 //! error code and the node quarantines the plugin.
 //!
-//! ```ignore
+//! ```
 //! use p2p_plugin_api::{export_plugin, Host, Message, Plugin, Verdict};
 //!
 //! struct Shout;
