@@ -1,0 +1,167 @@
+//! fanout: one coordinator (a real p2pnode), N in-process members, P of
+//! which publish M messages of S bytes as fast as a bounded window allows.
+//! Counts every member's copy. A separate low-rate run measures
+//! publish-to-last-delivery latency.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use p2p_proto::{encode, Frame};
+use tokio::sync::mpsc;
+
+use crate::client::{self, micros, Counts};
+use crate::nodes;
+use crate::report::{percentiles, Pct};
+
+/// Messages a publisher may have in flight (sent, own copy not back yet).
+const WINDOW: u64 = 4096;
+
+pub struct Throughput {
+    pub deliveries_per_s: f64,
+    pub publishes_per_s: f64,
+    pub seconds: f64,
+}
+
+struct Joined {
+    counts: Arc<Counts>,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    done: tokio::task::JoinHandle<anyhow::Result<Instant>>,
+}
+
+async fn members(
+    addr: &str,
+    n: usize,
+    stop: u64,
+    times: Option<Arc<Mutex<Vec<Vec<u64>>>>>,
+    base: Instant,
+) -> anyhow::Result<Vec<Joined>> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let m = client::join(addr, &format!("m{i}")).await?;
+        let counts = Arc::new(Counts::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(client::write_loop(m.write, rx));
+        let (c, t, ptx) = (counts.clone(), times.clone(), tx.clone());
+        let done = tokio::spawn(async move {
+            let mut mine = Vec::new();
+            client::read_loop(m.read, c, ptx, stop, |_| {
+                if t.is_some() {
+                    mine.push(micros(base));
+                }
+            })
+            .await?;
+            if let Some(t) = t {
+                if let Ok(mut all) = t.lock() {
+                    all.push(mine);
+                }
+            }
+            Ok(Instant::now())
+        });
+        out.push(Joined { counts, tx, done });
+    }
+    Ok(out)
+}
+
+fn say(text: &str, client_seq: u64) -> Vec<u8> {
+    encode(&Frame::Say {
+        text: text.to_string(),
+        client_seq,
+    })
+    .to_vec()
+}
+
+/// Runs the throughput part against a coordinator at `addr`.
+pub async fn throughput(addr: &str, n: usize, size: usize, m: u64, p: usize) -> anyhow::Result<Throughput> {
+    if p == 0 || p > n {
+        bail!("publishers must be between 1 and the member count");
+    }
+    let base = Instant::now();
+    let joined = members(addr, n, m, None, base).await?;
+    let text = "x".repeat(size);
+    let per = m / p as u64;
+    let frames: Vec<Vec<Vec<u8>>> = (0..p)
+        .map(|_| (1..=per).map(|cs| say(&text, cs)).collect())
+        .collect();
+    let start = Instant::now();
+    let mut pubs = Vec::new();
+    for (k, frames) in frames.into_iter().enumerate() {
+        let (tx, counts) = (joined[k].tx.clone(), joined[k].counts.clone());
+        pubs.push(tokio::spawn(async move {
+            let mut sent = 0u64;
+            for chunk in frames.chunks(256) {
+                // Bounded window: wait for our copies to come back.
+                while sent * p as u64 > counts.chats.load(Ordering::Relaxed) + WINDOW {
+                    tokio::task::yield_now().await;
+                }
+                let mut batch = Vec::with_capacity(chunk.len() * 100);
+                for f in chunk {
+                    batch.extend_from_slice(f);
+                }
+                sent += chunk.len() as u64;
+                if tx.send(batch).is_err() {
+                    break;
+                }
+            }
+        }));
+    }
+    for p in pubs {
+        p.await?;
+    }
+    let mut first_done: Option<Instant> = None;
+    let mut last_done = start;
+    for j in joined {
+        let t = j.done.await??;
+        first_done = Some(first_done.map_or(t, |f: Instant| f.min(t)));
+        last_done = last_done.max(t);
+    }
+    let total = (per * p as u64) as f64;
+    let secs = last_done.duration_since(start).as_secs_f64();
+    let first = first_done
+        .unwrap_or(last_done)
+        .duration_since(start)
+        .as_secs_f64();
+    Ok(Throughput {
+        deliveries_per_s: total * n as f64 / secs,
+        publishes_per_s: total / first,
+        seconds: secs,
+    })
+}
+
+/// Low-rate latency: one publisher sends `count` messages at `rate` per
+/// second; for each, the time until the last member has it. Microseconds.
+pub async fn latency(addr: &str, n: usize, size: usize, count: u64, rate: u64) -> anyhow::Result<Pct> {
+    let base = Instant::now();
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let joined = members(addr, n, count, Some(times.clone()), base).await?;
+    let text = "x".repeat(size);
+    let mut sent_at = Vec::with_capacity(count as usize);
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    for cs in 1..=count {
+        tick.tick().await;
+        sent_at.push(micros(base));
+        let _ = joined[0].tx.send(say(&text, cs));
+    }
+    for j in joined {
+        j.done.await??;
+    }
+    let all = times.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let mut samples: Vec<f64> = (0..count as usize)
+        .map(|i| {
+            let last = all
+                .iter()
+                .map(|v| v.get(i).copied().unwrap_or(0))
+                .max()
+                .unwrap_or(0);
+            last.saturating_sub(sent_at[i]) as f64
+        })
+        .collect();
+    Ok(percentiles(&mut samples))
+}
+
+/// A coordinator for one fanout run.
+pub async fn coordinator(extra: &[String]) -> anyhow::Result<nodes::NodeProc> {
+    nodes::start("coord", extra, false).await
+}

@@ -1,0 +1,210 @@
+//! `p2pbench`: the numbers behind every speed claim of p2pchat. Scenarios
+//! run against real `p2pnode` processes on 127.0.0.1; `--json` prints one
+//! line per result. docs/BENCHMARKS.md records what this machine measured.
+
+mod client;
+mod failover;
+mod fanout;
+mod members;
+mod nodes;
+mod report;
+
+use clap::{Parser, Subcommand};
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+use report::{percentiles, Report};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Benchmarks for p2pchat: fan-out, membership, failover, plugins"
+)]
+struct Args {
+    /// One JSON object per result instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Smaller runs (under a minute for `all`).
+    #[arg(long, global = true)]
+    quick: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Deliveries/s and latency percentiles, 1 coordinator → N members.
+    Fanout {
+        #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+        members: Vec<usize>,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Messages per run (default 200000, --quick 50000).
+        #[arg(long)]
+        messages: Option<u64>,
+        #[arg(long, default_value_t = 1)]
+        publishers: usize,
+    },
+    /// Joins of many members: view completion time, RSS per member, broadcast rate.
+    Members {
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+    },
+    /// Coordinator SIGKILL and SIGSTOP in a 5-node cluster: time until chat flows again.
+    Failover {
+        /// Repetitions per signal (default 10, --quick 3).
+        #[arg(long)]
+        reps: Option<usize>,
+    },
+    /// Fan-out with no plugins and with echo, moderation and logger, same run.
+    Plugins {
+        #[arg(long, value_delimiter = ',', default_value = "10,50")]
+        members: Vec<usize>,
+    },
+    /// Every scenario with its defaults.
+    All,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let report = Report { json: args.json };
+    let result = match args.cmd {
+        Cmd::Fanout {
+            members,
+            size,
+            messages,
+            publishers,
+        } => {
+            fanout_cmd(
+                &report,
+                &members,
+                size,
+                messages.unwrap_or(if args.quick { 50_000 } else { 200_000 }),
+                publishers,
+                args.quick,
+            )
+            .await
+        }
+        Cmd::Members { count } => members_cmd(&report, count, args.quick).await,
+        Cmd::Failover { reps } => {
+            failover_cmd(&report, reps.unwrap_or(if args.quick { 3 } else { 10 })).await
+        }
+        Cmd::Plugins { members } => plugins_cmd(&report, &members, args.quick).await,
+        Cmd::All => all(&report, args.quick).await,
+    };
+    if let Err(e) = result {
+        eprintln!("p2pbench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn all(report: &Report, quick: bool) -> anyhow::Result<()> {
+    let m = if quick { 50_000 } else { 200_000 };
+    fanout_cmd(report, &[1, 10, 50], 64, m, 1, quick).await?;
+    plugins_cmd(report, &[10, 50], quick).await?;
+    members_cmd(report, 1000, quick).await?;
+    failover_cmd(report, if quick { 3 } else { 10 }).await
+}
+
+async fn fanout_cmd(
+    report: &Report,
+    members: &[usize],
+    size: usize,
+    m: u64,
+    p: usize,
+    quick: bool,
+) -> anyhow::Result<()> {
+    for &n in members {
+        let coord = fanout::coordinator(&[]).await?;
+        let t = fanout::throughput(&coord.addr, n, size, m, p).await?;
+        drop(coord);
+        let coord = fanout::coordinator(&[]).await?;
+        let count = if quick { 500 } else { 2000 };
+        let lat = fanout::latency(&coord.addr, n, size, count, 1000).await?;
+        report.emit(
+            "fanout",
+            json!({"members": n, "size": size, "messages": m, "publishers": p, "latency_messages": count, "latency_rate": 1000}),
+            json!({"deliveries_per_s": t.deliveries_per_s, "publishes_per_s": t.publishes_per_s, "seconds": t.seconds,
+                   "latency_us": {"p50": lat.p50, "p99": lat.p99, "p999": lat.p999, "max": lat.max}}),
+            format!(
+                "fanout  N={n:<4} S={size} P={p}: {:>12.0} deliveries/s {:>10.0} publishes/s | latency p50 {:.0} µs p99 {:.0} µs p99.9 {:.0} µs max {:.0} µs",
+                t.deliveries_per_s, t.publishes_per_s, lat.p50, lat.p99, lat.p999, lat.max
+            ),
+        );
+    }
+    Ok(())
+}
+
+async fn plugins_cmd(report: &Report, members: &[usize], quick: bool) -> anyhow::Result<()> {
+    let m = if quick { 50_000 } else { 200_000 };
+    let dir = std::env::temp_dir().join(format!("p2pbench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let transcript = dir.join("transcript.jsonl");
+    let with: Vec<String> = vec![
+        "--plugin".into(),
+        "echo".into(),
+        "--plugin".into(),
+        r#"moderation:{"banned":["spam","scam"],"action":"mask","max_length":1000}"#.into(),
+        "--plugin".into(),
+        format!(
+            r#"logger:{{"path":"{}","flush":"interval","flush_interval_ms":1000}}"#,
+            transcript.display()
+        ),
+    ];
+    for &n in members {
+        let coord = fanout::coordinator(&[]).await?;
+        let base = fanout::throughput(&coord.addr, n, 64, m, 1).await?;
+        drop(coord);
+        let coord = fanout::coordinator(&with).await?;
+        let bots = fanout::throughput(&coord.addr, n, 64, m, 1).await?;
+        drop(coord);
+        let _ = std::fs::remove_file(&transcript);
+        let cost = 100.0 * (1.0 - bots.deliveries_per_s / base.deliveries_per_s);
+        report.emit(
+            "plugins",
+            json!({"members": n, "size": 64, "messages": m, "plugins": ["echo", "moderation", "logger"], "logger_flush": "interval"}),
+            json!({"without_deliveries_per_s": base.deliveries_per_s, "with_deliveries_per_s": bots.deliveries_per_s, "cost_percent": cost}),
+            format!(
+                "plugins N={n:<4}: {:>12.0} deliveries/s without, {:>12.0} with echo+moderation+logger ({cost:+.1}% cost)",
+                base.deliveries_per_s, bots.deliveries_per_s
+            ),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+async fn members_cmd(report: &Report, count: usize, quick: bool) -> anyhow::Result<()> {
+    let messages = if quick { 200 } else { 1000 };
+    let r = members::run(count, messages).await?;
+    report.emit(
+        "members",
+        json!({"members": count, "broadcast_messages": messages, "size": 64}),
+        json!({"joins_per_s": r.joins_per_s, "view_complete_s": r.view_complete_s,
+               "rss_before_kib": r.rss_before_kib, "rss_after_kib": r.rss_after_kib,
+               "rss_per_member_kib": r.rss_per_member_kib, "deliveries_per_s": r.deliveries_per_s}),
+        format!(
+            "members N={count}: {:.0} joins/s, every view complete after {:.2} s, coordinator RSS {} → {} KiB ({:.1} KiB/member), broadcast {:.0} deliveries/s",
+            r.joins_per_s, r.view_complete_s, r.rss_before_kib, r.rss_after_kib, r.rss_per_member_kib, r.deliveries_per_s
+        ),
+    );
+    Ok(())
+}
+
+async fn failover_cmd(report: &Report, reps: usize) -> anyhow::Result<()> {
+    for (signal, name) in [(Signal::SIGKILL, "sigkill"), (Signal::SIGSTOP, "sigstop")] {
+        let mut r = failover::run(reps, signal, 100).await?;
+        let p = percentiles(&mut r.samples_ms);
+        report.emit(
+            "failover",
+            json!({"signal": name, "nodes": 5, "reps": reps, "heartbeat_ms": 100}),
+            json!({"ms": {"p50": p.p50, "p99": p.p99, "max": p.max}, "no_loss_no_duplicates": true}),
+            format!(
+                "failover {name:<7} x{reps}: kill → chat flowing on every survivor p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (no loss, no duplicates)",
+                p.p50, p.p99, p.max
+            ),
+        );
+    }
+    Ok(())
+}

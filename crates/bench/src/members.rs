@@ -1,0 +1,95 @@
+//! members: how many members one coordinator holds. Joins `count` members
+//! one after another, times until every member's view is complete, reads
+//! the coordinator's RSS per member, then measures broadcast throughput
+//! with all of them.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use p2p_proto::{encode, Frame};
+use tokio::sync::mpsc;
+
+use crate::client::{self, Counts};
+use crate::nodes;
+
+pub struct MembersResult {
+    pub joins_per_s: f64,
+    pub view_complete_s: f64,
+    pub rss_per_member_kib: f64,
+    pub rss_before_kib: u64,
+    pub rss_after_kib: u64,
+    pub deliveries_per_s: f64,
+}
+
+pub async fn run(count: usize, messages: u64) -> anyhow::Result<MembersResult> {
+    nodes::raise_fd_limit();
+    let coord = nodes::start("coord", &["--heartbeat-ms".into(), "1000".into()], false).await?;
+    // Let the node settle before the baseline.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rss_before = coord.rss_kib();
+    let start = Instant::now();
+    let mut members = Vec::with_capacity(count);
+    for i in 0..count {
+        let m = client::join(&coord.addr, &format!("m{i}")).await?;
+        let counts = Arc::new(Counts::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(client::write_loop(m.write, rx));
+        let (c, ptx) = (counts.clone(), tx.clone());
+        tokio::spawn(async move { client::read_loop(m.read, c, ptx, u64::MAX, |_| {}).await });
+        members.push((counts, tx, m.members_at_join));
+    }
+    let joined = start.elapsed();
+    let want = count as u64 + 1; // the coordinator is a member too
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !members
+        .iter()
+        .all(|(c, _, at)| *at as u64 + c.joined.load(Ordering::Relaxed) >= want)
+    {
+        if Instant::now() > deadline {
+            bail!("member views did not complete within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let view_complete = start.elapsed();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let rss_after = coord.rss_kib();
+
+    // Broadcast with every member connected.
+    let text = "x".repeat(64);
+    let t0 = Instant::now();
+    let publisher = members[0].1.clone();
+    for cs in 1..=messages {
+        let _ = publisher.send(
+            encode(&Frame::Say {
+                text: text.clone(),
+                client_seq: cs,
+            })
+            .to_vec(),
+        );
+        // Stay within a window so the coordinator's queues stay bounded.
+        while cs > members[0].0.chats.load(Ordering::Relaxed) + 256 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !members
+        .iter()
+        .all(|(c, _, _)| c.chats.load(Ordering::Relaxed) >= messages)
+    {
+        if Instant::now() > deadline {
+            bail!("broadcast to {count} members did not finish within 120 s");
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(MembersResult {
+        joins_per_s: count as f64 / joined.as_secs_f64(),
+        view_complete_s: view_complete.as_secs_f64(),
+        rss_per_member_kib: rss_after.saturating_sub(rss_before) as f64 / count as f64,
+        rss_before_kib: rss_before,
+        rss_after_kib: rss_after,
+        deliveries_per_s: (messages * count as u64) as f64 / secs,
+    })
+}
