@@ -1,5 +1,6 @@
 //! Repository automation: `cargo xtask <task>`. This file only dispatches.
 
+mod bench;
 mod ci;
 mod demo;
 mod util;
@@ -9,11 +10,13 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("demo") => demo::run(&args[1..]),
         Some("ci") => ci::run(),
+        Some("bench") => bench::run(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
                  tasks:\n  \
                  demo [-f FILE]   build release binaries and run `p2pctl demo` on cluster.example.yaml\n  \
+                 bench [--quick] [--json]   build release binaries and run every p2pbench scenario\n  \
                  ci               run .ci/run (fmt, clippy, tests)"
             );
             std::process::exit(2);

@@ -44,6 +44,10 @@ enum Cmd {
         messages: Option<u64>,
         #[arg(long, default_value_t = 1)]
         publishers: usize,
+        /// Use a coordinator already running at ADDR (e.g. under a profiler;
+        /// start it with --history 0 --events none) instead of starting one.
+        #[arg(long)]
+        connect: Option<String>,
     },
     /// Joins of many members: view completion time, RSS per member, broadcast rate.
     Members {
@@ -65,7 +69,7 @@ enum Cmd {
     All,
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args = Args::parse();
     let report = Report { json: args.json };
@@ -75,6 +79,26 @@ async fn main() {
             size,
             messages,
             publishers,
+            connect: Some(addr),
+        } => {
+            let m = messages.unwrap_or(200_000);
+            for n in members {
+                match fanout::throughput(&addr, n, size, m, publishers).await {
+                    Ok(t) => println!(
+                        "fanout N={n} against {addr}: {:.0} deliveries/s",
+                        t.deliveries_per_s
+                    ),
+                    Err(e) => eprintln!("p2pbench: {e:#}"),
+                }
+            }
+            Ok(())
+        }
+        Cmd::Fanout {
+            members,
+            size,
+            messages,
+            publishers,
+            connect: None,
         } => {
             fanout_cmd(
                 &report,

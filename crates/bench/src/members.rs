@@ -14,6 +14,9 @@ use tokio::sync::mpsc;
 use crate::client::{self, Counts};
 use crate::nodes;
 
+/// Members joining at the same time in the join storm.
+const JOIN_WAVE: usize = 50;
+
 pub struct MembersResult {
     pub joins_per_s: f64,
     pub view_complete_s: f64,
@@ -31,14 +34,28 @@ pub async fn run(count: usize, messages: u64) -> anyhow::Result<MembersResult> {
     let rss_before = coord.rss_kib();
     let start = Instant::now();
     let mut members = Vec::with_capacity(count);
-    for i in 0..count {
-        let m = client::join(&coord.addr, &format!("m{i}")).await?;
-        let counts = Arc::new(Counts::default());
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(client::write_loop(m.write, rx));
-        let (c, ptx) = (counts.clone(), tx.clone());
-        tokio::spawn(async move { client::read_loop(m.read, c, ptx, u64::MAX, |_| {}).await });
-        members.push((counts, tx, m.members_at_join));
+    // A join storm: waves of JOIN_WAVE concurrent joins. Each member
+    // starts reading (and answering pings) as soon as it is in.
+    for wave in (0..count).collect::<Vec<_>>().chunks(JOIN_WAVE) {
+        let joins: Vec<_> = wave
+            .iter()
+            .map(|i| {
+                let addr = coord.addr.clone();
+                let name = format!("m{i}");
+                tokio::spawn(async move {
+                    let m = client::join(&addr, &name).await?;
+                    let counts = Arc::new(Counts::default());
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    tokio::spawn(client::write_loop(m.write, rx));
+                    let (c, ptx) = (counts.clone(), tx.clone());
+                    tokio::spawn(async move { client::read_loop(m.read, c, ptx, u64::MAX, |_| {}).await });
+                    anyhow::Ok((counts, tx, m.members_at_join))
+                })
+            })
+            .collect();
+        for j in joins {
+            members.push(j.await??);
+        }
     }
     let joined = start.elapsed();
     let want = count as u64 + 1; // the coordinator is a member too

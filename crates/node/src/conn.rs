@@ -1,6 +1,8 @@
 //! One TCP connection: a reader task that turns bytes into frames for the
-//! actor, and a writer task that drains a queue bounded in bytes, coalescing
-//! whatever is queued into as few writes as possible.
+//! actor, and an output path bounded in bytes. When nothing is queued the
+//! actor writes straight to the socket (no task wakeup, no copy); what the
+//! socket does not take at once is queued for a writer task, which
+//! coalesces everything queued into as few writes as possible.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -9,7 +11,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use p2p_proto::{decode_body, encode, limits::MAX_FRAME_LEN, ErrorCode, Frame};
-use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -45,7 +46,10 @@ pub struct ConnLimits {
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::UnboundedSender<WriteMsg>,
+    /// Bytes handed to the writer task and not yet in the kernel. Zero means
+    /// the socket holds everything sent so far, so a direct write keeps order.
     queued: Arc<AtomicUsize>,
+    half: Arc<OwnedWriteHalf>,
     limit: usize,
     reader: AbortHandle,
     writer: AbortHandle,
@@ -61,13 +65,29 @@ impl Writer {
     /// [`Overflow`] with the queued byte count if the limit would be passed;
     /// nothing is queued then.
     pub fn push(&self, frame: Bytes) -> Result<(), Overflow> {
-        let queued = self.queued.load(Ordering::Relaxed);
-        if queued + frame.len() > self.limit {
+        let queued = self.queued.load(Ordering::Acquire);
+        let rest = if queued == 0 {
+            match self.half.try_write(&frame) {
+                Ok(n) if n == frame.len() => return Ok(()),
+                Ok(n) => frame.slice(n..),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => frame,
+                // Broken connection: its reader reports the close.
+                Err(_) => return Ok(()),
+            }
+        } else {
+            frame
+        };
+        if queued + rest.len() > self.limit {
             return Err(Overflow(queued));
         }
-        self.queued.fetch_add(frame.len(), Ordering::Relaxed);
-        let _ = self.tx.send(WriteMsg::Frame(frame));
+        self.enqueue(rest);
         Ok(())
+    }
+
+    /// Hands bytes to the writer task (counted in `queued`).
+    fn enqueue(&self, bytes: Bytes) {
+        self.queued.fetch_add(bytes.len(), Ordering::AcqRel);
+        let _ = self.tx.send(WriteMsg::Frame(bytes));
     }
 
     /// Closes after what is queued is written, and stops reading now. A
@@ -103,9 +123,10 @@ pub async fn start(
 ) {
     let _ = stream.set_nodelay(true);
     let (read, write) = stream.into_split();
+    let half = Arc::new(write);
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
-    let writer_task = tracker.spawn(write_loop(write, rx, queued.clone()));
+    let writer_task = tracker.spawn(write_loop(half.clone(), rx, queued.clone()));
     // The reader starts only after registration; a oneshot holds it back.
     let (go_tx, go_rx) = tokio::sync::oneshot::channel::<Writer>();
     let actor2 = actor.clone();
@@ -117,6 +138,7 @@ pub async fn start(
     let writer = Writer {
         tx,
         queued,
+        half,
         limit: limits.queue_bytes,
         reader: reader_task.abort_handle(),
         writer: writer_task.abort_handle(),
@@ -132,33 +154,48 @@ pub async fn start(
 }
 
 async fn write_loop(
-    half: OwnedWriteHalf,
+    half: Arc<OwnedWriteHalf>,
     mut rx: mpsc::UnboundedReceiver<WriteMsg>,
     queued: Arc<AtomicUsize>,
 ) {
-    let mut out = BufWriter::with_capacity(64 * 1024, half);
-    while let Some(mut msg) = rx.recv().await {
+    // Grows only if a member falls behind (direct writes need no buffer).
+    let mut batch: Vec<u8> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.clear();
+        let mut close = false;
+        let mut msg = first;
+        // Coalesce: take everything already queued into one write.
         loop {
             match msg {
-                WriteMsg::Frame(bytes) => {
-                    if out.write_all(&bytes).await.is_err() {
-                        return;
-                    }
-                    queued.fetch_sub(bytes.len(), Ordering::Relaxed);
-                }
+                WriteMsg::Frame(bytes) => batch.extend_from_slice(&bytes),
                 WriteMsg::Close => {
-                    let _ = out.flush().await;
-                    let _ = out.shutdown().await;
-                    return;
+                    close = true;
+                    break;
                 }
             }
-            // Coalesce: take everything already queued before flushing.
+            if batch.len() >= 256 * 1024 {
+                break;
+            }
             match rx.try_recv() {
                 Ok(next) => msg = next,
                 Err(_) => break,
             }
         }
-        if out.flush().await.is_err() {
+        let mut off = 0;
+        while off < batch.len() {
+            if half.writable().await.is_err() {
+                return;
+            }
+            match half.try_write(&batch[off..]) {
+                Ok(n) => off += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+        // Only now is it in the kernel: direct writes may resume after it.
+        queued.fetch_sub(batch.len(), Ordering::AcqRel);
+        if close {
+            // Dropping the last handle on the write half shuts it down.
             return;
         }
     }
@@ -175,7 +212,9 @@ async fn read_loop(
         .length_field_length(4)
         .max_frame_length(MAX_FRAME_LEN)
         .new_codec();
-    let mut frames = FramedRead::new(half, codec);
+    // Start small: most connections carry little (memory per member counts
+    // when a coordinator holds thousands); the buffer grows with the load.
+    let mut frames = FramedRead::with_capacity(half, codec, 512);
     let mut first = true;
     let reason = loop {
         let next = if first {

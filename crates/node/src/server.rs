@@ -120,8 +120,17 @@ pub async fn run(
     while driver.exit.is_none() {
         tokio::select! {
             msg = rx.recv() => match msg {
-                Some(Msg::Registered(conn, writer)) => { driver.writers.insert(conn, writer); }
-                Some(Msg::Input(input)) => driver.core.handle(now(), input),
+                Some(msg) => {
+                    driver.on_msg(msg, now());
+                    // Take whatever else is already queued, so one round of
+                    // outputs (and one wakeup per member) serves a batch.
+                    for _ in 0..MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(msg) => driver.on_msg(msg, now()),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 None => break,
             },
             _ = ticker.tick() => driver.core.handle(now(), Input::Tick),
@@ -160,9 +169,43 @@ struct Driver {
     exit: Option<i32>,
 }
 
+/// Inputs handled before the outputs are performed.
+const MAX_BATCH: usize = 512;
+
 impl Driver {
+    fn on_msg(&mut self, msg: Msg, now: u64) {
+        match msg {
+            Msg::Registered(conn, writer) => {
+                self.writers.insert(conn, writer);
+            }
+            Msg::Input(input) => self.core.handle(now, input),
+        }
+    }
+
+    /// Queues broadcast frames gathered so far on every member, as one
+    /// buffer shared by all (one push and at most one wakeup per member).
+    fn flush_broadcast(&mut self, run: &mut Vec<bytes::Bytes>, overflowed: &mut Vec<(ConnId, usize)>) {
+        let bytes = match run.len() {
+            0 => return,
+            1 => run.pop().expect("one frame"),
+            _ => {
+                let mut joined = bytes::BytesMut::with_capacity(run.iter().map(|b| b.len()).sum());
+                for b in run.drain(..) {
+                    joined.extend_from_slice(&b);
+                }
+                joined.freeze()
+            }
+        };
+        for (conn, w) in &self.group {
+            if let Err(conn::Overflow(n)) = w.push(bytes.clone()) {
+                overflowed.push((*conn, n));
+            }
+        }
+    }
+
     /// Performs every output of the core, feeding back slow-consumer drops.
     fn apply(&mut self, now: u64) {
+        let mut run: Vec<bytes::Bytes> = Vec::new();
         loop {
             let outputs: Vec<Output> = self.core.drain().collect();
             if outputs.is_empty() {
@@ -170,6 +213,11 @@ impl Driver {
             }
             let mut overflowed: Vec<(ConnId, usize)> = Vec::new();
             for out in outputs {
+                // Keep order: broadcasts gathered so far go out before any
+                // other output that touches a connection.
+                if !matches!(out, Output::Broadcast(_) | Output::Event(_)) {
+                    self.flush_broadcast(&mut run, &mut overflowed);
+                }
                 match out {
                     Output::Send(conn, bytes) => {
                         if let Some(w) = self.writers.get(&conn) {
@@ -178,13 +226,7 @@ impl Driver {
                             }
                         }
                     }
-                    Output::Broadcast(bytes) => {
-                        for (conn, w) in &self.group {
-                            if let Err(conn::Overflow(n)) = w.push(bytes.clone()) {
-                                overflowed.push((*conn, n));
-                            }
-                        }
-                    }
+                    Output::Broadcast(bytes) => run.push(bytes),
                     Output::Attach(conn) => {
                         if let Some(w) = self.writers.get(&conn) {
                             self.group.push((conn, w.clone()));
@@ -206,6 +248,7 @@ impl Driver {
                     }
                 }
             }
+            self.flush_broadcast(&mut run, &mut overflowed);
             overflowed.sort_unstable();
             overflowed.dedup_by_key(|(c, _)| *c);
             for (conn, queued) in overflowed {

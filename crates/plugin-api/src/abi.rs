@@ -77,7 +77,11 @@ impl Str {
         }
         // SAFETY: guaranteed by the caller.
         let bytes = unsafe { std::slice::from_raw_parts(self.ptr, self.len) };
-        String::from_utf8_lossy(bytes)
+        // Valid UTF-8 is the rule (fast check); repair only if broken.
+        match std::str::from_utf8(bytes) {
+            Ok(s) => std::borrow::Cow::Borrowed(s),
+            Err(_) => String::from_utf8_lossy(bytes),
+        }
     }
 }
 

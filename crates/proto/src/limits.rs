@@ -52,10 +52,22 @@ pub fn check_text(text: &str) -> Result<(), String> {
             text.len()
         ));
     }
-    if text.chars().any(|c| c.is_control() && c != '\t') {
+    if has_control(text) {
         return Err("message contains control characters (newlines are not allowed)".into());
     }
     Ok(())
+}
+
+/// True if `text` holds a control character other than tab: C0 (U+0000 to
+/// U+001F), DEL, or C1 (U+0080 to U+009F, encoded as 0xC2 0x80..=0x9F).
+/// A byte scan: this runs on every message.
+fn has_control(text: &str) -> bool {
+    let b = text.as_bytes();
+    b.iter().enumerate().any(|(i, &c)| {
+        (c < 0x20 && c != b'\t')
+            || c == 0x7f
+            || (c == 0xc2 && b.get(i + 1).is_some_and(|n| (0x80..=0x9f).contains(n)))
+    })
 }
 
 #[cfg(test)]
@@ -79,5 +91,19 @@ mod tests {
         assert!(check_text("two\nlines").is_err());
         assert!(check_text(&"x".repeat(MAX_TEXT_LEN)).is_ok());
         assert!(check_text(&"x".repeat(MAX_TEXT_LEN + 1)).is_err());
+        assert!(check_text("tab\tok").is_ok());
+        assert!(check_text("bell\u{7}").is_err());
+        assert!(check_text("del\u{7f}").is_err());
+        assert!(check_text("c1\u{85}").is_err());
+        assert!(check_text("é ü ñ 漢字 🎉 \u{a0}").is_ok());
+    }
+
+    #[test]
+    fn control_scan_matches_char_classification() {
+        for cp in (0u32..0x3000).chain(0x1f000..0x1f100) {
+            let Some(c) = char::from_u32(cp) else { continue };
+            let s = format!("a{c}b");
+            assert_eq!(has_control(&s), c.is_control() && c != '\t', "U+{cp:04X}");
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use p2p_plugin_api::serde::Deserialize;
+use p2p_plugin_api::serde::{Deserialize, Serialize};
 use p2p_plugin_api::{export_plugin, json, Host, Message, Plugin, VerdictSeen};
 
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -77,9 +77,26 @@ fn last_seq_in(path: &PathBuf) -> std::io::Result<Option<u64>> {
     }))
 }
 
+/// One transcript line for a message, serialized without building a map.
+#[derive(Serialize)]
+#[serde(crate = "p2p_plugin_api::serde")]
+struct MessageLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    epoch: u64,
+    seq: u64,
+    from: &'a str,
+    from_id: u64,
+    text: &'a str,
+    time: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    bot: bool,
+}
+
 impl Logger {
-    fn write(&mut self, line: &json::Value) {
-        let _ = writeln!(self.out, "{line}");
+    fn write(&mut self, line: &impl Serialize) {
+        let _ = json::to_writer(&mut self.out, line);
+        let _ = self.out.write_all(b"\n");
         let due = match self.cfg.flush {
             Flush::Every => true,
             Flush::Interval => self.last_flush.elapsed() >= Duration::from_millis(self.cfg.flush_interval_ms),
@@ -144,14 +161,16 @@ impl Plugin for Logger {
         if self.last_seq.is_some_and(|s| msg.seq <= s) {
             return;
         }
-        let mut line = json::json!({
-            "type": "message", "epoch": msg.epoch, "seq": msg.seq,
-            "from": msg.from, "from_id": msg.from_id, "text": msg.text, "time": now_ms(),
+        self.write(&MessageLine {
+            kind: "message",
+            epoch: msg.epoch,
+            seq: msg.seq,
+            from: msg.from,
+            from_id: msg.from_id,
+            text: msg.text,
+            time: now_ms(),
+            bot: msg.bot,
         });
-        if msg.bot {
-            line["bot"] = json::Value::Bool(true);
-        }
-        self.write(&line);
         self.last_seq = Some(msg.seq);
     }
 

@@ -47,7 +47,10 @@ struct Bucket {
 }
 
 struct Moderation {
+    /// Lowercase banned words.
     banned: HashSet<String>,
+    /// Shortest and longest banned word in bytes, to skip most words fast.
+    lens: (usize, usize),
     action: Action,
     rate: Option<(f64, f64, u32, u64, u32)>, // (per ms, burst, messages, per_ms, burst as given)
     max_length: Option<usize>,
@@ -59,13 +62,43 @@ fn is_word_char(c: char) -> bool {
 }
 
 impl Moderation {
+    /// Whether one word is banned, without allocating for ASCII words.
+    fn is_banned(&self, word: &str) -> bool {
+        if self.banned.is_empty() {
+            return false;
+        }
+        if word.is_ascii() {
+            if word.len() < self.lens.0 || word.len() > self.lens.1 {
+                return false;
+            }
+            let mut buf = [0u8; 64];
+            if word.len() > buf.len() {
+                return self.banned.contains(&word.to_ascii_lowercase());
+            }
+            for (d, c) in buf.iter_mut().zip(word.bytes()) {
+                *d = c.to_ascii_lowercase();
+            }
+            return std::str::from_utf8(&buf[..word.len()]).is_ok_and(|w| self.banned.contains(w));
+        }
+        self.banned.contains(&word.to_lowercase())
+    }
+
+    /// True if any word of `text` is banned (no allocation for ASCII text).
+    fn has_banned(&self, text: &str) -> bool {
+        text.split(|c: char| !is_word_char(c))
+            .any(|w| !w.is_empty() && self.is_banned(w))
+    }
+
     /// Masks banned words; returns the new text if any was found.
     fn mask(&self, text: &str) -> Option<String> {
+        if !self.has_banned(text) {
+            return None;
+        }
         let mut out = String::with_capacity(text.len());
         let mut found = false;
         let mut word_start: Option<usize> = None;
         let flush = |out: &mut String, word: &str, found: &mut bool| {
-            if self.banned.contains(&word.to_lowercase()) {
+            if self.is_banned(word) {
                 out.push_str("***");
                 *found = true;
             } else {
@@ -151,8 +184,13 @@ impl Plugin for Moderation {
         if cfg.max_length == Some(0) {
             return Err("invalid moderation config: max_length must be positive".into());
         }
+        let lens = (
+            banned.iter().map(String::len).min().unwrap_or(0),
+            banned.iter().map(String::len).max().unwrap_or(0),
+        );
         Ok(Moderation {
             banned,
+            lens,
             action: cfg.action,
             rate,
             max_length: cfg.max_length,
@@ -182,6 +220,9 @@ impl Plugin for Moderation {
                 ),
                 rule: "rate-limit".into(),
             };
+        }
+        if self.banned.is_empty() {
+            return Verdict::Deliver;
         }
         match (self.mask(msg.text), self.action) {
             (None, _) => Verdict::Deliver,
