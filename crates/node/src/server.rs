@@ -121,12 +121,14 @@ pub async fn run(
         tokio::select! {
             msg = rx.recv() => match msg {
                 Some(msg) => {
-                    driver.on_msg(msg, now());
+                    // One clock reading serves the batch.
+                    let t = now();
+                    driver.on_msg(msg, t);
                     // Take whatever else is already queued, so one round of
                     // outputs (and one wakeup per member) serves a batch.
                     for _ in 0..MAX_BATCH {
                         match rx.try_recv() {
-                            Ok(msg) => driver.on_msg(msg, now()),
+                            Ok(msg) => driver.on_msg(msg, t),
                             Err(_) => break,
                         }
                     }
