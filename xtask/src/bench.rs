@@ -61,13 +61,14 @@ fn summary(line: &str) -> String {
     let n = |x: &serde_json::Value| x.as_f64().unwrap_or(0.0);
     match v["scenario"].as_str().unwrap_or("") {
         "fanout" => format!(
-            "fanout   N={:<4} S={} P={}: {:>6.2} M deliveries/s, {:>7.0} publishes/s; latency p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs",
-            p["members"], p["size"], p["publishers"], n(&f["deliveries_per_s"]) / 1e6, n(&f["publishes_per_s"]),
+            "fanout   N={:<4} S={} P={}: {:>6.2} M deliveries/s, {:>7.0} publishes/s, coordinator {:.2} µs CPU/message; latency p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs",
+            p["members"], p["size"], p["publishers"], n(&f["deliveries_per_s"]) / 1e6, n(&f["publishes_per_s"]), n(&f["coordinator_cpu_us_per_msg"]),
             n(&f["latency_us"]["p50"]), n(&f["latency_us"]["p99"]), n(&f["latency_us"]["p999"]), n(&f["latency_us"]["max"])
         ),
         "plugins" => format!(
-            "plugins  N={:<4}: {:.2} M deliveries/s without bots, {:.2} M with echo+moderation+logger ({:.1}% cost)",
-            p["members"], n(&f["without_deliveries_per_s"]) / 1e6, n(&f["with_deliveries_per_s"]) / 1e6, n(&f["cost_percent"])
+            "plugins  N={:<4}: {:.2} M deliveries/s without bots, {:.2} M with echo+moderation+logger ({:.1}% fewer); coordinator CPU {:.2} → {:.2} µs/message ({:+.1}%)",
+            p["members"], n(&f["without_deliveries_per_s"]) / 1e6, n(&f["with_deliveries_per_s"]) / 1e6, n(&f["cost_percent"]),
+            n(&f["without_cpu_us_per_msg"]), n(&f["with_cpu_us_per_msg"]), n(&f["cpu_cost_percent"])
         ),
         "members" => format!(
             "members  N={}: {:.0} joins/s, views complete in {:.2} s, {:.1} KiB coordinator RSS per member, {:.2} M deliveries/s",

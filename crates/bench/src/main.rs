@@ -154,19 +154,49 @@ async fn throughput_median(
     p: usize,
     runs: usize,
 ) -> anyhow::Result<fanout::Throughput> {
-    let (mut d, mut pubs, mut secs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut d, mut pubs, mut secs, mut cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         let coord = fanout::coordinator(extra).await?;
+        let before = coord.cpu_ns();
         let t = fanout::throughput(&coord.addr, n, size, m, p).await?;
+        let used = coord.cpu_ns().saturating_sub(before);
+        if !extra.is_empty() {
+            check_plugins_active(&coord.addr, m).await?;
+        }
         d.push(t.deliveries_per_s);
         pubs.push(t.publishes_per_s);
         secs.push(t.seconds);
+        cpu.push(used as f64 / 1000.0 / m as f64);
     }
     Ok(fanout::Throughput {
         deliveries_per_s: median(d),
         publishes_per_s: median(pubs),
         seconds: median(secs),
+        cpu_us_per_msg: median(cpu),
     })
+}
+
+/// Fails unless every plugin of the coordinator is active and was called
+/// for every message (a quarantined or refused bot would fake a fast run).
+async fn check_plugins_active(addr: &str, messages: u64) -> anyhow::Result<()> {
+    let status = p2p_ctl::check::coordinator_request(addr, &p2p_proto::Frame::StatusRequest { log: false })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the coordinator's plugin status: {e}"))?;
+    let p2p_proto::Frame::Status { plugins, .. } = status else {
+        anyhow::bail!("unexpected answer to a status request");
+    };
+    for p in &plugins {
+        if p.state != "active" || p.calls < messages {
+            anyhow::bail!(
+                "plugin {} is {} after {} calls ({}); the measurement would be meaningless",
+                p.name,
+                p.state,
+                p.calls,
+                p.error.clone().unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn fanout_cmd(
@@ -186,6 +216,7 @@ async fn fanout_cmd(
             "fanout",
             json!({"members": n, "size": size, "messages": m, "publishers": p, "runs": reps(quick), "latency_messages": count, "latency_rate": 1000}),
             json!({"deliveries_per_s": t.deliveries_per_s, "publishes_per_s": t.publishes_per_s, "seconds": t.seconds,
+                   "coordinator_cpu_us_per_msg": t.cpu_us_per_msg,
                    "latency_us": {"p50": lat.p50, "p99": lat.p99, "p999": lat.p999, "max": lat.max}}),
             format!(
                 "fanout  N={n:<4} S={size} P={p}: {:>12.0} deliveries/s {:>10.0} publishes/s | latency p50 {:.0} µs p99 {:.0} µs p99.9 {:.0} µs max {:.0} µs",
@@ -214,19 +245,26 @@ async fn plugins_cmd(report: &Report, members: &[usize], quick: bool) -> anyhow:
     ];
     for &n in members {
         // Interleaved pairs, so drift in the machine hits both sides alike.
-        let (mut without, mut withp) = (Vec::new(), Vec::new());
+        let (mut without, mut withp, mut cpu0, mut cpu1) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..reps(quick) {
-            without.push(throughput_median(&[], n, 64, m, 1, 1).await?.deliveries_per_s);
-            withp.push(throughput_median(&with, n, 64, m, 1, 1).await?.deliveries_per_s);
+            let a = throughput_median(&[], n, 64, m, 1, 1).await?;
+            let b = throughput_median(&with, n, 64, m, 1, 1).await?;
+            without.push(a.deliveries_per_s);
+            withp.push(b.deliveries_per_s);
+            cpu0.push(a.cpu_us_per_msg);
+            cpu1.push(b.cpu_us_per_msg);
             let _ = std::fs::remove_file(&transcript);
         }
         let (base, bots) = (median(without), median(withp));
+        let (c0, c1) = (median(cpu0), median(cpu1));
         let cost = 100.0 * (1.0 - bots / base);
+        let cpu_cost = 100.0 * (c1 / c0 - 1.0);
         report.emit(
             "plugins",
             json!({"members": n, "size": 64, "messages": m, "runs": reps(quick), "plugins": ["echo", "moderation", "logger"], "logger_flush": "interval"}),
-            json!({"without_deliveries_per_s": base, "with_deliveries_per_s": bots, "cost_percent": cost}),
-            format!("plugins N={n:<4}: {base:>12.0} deliveries/s without, {bots:>12.0} with echo+moderation+logger ({cost:+.1}% cost)"),
+            json!({"without_deliveries_per_s": base, "with_deliveries_per_s": bots, "cost_percent": cost,
+                   "without_cpu_us_per_msg": c0, "with_cpu_us_per_msg": c1, "cpu_cost_percent": cpu_cost}),
+            format!("plugins N={n:<4}: {base:>12.0} deliveries/s without, {bots:>12.0} with echo+moderation+logger ({cost:+.1}% throughput); coordinator CPU {c0:.2} → {c1:.2} µs/message ({cpu_cost:+.1}%)"),
         );
     }
     let _ = std::fs::remove_dir_all(&dir);

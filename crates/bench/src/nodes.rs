@@ -41,6 +41,20 @@ impl NodeProc {
         self.child.id().map(|p| p as i32).unwrap_or(0)
     }
 
+    /// CPU time used so far by all of the node's threads, in nanoseconds
+    /// (from /proc/PID/task/*/schedstat; exact, unlike wall-clock rates on
+    /// a shared machine).
+    pub fn cpu_ns(&self) -> u64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return 0;
+        };
+        tasks
+            .filter_map(Result::ok)
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+            .sum()
+    }
+
     /// Resident memory in KiB.
     pub fn rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.pid()))

@@ -21,6 +21,16 @@ use p2p_proto::{limits, PluginRef, PluginStatus};
 use crate::core::check_plugin_name;
 use crate::core::hooks::{Decision, HookMessage, HookReport, Hooks, Outcome, VerdictRecord};
 
+/// The hooks, as bits of `Loaded::skip`.
+#[derive(Clone, Copy)]
+enum Hook {
+    Message = 1,
+    Delivered = 2,
+    Verdict = 4,
+    Join = 8,
+    Leave = 16,
+}
+
 /// One call in this many is timed for `time_us`.
 const TIME_SAMPLE: u64 = 8;
 
@@ -97,6 +107,9 @@ struct Loaded {
     _api: Box<HostApi>,
     ctx: Box<Ctx>,
     quarantined: Option<String>,
+    /// Hooks the plugin said it does not implement (`RC_UNIMPLEMENTED`):
+    /// bit per `Hook`, never called again.
+    skip: u8,
     calls: u64,
     drops: u64,
     time: Duration,
@@ -263,16 +276,17 @@ impl PluginHost {
             _api: api,
             ctx,
             quarantined: None,
+            skip: 0,
             calls: 0,
             drops: 0,
             time: Duration::ZERO,
         })
     }
 
-    /// Calls into plugin `i`; quarantines it on an error or panic.
-    fn call(&mut self, i: usize, f: impl FnOnce(&Loaded) -> i32) -> Option<CallState> {
+    /// Calls hook `hook` of plugin `i`; quarantines it on an error or panic.
+    fn call(&mut self, i: usize, hook: Hook, f: impl FnOnce(&Loaded) -> i32) -> Option<CallState> {
         let p = &mut self.loaded[i];
-        if p.quarantined.is_some() {
+        if p.quarantined.is_some() || p.skip & hook as u8 != 0 {
             return None;
         }
         if let Ok(mut c) = p.ctx.call.lock() {
@@ -293,6 +307,11 @@ impl PluginHost {
             .lock()
             .map(|mut c| std::mem::take(&mut *c))
             .unwrap_or_default();
+        if rc == abi::RC_UNIMPLEMENTED {
+            // The plugin does nothing here: never call this hook again.
+            p.skip |= hook as u8;
+            return Some(state);
+        }
         if rc != abi::RC_OK {
             let why = state.error.clone().unwrap_or_else(|| match rc {
                 abi::RC_PANIC => "it panicked".into(),
@@ -330,7 +349,9 @@ impl PluginHost {
                 member: Str::from_str(member),
             };
             // SAFETY: instance from load; `v` and its strings outlive the call.
-            let _ = self.call(j, |p| unsafe { (p.desc.on_verdict)(p.instance, &v) });
+            let _ = self.call(j, Hook::Verdict, |p| unsafe {
+                (p.desc.on_verdict)(p.instance, &v)
+            });
         }
     }
 
@@ -423,17 +444,23 @@ impl Hooks for PluginHost {
     }
 
     fn on_message(&mut self, msg: &HookMessage) -> Outcome {
-        let mut text = msg.text.to_string();
+        // Copied only if a plugin rewrites it.
+        let mut text: Option<String> = None;
         let mut verdicts = Vec::new();
         let mut posts = Vec::new();
         for i in 0..self.loaded.len() {
             if msg.bot == Some(self.loaded[i].name.as_str()) {
                 continue;
             }
-            let current = HookMessage { text: &text, ..*msg };
+            let current = HookMessage {
+                text: text.as_deref().unwrap_or(msg.text),
+                ..*msg
+            };
             let m = message_in(&current, 0);
             // SAFETY: instance from load; `m` borrows strings that outlive the call.
-            let Some(mut state) = self.call(i, |p| unsafe { (p.desc.on_message)(p.instance, &m) }) else {
+            let Some(mut state) = self.call(i, Hook::Message, |p| unsafe {
+                (p.desc.on_message)(p.instance, &m)
+            }) else {
                 continue;
             };
             self.posts_of(i, &mut state, &mut posts);
@@ -459,7 +486,7 @@ impl Hooks for PluginHost {
                 }
                 Some((abi::ACTION_REWRITE, new_text, rule)) => match limits::check_text(&new_text) {
                     Ok(()) => {
-                        text = new_text;
+                        text = Some(new_text);
                         verdicts.push(VerdictRecord {
                             plugin: self.loaded[i].name.clone(),
                             rule: rule.clone(),
@@ -489,7 +516,9 @@ impl Hooks for PluginHost {
                 continue;
             }
             // SAFETY: instance from load; `m` borrows strings that outlive the call.
-            if let Some(mut state) = self.call(i, |p| unsafe { (p.desc.on_delivered)(p.instance, &m) }) {
+            if let Some(mut state) = self.call(i, Hook::Delivered, |p| unsafe {
+                (p.desc.on_delivered)(p.instance, &m)
+            }) {
                 if !replay {
                     self.posts_of(i, &mut state, &mut posts);
                 }
@@ -502,7 +531,7 @@ impl Hooks for PluginHost {
         let mut posts = Vec::new();
         for i in 0..self.loaded.len() {
             // SAFETY: instance from load; `name` outlives the call.
-            if let Some(mut state) = self.call(i, |p| unsafe {
+            if let Some(mut state) = self.call(i, Hook::Join, |p| unsafe {
                 (p.desc.on_join)(p.instance, id, Str::from_str(name))
             }) {
                 self.posts_of(i, &mut state, &mut posts);
@@ -515,7 +544,7 @@ impl Hooks for PluginHost {
         let mut posts = Vec::new();
         for i in 0..self.loaded.len() {
             // SAFETY: instance from load; the strings outlive the call.
-            let r = self.call(i, |p| unsafe {
+            let r = self.call(i, Hook::Leave, |p| unsafe {
                 (p.desc.on_leave)(p.instance, id, Str::from_str(name), Str::from_str(reason))
             });
             if let Some(mut state) = r {

@@ -180,6 +180,15 @@ impl Driver {
             Msg::Registered(conn, writer) => {
                 self.writers.insert(conn, writer);
             }
+            Msg::Input(Input::Closed(conn, reason)) => {
+                self.core.handle(now, Input::Closed(conn, reason));
+                // Whatever the core made of it, the connection is gone
+                // (observer connections are not tracked by the core).
+                if let Some(w) = self.writers.remove(&conn) {
+                    w.close();
+                }
+                self.group.retain(|(c, _)| *c != conn);
+            }
             Msg::Input(input) => self.core.handle(now, input),
         }
     }

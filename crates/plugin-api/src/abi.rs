@@ -26,6 +26,9 @@ pub const RC_OK: i32 = 0;
 pub const RC_ERROR: i32 = 1;
 /// The plugin panicked (caught at the boundary).
 pub const RC_PANIC: i32 = 2;
+/// The plugin does nothing for this hook: the host may skip it from now on
+/// (returned by the safe layer when a trait method keeps its default).
+pub const RC_UNIMPLEMENTED: i32 = 3;
 
 /// Verdict actions.
 pub const ACTION_DELIVER: u32 = 0;

@@ -148,19 +148,49 @@ pub trait Plugin: Sized + Send + 'static {
 
     /// Decides on a message before it is sequenced.
     fn on_message(&mut self, _msg: &Message, _host: &Host) -> Verdict {
+        defaulted();
         Verdict::Deliver
     }
 
     /// Sees every delivered message (bot messages included, except this
     /// plugin's own), after sequencing.
-    fn on_delivered(&mut self, _msg: &Message, _host: &Host) {}
+    fn on_delivered(&mut self, _msg: &Message, _host: &Host) {
+        defaulted();
+    }
 
     /// Sees drops and rewrites made by other plugins.
-    fn on_verdict(&mut self, _verdict: &VerdictSeen, _host: &Host) {}
+    fn on_verdict(&mut self, _verdict: &VerdictSeen, _host: &Host) {
+        defaulted();
+    }
 
-    fn on_join(&mut self, _member_id: u64, _name: &str, _host: &Host) {}
+    fn on_join(&mut self, _member_id: u64, _name: &str, _host: &Host) {
+        defaulted();
+    }
 
-    fn on_leave(&mut self, _member_id: u64, _name: &str, _reason: &str, _host: &Host) {}
+    fn on_leave(&mut self, _member_id: u64, _name: &str, _reason: &str, _host: &Host) {
+        defaulted();
+    }
+}
+
+thread_local! {
+    /// Set by a default trait method: the plugin does nothing for that hook,
+    /// so the shim tells the host it may stop calling it.
+    static DEFAULTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn defaulted() {
+    DEFAULTED.with(|d| d.set(true));
+}
+
+/// Runs a hook; `RC_UNIMPLEMENTED` if it was a default method.
+fn hook(f: impl FnOnce()) -> i32 {
+    DEFAULTED.with(|d| d.set(false));
+    f();
+    if DEFAULTED.with(|d| d.get()) {
+        abi::RC_UNIMPLEMENTED
+    } else {
+        abi::RC_OK
+    }
 }
 
 /// The instance behind the C pointer.
@@ -278,9 +308,10 @@ pub unsafe extern "C" fn shim_on_message<P: Plugin>(instance: *mut c_void, msg: 
         clear_arena();
         // SAFETY: valid for the call.
         let m = unsafe { message(msg) };
-        let v = i.plugin.on_message(&m, &i.host);
+        let mut v = Verdict::Deliver;
+        let rc = hook(|| v = i.plugin.on_message(&m, &i.host));
         i.host.verdict(&v);
-        abi::RC_OK
+        rc
     })
 }
 
@@ -293,8 +324,7 @@ pub unsafe extern "C" fn shim_on_delivered<P: Plugin>(instance: *mut c_void, msg
         clear_arena();
         // SAFETY: valid for the call.
         let m = unsafe { message(msg) };
-        i.plugin.on_delivered(&m, &i.host);
-        abi::RC_OK
+        hook(|| i.plugin.on_delivered(&m, &i.host))
     })
 }
 
@@ -326,8 +356,7 @@ pub unsafe extern "C" fn shim_on_verdict<P: Plugin>(instance: *mut c_void, v: *c
             member_id: v.member_id,
             member: leak_cow(member),
         };
-        i.plugin.on_verdict(&seen, &i.host);
-        abi::RC_OK
+        hook(|| i.plugin.on_verdict(&seen, &i.host))
     })
 }
 
@@ -339,8 +368,7 @@ pub unsafe extern "C" fn shim_on_join<P: Plugin>(instance: *mut c_void, id: u64,
     guard(Some(&host), || {
         // SAFETY: valid for the call.
         let name = unsafe { name.to_str_lossy() };
-        i.plugin.on_join(id, &name, &i.host);
-        abi::RC_OK
+        hook(|| i.plugin.on_join(id, &name, &i.host))
     })
 }
 
@@ -357,8 +385,7 @@ pub unsafe extern "C" fn shim_on_leave<P: Plugin>(
     guard(Some(&host), || {
         // SAFETY: valid for the call.
         let (name, reason) = unsafe { (name.to_str_lossy(), reason.to_str_lossy()) };
-        i.plugin.on_leave(id, &name, &reason, &i.host);
-        abi::RC_OK
+        hook(|| i.plugin.on_leave(id, &name, &reason, &i.host))
     })
 }
 

@@ -7,7 +7,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::ProtoError;
-use crate::frame::Frame;
+use crate::frame::{Chat, Frame};
 use crate::limits::MAX_FRAME_LEN;
 
 /// Encodes a frame with its length prefix.
@@ -17,6 +17,41 @@ pub fn encode(frame: &Frame) -> Bytes {
     // Serializing our own enum into memory cannot fail: every field is a
     // plain string, number, list or option.
     serde_json::to_writer((&mut buf).writer(), frame).expect("frame serialization is infallible");
+    let len = (buf.len() - 4) as u32;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    buf.freeze()
+}
+
+/// Encodes a `chat` frame from a borrowed message: the same bytes as
+/// `encode(&Frame::Chat(chat.clone()))` without the clone (the broadcast
+/// hot path).
+pub fn encode_chat(chat: &Chat) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct ChatRef<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        epoch: u64,
+        seq: u64,
+        from: &'a str,
+        from_id: u64,
+        client_seq: u64,
+        text: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        bot: Option<&'a str>,
+    }
+    let view = ChatRef {
+        kind: "chat",
+        epoch: chat.epoch,
+        seq: chat.seq,
+        from: &chat.from,
+        from_id: chat.from_id,
+        client_seq: chat.client_seq,
+        text: &chat.text,
+        bot: chat.bot.as_deref(),
+    };
+    let mut buf = BytesMut::with_capacity(96 + chat.text.len());
+    buf.put_u32(0);
+    serde_json::to_writer((&mut buf).writer(), &view).expect("chat serialization is infallible");
     let len = (buf.len() - 4) as u32;
     buf[..4].copy_from_slice(&len.to_be_bytes());
     buf.freeze()
@@ -111,7 +146,6 @@ pub fn read_frame_sync(r: &mut impl std::io::Read) -> std::io::Result<Frame> {
 mod tests {
     use super::*;
     use crate::error::ErrorCode;
-    use crate::frame::Chat;
 
     fn roundtrip(frame: Frame) {
         let bytes = encode(&frame);
@@ -156,6 +190,22 @@ mod tests {
             body,
             r#"{"type":"chat","epoch":1,"seq":2,"from":"a","from_id":1,"client_seq":5,"text":"x"}"#
         );
+    }
+
+    #[test]
+    fn encode_chat_matches_the_enum_encoding() {
+        for bot in [None, Some("echo".to_string())] {
+            let chat = Chat {
+                epoch: 3,
+                seq: 77,
+                from: "zoë \"q\"".into(),
+                from_id: 9,
+                client_seq: 4,
+                text: "tab\there ✓".into(),
+                bot,
+            };
+            assert_eq!(encode_chat(&chat), encode(&Frame::Chat(chat.clone())));
+        }
     }
 
     #[test]

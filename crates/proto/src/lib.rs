@@ -7,7 +7,7 @@ mod error;
 mod frame;
 pub mod limits;
 
-pub use codec::{decode_body, encode, read_frame_sync, split_frame};
+pub use codec::{decode_body, encode, encode_chat, read_frame_sync, split_frame};
 pub use error::{ErrorCode, ProtoError};
 pub use frame::{Chat, Frame, MemberInfo, PluginRef, PluginStatus, Resume, Role};
 

@@ -122,6 +122,7 @@ async fn serve(args: Args) -> anyhow::Result<i32> {
     core.create_if_alone = args.create_if_alone;
     core.heartbeat_ms = args.heartbeat_ms;
     core.replay = args.history as usize;
+    core.message_events = args.events != EventFormat::None;
     for spec in &args.plugins {
         let (name, config) = match spec.split_once(':') {
             Some((n, c)) => (n.to_string(), c.to_string()),

@@ -353,13 +353,18 @@ impl Core {
             text,
             bot,
         };
-        let frame = encode(&Frame::Chat(chat.clone()));
+        let frame = p2p_proto::encode_chat(&chat);
         self.out.push(Output::Broadcast(frame.clone()));
         if self.my_ids.contains(&from_id) && client_seq > 0 {
             self.pending.retain(|(cs, _)| *cs != client_seq);
         }
-        self.log.append_encoded(chat.clone(), frame);
-        self.emit(Event::Message { chat, replay: false });
+        if self.cfg.message_events {
+            self.emit(Event::Message {
+                chat: chat.clone(),
+                replay: false,
+            });
+        }
+        self.log.append_encoded(chat, frame);
     }
 
     pub(super) fn coord_sequence_own(&mut self, client_seq: u64, text: String) {
@@ -411,7 +416,8 @@ impl Core {
                     self.send(conn, &p2p_proto::Frame::Rejected { client_seq, reason });
                 }
             }
-            Decision::Deliver(text) => {
+            Decision::Deliver(rewritten) => {
+                let text = rewritten.unwrap_or(text);
                 let seq = self.log.last_seq() + 1;
                 self.sequence(from_id, from.clone(), client_seq, text.clone(), bot.clone());
                 let msg = HookMessage {

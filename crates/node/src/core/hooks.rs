@@ -28,8 +28,8 @@ pub struct VerdictRecord {
 /// What the chain decided about a message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
-    /// Deliver, with this text (rewritten or not).
-    Deliver(String),
+    /// Deliver: with the new text if a plugin rewrote it, else as it was.
+    Deliver(Option<String>),
     /// Do not deliver; tell the sender `reason`.
     Drop { reason: String },
 }
@@ -84,9 +84,9 @@ impl Hooks for NoHooks {
             })
             .collect()
     }
-    fn on_message(&mut self, msg: &HookMessage) -> Outcome {
+    fn on_message(&mut self, _msg: &HookMessage) -> Outcome {
         Outcome {
-            decision: Decision::Deliver(msg.text.to_string()),
+            decision: Decision::Deliver(None),
             verdicts: Vec::new(),
             posts: Vec::new(),
         }

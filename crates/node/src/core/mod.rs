@@ -46,6 +46,9 @@ pub struct CoreConfig {
     /// Messages held for catching up resuming members (at least `replay`).
     pub keep: usize,
     pub max_members: usize,
+    /// Emit an event per delivered message (off when nobody prints them,
+    /// e.g. `--events none`: saves a copy per message).
+    pub message_events: bool,
     /// The plugin set a chat started by this node begins with (a joiner
     /// takes the chat's set instead).
     pub plugins: Vec<PluginRef>,
@@ -63,6 +66,7 @@ impl CoreConfig {
             replay: 100,
             keep: 10_000,
             max_members: limits::MAX_MEMBERS,
+            message_events: true,
             plugins: Vec::new(),
         }
     }
