@@ -101,6 +101,8 @@ pub async fn read_loop(
                 }
             } else if body.starts_with(JOINED) {
                 counts.joined.fetch_add(1, Ordering::Relaxed);
+            } else if let Ok(Frame::Error { code, message }) = decode_body(body) {
+                bail!("the node sent an error: {code}: {message}");
             }
             buf.advance(4 + len);
         }

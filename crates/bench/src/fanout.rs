@@ -15,8 +15,11 @@ use crate::client::{self, micros, Counts};
 use crate::nodes;
 use crate::report::{percentiles, Pct};
 
-/// Messages a publisher may have in flight (sent, own copy not back yet).
-const WINDOW: u64 = 4096;
+/// Messages a publisher may have in flight (sent, own copy not back yet):
+/// about 2 MiB, well under a member's queue limit at the node.
+fn window(size: usize) -> u64 {
+    ((2 << 20) / (size as u64 + 100)).clamp(64, 4096)
+}
 
 pub struct Throughput {
     pub deliveries_per_s: f64,
@@ -29,6 +32,8 @@ pub struct Throughput {
 
 struct Joined {
     counts: Arc<Counts>,
+    /// Cleared when the member's connection ends.
+    alive: Arc<std::sync::atomic::AtomicBool>,
     tx: mpsc::UnboundedSender<Vec<u8>>,
     done: tokio::task::JoinHandle<anyhow::Result<Instant>>,
 }
@@ -47,14 +52,21 @@ async fn members(
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(client::write_loop(m.write, rx));
         let (c, t, ptx) = (counts.clone(), times.clone(), tx.clone());
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let a = alive.clone();
         let done = tokio::spawn(async move {
             let mut mine = Vec::new();
-            client::read_loop(m.read, c, ptx, stop, |_| {
+            let r = client::read_loop(m.read, c, ptx, stop, |_| {
                 if t.is_some() {
                     mine.push(micros(base));
                 }
             })
-            .await?;
+            .await;
+            a.store(false, Ordering::Relaxed);
+            if let Err(e) = &r {
+                eprintln!("p2pbench: a member's connection ended: {e:#}");
+            }
+            r?;
             if let Some(t) = t {
                 if let Ok(mut all) = t.lock() {
                     all.push(mine);
@@ -62,7 +74,12 @@ async fn members(
             }
             Ok(Instant::now())
         });
-        out.push(Joined { counts, tx, done });
+        out.push(Joined {
+            counts,
+            alive,
+            tx,
+            done,
+        });
     }
     Ok(out)
 }
@@ -80,22 +97,29 @@ pub async fn throughput(addr: &str, n: usize, size: usize, m: u64, p: usize) -> 
     if p == 0 || p > n {
         bail!("publishers must be between 1 and the member count");
     }
-    let base = Instant::now();
-    let joined = members(addr, n, m, None, base).await?;
+    // Encode before joining: members cannot answer pings while this runs
+    // (one thread), and would be dropped after three missed heartbeats.
     let text = "x".repeat(size);
     let per = m / p as u64;
     let frames: Vec<Vec<Vec<u8>>> = (0..p)
         .map(|_| (1..=per).map(|cs| say(&text, cs)).collect())
         .collect();
+    let base = Instant::now();
+    let joined = members(addr, n, m, None, base).await?;
     let start = Instant::now();
     let mut pubs = Vec::new();
+    let win = window(size);
     for (k, frames) in frames.into_iter().enumerate() {
         let (tx, counts) = (joined[k].tx.clone(), joined[k].counts.clone());
+        let alive = joined[k].alive.clone();
         pubs.push(tokio::spawn(async move {
             let mut sent = 0u64;
-            for chunk in frames.chunks(256) {
+            for chunk in frames.chunks(256.min(win as usize)) {
                 // Bounded window: wait for our copies to come back.
-                while sent * p as u64 > counts.chats.load(Ordering::Relaxed) + WINDOW {
+                while sent * p as u64 > counts.chats.load(Ordering::Relaxed) + win {
+                    if !alive.load(Ordering::Relaxed) {
+                        anyhow::bail!("the publisher's connection ended (see the node's messages above)");
+                    }
                     tokio::task::yield_now().await;
                 }
                 let mut batch = Vec::with_capacity(chunk.len() * 100);
@@ -107,10 +131,11 @@ pub async fn throughput(addr: &str, n: usize, size: usize, m: u64, p: usize) -> 
                     break;
                 }
             }
+            anyhow::Ok(())
         }));
     }
     for p in pubs {
-        p.await?;
+        p.await??;
     }
     let mut first_done: Option<Instant> = None;
     let mut last_done = start;
