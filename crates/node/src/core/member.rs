@@ -41,6 +41,10 @@ pub(super) struct Electing {
     direct: Option<(u64, String)>,
     /// The coordinator we lost, to go back to if a successor says it lives.
     lost: Option<MemberInfo>,
+    /// `coordinator_alive` answers so far: the first few are retried at
+    /// once (the successor is usually a moment from noticing the loss),
+    /// later ones wait a tick so a live coordinator cannot cause a spin.
+    alive_replies: u32,
     /// The successor being dialled: (member id or 0 for `direct`, connection).
     target: Option<(u64, ConnId)>,
     retry_at: Option<Millis>,
@@ -361,14 +365,21 @@ impl Core {
             }
             State::Electing(e) if busy => {
                 e.target = None;
+                let mut now_again = false;
                 if code == ErrorCode::CoordinatorAlive {
                     // The successor still hears the coordinator: go back to it.
                     if let Some(lost) = &e.lost {
                         e.dead.remove(&lost.id);
                         e.direct = Some((lost.id, lost.addr.clone()));
                     }
+                    e.alive_replies += 1;
+                    now_again = e.alive_replies <= 3;
                 }
-                e.retry_at = Some(retry_at);
+                if now_again {
+                    self.try_successor();
+                } else {
+                    e.retry_at = Some(retry_at);
+                }
             }
             State::Electing(_) => self.uplink_closed(conn, Some(message)),
             State::Member(_) => {
@@ -446,6 +457,7 @@ impl Core {
             dead: BTreeSet::from([self.coordinator]),
             direct,
             lost: lost_info,
+            alive_replies: 0,
             target: None,
             retry_at: None,
         });
@@ -469,6 +481,7 @@ impl Core {
             dead: BTreeSet::new(),
             direct: Some((0, addr)),
             lost: None,
+            alive_replies: 0,
             target: None,
             retry_at: None,
         });
