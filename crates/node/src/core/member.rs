@@ -387,10 +387,7 @@ impl Core {
                     code: Some(code),
                     message: format!("the coordinator dropped us: {message}; rejoining"),
                 });
-                let addr = self
-                    .member(self.coordinator)
-                    .map(|m| m.addr.clone())
-                    .unwrap_or_default();
+                let addr = self.coordinator_addr();
                 self.follow(self.epoch, addr, "dropped by the coordinator");
             }
             _ => {}

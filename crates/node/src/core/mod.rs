@@ -340,6 +340,23 @@ impl Core {
         self.members.iter().find(|m| m.id == id)
     }
 
+    /// The coordinator's address, as the member list has it.
+    fn coordinator_addr(&self) -> String {
+        self.member(self.coordinator)
+            .map(|m| m.addr.clone())
+            .unwrap_or_default()
+    }
+
+    /// Sends a client to the coordinator and closes its connection.
+    fn redirect_to_coordinator(&mut self, conn: ConnId) {
+        let frame = Frame::Redirect {
+            addr: self.coordinator_addr(),
+            epoch: self.epoch,
+        };
+        self.send(conn, &frame);
+        self.out.push(Output::Close(conn));
+    }
+
     fn coordinator_name(&self) -> String {
         self.member(self.coordinator)
             .map(|m| m.name.clone())
@@ -433,20 +450,7 @@ impl Core {
             State::Coordinator(_) => self.coord_admit(conn, name, addr, resume),
             State::Member(_) => match resume {
                 Some(r) if r.epoch >= self.epoch => self.takeover_request(conn, name, addr, r),
-                _ => {
-                    let addr = self
-                        .member(self.coordinator)
-                        .map(|m| m.addr.clone())
-                        .unwrap_or_default();
-                    self.send(
-                        conn,
-                        &Frame::Redirect {
-                            addr,
-                            epoch: self.epoch,
-                        },
-                    );
-                    self.out.push(Output::Close(conn));
-                }
+                _ => self.redirect_to_coordinator(conn),
             },
             State::Electing(_) => match resume {
                 Some(r) if r.epoch >= self.epoch => self.takeover_request(conn, name, addr, r),
@@ -643,18 +647,7 @@ impl Core {
 
     fn on_plugin_change(&mut self, conn: ConnId, change: PluginChange) {
         if !matches!(self.state, State::Coordinator(_)) {
-            let addr = self
-                .member(self.coordinator)
-                .map(|m| m.addr.clone())
-                .unwrap_or_default();
-            self.send(
-                conn,
-                &Frame::Redirect {
-                    addr,
-                    epoch: self.epoch,
-                },
-            );
-            return self.out.push(Output::Close(conn));
+            return self.redirect_to_coordinator(conn);
         }
         let mut set = self.plugins.clone();
         match &change {
