@@ -368,3 +368,51 @@ fn each_bad_cluster_file_gets_its_own_clear_error() {
     let err = validate_err("name: x\nnodes: [\n");
     assert!(err.contains("bad.yaml"), "{err}");
 }
+
+#[test]
+fn foreground_up_streams_events_and_ctrl_c_stops_everything() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let c = TestCluster::new(&["alice", "bob", "carol"], "");
+    let mut up = Command::new(bin("p2pctl"))
+        .arg("-f")
+        .arg(&c.file)
+        .arg("up")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the supervisor's control socket", || {
+        c.ctl(&["ps"]).status.success().then_some(())
+    });
+    let rows = c.wait_ps("all running", all_running(3));
+    let pids: Vec<i32> = rows
+        .iter()
+        .filter_map(|r| r["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect();
+    c.ok(&["say", "bob", "hello from the test"]);
+    c.ok(&["kill", "--coordinator"]);
+    c.wait_ps("bob leads", |rows| {
+        coordinators(rows).first().is_some_and(|r| r["name"] == "bob")
+    });
+    kill(Pid::from_raw(up.id() as i32), Signal::SIGINT).unwrap();
+    let status = wait_until("p2pctl up to exit", || up.try_wait().ok().flatten());
+    assert!(status.success(), "Ctrl-C exits 0");
+    for pid in pids {
+        wait_until(&format!("node {pid} gone"), || (!alive(pid)).then_some(()));
+    }
+    let out: Vec<String> = BufReader::new(up.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .collect();
+    let text = out.join("\n");
+    assert!(text.contains("cluster") && text.contains("is up"), "{text}");
+    assert!(text.contains("hello from the test"), "chat is streamed: {text}");
+    assert!(
+        text.contains("coordinator (epoch 2)"),
+        "the election is streamed: {text}"
+    );
+    assert!(text.contains("stopped"), "{text}");
+}

@@ -334,7 +334,7 @@ fn quit_and_ctrl_c_leave_cleanly() {
     });
     c.signal(Signal::SIGINT);
     assert!(c.wait_exit().success(), "ctrl-c exits 0");
-    assert_eq!(c.stderr(), "", "no error text on ctrl-c");
+    assert_eq!(c.stderr_after_exit(), "", "no error text on ctrl-c");
     a.wait_event("carol left", |e| {
         e["event"] == "left" && e["name"] == "carol" && e["reason"] == "left"
     });

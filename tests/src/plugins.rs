@@ -147,10 +147,54 @@ fn wrong_abi_missing_file_and_bad_names_are_refused_without_stopping_the_node() 
     );
     a.say("!echo the rest still loads");
     a.wait_message("the rest still loads");
+    // A file that is not a library, and a library that is not a plugin.
+    let dir = temp("refusals");
+    std::fs::write(dir.join("libnotalib.so"), "just text").unwrap();
+    let libm = [
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/usr/lib/x86_64-linux-gnu/libm.so.6",
+        "/lib64/libm.so.6",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists());
+    if let Some(libm) = libm {
+        std::fs::copy(libm, dir.join("libnosymbol.so")).unwrap();
+    }
+    let mut b = Node::join(
+        "bob",
+        &[
+            "--plugin-dir",
+            dir.to_str().unwrap(),
+            "--plugin",
+            "notalib",
+            "--plugin",
+            "nosymbol",
+        ],
+    );
+    let r = b.wait_events("refusals", if libm.is_some() { 2 } else { 1 }, |e| {
+        e["event"] == "plugin" && e["state"] == "refused"
+    });
+    assert!(
+        r[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not a loadable shared library"),
+        "{r:?}"
+    );
+    if libm.is_some() {
+        assert!(
+            r[1]["detail"].as_str().unwrap().contains("not a p2pchat plugin"),
+            "{r:?}"
+        );
+    }
+    b.say("still chatting");
+    b.wait_message("still chatting");
+    let _ = std::fs::remove_dir_all(&dir);
     // A path is never a plugin name.
     let mut evil = Node::spawn("mallory", &["--plugin", "../../tmp/evil"]);
     assert_eq!(evil.wait_exit().code(), Some(1));
-    assert!(evil.stderr().contains("plugin name"), "{}", evil.stderr());
+    let err = evil.stderr_after_exit();
+    assert!(err.contains("plugin name"), "{err}");
 }
 
 #[test]

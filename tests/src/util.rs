@@ -91,6 +91,8 @@ pub struct Node {
     stdin: Option<ChildStdin>,
     out: Arc<(Mutex<Captured>, Condvar)>,
     err: Arc<Mutex<String>>,
+    /// The thread reading stderr; joined by `stderr_after_exit`.
+    err_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Node {
@@ -141,7 +143,7 @@ impl Node {
         let err = Arc::new(Mutex::new(String::new()));
         let mut stderr = child.stderr.take().expect("stderr");
         let err2 = err.clone();
-        std::thread::spawn(move || {
+        let err_thread = std::thread::spawn(move || {
             let mut buf = String::new();
             let _ = stderr.read_to_string(&mut buf);
             err2.lock().unwrap().push_str(&buf);
@@ -153,6 +155,7 @@ impl Node {
             child,
             out,
             err,
+            err_thread: Some(err_thread),
         }
     }
 
@@ -188,6 +191,15 @@ impl Node {
 
     pub fn stderr(&self) -> String {
         self.err.lock().unwrap().clone()
+    }
+
+    /// All of stderr, once the process has exited and the pipe is drained.
+    pub fn stderr_after_exit(&mut self) -> String {
+        self.wait_exit();
+        if let Some(t) = self.err_thread.take() {
+            let _ = t.join();
+        }
+        self.stderr()
     }
 
     /// Waits for the first event matching `pred` and returns it.
