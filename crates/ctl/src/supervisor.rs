@@ -500,6 +500,13 @@ impl Supervisor {
                 signal,
             } => self.kill(node, coordinator, &signal),
             Request::Start { node } => match self.find(&node) {
+                // Killed or stopping by our hand but not reaped yet: start
+                // it again as soon as it has exited.
+                Ok(i) if self.slots[i].pid.is_some() && self.slots[i].user_down.is_some() => {
+                    self.slots[i].restart_after_exit = true;
+                    self.slots[i].restarts = 0;
+                    Response::ok(json!({"node": node, "starting_after_exit": true}))
+                }
                 Ok(i) if self.slots[i].pid.is_some() => Response::err(format!(
                     "node {node} is already running (pid {})",
                     self.slots[i].pid.unwrap_or(0)

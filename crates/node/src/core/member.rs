@@ -403,7 +403,15 @@ impl Core {
             }
             State::Member(_) => {
                 self.out.push(Output::Close(conn));
-                let why = reason.unwrap_or_else(|| "connection closed".into());
+                // "disconnected (reset by peer)" reads badly inside
+                // "lost the coordinator X (…)": keep only the detail.
+                let why = match reason {
+                    Some(r) => match r.strip_prefix("disconnected (").and_then(|r| r.strip_suffix(')')) {
+                        Some(detail) => format!("connection lost: {detail}"),
+                        None => r,
+                    },
+                    None => "connection closed".into(),
+                };
                 self.start_election(why, true);
             }
             State::Electing(e) => {
