@@ -207,6 +207,15 @@ fn restarted_node_rejoins_and_chat_agrees() {
         let b = TestCluster::row(rows, "bob");
         b["state"] == "running" && b["pid"] != old && b["role"] == "member"
     });
+    // `start` right after `kill` (before the supervisor has seen the exit)
+    // starts it again once it is gone, instead of refusing.
+    let old = TestCluster::row(&c.ps(), "carol")["pid"].clone();
+    c.ok(&["kill", "carol"]);
+    c.ok(&["start", "carol"]);
+    c.wait_ps("carol back", |rows| {
+        let r = TestCluster::row(rows, "carol");
+        r["state"] == "running" && r["pid"] != old
+    });
     c.ok(&["say", "bob", "hello", "after", "restart"]);
     c.ok(&["say", "alice", "welcome back"]);
     let out = c.ok(&["check"]);

@@ -151,6 +151,14 @@ pub async fn run(
     for writer in driver.writers.values() {
         writer.close();
     }
+    // Connections that registered after the loop ended (a dial racing the
+    // exit) hold writers nobody else will close.
+    rx.close();
+    while let Ok(msg) = rx.try_recv() {
+        if let Msg::Registered(_, writer) = msg {
+            writer.close();
+        }
+    }
     tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     let code = driver.exit.unwrap_or(0);
