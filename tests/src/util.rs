@@ -285,6 +285,12 @@ impl Drop for Node {
 /// Asserts that every node delivered the same sequence, numbered 1..=n
 /// without gaps or duplicates, and returns it.
 pub fn assert_same_sequence(nodes: &[&Node]) -> Vec<(u64, String, String)> {
+    // Each node's stdout is read by its own thread: let the slowest reader
+    // catch up with the furthest node before comparing.
+    let furthest = nodes.iter().map(|n| n.messages().len()).max().unwrap_or(0);
+    wait_until("every node's output to catch up", || {
+        nodes.iter().all(|n| n.messages().len() >= furthest).then_some(())
+    });
     let first = nodes[0].messages();
     for (i, m) in first.iter().enumerate() {
         assert_eq!(
