@@ -34,6 +34,9 @@ struct Story {
     /// Plugins the cluster file attaches.
     plugins: Vec<String>,
     state_dir: std::path::PathBuf,
+    /// Pause before each step, so a person can follow (never inside a
+    /// measurement).
+    pace: Duration,
 }
 
 fn step(text: &str) {
@@ -45,6 +48,14 @@ fn step(text: &str) {
 }
 
 impl Story {
+    /// Lets events arrive (and be shown) during the pacing pause.
+    async fn pause(&mut self) {
+        let end = Instant::now() + self.pace;
+        while let Ok(Ok(ev)) = tokio::time::timeout_at(end.into(), self.running.events.recv()).await {
+            self.absorb(&ev);
+        }
+    }
+
     fn absorb(&mut self, ev: &CtlEvent) {
         match ev {
             CtlEvent::Node { node, event } => match event["event"].as_str() {
@@ -113,7 +124,7 @@ impl Story {
 ///
 /// # Errors
 /// Any step that fails, with what it was waiting for.
-pub async fn demo(cluster: Cluster) -> anyhow::Result<i32> {
+pub async fn demo(cluster: Cluster, pace: Duration) -> anyhow::Result<i32> {
     let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
     let plugins: Vec<String> = cluster.plugins.iter().map(|p| p.name.clone()).collect();
     let state_dir = cluster.state_dir.clone();
@@ -153,6 +164,7 @@ pub async fn demo(cluster: Cluster) -> anyhow::Result<i32> {
         seen: Seen::default(),
         plugins,
         state_dir,
+        pace,
     };
     let result = story_steps(&mut story, &names, started).await;
     step("Tearing down");
@@ -192,6 +204,7 @@ async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> a
         crate::display::ps_table(ps.as_array().map(Vec::as_slice).unwrap_or(&[]))
     );
 
+    story.pause().await;
     step("Chatting: every node delivers every message in the same order");
     let lines = [
         (names[1].as_str(), "hi all, this chat has no server"),
@@ -222,6 +235,7 @@ async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> a
         })
         .await?;
 
+    story.pause().await;
     step(&format!(
         "Killing the coordinator ({coord}) with SIGKILL while a message is in flight"
     ));
@@ -265,6 +279,7 @@ async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> a
         flowing.as_secs_f64() * 1000.0
     );
 
+    story.pause().await;
     step(&format!(
         "Restarting {coord}: it rejoins through any live peer, as a member"
     ));
@@ -288,6 +303,7 @@ async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> a
         .await?;
 
     if echo {
+        story.pause().await;
         step(&format!(
             "The bots survived the failover: {new_coord} now runs them"
         ));
@@ -306,6 +322,7 @@ async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> a
             .await?;
     }
 
+    story.pause().await;
     step("Attaching the moderation bot at runtime (p2pctl attach moderation --config …)");
     let config = r#"{"banned":["spam","scam"],"action":"mask","rate":{"messages":3,"per_ms":10000}}"#;
     match story
@@ -343,6 +360,7 @@ async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> a
         ),
     }
 
+    story.pause().await;
     step("Checking that every node delivered the same sequence");
     let check = story.request(Request::Check).await?;
     if check["agree"] != true {

@@ -154,6 +154,9 @@ enum Cmd {
     Demo {
         #[command(flatten)]
         f: FileArg,
+        /// Pause between steps so the story can be followed (0 for none).
+        #[arg(long, default_value_t = 700)]
+        pace_ms: u64,
     },
 }
 
@@ -175,7 +178,7 @@ impl Cmd {
             | Cmd::Plugins { f, .. }
             | Cmd::Check { f }
             | Cmd::Down { f }
-            | Cmd::Demo { f } => f.file.as_ref(),
+            | Cmd::Demo { f, .. } => f.file.as_ref(),
         }
     }
 }
@@ -235,7 +238,9 @@ async fn dispatch(args: Args) -> anyhow::Result<i32> {
         // `--supervise` (the background half of `up -d`) runs the same
         // foreground supervisor; its output goes to supervisor.log.
         Cmd::Up { .. } => run::up_foreground(Cluster::load(&file)?, false).await,
-        Cmd::Demo { .. } => demo::demo(Cluster::load(&file)?).await,
+        Cmd::Demo { pace_ms, .. } => {
+            demo::demo(Cluster::load(&file)?, std::time::Duration::from_millis(pace_ms)).await
+        }
         Cmd::Logs { follow, node, .. } => {
             logs::logs(&Cluster::load_unbound(&file)?, node.as_deref(), follow).await
         }
