@@ -515,3 +515,38 @@ fn a_member_cut_off_by_the_coordinator_rejoins_instead_of_taking_over() {
     sim.say(1, "m2");
     sim.assert_agree(&[0, 1, 2]);
 }
+
+#[test]
+fn a_resume_that_beats_the_successors_own_detection_still_converges() {
+    // n2 learns of the coordinator's death first and asks n1 to take over
+    // while n1 still hears the coordinator: n1 answers coordinator_alive.
+    let mut sim = cluster(3);
+    sim.say(2, "before");
+    sim.nodes[0].dead = true;
+    let link_to = |sim: &Sim, peer: usize| {
+        *sim.links
+            .iter()
+            .find(|((n, _), (p, _))| *n == 0 && *p == peer)
+            .map(|((_, c), _)| c)
+            .unwrap()
+    };
+    let c2 = link_to(&sim, 2);
+    sim.close_link(0, c2);
+    sim.run();
+    assert!(
+        sim.nodes[2].events.iter().any(|e| matches!(e, Event::Electing { .. })),
+        "n2 noticed first"
+    );
+    assert_eq!(sim.nodes[1].core.role(), Role::Member, "n1 refused: it still hears the coordinator");
+    // Now n1 notices too.
+    let c1 = link_to(&sim, 1);
+    sim.close_link(0, c1);
+    sim.run();
+    sim.advance(HB * 2);
+    assert_eq!(sim.coordinators(), vec![1]);
+    assert_eq!(sim.nodes[2].core.role(), Role::Member);
+    assert_eq!(sim.nodes[2].core.epoch(), 2);
+    sim.say(2, "after");
+    let seq = sim.assert_agree(&[1, 2]);
+    assert_eq!(seq.len(), 2);
+}
