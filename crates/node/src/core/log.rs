@@ -6,7 +6,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
-use p2p_proto::{encode, Chat, Frame};
+use p2p_proto::{encode_chat, Chat};
 
 /// One held message and its frame, encoded once.
 struct Entry {
@@ -110,7 +110,10 @@ impl Log {
 
     /// Appends a message, encoding its frame.
     pub fn append(&mut self, chat: Chat) -> Append {
-        let frame = encode(&Frame::Chat(chat.clone()));
+        if chat.seq <= self.last_seq {
+            return Append::Duplicate; // no need to encode it
+        }
+        let frame = encode_chat(&chat);
         self.append_encoded(chat, frame)
     }
 

@@ -372,14 +372,18 @@ impl Core {
         if self.my_ids.contains(&chat.from_id) && chat.client_seq > 0 {
             self.pending.retain(|(cs, _)| *cs != chat.client_seq);
         }
-        match self.log.append(chat.clone()) {
+        let event = self.cfg.message_events.then(|| chat.clone());
+        let seq = chat.seq;
+        match self.log.append(chat) {
             log::Append::Duplicate => return,
             log::Append::AddedAfterGap { missing } => {
-                tracing::warn!(seq = chat.seq, missing, "gap in the delivered sequence");
+                tracing::warn!(seq, missing, "gap in the delivered sequence");
             }
             log::Append::Added => {}
         }
-        self.emit(Event::Message { chat, replay });
+        if let Some(chat) = event {
+            self.emit(Event::Message { chat, replay });
+        }
     }
 
     // ---- inputs common to every role ----

@@ -534,10 +534,17 @@ fn a_resume_that_beats_the_successors_own_detection_still_converges() {
     sim.close_link(0, c2);
     sim.run();
     assert!(
-        sim.nodes[2].events.iter().any(|e| matches!(e, Event::Electing { .. })),
+        sim.nodes[2]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Electing { .. })),
         "n2 noticed first"
     );
-    assert_eq!(sim.nodes[1].core.role(), Role::Member, "n1 refused: it still hears the coordinator");
+    assert_eq!(
+        sim.nodes[1].core.role(),
+        Role::Member,
+        "n1 refused: it still hears the coordinator"
+    );
     // Now n1 notices too.
     let c1 = link_to(&sim, 1);
     sim.close_link(0, c1);
