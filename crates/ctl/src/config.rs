@@ -333,11 +333,6 @@ impl Cluster {
         }
         Ok(())
     }
-
-    /// The address a node listens on (`host:port`, port 0 for any).
-    pub fn listen_addr(&self, node: &NodeSpec) -> SocketAddr {
-        SocketAddr::new(self.host, node.port)
-    }
 }
 
 fn check_cluster_name(name: &str) -> Result<(), String> {

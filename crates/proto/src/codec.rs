@@ -12,11 +12,16 @@ use crate::limits::MAX_FRAME_LEN;
 
 /// Encodes a frame with its length prefix.
 pub fn encode(frame: &Frame) -> Bytes {
-    let mut buf = BytesMut::with_capacity(128);
+    framed(frame, 128)
+}
+
+/// The length prefix and the JSON body of `body`, in one buffer.
+fn framed(body: &impl serde::Serialize, capacity: usize) -> Bytes {
+    let mut buf = BytesMut::with_capacity(capacity);
     buf.put_u32(0);
-    // Serializing our own enum into memory cannot fail: every field is a
+    // Serializing our own types into memory cannot fail: every field is a
     // plain string, number, list or option.
-    serde_json::to_writer((&mut buf).writer(), frame).expect("frame serialization is infallible");
+    serde_json::to_writer((&mut buf).writer(), body).expect("frame serialization is infallible");
     let len = (buf.len() - 4) as u32;
     buf[..4].copy_from_slice(&len.to_be_bytes());
     buf.freeze()
@@ -49,12 +54,7 @@ pub fn encode_chat(chat: &Chat) -> Bytes {
         text: &chat.text,
         bot: chat.bot.as_deref(),
     };
-    let mut buf = BytesMut::with_capacity(96 + chat.text.len());
-    buf.put_u32(0);
-    serde_json::to_writer((&mut buf).writer(), &view).expect("chat serialization is infallible");
-    let len = (buf.len() - 4) as u32;
-    buf[..4].copy_from_slice(&len.to_be_bytes());
-    buf.freeze()
+    framed(&view, 96 + chat.text.len())
 }
 
 /// Takes one whole frame body off the front of `buf`.
