@@ -4,7 +4,7 @@
 //! socket does not take at once is queued for a writer task, which
 //! coalesces everything queued into as few writes as possible.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +49,9 @@ pub struct Writer {
     /// Bytes handed to the writer task and not yet in the kernel. Zero means
     /// the socket holds everything sent so far, so a direct write keeps order.
     queued: Arc<AtomicUsize>,
+    /// Batches the writer task got into the kernel: when it moves while
+    /// bytes are queued, the peer is reading (alive, if slow).
+    drained: Arc<AtomicU64>,
     half: Arc<OwnedWriteHalf>,
     limit: usize,
     reader: AbortHandle,
@@ -82,6 +85,16 @@ impl Writer {
         }
         self.enqueue(rest);
         Ok(())
+    }
+
+    /// Bytes queued and not yet in the kernel.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+
+    /// How many queued batches have reached the kernel so far.
+    pub fn drained(&self) -> u64 {
+        self.drained.load(Ordering::Acquire)
     }
 
     /// Hands bytes to the writer task (counted in `queued`).
@@ -126,7 +139,8 @@ pub async fn start(
     let half = Arc::new(write);
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
-    let writer_task = tracker.spawn(write_loop(half.clone(), rx, queued.clone()));
+    let drained = Arc::new(AtomicU64::new(0));
+    let writer_task = tracker.spawn(write_loop(half.clone(), rx, queued.clone(), drained.clone()));
     // The reader starts only after registration; a oneshot holds it back.
     let (go_tx, go_rx) = tokio::sync::oneshot::channel::<Writer>();
     let actor2 = actor.clone();
@@ -138,6 +152,7 @@ pub async fn start(
     let writer = Writer {
         tx,
         queued,
+        drained,
         half,
         limit: limits.queue_bytes,
         reader: reader_task.abort_handle(),
@@ -157,6 +172,7 @@ async fn write_loop(
     half: Arc<OwnedWriteHalf>,
     mut rx: mpsc::UnboundedReceiver<WriteMsg>,
     queued: Arc<AtomicUsize>,
+    drained: Arc<AtomicU64>,
 ) {
     // Grows only if a member falls behind (direct writes need no buffer).
     let mut batch: Vec<u8> = Vec::new();
@@ -187,7 +203,10 @@ async fn write_loop(
                 return;
             }
             match half.try_write(&batch[off..]) {
-                Ok(n) => off += n,
+                Ok(n) => {
+                    off += n;
+                    drained.fetch_add(1, Ordering::AcqRel);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(_) => return,
             }

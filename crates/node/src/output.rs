@@ -134,6 +134,7 @@ fn role_str(role: Role) -> &'static str {
         Role::Joining => "joining",
         Role::Member => "member",
         Role::Electing => "electing",
+        Role::Candidate => "candidate",
         Role::Coordinator => "coordinator",
     }
 }
@@ -194,9 +195,11 @@ fn human(event: &Event, me: &str) -> Option<String> {
             rule,
             action,
             member,
-        } => format!("* {plugin}: {action} of {member}'s message (rule {rule})"),
-        Event::Plugin { name, state, detail } if detail.is_empty() => format!("* plugin {name} {state}"),
-        Event::Plugin { name, state, detail } => format!("* plugin {name} {state}: {detail}"),
+        } => format!("* {plugin}: {} of {member}'s message (rule {rule})", action.as_str()),
+        Event::Plugin { name, state, detail } if detail.is_empty() => format!("* plugin {name} {}", state.as_str()),
+        Event::Plugin { name, state, detail } => format!("* plugin {name} {}: {detail}", state.as_str()),
+        Event::Waiting { reason } => format!("* {reason}"),
+        Event::Unreachable { name, reason, .. } => format!("* {name} is not answering ({reason}); it stays a voter until it returns or is proven gone"),
     })
 }
 
@@ -214,9 +217,13 @@ fn json_line(event: &Event) -> Option<String> {
         Event::Message { chat, replay } => json!({"event": "message", "epoch": chat.epoch, "seq": chat.seq,
             "from": chat.from, "from_id": chat.from_id, "client_seq": chat.client_seq, "text": chat.text,
             "bot": chat.bot, "replay": replay, "t": t}),
-        Event::Joined { id, name } => json!({"event": "joined", "id": id, "name": name, "t": t}),
-        Event::Left { id, name, reason } => {
-            json!({"event": "left", "id": id, "name": name, "reason": reason, "t": t})
+        Event::Joined { id, name, seq } => json!({"event": "joined", "id": id, "name": name, "seq": seq, "t": t}),
+        Event::Left { id, name, reason, seq } => {
+            json!({"event": "left", "id": id, "name": name, "reason": reason, "seq": seq, "t": t})
+        }
+        Event::Waiting { reason } => json!({"event": "waiting", "reason": reason, "t": t}),
+        Event::Unreachable { id, name, reason } => {
+            json!({"event": "unreachable", "id": id, "name": name, "reason": reason, "t": t})
         }
         Event::Role {
             role,
@@ -241,10 +248,10 @@ fn json_line(event: &Event) -> Option<String> {
             action,
             member,
         } => {
-            json!({"event": "verdict", "plugin": plugin, "rule": rule, "action": action, "member": member, "t": t})
+            json!({"event": "verdict", "plugin": plugin, "rule": rule, "action": action.as_str(), "member": member, "t": t})
         }
         Event::Plugin { name, state, detail } => {
-            json!({"event": "plugin", "name": name, "state": state, "detail": detail, "t": t})
+            json!({"event": "plugin", "name": name, "state": state.as_str(), "detail": detail, "t": t})
         }
     };
     Some(v.to_string())

@@ -16,10 +16,12 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use p2p_plugin_api::abi::{self, Descriptor, HostApi, MessageIn, Str, VerdictIn};
-use p2p_proto::{limits, PluginRef, PluginStatus};
+use p2p_proto::{limits, PluginRef, PluginState, PluginStatus};
 
 use crate::core::check_plugin_name;
-use crate::core::hooks::{Decision, HookMessage, HookReport, Hooks, Outcome, VerdictRecord};
+use crate::core::hooks::{
+    Decision, HookMessage, HookReport, Hooks, Outcome, PluginEvent, VerdictAction, VerdictRecord,
+};
 
 /// The hooks, as bits of `Loaded::skip`.
 #[derive(Clone, Copy)]
@@ -320,7 +322,7 @@ impl PluginHost {
             p.quarantined = Some(why.clone());
             self.reports.push(HookReport {
                 plugin: p.name.clone(),
-                state: "quarantined",
+                state: PluginEvent::Quarantined,
                 detail: format!("{why}; it is no longer called and the chat goes on"),
             });
             return None;
@@ -402,7 +404,7 @@ impl Hooks for PluginHost {
             } else {
                 reports.push(HookReport {
                     plugin: p.name.clone(),
-                    state: "detached",
+                    state: PluginEvent::Detached,
                     detail: String::new(),
                 });
                 PluginHost::unload(p);
@@ -419,7 +421,7 @@ impl Hooks for PluginHost {
                 Ok(p) => {
                     reports.push(HookReport {
                         plugin: p.name.clone(),
-                        state: "loaded",
+                        state: PluginEvent::Loaded,
                         detail: format!("version {}", p.version),
                     });
                     ordered.push(p);
@@ -428,7 +430,7 @@ impl Hooks for PluginHost {
                     tracing::error!(%error, "plugin refused");
                     reports.push(HookReport {
                         plugin: want.name.clone(),
-                        state: "refused",
+                        state: PluginEvent::Refused,
                         detail: error.clone(),
                     });
                     self.refused.push(Refused {
@@ -469,7 +471,7 @@ impl Hooks for PluginHost {
                     verdicts.push(VerdictRecord {
                         plugin: self.loaded[i].name.clone(),
                         rule: rule.clone(),
-                        action: "drop",
+                        action: VerdictAction::Drop,
                     });
                     self.notify_verdict(i, abi::ACTION_DROP, &rule, msg.from_id, msg.from);
                     let reason = if reason.is_empty() {
@@ -489,7 +491,7 @@ impl Hooks for PluginHost {
                         verdicts.push(VerdictRecord {
                             plugin: self.loaded[i].name.clone(),
                             rule: rule.clone(),
-                            action: "rewrite",
+                            action: VerdictAction::Rewrite,
                         });
                         self.notify_verdict(i, abi::ACTION_REWRITE, &rule, msg.from_id, msg.from);
                     }
@@ -565,11 +567,10 @@ impl Hooks for PluginHost {
                 name: p.name.clone(),
                 version: p.version.clone(),
                 state: if p.quarantined.is_some() {
-                    "quarantined"
+                    PluginState::Quarantined
                 } else {
-                    "active"
-                }
-                .into(),
+                    PluginState::Active
+                },
                 calls: p.calls,
                 drops: p.drops,
                 time_us: (p.time.as_micros() as u64).saturating_mul(TIME_SAMPLE),
@@ -579,7 +580,7 @@ impl Hooks for PluginHost {
         out.extend(self.refused.iter().map(|r| PluginStatus {
             name: r.name.clone(),
             version: String::new(),
-            state: "refused".into(),
+            state: PluginState::Refused,
             calls: 0,
             drops: 0,
             time_us: 0,

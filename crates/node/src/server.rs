@@ -17,7 +17,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::task::TaskTracker;
 
 use crate::conn::{self, ConnLimits, Msg, Writer};
-use crate::core::{ConnId, Core, CoreConfig, Input, Output};
+use crate::core::{ConnId, Core, CoreConfig, Group, Input, Output};
 use crate::output::Sink;
 
 /// Everything a node needs besides its listener.
@@ -104,7 +104,9 @@ pub async fn run(
             Box::new(crate::plugins::PluginHost::new(cfg.plugin_dir.clone())),
         ),
         writers: HashMap::new(),
-        group: Vec::new(),
+        peers: Vec::new(),
+        clients: Vec::new(),
+        drained_seen: HashMap::new(),
         tx: tx.clone(),
         dial_limits,
         tracker: tracker.clone(),
@@ -135,13 +137,22 @@ pub async fn run(
                 }
                 None => break,
             },
-            _ = ticker.tick() => driver.core.handle(now(), Input::Tick),
+            _ = ticker.tick() => {
+                let t = now();
+                let progress = driver.progress();
+                if !progress.is_empty() {
+                    driver.core.handle(t, Input::Progress(progress));
+                }
+                driver.core.handle(t, Input::Tick);
+            }
             _ = &mut shutdown, if !shutting_down => {
                 shutting_down = true;
                 driver.core.handle(now(), Input::Quit);
             }
         }
-        driver.apply(now());
+        let t = now();
+        driver.core.end_batch(t);
+        driver.apply(t);
     }
     accept.abort();
     if let Some(s) = stdin {
@@ -169,8 +180,12 @@ pub async fn run(
 struct Driver {
     core: Core,
     writers: HashMap<ConnId, Writer>,
-    /// The broadcast group: admitted members' writers.
-    group: Vec<(ConnId, Writer)>,
+    /// Broadcast groups: peers get entries before they are committed,
+    /// clients only committed ones.
+    peers: Vec<(ConnId, Writer)>,
+    clients: Vec<(ConnId, Writer)>,
+    /// Each group member's drain counter at the last tick.
+    drained_seen: HashMap<ConnId, u64>,
     tx: mpsc::Sender<Msg>,
     dial_limits: ConnLimits,
     tracker: TaskTracker,
@@ -195,36 +210,71 @@ impl Driver {
                 if let Some(w) = self.writers.remove(&conn) {
                     w.close();
                 }
-                self.group.retain(|(c, _)| *c != conn);
+                self.ungroup(conn);
             }
             Msg::Input(input) => self.core.handle(now, input),
         }
     }
 
-    /// Queues broadcast frames gathered so far on every member, as one
-    /// buffer shared by all (one push and at most one wakeup per member).
-    fn flush_broadcast(&mut self, run: &mut Vec<bytes::Bytes>, overflowed: &mut Vec<(ConnId, usize)>) {
-        let bytes = match run.len() {
-            0 => return,
-            1 => run.pop().expect("one frame"),
-            _ => {
-                let mut joined = bytes::BytesMut::with_capacity(run.iter().map(|b| b.len()).sum());
-                for b in run.drain(..) {
-                    joined.extend_from_slice(&b);
-                }
-                joined.freeze()
-            }
-        };
-        for (conn, w) in &self.group {
-            if let Err(conn::Overflow(n)) = w.push(bytes.clone()) {
-                overflowed.push((*conn, n));
+    fn ungroup(&mut self, conn: ConnId) {
+        self.peers.retain(|(c, _)| *c != conn);
+        self.clients.retain(|(c, _)| *c != conn);
+        self.drained_seen.remove(&conn);
+    }
+
+    /// Group members with bytes queued whose queue drained since the last
+    /// tick: they are reading, however far behind.
+    fn progress(&mut self) -> Vec<ConnId> {
+        let mut moved = Vec::new();
+        for (conn, w) in self.peers.iter().chain(&self.clients) {
+            let d = w.drained();
+            let seen = self.drained_seen.insert(*conn, d);
+            if w.queued() > 0 && seen.is_some_and(|s| s != d) {
+                moved.push(*conn);
             }
         }
+        moved
+    }
+
+    /// Queues broadcast frames gathered so far on every member of their
+    /// group, as one buffer per group shared by all (one push and at most
+    /// one wakeup per member).
+    fn flush_broadcast(&mut self, run: &mut Vec<(Group, Bytes)>, overflowed: &mut Vec<(ConnId, usize)>) {
+        if run.is_empty() {
+            return;
+        }
+        for (target, members) in [(Group::Peers, &self.peers), (Group::Clients, &self.clients)] {
+            if members.is_empty() {
+                continue;
+            }
+            let mine: Vec<&Bytes> = run
+                .iter()
+                .filter(|(g, _)| *g == target || *g == Group::All)
+                .map(|(_, b)| b)
+                .collect();
+            let bytes = match mine.len() {
+                0 => continue,
+                1 => mine[0].clone(),
+                _ => {
+                    let mut joined = bytes::BytesMut::with_capacity(mine.iter().map(|b| b.len()).sum());
+                    for b in mine {
+                        joined.extend_from_slice(b);
+                    }
+                    joined.freeze()
+                }
+            };
+            for (conn, w) in members {
+                if let Err(conn::Overflow(n)) = w.push(bytes.clone()) {
+                    overflowed.push((*conn, n));
+                }
+            }
+        }
+        run.clear();
     }
 
     /// Performs every output of the core, feeding back slow-consumer drops.
     fn apply(&mut self, now: u64) {
-        let mut run: Vec<bytes::Bytes> = Vec::new();
+        let mut run: Vec<(Group, Bytes)> = Vec::new();
         loop {
             let outputs: Vec<Output> = self.core.drain().collect();
             if outputs.is_empty() {
@@ -234,7 +284,7 @@ impl Driver {
             for out in outputs {
                 // Keep order: broadcasts gathered so far go out before any
                 // other output that touches a connection.
-                if !matches!(out, Output::Broadcast(_) | Output::Event(_)) {
+                if !matches!(out, Output::Broadcast(..) | Output::Event(_)) {
                     self.flush_broadcast(&mut run, &mut overflowed);
                 }
                 match out {
@@ -245,17 +295,21 @@ impl Driver {
                             }
                         }
                     }
-                    Output::Broadcast(bytes) => run.push(bytes),
-                    Output::Attach(conn) => {
+                    Output::Broadcast(group, bytes) => run.push((group, bytes)),
+                    Output::Attach(conn, group) => {
                         if let Some(w) = self.writers.get(&conn) {
-                            self.group.push((conn, w.clone()));
+                            let entry = (conn, w.clone());
+                            match group {
+                                Group::Clients => self.clients.push(entry),
+                                _ => self.peers.push(entry),
+                            }
                         }
                     }
                     Output::Close(conn) => {
                         if let Some(w) = self.writers.remove(&conn) {
                             w.close();
                         }
-                        self.group.retain(|(c, _)| *c != conn);
+                        self.ungroup(conn);
                     }
                     Output::Dial { conn, addr, hello } => self.dial(conn, addr, hello),
                     Output::Notify { addr, frame } => {
@@ -274,11 +328,12 @@ impl Driver {
                 if let Some(w) = self.writers.remove(&conn) {
                     w.kill();
                 }
-                self.group.retain(|(c, _)| *c != conn);
+                self.ungroup(conn);
                 tracing::warn!(conn, queued, "dropping a slow consumer");
                 let reason = format!("disconnected (slow consumer: {queued} bytes unread)");
                 self.core.handle(now, Input::Closed(conn, Some(reason)));
             }
+            self.core.end_batch(now);
         }
     }
 
@@ -291,12 +346,12 @@ impl Driver {
                 Ok(Ok(stream)) => conn::start(stream, conn, Some(hello), tx, limits, &tracker, None).await,
                 Ok(Err(e)) => {
                     tracing::debug!(%addr, error = %e, "dial failed");
-                    let _ = tx
-                        .send(Msg::Input(Input::Closed(
-                            conn,
-                            Some(format!("cannot connect to {addr}: {e}")),
-                        )))
-                        .await;
+                    let input = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                        Input::Refused(conn)
+                    } else {
+                        Input::Closed(conn, Some(format!("cannot connect to {addr}: {e}")))
+                    };
+                    let _ = tx.send(Msg::Input(input)).await;
                 }
                 Err(_) => {
                     let _ = tx

@@ -7,7 +7,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::error::ProtoError;
-use crate::frame::{Chat, Frame};
+use crate::frame::{Chat, Entry, Frame};
 use crate::limits::MAX_FRAME_LEN;
 
 /// Encodes a frame with its length prefix.
@@ -55,6 +55,14 @@ pub fn encode_chat(chat: &Chat) -> Bytes {
         bot: chat.bot.as_deref(),
     };
     framed(&view, 96 + chat.text.len())
+}
+
+/// Encodes a log entry as its frame (chat entries take the fast path).
+pub fn encode_entry(entry: &Entry) -> Bytes {
+    match entry {
+        Entry::Chat(c) => encode_chat(c),
+        other => framed(other, 128),
+    }
 }
 
 /// Takes one whole frame body off the front of `buf`.
@@ -171,6 +179,13 @@ mod tests {
             bot: None,
         }));
         roundtrip(Frame::Leave {});
+        roundtrip(Frame::Hello {
+            version: 2,
+            name: "c".into(),
+            session: 7,
+            addr: None,
+            resume: None,
+        });
         roundtrip(Frame::error(ErrorCode::NameTaken, "taken"));
     }
 
@@ -206,6 +221,21 @@ mod tests {
             };
             assert_eq!(encode_chat(&chat), encode(&Frame::Chat(chat.clone())));
         }
+    }
+
+    #[test]
+    fn entries_encode_like_their_frames() {
+        let e = Entry::Joined {
+            epoch: 1,
+            seq: 3,
+            member: crate::MemberInfo {
+                id: 2,
+                name: "b".into(),
+                addr: Some("127.0.0.1:1".into()),
+                session: 5,
+            },
+        };
+        assert_eq!(encode_entry(&e), encode(&e.clone().into_frame()));
     }
 
     #[test]

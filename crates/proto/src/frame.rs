@@ -1,4 +1,5 @@
-//! Every frame type of the protocol, as one tagged enum.
+//! Every frame type of the protocol, as one tagged enum, and the log
+//! entries that the coordinator orders.
 //!
 //! Unknown fields are ignored (a newer peer may add some); in particular a
 //! `say` that carries a `from` is accepted but its `from` is never read: the
@@ -8,16 +9,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorCode;
 
-/// A member as everyone knows it. The list of these, in join order, is what
-/// every peer uses to compute the next coordinator.
+/// A member as everyone knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberInfo {
     /// Assigned by the coordinator; increases with join order and is never
-    /// reused, so sorting by id is sorting by join time.
+    /// given to another process, so sorting by id is sorting by join time.
     pub id: u64,
     pub name: String,
-    /// Where this member's own server listens (for redirects and failover).
-    pub addr: String,
+    /// Where this member's own server listens. Only members with a server
+    /// (peers) can vote and coordinate; a client without one leaves it out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    /// The member's process session (random per process): a member that is
+    /// cut off and comes back with the same session keeps its id, so its
+    /// acknowledgements and de-duplication survive re-admission.
+    #[serde(default)]
+    pub session: u64,
 }
 
 /// One sequenced chat message, as delivered to every member.
@@ -25,7 +32,7 @@ pub struct MemberInfo {
 pub struct Chat {
     /// Coordinator reign that sequenced it.
     pub epoch: u64,
-    /// Position in the chat's single total order; starts at 1, no gaps.
+    /// Position in the chat's log (shared with membership entries).
     pub seq: u64,
     /// Sender's name, set by the coordinator.
     pub from: String,
@@ -40,18 +47,101 @@ pub struct Chat {
     pub bot: Option<String>,
 }
 
-/// What a member reports when it reconnects after losing its coordinator.
+/// One entry of the chat's replicated log. Every change to what the chat
+/// is (messages, membership, voters, plugins) is an entry, so every member
+/// applies the same changes in the same order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Entry {
+    Chat(Chat),
+    /// A member was admitted.
+    Joined { epoch: u64, seq: u64, member: MemberInfo },
+    /// A member left or was removed.
+    Left {
+        epoch: u64,
+        seq: u64,
+        id: u64,
+        name: String,
+        reason: String,
+    },
+    /// The set of voting members changed (member ids, ascending).
+    Voters { epoch: u64, seq: u64, set: Vec<u64> },
+    /// The chat's plugin set changed.
+    Plugins {
+        epoch: u64,
+        seq: u64,
+        set: Vec<PluginRef>,
+    },
+}
+
+impl Entry {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Entry::Chat(c) => c.seq,
+            Entry::Joined { seq, .. }
+            | Entry::Left { seq, .. }
+            | Entry::Voters { seq, .. }
+            | Entry::Plugins { seq, .. } => *seq,
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        match self {
+            Entry::Chat(c) => c.epoch,
+            Entry::Joined { epoch, .. }
+            | Entry::Left { epoch, .. }
+            | Entry::Voters { epoch, .. }
+            | Entry::Plugins { epoch, .. } => *epoch,
+        }
+    }
+
+    /// The same entry as a frame.
+    pub fn into_frame(self) -> Frame {
+        match self {
+            Entry::Chat(c) => Frame::Chat(c),
+            Entry::Joined { epoch, seq, member } => Frame::Joined { epoch, seq, member },
+            Entry::Left {
+                epoch,
+                seq,
+                id,
+                name,
+                reason,
+            } => Frame::Left {
+                epoch,
+                seq,
+                id,
+                name,
+                reason,
+            },
+            Entry::Voters { epoch, seq, set } => Frame::Voters { epoch, seq, set },
+            Entry::Plugins { epoch, seq, set } => Frame::Plugins { epoch, seq, set },
+        }
+    }
+}
+
+/// What a member reports when it reconnects: to the coordinator it lost
+/// (re-admission), to a new coordinator, or to a candidate (a vote).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resume {
-    /// The id it had; kept if the new coordinator still lists it.
+    /// The id it had.
     pub member_id: u64,
-    /// The epoch whose coordinator was lost.
+    /// The epoch whose coordinator it followed last.
     pub epoch: u64,
-    /// Epoch and seq of the last message it delivered (0, 0 if none).
-    pub last_epoch: u64,
+    /// The last seq it delivered (everything up to it is committed).
+    pub commit: u64,
+    /// The epoch of the coordinator whose log it holds, and the last seq
+    /// of that log (delivered or not).
+    pub log_epoch: u64,
     pub last_seq: u64,
-    /// Members it found dead on the way (so the new coordinator stops
-    /// waiting for them).
+    /// A voter's vote: it asks the receiver to coordinate this epoch and
+    /// promises to accept nothing from an older one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vote: Option<u64>,
+    /// The oldest epoch it may still accept (a vote it gave may bind it):
+    /// a coordinator of an older epoch must move to a later one first.
+    #[serde(default)]
+    pub min_epoch: u64,
+    /// Voters it proved dead (their address refused it).
     #[serde(default)]
     pub dead: Vec<u64>,
 }
@@ -70,13 +160,21 @@ fn empty_config() -> String {
     "{}".into()
 }
 
+/// A plugin's state on one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PluginState {
+    Active,
+    Quarantined,
+    Refused,
+}
+
 /// A loaded plugin as one node reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PluginStatus {
     pub name: String,
     pub version: String,
-    /// `active`, `quarantined` or `refused`.
-    pub state: String,
+    pub state: PluginState,
     pub calls: u64,
     pub drops: u64,
     /// Time spent inside the plugin, in microseconds.
@@ -95,7 +193,18 @@ pub enum Role {
     Member,
     /// Lost its coordinator and is finding the next one.
     Electing,
+    /// Collecting votes to coordinate the next epoch.
+    Candidate,
     Coordinator,
+}
+
+/// A sender's de-duplication record: the highest `client_seq` sequenced
+/// for member `id`, whose process session is `session`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    pub id: u64,
+    pub session: u64,
+    pub client_seq: u64,
 }
 
 /// Every frame on the wire. The JSON object's `type` field selects the variant.
@@ -107,8 +216,12 @@ pub enum Frame {
     Hello {
         version: u32,
         name: String,
-        /// The joiner's own listening address.
-        addr: String,
+        /// Random per process; identifies the sender across re-admission.
+        session: u64,
+        /// The joiner's own listening address; absent for a client that
+        /// runs no server (it can then never vote or coordinate).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        addr: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resume: Option<Resume>,
     },
@@ -119,50 +232,76 @@ pub enum Frame {
         log: bool,
     },
     /// Observer asks the node to post `text` as its own user.
-    Post {
-        text: String,
-    },
+    Post { text: String },
     /// Observer asks the coordinator to add (or reconfigure) a plugin.
-    Attach {
-        name: String,
-        config: String,
-    },
+    Attach { name: String, config: String },
     /// Observer asks the coordinator to remove a plugin.
-    Detach {
-        name: String,
-    },
-    /// A coordinator announces its reign to a peer that may not know it (the
-    /// old coordinator after a hang, a peer that did not resume).
-    Announce {
-        epoch: u64,
-        coordinator: MemberInfo,
-        members: u32,
-    },
+    Detach { name: String },
+    /// A coordinator announces its reign to a peer that may not know it.
+    Announce { epoch: u64, coordinator: MemberInfo },
+    /// A candidate or coordinator asks whether a voter's process is still
+    /// the one it knows (a different session proves the old one gone).
+    Probe {},
 
     // ---- handshake answers (node → client) ----
-    /// Admitted. `replay` chat frames follow (recent history, or the gap
-    /// since `resume.last_seq`), then live traffic.
+    /// Admitted. `state` frames follow (the chat as of seq `commit`), then
+    /// the log entries from seq `base + 1` on, then live traffic.
     Welcome {
         member_id: u64,
         epoch: u64,
         coordinator: u64,
-        members: Vec<MemberInfo>,
-        replay: u32,
-        heartbeat_ms: u64,
-        /// The chat's plugin set, in calling order.
+        /// Entries after this seq follow; a returning member drops any
+        /// undelivered ones it holds past it.
+        base: u64,
+        /// Entries up to here are committed: deliver them.
+        commit: u64,
+        /// As in `commit` frames.
         #[serde(default)]
-        plugins: Vec<PluginRef>,
+        stable: u64,
+        heartbeat_ms: u64,
+        /// Random identity of the chat, fixed when it was started.
+        chat_id: String,
+    },
+    /// Part of the chat's state as of seq `at`: members and sender records
+    /// (split over several frames when large; the final one has `last`).
+    /// The first one also carries the voters and the plugin set.
+    State {
+        at: u64,
+        last: bool,
+        #[serde(default)]
+        members: Vec<MemberInfo>,
+        #[serde(default)]
+        seen: Vec<Seen>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        voters: Option<Vec<u64>>,
+        /// The voters before the last change (elections count both).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prev_voters: Option<Vec<u64>>,
+        /// Seq of the entry that set `voters`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        voters_seq: Option<u64>,
+        /// The next member id to hand out (ids are never reused).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next_id: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        plugins: Option<Vec<PluginRef>>,
     },
     /// This node is not the coordinator; connect there instead.
-    Redirect {
-        addr: String,
-        epoch: u64,
-    },
+    Redirect { addr: String, epoch: u64 },
+    /// A candidate asks a voter to vote again, for this epoch.
+    Revote { epoch: u64 },
     /// Something went wrong; `message` is a human sentence. Usually followed
     /// by the connection closing.
-    Error {
-        code: ErrorCode,
-        message: String,
+    Error { code: ErrorCode, message: String },
+    /// Answer to `probe`.
+    ProbeReply {
+        session: u64,
+        id: u64,
+        role: Role,
+        epoch: u64,
+        /// Address of the coordinator this node follows, if any.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        coordinator: Option<String>,
     },
     /// Answer to `status_request`.
     Status {
@@ -172,64 +311,75 @@ pub enum Frame {
         epoch: u64,
         coordinator: Option<String>,
         members: Vec<MemberInfo>,
+        #[serde(default)]
+        voters: Vec<u64>,
+        /// Last delivered seq.
         last_seq: u64,
-        /// Times this node saw a seq jump (should be 0).
+        /// First seq this node holds (its log starts after history it
+        /// never received).
+        #[serde(default)]
+        first_seq: u64,
+        /// Times this node saw a hole inside its sequence (should be 0).
         #[serde(default)]
         gaps: u64,
-        /// With `log: true`: the delivered messages still held, oldest
-        /// first, as `[seq, epoch, hash]` where `hash` is the hex FNV-1a of
-        /// `from_id`, a zero byte and `text` (see docs/PROTOCOL.md).
+        #[serde(default)]
+        chat_id: String,
+        /// With `log: true`: the delivered entries still held, oldest
+        /// first, as `[seq, epoch, hash]` (see docs/PROTOCOL.md).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         log: Option<Vec<(u64, u64, String)>>,
         /// The plugins this node has loaded (only the coordinator calls them).
         #[serde(default)]
         plugins: Vec<PluginStatus>,
+        /// Why the node cannot make progress, when it cannot (e.g. waiting
+        /// for a majority of voters).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        waiting: Option<String>,
     },
 
     // ---- member → coordinator ----
     /// A chat message to sequence.
-    Say {
-        text: String,
-        client_seq: u64,
-    },
-    Pong {
-        nonce: u64,
-    },
+    Say { text: String, client_seq: u64 },
+    Pong { nonce: u64 },
     /// Clean leave.
     Leave {},
-    /// Messages the coordinator asked for with `sync_request`.
-    Sync {
-        entries: Vec<Chat>,
-    },
+    /// A peer holds the coordinator's log up to `seq`.
+    Ack { seq: u64 },
+    /// Entries the coordinator asked for with `sync_request`.
+    Sync { entries: Vec<Entry> },
 
-    // ---- coordinator → member ----
+    // ---- coordinator → member: log entries ----
     Chat(Chat),
-    Joined {
-        member: MemberInfo,
-    },
+    Joined { epoch: u64, seq: u64, member: MemberInfo },
     Left {
+        epoch: u64,
+        seq: u64,
         id: u64,
         name: String,
         reason: String,
     },
-    Ping {
-        nonce: u64,
-    },
-    /// Asks a resuming member for the messages in `from..=to` it holds.
-    SyncRequest {
-        from: u64,
-        to: u64,
-    },
-    /// The chat's plugin set changed (after attach/detach).
+    Voters { epoch: u64, seq: u64, set: Vec<u64> },
     Plugins {
+        epoch: u64,
+        seq: u64,
         set: Vec<PluginRef>,
     },
+    // ---- coordinator → member: control ----
+    /// Entries up to `seq` are committed: deliver them. `stable` is the
+    /// seq of the last voter-set change known to be in force (every live
+    /// voter of the old and new sets holds it): from then on elections
+    /// need a quorum of the new set only.
+    Commit {
+        seq: u64,
+        #[serde(default)]
+        stable: u64,
+    },
+    Ping { nonce: u64 },
+    /// Asks a voter for the entries in `from..=to` it holds.
+    SyncRequest { from: u64, to: u64 },
     /// The sender's message was not delivered (a bot dropped it, or it was
     /// invalid); `reason` is shown to the sender.
-    Rejected {
-        client_seq: u64,
-        reason: String,
-    },
+    Rejected { client_seq: u64, reason: String },
 }
 
 impl Frame {
@@ -241,19 +391,26 @@ impl Frame {
         "post",
         "attach",
         "detach",
-        "plugins",
         "announce",
+        "probe",
         "welcome",
+        "state",
         "redirect",
+        "revote",
         "error",
+        "probe_reply",
         "status",
         "say",
         "pong",
         "leave",
+        "ack",
         "sync",
         "chat",
         "joined",
         "left",
+        "voters",
+        "plugins",
+        "commit",
         "ping",
         "sync_request",
         "rejected",
@@ -265,5 +422,103 @@ impl Frame {
             code,
             message: message.into(),
         }
+    }
+
+    /// The wire name of this frame (its `type`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "hello",
+            Frame::StatusRequest { .. } => "status_request",
+            Frame::Post { .. } => "post",
+            Frame::Attach { .. } => "attach",
+            Frame::Detach { .. } => "detach",
+            Frame::Announce { .. } => "announce",
+            Frame::Probe {} => "probe",
+            Frame::Welcome { .. } => "welcome",
+            Frame::State { .. } => "state",
+            Frame::Redirect { .. } => "redirect",
+            Frame::Revote { .. } => "revote",
+            Frame::Error { .. } => "error",
+            Frame::ProbeReply { .. } => "probe_reply",
+            Frame::Status { .. } => "status",
+            Frame::Say { .. } => "say",
+            Frame::Pong { .. } => "pong",
+            Frame::Leave {} => "leave",
+            Frame::Ack { .. } => "ack",
+            Frame::Sync { .. } => "sync",
+            Frame::Chat(_) => "chat",
+            Frame::Joined { .. } => "joined",
+            Frame::Left { .. } => "left",
+            Frame::Voters { .. } => "voters",
+            Frame::Plugins { .. } => "plugins",
+            Frame::Commit { .. } => "commit",
+            Frame::Ping { .. } => "ping",
+            Frame::SyncRequest { .. } => "sync_request",
+            Frame::Rejected { .. } => "rejected",
+        }
+    }
+
+    /// The log entry this frame carries, if it is one.
+    pub fn into_entry(self) -> Result<Entry, Frame> {
+        Ok(match self {
+            Frame::Chat(c) => Entry::Chat(c),
+            Frame::Joined { epoch, seq, member } => Entry::Joined { epoch, seq, member },
+            Frame::Left {
+                epoch,
+                seq,
+                id,
+                name,
+                reason,
+            } => Entry::Left {
+                epoch,
+                seq,
+                id,
+                name,
+                reason,
+            },
+            Frame::Voters { epoch, seq, set } => Entry::Voters { epoch, seq, set },
+            Frame::Plugins { epoch, seq, set } => Entry::Plugins { epoch, seq, set },
+            other => return Err(other),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_matches_the_wire_name() {
+        let frames = [
+            Frame::Probe {},
+            Frame::Leave {},
+            Frame::Commit { seq: 1, stable: 0 },
+            Frame::Voters {
+                epoch: 1,
+                seq: 2,
+                set: vec![1],
+            },
+            Frame::error(ErrorCode::Electing, "x"),
+        ];
+        for f in frames {
+            let v: serde_json::Value = serde_json::to_value(&f).unwrap();
+            assert_eq!(v["type"], f.kind());
+            assert!(Frame::TYPES.contains(&f.kind()));
+        }
+    }
+
+    #[test]
+    fn entries_and_frames_share_their_encoding() {
+        let e = Entry::Left {
+            epoch: 2,
+            seq: 9,
+            id: 4,
+            name: "bob".into(),
+            reason: "left".into(),
+        };
+        let a = serde_json::to_string(&e).unwrap();
+        let b = serde_json::to_string(&e.clone().into_frame()).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(e.clone().into_frame().into_entry().unwrap(), e);
     }
 }

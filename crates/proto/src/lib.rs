@@ -7,9 +7,9 @@ mod error;
 mod frame;
 pub mod limits;
 
-pub use codec::{decode_body, encode, encode_chat, read_frame_sync, split_frame};
+pub use codec::{decode_body, encode, encode_chat, encode_entry, read_frame_sync, split_frame};
 pub use error::{ErrorCode, ProtoError};
-pub use frame::{Chat, Frame, MemberInfo, PluginRef, PluginStatus, Resume, Role};
+pub use frame::{Chat, Entry, Frame, MemberInfo, PluginRef, PluginState, PluginStatus, Resume, Role, Seen};
 
 /// Protocol version carried in every `hello`; a node refuses any other.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;

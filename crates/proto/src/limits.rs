@@ -9,11 +9,27 @@ pub const MAX_FRAME_LEN: usize = 256 * 1024;
 pub const MAX_TEXT_LEN: usize = 4096;
 /// Longest member name in bytes.
 pub const MAX_NAME_LEN: usize = 32;
-/// Most entries a `sync` frame carries; larger ranges are sent in several.
-pub const MAX_SYNC_ENTRIES: usize = 32;
-/// Most members a `welcome` or `status` lists (the coordinator refuses joins
-/// past this, so the snapshot always fits in one frame).
+/// Most bytes of encoded entries packed into one `sync` frame; a node
+/// splits larger ranges (every entry alone fits well under the frame limit).
+pub const MAX_SYNC_BYTES: usize = 160 * 1024;
+/// Most members in a chat.
 pub const MAX_MEMBERS: usize = 2000;
+/// Longest member address (`host:port`) in bytes.
+pub const MAX_ADDR_LEN: usize = 255;
+/// Most members listed in one `state` frame (a welcome splits the member
+/// list over several); at the longest name and address this stays under
+/// 160 KiB.
+pub const STATE_MEMBERS_PER_FRAME: usize = 400;
+/// Most sender records in one `state` frame.
+pub const STATE_SEEN_PER_FRAME: usize = 2000;
+/// Most members listed in a `status` answer (the count is always exact).
+pub const STATUS_MEMBERS: usize = 300;
+/// Most digest rows in a `status` answer with `log: true` (the newest).
+pub const STATUS_LOG_ROWS: usize = 4000;
+/// Most plugins attached to one chat.
+pub const MAX_PLUGINS: usize = 8;
+/// Longest plugin configuration (JSON text) in bytes.
+pub const MAX_PLUGIN_CONFIG: usize = 8 * 1024;
 
 /// Checks a member name: 1 to [`MAX_NAME_LEN`] bytes of `A-Z a-z 0-9 _ - .`.
 ///
@@ -35,6 +51,39 @@ pub fn check_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// Checks a member's listening address: `host:port`, at most
+/// [`MAX_ADDR_LEN`] bytes, the host made of letters, digits, `.`, `-`, `_`
+/// or a bracketed IPv6 literal, the port a number from 1 to 65535.
+///
+/// # Errors
+/// Returns a sentence saying what is wrong with the address.
+pub fn check_addr(addr: &str) -> Result<(), String> {
+    if addr.is_empty() || addr.len() > MAX_ADDR_LEN {
+        return Err(format!(
+            "address must be 1 to {MAX_ADDR_LEN} bytes of host:port, got {} bytes",
+            addr.len()
+        ));
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(format!("address {addr:?} is not host:port"));
+    };
+    let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        !inner.is_empty() && inner.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+    } else {
+        !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    };
+    if !host_ok {
+        return Err(format!("address {addr:?} has an invalid host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("address {addr:?} has an invalid port")),
+    }
 }
 
 /// Checks a chat text: non-empty, at most [`MAX_TEXT_LEN`] bytes, and no
@@ -82,6 +131,19 @@ mod tests {
         assert!(check_name("has space").is_err());
         assert!(check_name(&"x".repeat(MAX_NAME_LEN + 1)).is_err());
         assert!(check_name("émile").is_err());
+    }
+
+    #[test]
+    fn addrs() {
+        assert!(check_addr("127.0.0.1:7101").is_ok());
+        assert!(check_addr("node-1.example:80").is_ok());
+        assert!(check_addr("[::1]:9").is_ok());
+        assert!(check_addr("").is_err());
+        assert!(check_addr("127.0.0.1").is_err());
+        assert!(check_addr("127.0.0.1:0").is_err());
+        assert!(check_addr("127.0.0.1:99999").is_err());
+        assert!(check_addr("a\"b:1").is_err());
+        assert!(check_addr(&format!("{}:1", "a".repeat(MAX_ADDR_LEN))).is_err());
     }
 
     #[test]

@@ -1,286 +1,281 @@
-//! The coordinator side: admitting members, sequencing and broadcasting
-//! every message, heartbeats, and the short window after a takeover in
-//! which resuming members are collected and the furthest-ahead history is
-//! pulled in before any new message is sequenced.
+//! The coordinator side: admitting members, sequencing every entry (sent at
+//! once to peers), committing what a quorum of voters acknowledged (then
+//! delivering it here and to clients), changing the voter set one change at
+//! a time, heartbeats, and stepping down.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
-use p2p_proto::{encode, limits, Chat, ErrorCode, Frame, MemberInfo, Resume, Role};
+use p2p_proto::{encode, limits, Chat, Entry, ErrorCode, Frame, MemberInfo, PluginRef};
 
+use super::candidate::Resumer;
 use super::hooks::{Decision, HookMessage};
-use super::{ConnId, Core, Event, Millis, Output, State};
+use super::state::{is_quorum, MAX_VOTERS};
+use super::{ConnId, Core, Event, Group, Hello, Millis, Output, PluginChange, State, MAX_TENTATIVE};
 
 /// Bot posts may trigger bot posts this many levels deep, no more.
 const MAX_BOT_DEPTH: u32 = 3;
 
 pub(super) struct Coord {
-    links: HashMap<ConnId, Link>,
-    by_member: HashMap<u64, ConnId>,
+    links: BTreeMap<ConnId, Link>,
+    by_member: BTreeMap<u64, ConnId>,
+    /// Highest seq each voter acknowledged in this epoch.
+    acked: BTreeMap<u64, u64>,
     /// Next member id to hand out; never reused.
     next_id: u64,
     next_ping: Millis,
     nonce: u64,
-    /// Set after a takeover until the survivors have resumed.
-    window: Option<Window>,
+    /// Seq of the last voter-set change known to be in force everywhere it
+    /// matters (every live voter of the old and new sets holds it).
+    effective_through: u64,
+    /// Voters we have no connection to, since when.
+    unreachable: BTreeMap<u64, Millis>,
+    /// Probes in flight: connection → voter id.
+    probes: BTreeMap<ConnId, u64>,
+    next_probe: Millis,
+    /// Since when a quorum of voters has been out of contact.
+    quorum_lost_since: Option<Millis>,
+    /// Last commit point and stable change sent to peers.
+    commit_sent: (u64, u64),
+    waiting: Option<String>,
 }
 
 /// One admitted member's connection.
 struct Link {
     id: u64,
     name: String,
+    /// Runs a server (gets entries before commit, acknowledges, may vote).
+    peer: bool,
     last_heard: Millis,
-}
-
-/// The resume window that follows a takeover.
-struct Window {
-    deadline: Millis,
-    /// Survivors we still wait for.
-    expected: BTreeSet<u64>,
-    resumed: Vec<Resumed>,
-    /// The member we are pulling missing history from, and up to which seq.
-    sync: Option<(ConnId, u64)>,
-    /// Fresh joins that arrived during the window.
-    held: Vec<(ConnId, String, String)>,
-}
-
-struct Resumed {
-    conn: ConnId,
-    name: String,
-    addr: String,
-    resume: Resume,
 }
 
 impl Coord {
     pub(super) fn new(next_id: u64, now: Millis) -> Coord {
         Coord {
-            links: HashMap::new(),
-            by_member: HashMap::new(),
+            links: BTreeMap::new(),
+            by_member: BTreeMap::new(),
+            acked: BTreeMap::new(),
             next_id,
             next_ping: now,
             nonce: 0,
-            window: None,
+            effective_through: 0,
+            unreachable: BTreeMap::new(),
+            probes: BTreeMap::new(),
+            next_probe: now,
+            quorum_lost_since: None,
+            commit_sent: (0, 0),
+            waiting: None,
         }
     }
 
-    pub(super) fn is_member_conn(&self, conn: ConnId) -> bool {
-        self.links.contains_key(&conn)
+    pub(super) fn owns(&self, conn: ConnId) -> bool {
+        self.links.contains_key(&conn) || self.probes.contains_key(&conn)
     }
 
-    pub(super) fn is_pending_conn(&self, conn: ConnId) -> bool {
-        self.window
-            .as_ref()
-            .is_some_and(|w| w.resumed.iter().any(|r| r.conn == conn))
+    /// The last voter change known in force before we took over.
+    pub(super) fn set_stable(&mut self, stable: u64) {
+        self.effective_through = stable;
     }
 
-    pub(super) fn in_window(&self) -> bool {
-        self.window.is_some()
-    }
-
-    /// Every connection we serve (members and resumers).
+    /// Every connection we serve.
     pub(super) fn conns(&self) -> Vec<ConnId> {
-        let mut all: Vec<ConnId> = self.links.keys().copied().collect();
-        if let Some(w) = &self.window {
-            all.extend(w.resumed.iter().map(|r| r.conn));
-            all.extend(w.held.iter().map(|h| h.0));
-        }
-        all
+        self.links.keys().chain(self.probes.keys()).copied().collect()
     }
 
-    /// Members served, ourselves included.
-    pub(super) fn member_count(&self) -> usize {
-        self.links.len() + 1
+    /// Ready to sequence (always, once coordinating).
+    pub(super) fn ready(&self) -> bool {
+        true
     }
+
+    pub(super) fn heard_from(&mut self, conns: &[ConnId], now: Millis) {
+        for c in conns {
+            if let Some(l) = self.links.get_mut(c) {
+                l.last_heard = now;
+            }
+        }
+    }
+
+    pub(super) fn waiting_reason(&self) -> Option<String> {
+        self.waiting.clone()
+    }
+}
+
+/// A message on its way to the log.
+struct Submission {
+    from_id: u64,
+    from: String,
+    client_seq: u64,
+    text: String,
+    bot: Option<String>,
+    /// The sender's connection (None for our own user and for bots).
+    conn: Option<ConnId>,
+    depth: u32,
 }
 
 impl Core {
     fn coord(&mut self) -> Option<&mut Coord> {
-        match &mut self.state {
+        match &mut self.role {
             State::Coordinator(c) => Some(c),
             _ => None,
         }
     }
 
-    /// Takes over as coordinator of `epoch`, dropping the `dead` members.
-    pub(super) fn become_coordinator(&mut self, epoch: u64, dead: BTreeSet<u64>, since: Option<Millis>) {
-        let me = self.me.id;
-        let lost: Vec<MemberInfo> = self
-            .members
-            .iter()
-            .filter(|m| m.id != me && dead.contains(&m.id))
-            .cloned()
-            .collect();
-        self.members.retain(|m| m.id == me || !dead.contains(&m.id));
-        for m in &lost {
-            self.emit(Event::Left {
-                id: m.id,
-                name: m.name.clone(),
-                reason: "disconnected".into(),
-            });
+    /// Just took over: show the held history to the plugins (so stateful
+    /// ones, like the logger, continue where the last coordinator stopped)
+    /// and sequence our own unconfirmed messages.
+    pub(super) fn coord_takeover(&mut self) {
+        if self.hooks.active() {
+            let chats: Vec<Chat> = self
+                .log
+                .range(0, self.log.applied())
+                .filter_map(|e| match e {
+                    Entry::Chat(c) => Some(c.clone()),
+                    _ => None,
+                })
+                .collect();
+            for c in &chats {
+                let msg = hook_message(c);
+                let _ = self.hooks.on_delivered(&msg, true);
+            }
+            self.plugin_reports();
         }
-        self.epoch = epoch;
-        self.coordinator = me;
-        let max_id = self
-            .members
-            .iter()
-            .map(|m| m.id)
-            .chain(dead.iter().copied())
-            .max()
-            .unwrap_or(0);
-        let next_id = max_id.max(self.log.max_sender()).max(me) + 1;
-        let mut coord = Coord::new(next_id, self.now);
-        let expected: BTreeSet<u64> = self.members.iter().map(|m| m.id).filter(|id| *id != me).collect();
-        if !expected.is_empty() {
-            coord.window = Some(Window {
-                deadline: self.now + self.heartbeat_dead_after(),
-                expected,
-                resumed: Vec::new(),
-                sync: None,
-                held: Vec::new(),
-            });
-        }
-        let open = coord.window.is_none();
-        self.state = State::Coordinator(coord);
-        self.emit(Event::Role {
-            role: Role::Coordinator,
-            epoch,
-            coordinator: self.me.name.clone(),
-            election_ms: since.map(|s| self.now.saturating_sub(s)),
-        });
-        // Fence: tell the lost coordinator (it may only be hung) who rules now.
-        let frame = encode(&self.announcement());
-        for m in lost {
-            self.out.push(Output::Notify {
-                addr: m.addr,
-                frame: frame.clone(),
-            });
-        }
-        if open {
-            self.replay_to_plugins();
-            self.flush_pending();
-        }
+        self.coord_apply();
+        self.flush_pending();
     }
 
     /// A `hello` reached us as coordinator.
-    pub(super) fn coord_admit(&mut self, conn: ConnId, name: String, addr: String, resume: Option<Resume>) {
-        let last_seq = self.log.last_seq();
-        let Some(c) = self.coord() else { return };
-        if let Some(w) = &mut c.window {
-            match resume {
-                Some(r) => {
-                    w.expected.remove(&r.member_id);
-                    for d in &r.dead {
-                        w.expected.remove(d);
-                    }
-                    c.next_id = c.next_id.max(r.member_id + 1);
-                    // Keeps the resumer's handshake alive while we wait.
-                    let ping = Frame::Ping { nonce: c.nonce };
-                    let ahead = r.last_seq > last_seq && w.sync.is_none_or(|(_, to)| r.last_seq > to);
-                    if ahead {
-                        w.sync = Some((conn, r.last_seq));
-                    }
-                    let to = r.last_seq;
-                    w.resumed.push(Resumed {
-                        conn,
-                        name,
-                        addr,
-                        resume: r,
-                    });
-                    self.send(conn, &ping);
-                    if ahead {
-                        self.send(
-                            conn,
-                            &Frame::SyncRequest {
-                                from: last_seq + 1,
-                                to,
-                            },
-                        );
-                    }
-                    self.maybe_close_window();
-                }
-                None => w.held.push((conn, name, addr)),
+    pub(super) fn coord_hello(&mut self, h: Hello) {
+        if let Some(r) = &h.resume {
+            self.note_epoch(r.epoch);
+            self.note_epoch(r.min_epoch);
+            if r.epoch > self.epoch {
+                // It followed a coordinator newer than us: we are stale.
+                self.refuse(h.conn, ErrorCode::Electing, "this coordinator is out of date; retry in a moment");
+                return self.step_down(None, "a member followed a newer coordinator");
             }
-            return;
-        }
-        // An existing member coming back (same id and name): keep its place.
-        if let Some(r) = &resume {
-            let known = self.members.iter().any(|m| m.id == r.member_id && m.name == name);
-            if known {
-                let id = r.member_id;
-                let c = self.coord().expect("checked above");
-                if let Some(old) = c.by_member.remove(&id) {
-                    c.links.remove(&old);
-                    self.out.push(Output::Close(old));
-                }
-                let after = self
-                    .log
-                    .consistent_with(r.last_epoch, r.last_seq)
-                    .then_some(r.last_seq);
-                self.welcome(conn, id, after);
-                return self.attach(conn, id, name);
+            if r.min_epoch > self.epoch {
+                // It voted in a later epoch and cannot come back to ours:
+                // run again, for an epoch after it.
+                self.refuse(h.conn, ErrorCode::Electing, "the coordinator is moving to a later epoch; retry in a moment");
+                return self.step_down(None, "a member is bound to a later epoch");
+            }
+            for d in &r.dead {
+                self.proven_dead(*d);
             }
         }
-        if self.members.iter().any(|m| m.name == name) {
-            return self.refuse(
-                conn,
-                ErrorCode::NameTaken,
-                format!("the name {name} is already taken in this chat; choose another name"),
-            );
+        let r = Resumer {
+            conn: h.conn,
+            name: h.name,
+            addr: h.addr,
+            session: h.session,
+            resume: h.resume.unwrap_or(p2p_proto::Resume {
+                member_id: 0,
+                epoch: 0,
+                commit: 0,
+                log_epoch: 0,
+                last_seq: 0,
+                vote: None,
+                min_epoch: 0,
+                dead: Vec::new(),
+            }),
+        };
+        self.coord_admit_resumer(r);
+    }
+
+    /// Admits a member: one coming back keeps its id and gets what it
+    /// misses; a new one gets an id, a `joined` entry and recent history.
+    pub(super) fn coord_admit_resumer(&mut self, r: Resumer) {
+        let conn = r.conn;
+        let returning = r.resume.member_id != 0;
+        // Whatever it delivered is committed (we hold it: our log has every
+        // committed entry).
+        if returning && r.resume.commit <= self.log.last() && r.resume.commit > self.log.commit() {
+            self.log.set_commit(r.resume.commit);
+            self.coord_apply();
         }
-        if self.members.len() >= self.cfg.max_members {
+        let id = match self.tip.member(r.resume.member_id) {
+            Some(m) if m.session == r.session => Some(m.id),
+            _ => None,
+        };
+        if let Some(id) = id {
+            // Still a member: re-attach.
+            let Some(c) = self.coord() else { return };
+            if let Some(old) = c.by_member.remove(&id) {
+                c.links.remove(&old);
+                self.close(old);
+            }
+            let c = self.coord().expect("coordinator");
+            c.unreachable.remove(&id);
+            let base = Some(r.resume.commit);
+            return self.welcome(conn, id, r.name, r.addr.is_some(), base);
+        }
+        // Gone, or new: check the name, then a `joined` entry.
+        if let Some(m) = self.tip.members.iter().find(|m| m.name == r.name).cloned() {
+            if m.addr.is_some() && m.addr == r.addr && m.session != r.session {
+                // A new process listens where that member did: it is gone.
+                self.proven_dead(m.id);
+            }
+            if !self.dead.contains(&m.id) {
+                let name = m.name;
+                return self.refuse(
+                    conn,
+                    ErrorCode::NameTaken,
+                    format!("the name {name} is already taken in this chat; choose another name"),
+                );
+            }
+        }
+        if self.tip.members.len() >= self.cfg.max_members {
             return self.refuse(
                 conn,
                 ErrorCode::TooManyMembers,
                 format!("the chat is full ({} members)", self.cfg.max_members),
             );
         }
-        let c = self.coord().expect("checked above");
-        let id = c.next_id;
-        c.next_id += 1;
-        let info = MemberInfo {
-            id,
-            name: name.clone(),
-            addr,
+        let id = match self.tip.id_of_session(r.session) {
+            Some(id) if self.tip.member(id).is_none() => id,
+            _ => {
+                let c = self.coord().expect("coordinator");
+                let id = c.next_id;
+                c.next_id += 1;
+                id
+            }
         };
-        self.out
-            .push(Output::Broadcast(encode(&Frame::Joined { member: info.clone() })));
-        self.members.push(info);
-        self.emit(Event::Joined {
+        let member = MemberInfo {
             id,
-            name: name.clone(),
-        });
-        let after = resume
-            .as_ref()
-            .filter(|r| self.log.consistent_with(r.last_epoch, r.last_seq))
-            .map(|r| r.last_seq);
-        self.welcome(conn, id, after);
-        self.attach(conn, id, name.clone());
-        if self.hooks.active() {
-            let posts = self.hooks.on_join(id, &name);
-            self.bot_posts(posts, 0);
-        }
+            name: r.name.clone(),
+            addr: r.addr.clone(),
+            session: r.session,
+        };
+        let base = returning.then_some(r.resume.commit);
+        self.welcome(conn, id, r.name, r.addr.is_some(), base);
+        self.propose(|epoch, seq| Entry::Joined { epoch, seq, member });
     }
 
-    /// Sends `welcome` and the replay: everything after `after`, or the
-    /// recent history for a newcomer.
-    fn welcome(&mut self, conn: ConnId, id: u64, after: Option<u64>) {
-        let frames = match after {
-            Some(seq) => self.log.frames_after(seq, self.cfg.keep),
-            None => self.log.frames_after(0, self.cfg.replay),
+    /// Sends `welcome`, the state, and the entries the member needs, then
+    /// adds it to its broadcast group.
+    fn welcome(&mut self, conn: ConnId, id: u64, name: String, peer: bool, returning_base: Option<u64>) {
+        let commit = self.log.commit();
+        let base = match returning_base {
+            Some(b) if self.log.holds_after(b.min(commit)) => b.min(commit),
+            Some(_) => self.log.base(),
+            None => commit.saturating_sub(self.cfg.replay as u64).max(self.log.base()),
         };
         let welcome = Frame::Welcome {
             member_id: id,
             epoch: self.epoch,
             coordinator: self.me.id,
-            members: self.members.clone(),
-            replay: frames.len() as u32,
+            base,
+            commit,
+            stable: self.stable,
             heartbeat_ms: self.cfg.heartbeat_ms,
-            plugins: self.plugins.clone(),
+            chat_id: self.state.chat_id.clone(),
         };
         self.send(conn, &welcome);
+        for f in self.state.to_frames(self.state_at) {
+            self.send(conn, &f);
+        }
+        let upto = if peer { self.log.last() } else { commit };
+        let frames = self.log.frames(base + 1, upto);
         self.out.extend(frames.into_iter().map(|f| Output::Send(conn, f)));
-    }
-
-    fn attach(&mut self, conn: ConnId, id: u64, name: String) {
         let now = self.now;
         let Some(c) = self.coord() else { return };
         c.links.insert(
@@ -288,156 +283,175 @@ impl Core {
             Link {
                 id,
                 name,
+                peer,
                 last_heard: now,
             },
         );
         c.by_member.insert(id, conn);
-        self.out.push(Output::Attach(conn));
+        self.out
+            .push(Output::Attach(conn, if peer { Group::Peers } else { Group::Clients }));
     }
 
-    /// A frame from an admitted member (or a resumer during the window).
-    pub(super) fn coord_from_member(&mut self, conn: ConnId, frame: Frame) {
+    /// A frame from an admitted member.
+    pub(super) fn coord_frame(&mut self, conn: ConnId, frame: Frame) {
         let now = self.now;
         let Some(c) = self.coord() else { return };
-        let Some(link) = c.links.get_mut(&conn) else {
-            // A resumer in the window: only sync replies and pongs matter.
-            if let Frame::Sync { entries } = frame {
-                self.on_sync(conn, entries);
+        if let Some(id) = c.probes.remove(&conn) {
+            self.close(conn);
+            if let Frame::ProbeReply { session, epoch, .. } = frame {
+                let expected = self.member(id).map(|m| m.session);
+                if expected != Some(session) {
+                    self.proven_dead(id);
+                } else if epoch > self.epoch {
+                    self.note_epoch(epoch);
+                    self.step_down(None, "a voter follows a newer coordinator");
+                }
             }
             return;
-        };
+        }
+        let Some(link) = c.links.get_mut(&conn) else { return };
         link.last_heard = now;
-        let (id, name) = (link.id, link.name.clone());
+        let (id, name, peer) = (link.id, link.name.clone(), link.peer);
         match frame {
             Frame::Say { text, client_seq } => {
                 if let Err(reason) = limits::check_text(&text) {
                     self.send(conn, &Frame::Rejected { client_seq, reason });
-                } else if client_seq > self.log.client_seq(id) {
-                    self.submit(id, name, client_seq, text, None, Some(conn), 0);
+                } else if client_seq > self.tip.client_seq(id) {
+                    self.submit(Submission {
+                        from_id: id,
+                        from: name,
+                        client_seq,
+                        text,
+                        bot: None,
+                        conn: Some(conn),
+                        depth: 0,
+                    });
                 }
-                // else: a re-send of a message already sequenced; its copy
-                // reached (or will reach) the sender through the replay.
+                // else: sent again after a failover, already in the log;
+                // its delivery is the sender's acknowledgement.
             }
-            Frame::Pong { .. } | Frame::Sync { .. } => {}
-            Frame::Leave {} => self.remove_member(conn, "left".into()),
+            Frame::Ack { seq } => {
+                if peer && seq <= self.log.last() {
+                    let Some(c) = self.coord() else { return };
+                    let a = c.acked.entry(id).or_insert(0);
+                    *a = (*a).max(seq);
+                }
+            }
+            Frame::Pong { .. } | Frame::Sync { .. } | Frame::Hello { .. } => {}
+            Frame::Leave {} => {
+                self.proven_dead(id); // it will never act again
+                self.drop_link(conn, "left".into());
+            }
             other => {
-                let kind = super::frame_type(&other);
+                let kind = other.kind();
                 self.send(
                     conn,
-                    &Frame::error(
-                        ErrorCode::UnexpectedFrame,
-                        format!("{kind} is not allowed from a member"),
-                    ),
+                    &Frame::error(ErrorCode::UnexpectedFrame, format!("{kind} is not allowed from a member")),
                 );
-                self.remove_member(conn, format!("disconnected (sent an unexpected {kind} frame)"));
+                self.drop_link(conn, format!("disconnected (sent an unexpected {kind} frame)"));
             }
         }
     }
 
-    /// Orders one message: assigns (epoch, seq), encodes it once, hands the
-    /// same bytes to every member, and delivers it here.
-    pub(super) fn sequence(
-        &mut self,
-        from_id: u64,
-        from: String,
-        client_seq: u64,
-        text: String,
-        bot: Option<String>,
-    ) {
-        let chat = Chat {
-            epoch: self.epoch,
-            seq: self.log.last_seq() + 1,
-            from,
-            from_id,
-            client_seq,
-            text,
-            bot,
-        };
-        let frame = p2p_proto::encode_chat(&chat);
-        self.out.push(Output::Broadcast(frame.clone()));
-        if self.my_ids.contains(&from_id) && client_seq > 0 {
-            self.pending.retain(|(cs, _)| *cs != client_seq);
+    /// Orders one entry: assigns the next seq in this epoch, encodes it once,
+    /// sends it to the peers. It is delivered once a quorum holds it.
+    fn propose(&mut self, make: impl FnOnce(u64, u64) -> Entry) {
+        let entry = make(self.epoch, self.log.last() + 1);
+        let frame = p2p_proto::encode_entry(&entry);
+        self.out.push(Output::Broadcast(Group::Peers, frame.clone()));
+        self.tip.apply(&entry);
+        if let Err(e) = self.log.append_encoded(entry, frame) {
+            tracing::error!(?e, "a proposed entry did not follow the log");
         }
-        if self.cfg.message_events {
-            self.emit(Event::Message {
-                chat: chat.clone(),
-                replay: false,
-            });
-        }
-        self.log.append_encoded(chat, frame);
     }
 
-    pub(super) fn coord_sequence_own(&mut self, client_seq: u64, text: String) {
-        let (id, name) = (self.me.id, self.me.name.clone());
-        self.submit(id, name, client_seq, text, None, None, 0);
+    pub(super) fn coord_own(&mut self, client_seq: u64, text: String) {
+        let (from_id, from) = (self.me.id, self.me.name.clone());
+        self.submit(Submission {
+            from_id,
+            from,
+            client_seq,
+            text,
+            bot: None,
+            conn: None,
+            depth: 0,
+        });
     }
 
     /// Runs the plugin chain on a message, then sequences it (or tells the
-    /// sender it was dropped), then lets plugins see it delivered and
-    /// sequences their posts. `conn` is the sender's connection (None for
-    /// our own user and for bots).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn submit(
-        &mut self,
-        from_id: u64,
-        from: String,
-        client_seq: u64,
-        text: String,
-        bot: Option<String>,
-        conn: Option<ConnId>,
-        depth: u32,
-    ) {
-        if !self.hooks.active() {
-            return self.sequence(from_id, from, client_seq, text, bot);
+    /// sender it was dropped).
+    fn submit(&mut self, s: Submission) {
+        if self.log.last() - self.log.commit() >= MAX_TENTATIVE {
+            let reason = "not sent: the chat is waiting for its voters to confirm earlier messages".to_string();
+            return self.reject(&s, reason);
         }
-        let msg = HookMessage {
-            epoch: self.epoch,
-            seq: self.log.last_seq() + 1,
-            from_id,
-            from: &from,
-            text: &text,
-            bot: bot.as_deref(),
+        let text = if self.hooks.active() {
+            let msg = HookMessage {
+                epoch: self.epoch,
+                seq: self.log.last() + 1,
+                from_id: s.from_id,
+                from: &s.from,
+                text: &s.text,
+                bot: s.bot.as_deref(),
+            };
+            let outcome = self.hooks.on_message(&msg);
+            for v in outcome.verdicts {
+                self.emit(Event::Verdict {
+                    plugin: v.plugin,
+                    rule: v.rule,
+                    action: v.action,
+                    member: s.from.clone(),
+                });
+            }
+            let decision = outcome.decision;
+            self.bot_posts(outcome.posts, s.depth);
+            self.plugin_reports();
+            match decision {
+                Decision::Drop { reason } => return self.reject(&s, reason),
+                Decision::Deliver(Some(rewritten)) => rewritten,
+                Decision::Deliver(None) => s.text,
+            }
+        } else {
+            s.text
         };
-        let outcome = self.hooks.on_message(&msg);
-        for v in outcome.verdicts {
-            self.emit(Event::Verdict {
-                plugin: v.plugin,
-                rule: v.rule,
-                action: v.action,
-                member: from.clone(),
+        let chat = Chat {
+            epoch: self.epoch,
+            seq: self.log.last() + 1,
+            from: s.from,
+            from_id: s.from_id,
+            client_seq: s.client_seq,
+            text,
+            bot: s.bot,
+        };
+        let frame = p2p_proto::encode_chat(&chat);
+        self.out.push(Output::Broadcast(Group::Peers, frame.clone()));
+        let entry = Entry::Chat(chat);
+        self.tip.apply(&entry);
+        if let Err(e) = self.log.append_encoded(entry, frame) {
+            tracing::error!(?e, "a sequenced message did not follow the log");
+        }
+    }
+
+    fn reject(&mut self, s: &Submission, reason: String) {
+        if s.from_id == self.me.id && s.client_seq > 0 {
+            self.pending.retain(|(cs, _)| *cs != s.client_seq);
+            self.emit(Event::Rejected {
+                client_seq: s.client_seq,
+                reason,
             });
+        } else if let Some(conn) = s.conn {
+            self.send(
+                conn,
+                &Frame::Rejected {
+                    client_seq: s.client_seq,
+                    reason,
+                },
+            );
         }
-        match outcome.decision {
-            Decision::Drop { reason } => {
-                if self.my_ids.contains(&from_id) && client_seq > 0 {
-                    self.pending.retain(|(cs, _)| *cs != client_seq);
-                    self.emit(Event::Rejected { client_seq, reason });
-                } else if let Some(conn) = conn {
-                    self.send(conn, &p2p_proto::Frame::Rejected { client_seq, reason });
-                }
-            }
-            Decision::Deliver(rewritten) => {
-                let text = rewritten.unwrap_or(text);
-                let seq = self.log.last_seq() + 1;
-                self.sequence(from_id, from.clone(), client_seq, text.clone(), bot.clone());
-                let msg = HookMessage {
-                    epoch: self.epoch,
-                    seq,
-                    from_id,
-                    from: &from,
-                    text: &text,
-                    bot: bot.as_deref(),
-                };
-                let posts = self.hooks.on_delivered(&msg, false);
-                self.bot_posts(posts, depth);
-            }
-        }
-        self.bot_posts(outcome.posts, depth);
-        self.plugin_reports();
     }
 
     /// Sequences messages posted by bots (through the chain, minus the poster).
-    pub(super) fn bot_posts(&mut self, posts: Vec<(String, String)>, depth: u32) {
+    fn bot_posts(&mut self, posts: Vec<(String, String)>, depth: u32) {
         for (plugin, text) in posts {
             if depth >= MAX_BOT_DEPTH {
                 tracing::warn!(%plugin, "bot post dropped: bots answering bots too deep");
@@ -447,101 +461,237 @@ impl Core {
                 tracing::warn!(%plugin, error = %e, "bot post dropped");
                 continue;
             }
-            self.submit(0, plugin.clone(), 0, text, Some(plugin), None, depth + 1);
+            self.submit(Submission {
+                from_id: 0,
+                from: plugin.clone(),
+                client_seq: 0,
+                text,
+                bot: Some(plugin),
+                conn: None,
+                depth: depth + 1,
+            });
         }
     }
 
-    /// Shows the held history to the plugins after a takeover, so stateful
-    /// ones (the logger) can continue where the old coordinator stopped.
-    fn replay_to_plugins(&mut self) {
-        if !self.hooks.active() {
-            return;
-        }
-        let chats: Vec<Chat> = self.log.range(0, u64::MAX).cloned().collect();
-        for c in &chats {
-            let msg = HookMessage {
-                epoch: c.epoch,
-                seq: c.seq,
-                from_id: c.from_id,
-                from: &c.from,
-                text: &c.text,
-                bot: c.bot.as_deref(),
-            };
-            let _ = self.hooks.on_delivered(&msg, true);
-        }
-        self.plugin_reports();
-    }
-
-    /// Sequences our own messages that are still unacknowledged.
+    /// Sequences our own messages that are still unconfirmed.
     fn flush_pending(&mut self) {
-        let done = self.log.client_seq(self.me.id);
-        let pending: Vec<_> = self
-            .pending
-            .iter()
-            .filter(|(cs, _)| *cs > done)
-            .cloned()
-            .collect();
-        self.pending.retain(|(cs, _)| *cs > done);
+        let done = self.tip.client_seq(self.me.id);
+        let pending: Vec<_> = self.pending.iter().filter(|(cs, _)| *cs > done).cloned().collect();
         for (cs, text) in pending {
-            self.coord_sequence_own(cs, text);
+            self.coord_own(cs, text);
         }
     }
 
-    fn remove_member(&mut self, conn: ConnId, reason: String) {
+    /// End of a batch: commit what a quorum holds, deliver it, tell peers.
+    pub(super) fn coord_end_batch(&mut self) {
+        loop {
+            let target = self.commit_target();
+            if target <= self.log.commit() {
+                break;
+            }
+            self.log.set_commit(target);
+            self.coord_apply();
+        }
+        self.maintain_voters();
+        let commit = self.log.commit();
+        let Some(c) = self.coord() else { return };
+        let stable = c.effective_through;
+        if (commit, stable) != c.commit_sent {
+            c.commit_sent = (commit, stable);
+            self.stable = self.stable.max(stable);
+            let frame = encode(&Frame::Commit { seq: commit, stable });
+            self.out.push(Output::Broadcast(Group::Peers, frame));
+        }
+    }
+
+    /// Delivers committed entries here and to clients, and lets plugins see
+    /// them.
+    fn coord_apply(&mut self) {
+        let done = self.apply_committed();
+        for (entry, frame) in done {
+            self.out.push(Output::Broadcast(Group::Clients, frame));
+            if !self.hooks.active() {
+                continue;
+            }
+            let posts = match &entry {
+                Entry::Chat(c) => self.hooks.on_delivered(&hook_message(c), false),
+                Entry::Joined { member, .. } => self.hooks.on_join(member.id, &member.name),
+                Entry::Left { id, name, reason, .. } => self.hooks.on_leave(*id, name, reason),
+                _ => Vec::new(),
+            };
+            self.bot_posts(posts, 0);
+            self.plugin_reports();
+        }
+    }
+
+    /// The highest seq a quorum of every voter set in force holds.
+    fn commit_target(&self) -> u64 {
+        let State::Coordinator(c) = &self.role else { return 0 };
+        let (commit, last) = (self.log.commit(), self.log.last());
+        if last <= commit {
+            return commit;
+        }
+        let me = self.me.id;
+        let mut configs: Vec<(u64, &[u64])> = vec![(0, &self.state.voters)];
+        if self.state.voters_seq > c.effective_through {
+            configs.push((0, &self.state.prev_voters));
+        }
+        for e in self.log.range(commit + 1, last) {
+            if let Entry::Voters { seq, set, .. } = e {
+                configs.push((*seq, set));
+            }
+        }
+        let mut marks: Vec<u64> = c.acked.values().copied().filter(|a| *a > commit).collect();
+        marks.push(last);
+        marks.sort_unstable();
+        marks.dedup();
+        for &q in marks.iter().rev() {
+            let yes: BTreeSet<u64> = c
+                .acked
+                .iter()
+                .filter(|(_, a)| **a >= q)
+                .map(|(id, _)| *id)
+                .chain([me])
+                .collect();
+            let ok = configs
+                .iter()
+                .filter(|(at, _)| *at <= q)
+                .all(|(_, cfg)| is_quorum(cfg, &yes, &self.dead));
+            if ok {
+                return q;
+            }
+        }
+        commit
+    }
+
+    /// One voter-set change at a time: once the last one is in force
+    /// (every live voter of the old and new sets holds it), drop voters
+    /// proven dead and promote connected peers, earliest-joined first.
+    fn maintain_voters(&mut self) {
+        let me = self.me.id;
+        let State::Coordinator(c) = &mut self.role else { return };
+        let pending_at = self.tip.voters_seq;
+        if pending_at > c.effective_through {
+            if self.log.commit() < pending_at {
+                return;
+            }
+            let everyone: BTreeSet<u64> = self.tip.voters.iter().chain(&self.tip.prev_voters).copied().collect();
+            let all_hold = everyone
+                .iter()
+                .filter(|v| **v != me && !self.dead.contains(v))
+                .all(|v| c.acked.get(v).is_some_and(|a| *a >= pending_at));
+            if !all_hold {
+                return;
+            }
+            c.effective_through = pending_at;
+        }
+        let current = self.tip.voters.clone();
+        let mut next: Vec<u64> = current
+            .iter()
+            .copied()
+            .filter(|v| !self.dead.contains(v))
+            .collect();
+        let peers: Vec<u64> = c
+            .links
+            .values()
+            .filter(|l| l.peer && !next.contains(&l.id) && !self.dead.contains(&l.id))
+            .filter(|l| c.acked.contains_key(&l.id))
+            .map(|l| l.id)
+            .collect();
+        for id in peers {
+            if next.len() >= MAX_VOTERS {
+                break;
+            }
+            next.push(id);
+        }
+        next.sort_unstable();
+        if next.is_empty() || next == current {
+            return self.remove_dead_members();
+        }
+        tracing::info!(?current, ?next, "changing the voter set");
+        self.propose(|epoch, seq| Entry::Voters { epoch, seq, set: next });
+    }
+
+    /// Members proven dead that are no longer voters leave the member list.
+    fn remove_dead_members(&mut self) {
+        let gone: Vec<(u64, String)> = self
+            .tip
+            .members
+            .iter()
+            .filter(|m| self.dead.contains(&m.id) && !self.tip.is_voter(m.id) && !self.tip.prev_voters.contains(&m.id))
+            .map(|m| (m.id, m.name.clone()))
+            .collect();
+        for (id, name) in gone {
+            self.propose(|epoch, seq| Entry::Left {
+                epoch,
+                seq,
+                id,
+                name,
+                reason: "disconnected (its process is gone)".into(),
+            });
+        }
+    }
+
+    /// Closes a member's connection. A non-voter leaves the chat; a voter
+    /// stays one until it comes back or is proven dead (a paused process is
+    /// still a voter, and may hold entries others lack).
+    fn drop_link(&mut self, conn: ConnId, reason: String) {
+        let now = self.now;
         let Some(c) = self.coord() else { return };
         let Some(link) = c.links.remove(&conn) else { return };
         c.by_member.remove(&link.id);
-        self.members.retain(|m| m.id != link.id);
-        self.out.push(Output::Close(conn));
-        self.out.push(Output::Broadcast(encode(&Frame::Left {
-            id: link.id,
-            name: link.name.clone(),
-            reason: reason.clone(),
-        })));
-        if self.hooks.active() {
-            let posts = self.hooks.on_leave(link.id, &link.name, &reason);
-            self.bot_posts(posts, 0);
+        c.acked.remove(&link.id);
+        self.close(conn);
+        let voter = self.tip.is_voter(link.id) || self.tip.prev_voters.contains(&link.id);
+        if voter && !self.dead.contains(&link.id) {
+            let c = self.coord().expect("coordinator");
+            c.unreachable.insert(link.id, now);
+            c.next_probe = now;
+            self.emit(Event::Unreachable {
+                id: link.id,
+                name: link.name,
+                reason,
+            });
+            return;
         }
-        self.emit(Event::Left {
-            id: link.id,
-            name: link.name,
-            reason,
-        });
+        if self.tip.member(link.id).is_some() && !voter {
+            let (id, name) = (link.id, link.name);
+            self.propose(|epoch, seq| Entry::Left {
+                epoch,
+                seq,
+                id,
+                name,
+                reason,
+            });
+        }
     }
 
-    pub(super) fn coord_closed(&mut self, conn: ConnId, reason: Option<String>) {
+    pub(super) fn coord_closed(&mut self, conn: ConnId, reason: Option<String>, refused: bool) {
         let Some(c) = self.coord() else { return };
-        if c.links.contains_key(&conn) {
-            return self.remove_member(conn, reason.unwrap_or_else(|| "disconnected".into()));
-        }
-        if let Some(w) = &mut c.window {
-            w.resumed.retain(|r| r.conn != conn);
-            w.held.retain(|h| h.0 != conn);
-            if w.sync.is_some_and(|(sc, _)| sc == conn) {
-                w.sync = None;
+        if let Some(id) = c.probes.remove(&conn) {
+            if refused {
+                self.proven_dead(id);
+                self.maintain_voters();
             }
-            self.maybe_close_window();
+            return;
         }
+        self.drop_link(conn, reason.unwrap_or_else(|| "disconnected".into()));
     }
 
     pub(super) fn coord_tick(&mut self) {
         let now = self.now;
         let hb = self.cfg.heartbeat_ms;
         let dead_after = self.heartbeat_dead_after();
+        let stalled = self.stalled();
         let Some(c) = self.coord() else { return };
         if now >= c.next_ping {
             c.next_ping = now + hb;
             c.nonce += 1;
             let ping = encode(&Frame::Ping { nonce: c.nonce });
-            let resumers: Vec<ConnId> = c
-                .window
-                .iter()
-                .flat_map(|w| w.resumed.iter().map(|r| r.conn))
-                .collect();
-            for conn in resumers {
-                self.out.push(Output::Send(conn, ping.clone()));
-            }
-            self.out.push(Output::Broadcast(ping));
+            self.out.push(Output::Broadcast(Group::All, ping));
+        }
+        if stalled {
+            return;
         }
         let Some(c) = self.coord() else { return };
         let silent: Vec<ConnId> = c
@@ -550,106 +700,193 @@ impl Core {
             .filter(|(_, l)| now.saturating_sub(l.last_heard) > dead_after)
             .map(|(conn, _)| *conn)
             .collect();
-        let window_over = c.window.as_ref().is_some_and(|w| now >= w.deadline);
         for conn in silent {
-            self.remove_member(conn, "disconnected (missed 3 heartbeats)".into());
+            self.drop_link(conn, "disconnected (missed 3 heartbeats)".into());
         }
-        if window_over {
-            self.close_window();
-        }
+        self.probe_unreachable();
+        self.check_quorum_contact();
     }
 
-    /// History a resumer sent back because it was further ahead than us.
-    fn on_sync(&mut self, conn: ConnId, entries: Vec<p2p_proto::Chat>) {
-        let done = entries.is_empty();
-        for chat in entries {
-            let valid = chat.seq == self.log.last_seq() + 1
-                && chat.epoch < self.epoch
-                && limits::check_text(&chat.text).is_ok()
-                && limits::check_name(&chat.from).is_ok();
-            if !valid {
-                tracing::warn!(
-                    seq = chat.seq,
-                    "ignoring a sync entry that does not continue our history"
-                );
+    /// Probes voters we have no connection to: a refusal proves them dead.
+    fn probe_unreachable(&mut self) {
+        let now = self.now;
+        let hb = self.cfg.heartbeat_ms;
+        let Some(c) = self.coord() else { return };
+        if now < c.next_probe || c.unreachable.is_empty() {
+            return;
+        }
+        c.next_probe = now + 2 * hb;
+        let probing: BTreeSet<u64> = c.probes.values().copied().collect();
+        let ids: Vec<u64> = c.unreachable.keys().copied().filter(|id| !probing.contains(id)).collect();
+        let mut targets = Vec::new();
+        for id in ids {
+            if self.dead.contains(&id) {
+                if let Some(c) = self.coord() {
+                    c.unreachable.remove(&id);
+                }
                 continue;
             }
-            self.deliver(chat, false);
-        }
-        let last = self.log.last_seq();
-        let Some(c) = self.coord() else { return };
-        if let Some(w) = &mut c.window {
-            if w.sync.is_some_and(|(sc, to)| sc == conn && (done || last >= to)) {
-                w.sync = None;
+            if let Some(addr) = self.member(id).and_then(|m| m.addr.clone()) {
+                targets.push((id, addr));
             }
         }
-        self.maybe_close_window();
-    }
-
-    fn maybe_close_window(&mut self) {
-        let Some(c) = self.coord() else { return };
-        if c.window
-            .as_ref()
-            .is_some_and(|w| w.expected.is_empty() && w.sync.is_none())
-        {
-            self.close_window();
-        }
-    }
-
-    /// Ends the resume window: drops survivors that never came back, welcomes
-    /// the ones that did with exactly what they miss, then admits held joins
-    /// and sequences our own pending messages.
-    fn close_window(&mut self) {
-        let Some(c) = self.coord() else { return };
-        let Some(w) = c.window.take() else { return };
-        for id in &w.expected {
-            if let Some(m) = self.member(*id).cloned() {
-                self.members.retain(|x| x.id != *id);
-                self.emit(Event::Left {
-                    id: m.id,
-                    name: m.name,
-                    reason: "lost in failover".into(),
-                });
+        for (id, addr) in targets {
+            let conn = self.dial(&addr, &Frame::Probe {});
+            if let Some(c) = self.coord() {
+                c.probes.insert(conn, id);
             }
         }
-        // Known members first so the snapshot everyone gets is complete.
-        let (known, unknown): (Vec<_>, Vec<_>) = w.resumed.into_iter().partition(|r| {
-            self.members
-                .iter()
-                .any(|m| m.id == r.resume.member_id && m.name == r.name)
-        });
-        for r in known.into_iter().chain(unknown) {
-            self.coord_admit(r.conn, r.name, r.addr, Some(r.resume));
-        }
-        for (conn, name, addr) in w.held {
-            self.coord_admit(conn, name, addr, None);
-        }
-        self.replay_to_plugins();
-        self.flush_pending();
     }
 
-    /// Another coordinator outranks us: hand our members to it and resume
-    /// there as a member.
-    pub(super) fn step_down(&mut self, epoch: u64, coordinator: MemberInfo) {
-        let State::Coordinator(c) = std::mem::replace(&mut self.state, State::Stopped) else {
+    /// A coordinator that has not heard from a quorum of voters for three
+    /// heartbeats steps down: it cannot commit anything, and its members
+    /// are better off electing.
+    fn check_quorum_contact(&mut self) {
+        let now = self.now;
+        let me = self.me.id;
+        let dead_after = self.heartbeat_dead_after();
+        let dead = self.dead.clone();
+        let State::Coordinator(c) = &self.role else { return };
+        let configs: Vec<Vec<u64>> = self
+            .tip
+            .election_configs(c.effective_through)
+            .into_iter()
+            .map(<[u64]>::to_vec)
+            .collect();
+        let Some(c) = self.coord() else { return };
+        let contact: BTreeSet<u64> = c
+            .links
+            .values()
+            .filter(|l| now.saturating_sub(l.last_heard) <= dead_after)
+            .map(|l| l.id)
+            .chain([me])
+            .collect();
+        if configs.iter().all(|cfg| is_quorum(cfg, &contact, &dead)) {
+            c.quorum_lost_since = None;
+            c.waiting = None;
+            return;
+        }
+        let since = *c.quorum_lost_since.get_or_insert(now);
+        if c.waiting.is_none() {
+            let reason = "cannot confirm messages: a majority of voters is out of contact".to_string();
+            c.waiting = Some(reason.clone());
+            self.emit(Event::Waiting { reason });
+        }
+        if now.saturating_sub(since) > dead_after {
+            self.step_down(None, "lost contact with a majority of voters");
+        }
+    }
+
+    /// Another coordinator outranks us (or we lost our voters): hand our
+    /// members over and look for the coordinator as a member.
+    pub(super) fn step_down(&mut self, to: Option<(u64, String)>, why: &str) {
+        let State::Coordinator(c) = std::mem::replace(&mut self.role, State::Stopped) else {
             return;
         };
-        let redirect = encode(&Frame::Redirect {
-            addr: coordinator.addr.clone(),
-            epoch,
-        });
+        tracing::info!(why, "stepping down");
         for conn in c.conns() {
-            self.out.push(Output::Send(conn, redirect.clone()));
-            self.out.push(Output::Close(conn));
+            if let Some((_, addr)) = &to {
+                self.send(
+                    conn,
+                    &Frame::Redirect {
+                        addr: addr.clone(),
+                        epoch: self.max_epoch,
+                    },
+                );
+            }
+            self.close(conn);
         }
-        tracing::info!(epoch, coordinator = %coordinator.name, "stepping down");
-        self.follow(
-            epoch,
-            coordinator.addr,
-            &format!(
-                "{} is coordinator of epoch {epoch}; stepping down",
-                coordinator.name
-            ),
-        );
+        self.role = State::Stopped;
+        match to {
+            Some((id, addr)) => self.follow(id, addr, why),
+            None => self.start_election(why.to_string(), None),
+        }
+    }
+
+    /// A change to the plugin set asked by an observer.
+    pub(super) fn on_plugin_change(&mut self, conn: ConnId, change: PluginChange) {
+        if !matches!(self.role, State::Coordinator(_)) {
+            return self.redirect_to_coordinator(conn);
+        }
+        let mut set = self.tip.plugins.clone();
+        match &change {
+            PluginChange::Attach(p) => {
+                if let Err(e) = super::check_plugin_name(&p.name) {
+                    return self.refuse(conn, ErrorCode::PluginRefused, e);
+                }
+                if p.config.len() > limits::MAX_PLUGIN_CONFIG {
+                    return self.refuse(
+                        conn,
+                        ErrorCode::PluginRefused,
+                        format!(
+                            "plugin {} configuration is {} bytes; the limit is {}",
+                            p.name,
+                            p.config.len(),
+                            limits::MAX_PLUGIN_CONFIG
+                        ),
+                    );
+                }
+                let full = set.len() >= limits::MAX_PLUGINS;
+                match set.iter_mut().find(|x| x.name == p.name) {
+                    Some(x) => x.config = p.config.clone(),
+                    None if full => {
+                        return self.refuse(
+                            conn,
+                            ErrorCode::PluginRefused,
+                            format!("a chat has at most {} plugins", limits::MAX_PLUGINS),
+                        );
+                    }
+                    None => set.push(p.clone()),
+                }
+            }
+            PluginChange::Detach(name) => {
+                if !set.iter().any(|x| &x.name == name) {
+                    return self.refuse(
+                        conn,
+                        ErrorCode::PluginRefused,
+                        format!("no plugin named {name:?} is attached"),
+                    );
+                }
+                set.retain(|x| &x.name != name);
+            }
+        }
+        // Load it here first: a plugin the coordinator cannot run is refused
+        // before it enters the log.
+        let previous = self.hooks_set.clone();
+        let reports = self.hooks.set_plugins(&set);
+        self.hooks_set = set.clone();
+        for r in &reports {
+            self.emit(Event::Plugin {
+                name: r.plugin.clone(),
+                state: r.state,
+                detail: r.detail.clone(),
+            });
+        }
+        if let PluginChange::Attach(p) = &change {
+            if let Some(r) = reports
+                .iter()
+                .find(|r| r.plugin == p.name && r.state == super::hooks::PluginEvent::Refused)
+            {
+                let detail = r.detail.clone();
+                let _ = self.hooks.set_plugins(&previous);
+                self.hooks_set = previous;
+                return self.refuse(conn, ErrorCode::PluginRefused, detail);
+            }
+        }
+        let set: Vec<PluginRef> = set;
+        self.propose(|epoch, seq| Entry::Plugins { epoch, seq, set });
+        let status = self.status(false);
+        self.send(conn, &status);
+    }
+}
+
+fn hook_message(c: &Chat) -> HookMessage<'_> {
+    HookMessage {
+        epoch: c.epoch,
+        seq: c.seq,
+        from_id: c.from_id,
+        from: &c.from,
+        text: &c.text,
+        bot: c.bot.as_deref(),
     }
 }

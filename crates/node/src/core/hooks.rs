@@ -16,13 +16,28 @@ pub struct HookMessage<'a> {
     pub bot: Option<&'a str>,
 }
 
+/// What a plugin did to a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerdictAction {
+    Drop,
+    Rewrite,
+}
+
+impl VerdictAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VerdictAction::Drop => "drop",
+            VerdictAction::Rewrite => "rewrite",
+        }
+    }
+}
+
 /// A drop or rewrite decided by a plugin.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VerdictRecord {
     pub plugin: String,
     pub rule: String,
-    /// `drop` or `rewrite`.
-    pub action: &'static str,
+    pub action: VerdictAction,
 }
 
 /// What the chain decided about a message.
@@ -43,12 +58,31 @@ pub struct Outcome {
     pub posts: Vec<(String, String)>,
 }
 
+/// What happened to a plugin on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginEvent {
+    Loaded,
+    Refused,
+    Quarantined,
+    Detached,
+}
+
+impl PluginEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginEvent::Loaded => "loaded",
+            PluginEvent::Refused => "refused",
+            PluginEvent::Quarantined => "quarantined",
+            PluginEvent::Detached => "detached",
+        }
+    }
+}
+
 /// Something worth telling the user about a plugin.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HookReport {
     pub plugin: String,
-    /// `loaded`, `refused`, `quarantined`, `detached`.
-    pub state: &'static str,
+    pub state: PluginEvent,
     pub detail: String,
 }
 
@@ -79,7 +113,7 @@ impl Hooks for NoHooks {
         set.iter()
             .map(|p| HookReport {
                 plugin: p.name.clone(),
-                state: "refused",
+                state: PluginEvent::Refused,
                 detail: "this node runs without plugin support".into(),
             })
             .collect()

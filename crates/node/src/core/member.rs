@@ -1,12 +1,15 @@
-//! The member side: joining through any peer, following the coordinator,
-//! detecting its loss, and finding the next one (the earliest-joined
-//! survivor, computed by every member from the same ordered list).
+//! The member side: joining through any peer, following the coordinator
+//! (holding its entries, acknowledging them, delivering committed ones),
+//! detecting its loss, and voting for the next one: the earliest-joined
+//! voter not proven dead.
 
 use std::collections::BTreeSet;
 
-use p2p_proto::{limits, ErrorCode, Frame, MemberInfo, Resume, Role};
+use p2p_proto::{limits, Entry, ErrorCode, Frame, MemberInfo, Role};
 
-use super::{ConnId, Core, Event, Millis, Output, State};
+use super::log::AppendError;
+use super::state::StateLoader;
+use super::{Candidate, ConnId, Core, Event, Hello, Millis, Output, State};
 
 /// Most redirects followed while joining before giving up (a loop guard).
 const MAX_REDIRECTS: u32 = 8;
@@ -27,32 +30,67 @@ pub(super) struct Joining {
 pub(super) struct Uplink {
     pub(super) conn: ConnId,
     last_heard: Millis,
-    /// Replayed history frames still to come after `welcome`.
-    replay_left: u32,
+    /// Collecting the `state` frames that follow a welcome.
+    loading: Option<StateLoader>,
+    /// Entries up to here that arrive now were committed before we were
+    /// welcomed: delivered as they come.
+    history_until: u64,
+    /// History for a newcomer is shown as replay.
+    newcomer: bool,
+    /// The last seq we acknowledged.
+    acked: u64,
+}
+
+impl Uplink {
+    /// The welcome is fully received: messages may be sent.
+    pub(super) fn settled(&self) -> bool {
+        self.loading.is_none()
+    }
 }
 
 pub(super) struct Electing {
     since: Millis,
-    /// Members found dead on the way, the lost coordinator first.
-    dead: BTreeSet<u64>,
-    /// A peer to try first: (member id or 0, address). The lost coordinator
-    /// itself when the loss was only a closed connection (it may have cut
-    /// just us off), or a coordinator named by a redirect or announcement.
-    direct: Option<(u64, String)>,
-    /// The coordinator we lost, to go back to if a successor says it lives.
+    /// The coordinator we lost (none after a redirect or announcement).
     lost: Option<MemberInfo>,
-    /// `coordinator_alive` answers so far: the first few are retried at
-    /// once (the successor is usually a moment from noticing the loss),
-    /// later ones wait a tick so a live coordinator cannot cause a spin.
-    alive_replies: u32,
-    /// The successor being dialled: (member id or 0 for `direct`, connection).
-    target: Option<(u64, ConnId)>,
+    /// A peer to try first with a plain resume: (member id or 0, address).
+    /// The lost coordinator when we only lost our connection (it may have
+    /// cut just us off), or a coordinator named by a redirect.
+    direct: Option<(u64, String)>,
+    /// The peer being dialled.
+    target: Option<Target>,
+    /// Voters that did not answer this round (tried again later).
+    skip: BTreeSet<u64>,
     retry_at: Option<Millis>,
+    /// `coordinator_alive` answers so far (the first few are retried at once).
+    alive_replies: u32,
+}
+
+struct Target {
+    /// Member id, or 0 for a direct address.
+    id: u64,
+    conn: ConnId,
+    last_heard: Millis,
+    /// Our binding before we voted for this target: restored if it
+    /// withdraws (it promises never to use the vote).
+    bound_before: Option<u64>,
 }
 
 impl Electing {
+    /// Electing since `since`, having lost `lost`, nothing tried yet.
+    pub(super) fn after(since: Millis, lost: Option<MemberInfo>) -> Electing {
+        Electing {
+            since,
+            lost,
+            direct: None,
+            target: None,
+            skip: BTreeSet::new(),
+            retry_at: None,
+            alive_replies: 0,
+        }
+    }
+
     pub(super) fn conn(&self) -> Option<ConnId> {
-        self.target.map(|(_, c)| c)
+        self.target.as_ref().map(|t| t.conn)
     }
 }
 
@@ -60,13 +98,14 @@ impl Core {
     /// Starts a new chat with ourselves as coordinator of epoch 1.
     pub(super) fn create(&mut self) {
         self.me.id = 1;
-        self.my_ids.push(1);
         self.epoch = 1;
+        self.max_epoch = 1;
+        self.bound_epoch = 1;
         self.coordinator = 1;
-        self.members = vec![self.me.clone()];
-        self.state = State::Coordinator(super::Coord::new(2, self.now));
-        let set = self.cfg.plugins.clone();
-        self.apply_plugins(set);
+        self.log.set_log_epoch(1);
+        let state = super::state::ChatState::new_chat(self.cfg.chat_id.clone(), self.me.clone(), self.cfg.plugins.clone());
+        self.install_state(state, 0);
+        self.role = State::Coordinator(Box::new(super::Coord::new(2, self.now)));
         self.emit(Event::Ready {
             id: 1,
             epoch: 1,
@@ -78,7 +117,7 @@ impl Core {
 
     pub(super) fn start_joining(&mut self) {
         let give_up_at = self.now + self.cfg.heartbeat_ms * JOIN_PATIENCE_HEARTBEATS;
-        self.state = State::Joining(Joining {
+        self.role = State::Joining(Joining {
             candidates: self.cfg.join.clone(),
             next: 0,
             conn: None,
@@ -93,14 +132,15 @@ impl Core {
     /// Dials the next join candidate, or settles what to do when none is left.
     fn join_next(&mut self) {
         let hello = self.hello(None);
-        let State::Joining(j) = &mut self.state else {
+        let State::Joining(j) = &mut self.role else {
             return;
         };
         if let Some(addr) = j.candidates.get(j.next).cloned() {
             j.next += 1;
-            let conn = self.next_dial;
-            j.conn = Some(conn);
-            self.dial(&addr, &hello);
+            let conn = self.dial(&addr, &hello);
+            if let State::Joining(j) = &mut self.role {
+                j.conn = Some(conn);
+            }
             return;
         }
         j.conn = None;
@@ -121,13 +161,13 @@ impl Core {
                     "could not join: no peer answered at {tried}; check the addresses, or pass --create-if-alone to start a new chat"
                 ),
             });
-            self.state = State::Stopped;
+            self.role = State::Stopped;
             self.out.push(Output::Exit(2));
         }
     }
 
     pub(super) fn is_uplink(&self, conn: ConnId) -> bool {
-        match &self.state {
+        match &self.role {
             State::Joining(j) => j.conn == Some(conn),
             State::Member(u) => u.conn == conn,
             State::Electing(e) => e.conn() == Some(conn),
@@ -137,82 +177,71 @@ impl Core {
 
     /// A frame from the coordinator, or from the peer we are dialling.
     pub(super) fn on_uplink_frame(&mut self, conn: ConnId, frame: Frame) {
-        if let State::Member(u) = &mut self.state {
-            u.last_heard = self.now;
+        let now = self.now;
+        match &mut self.role {
+            State::Member(u) => u.last_heard = now,
+            State::Electing(e) => {
+                if let Some(t) = &mut e.target {
+                    t.last_heard = now;
+                }
+            }
+            _ => {}
         }
+        let frame = match frame.into_entry() {
+            Ok(entry) => return self.on_entry(conn, entry),
+            Err(frame) => frame,
+        };
         match frame {
             Frame::Welcome {
                 member_id,
                 epoch,
                 coordinator,
-                members,
-                replay,
+                base,
+                commit,
+                stable,
                 heartbeat_ms,
+                chat_id,
+            } => {
+                self.stable = self.stable.max(stable);
+                self.on_welcome(conn, member_id, epoch, coordinator, base, commit, heartbeat_ms, chat_id)
+            }
+            Frame::State {
+                at: _,
+                last,
+                members,
+                seen,
+                voters,
+                prev_voters,
+                voters_seq,
+                next_id,
                 plugins,
             } => {
-                // The chat runs on its coordinator's heartbeat and plugin set.
-                self.cfg.heartbeat_ms = heartbeat_ms.clamp(10, 60_000);
-                if plugins != self.plugins {
-                    self.apply_plugins(plugins);
-                }
-                self.on_welcome(conn, member_id, epoch, coordinator, members, replay)
-            }
-            Frame::Plugins { set } => {
-                if set != self.plugins {
-                    self.apply_plugins(set);
-                }
-            }
-            Frame::Chat(chat) => {
-                let replay = match &mut self.state {
-                    State::Member(u) if u.replay_left > 0 => {
-                        u.replay_left -= 1;
-                        true
-                    }
-                    State::Member(_) => false,
-                    _ => return,
+                let chat_id = self.state.chat_id.clone();
+                let State::Member(u) = &mut self.role else { return };
+                let Some(loader) = &mut u.loading else {
+                    return self.resync(conn, "a state frame outside a welcome");
                 };
-                self.deliver(chat, replay);
-                if replay && matches!(&self.state, State::Member(u) if u.replay_left == 0) {
-                    self.resend_pending(conn);
+                match loader.add(&chat_id, last, members, seen, voters, prev_voters, voters_seq, next_id, plugins) {
+                    Ok(None) => {}
+                    Ok(Some(state)) => {
+                        let at = u.history_until;
+                        u.loading = None;
+                        self.install_state(state, at);
+                        self.after_load(conn);
+                    }
+                    Err(e) => self.resync(conn, &e),
                 }
             }
-            Frame::Joined { member } => {
-                if self.member(member.id).is_none() {
-                    self.emit(Event::Joined {
-                        id: member.id,
-                        name: member.name.clone(),
-                    });
-                    self.members.push(member);
-                }
-            }
-            Frame::Left { id, name, reason } => {
-                self.emit(Event::Left {
-                    id,
-                    name,
-                    reason: reason.clone(),
-                });
-                if id == self.coordinator && matches!(self.state, State::Member(_)) {
-                    // The election drops it from the list (it is in `dead`).
-                    self.out.push(Output::Close(conn));
-                    self.start_election(format!("the coordinator {reason}"), false);
-                } else {
-                    self.members.retain(|m| m.id != id);
+            Frame::Commit { seq, stable } => {
+                if matches!(self.role, State::Member(_)) {
+                    self.stable = self.stable.max(stable);
+                    self.log.set_commit(seq);
+                    self.apply_committed();
                 }
             }
             Frame::Ping { nonce } => self.send(conn, &Frame::Pong { nonce }),
-            Frame::SyncRequest { from, to } => {
-                let to = to.min(from.saturating_add(100_000));
-                let entries: Vec<_> = self.log.range(from, to).cloned().collect();
-                for chunk in entries.chunks(limits::MAX_SYNC_ENTRIES) {
-                    self.send(
-                        conn,
-                        &Frame::Sync {
-                            entries: chunk.to_vec(),
-                        },
-                    );
-                }
-                self.send(conn, &Frame::Sync { entries: Vec::new() });
-            }
+            Frame::SyncRequest { from, to } => self.answer_sync(conn, from, to),
+            Frame::Revote { epoch } => self.on_revote(conn, epoch),
             Frame::Rejected { client_seq, reason } => {
                 self.pending.retain(|(cs, _)| *cs != client_seq);
                 self.emit(Event::Rejected { client_seq, reason });
@@ -220,98 +249,224 @@ impl Core {
             Frame::Redirect { addr, epoch } => self.on_redirect(conn, addr, epoch),
             Frame::Error { code, message } => self.on_uplink_error(conn, code, message),
             other => {
-                tracing::debug!(?other, "ignoring unexpected frame from the coordinator");
+                tracing::debug!(kind = other.kind(), "ignoring an unexpected frame from the coordinator");
             }
         }
     }
 
+    /// A log entry from the coordinator.
+    fn on_entry(&mut self, conn: ConnId, entry: Entry) {
+        let State::Member(u) = &self.role else { return };
+        if u.loading.is_some() {
+            return self.resync(conn, "an entry before the welcome's state");
+        }
+        let (history_until, newcomer) = (u.history_until, u.newcomer);
+        let seq = entry.seq();
+        if seq <= self.log.applied() {
+            return; // delivered already (a returning member's overlap)
+        }
+        match self.append_entry(entry.clone()) {
+            Ok(()) => {}
+            Err(AppendError::Duplicate) => return,
+            Err(AppendError::Gap { expected }) => {
+                return self.resync(conn, &format!("entry {seq} arrived where {expected} was due"));
+            }
+        }
+        if seq <= history_until {
+            self.log.mark_applied(seq);
+            self.deliver_event(&entry, newcomer);
+        }
+    }
+
+    /// Our copy of the log went wrong (a hole, a frame out of place):
+    /// reconnect, so the coordinator sends what we miss again.
+    fn resync(&mut self, conn: ConnId, why: &str) {
+        tracing::warn!(why, "resynchronising with the coordinator");
+        self.close(conn);
+        let (id, addr) = (self.coordinator, self.coordinator_addr());
+        match addr {
+            Some(addr) => self.follow(id, addr, "resynchronising"),
+            None => self.start_election("resynchronising".into(), None),
+        }
+    }
+
+    /// Admitted (or re-admitted) by a coordinator.
+    #[allow(clippy::too_many_arguments)]
     fn on_welcome(
         &mut self,
         conn: ConnId,
         member_id: u64,
         epoch: u64,
         coordinator: u64,
-        members: Vec<MemberInfo>,
-        replay: u32,
+        base: u64,
+        commit: u64,
+        heartbeat_ms: u64,
+        chat_id: String,
     ) {
-        if !members.iter().any(|m| m.id == coordinator) || !members.iter().any(|m| m.id == member_id) {
-            tracing::warn!("welcome lists neither us nor its coordinator; dropping it");
-            self.out.push(Output::Close(conn));
-            return self.uplink_closed(conn, Some("invalid welcome".into()));
+        let from_vote_target = matches!(&self.role, State::Electing(e) if e.conn() == Some(conn));
+        if from_vote_target && epoch < self.bound_epoch {
+            // The one we voted for coordinates an older epoch: it will not
+            // use our vote.
+            self.release_vote();
         }
+        if epoch < self.bound_epoch || epoch < self.epoch {
+            tracing::warn!(epoch, bound = self.bound_epoch, "welcome from an older epoch; ignoring it");
+            self.close(conn);
+            return self.uplink_closed(conn, Some("welcome from an older epoch".into()), false);
+        }
+        if !self.state.chat_id.is_empty() && self.state.chat_id != chat_id {
+            self.emit(Event::Error {
+                code: None,
+                message: format!("the node at this address runs another chat ({chat_id}); not joining it"),
+            });
+            self.close(conn);
+            return self.uplink_closed(conn, Some("another chat".into()), false);
+        }
+        if member_id == 0 || commit < base.min(commit) {
+            self.close(conn);
+            return self.uplink_closed(conn, Some("invalid welcome".into()), false);
+        }
+        self.note_epoch(epoch);
+        // The chat runs on its coordinator's heartbeat.
+        self.cfg.heartbeat_ms = heartbeat_ms.clamp(10, 60_000);
+        let newcomer = self.me.id == 0;
         let prev = std::mem::replace(
-            &mut self.state,
+            &mut self.role,
             State::Member(Uplink {
                 conn,
                 last_heard: self.now,
-                replay_left: replay,
+                loading: Some(StateLoader::default()),
+                history_until: commit,
+                newcomer,
+                acked: 0,
             }),
         );
-        let old = std::mem::replace(&mut self.members, members);
         self.me.id = member_id;
-        if !self.my_ids.contains(&member_id) {
-            self.my_ids.push(member_id);
-        }
-        let old_epoch = std::mem::replace(&mut self.epoch, epoch);
+        self.epoch = epoch;
         self.coordinator = coordinator;
+        self.bound_epoch = self.bound_epoch.max(epoch);
+        self.state.chat_id = chat_id;
+        // Our log now follows this coordinator's: drop undelivered entries
+        // past `base` (they come again), or skip a hole we cannot fill.
+        if base > self.log.last() {
+            let hole = !newcomer && base > self.log.applied();
+            self.log.reset(base, hole);
+        } else {
+            self.log.truncate_after(base);
+        }
+        self.log.set_log_epoch(epoch);
+        self.log.set_commit(commit);
+        let (since, lost) = match &prev {
+            State::Electing(e) => (Some(e.since), e.lost.as_ref().map(|l| (l.id, self.epoch))),
+            _ => (None, None),
+        };
+        if let Some(c) = prev_conn(&prev) {
+            if c != conn {
+                self.close(c);
+            }
+        }
         match prev {
-            State::Joining(_) => self.emit(Event::Ready {
-                id: member_id,
-                epoch,
-                coordinator: self.coordinator_name(),
-                members: self.members.len(),
-                created: false,
-            }),
-            State::Electing(e) => {
-                let gone: Vec<_> = old
-                    .iter()
-                    .filter(|m| self.member(m.id).is_none() && !self.my_ids.contains(&m.id))
-                    .map(|m| Event::Left {
-                        id: m.id,
-                        name: m.name.clone(),
-                        reason: "disconnected".into(),
-                    })
-                    .collect();
-                self.out.extend(gone.into_iter().map(Output::Event));
-                let newcomers: Vec<_> = self
-                    .members
-                    .iter()
-                    .filter(|m| m.id != member_id && !old.iter().any(|o| o.id == m.id))
-                    .map(|m| Event::Joined {
-                        id: m.id,
-                        name: m.name.clone(),
-                    })
-                    .collect();
-                self.out.extend(newcomers.into_iter().map(Output::Event));
-                let same_reign = e.lost.as_ref().is_some_and(|l| l.id == coordinator) && old_epoch == epoch;
+            State::Joining(_) => {}
+            State::Electing(_) => {
+                let same_reign = lost.is_some_and(|(id, _)| id == coordinator);
                 if !same_reign {
                     self.emit(Event::Role {
                         role: Role::Member,
                         epoch,
-                        coordinator: self.coordinator_name(),
-                        election_ms: Some(self.now.saturating_sub(e.since)),
+                        coordinator: self.name_of(coordinator),
+                        election_ms: since.map(|s| self.now.saturating_sub(s)),
                     });
                 }
             }
             _ => {}
         }
-        if replay == 0 {
-            self.resend_pending(conn);
-        }
     }
 
-    /// Sends every unacknowledged message of ours, in order. The coordinator
-    /// drops the ones it already sequenced (same member, same client_seq).
-    fn resend_pending(&mut self, conn: ConnId) {
+    /// The welcome's state is in: tell the user, re-send what is unconfirmed.
+    fn after_load(&mut self, conn: ConnId) {
+        if matches!(&self.role, State::Member(u) if u.newcomer) {
+            self.emit(Event::Ready {
+                id: self.me.id,
+                epoch: self.epoch,
+                coordinator: self.coordinator_name(),
+                members: self.state.members.len(),
+                created: false,
+            });
+        }
+        // Everything unconfirmed, in order, before anything typed later.
         let pending = self.pending.clone();
         for (client_seq, text) in pending {
             self.send(conn, &Frame::Say { text, client_seq });
         }
     }
 
+    /// End of a batch: acknowledge what we hold (peers only).
+    pub(super) fn member_end_batch(&mut self) {
+        let last = self.log.last();
+        let State::Member(u) = &mut self.role else { return };
+        if u.loading.is_none() && last > u.acked && self.me.addr.is_some() {
+            u.acked = last;
+            let conn = u.conn;
+            self.send(conn, &Frame::Ack { seq: last });
+        }
+    }
+
+    /// The new coordinator (we voted for it) asks for entries we hold.
+    fn answer_sync(&mut self, conn: ConnId, from: u64, to: u64) {
+        let to = to.min(self.log.last());
+        if !self.log.holds_after(from.saturating_sub(1)) {
+            // We do not hold `from` any more: send our state and what follows.
+            let at = self.state_at.max(self.log.base());
+            for frame in self.state.to_frames(self.state_at) {
+                self.send(conn, &frame);
+            }
+            return self.send_entries(conn, at + 1, to);
+        }
+        self.send_entries(conn, from, to);
+    }
+
+    /// Sends held entries in `from..=to` as `sync` frames, then an empty one.
+    pub(super) fn send_entries(&mut self, conn: ConnId, from: u64, to: u64) {
+        let mut chunk = Vec::new();
+        let mut size = 0;
+        let mut frames = Vec::new();
+        for (entry, len) in self.log.sized_range(from, to) {
+            if size + len > limits::MAX_SYNC_BYTES && !chunk.is_empty() {
+                frames.push(Frame::Sync {
+                    entries: std::mem::take(&mut chunk),
+                });
+                size = 0;
+            }
+            size += len;
+            chunk.push(entry.clone());
+        }
+        if !chunk.is_empty() {
+            frames.push(Frame::Sync { entries: chunk });
+        }
+        frames.push(Frame::Sync { entries: Vec::new() });
+        for f in frames {
+            self.send(conn, &f);
+        }
+    }
+
+    /// The candidate we voted for gave up: it will never use our vote.
+    fn release_vote(&mut self) {
+        if let State::Electing(e) = &self.role {
+            if let Some(before) = e.target.as_ref().and_then(|t| t.bound_before) {
+                self.bound_epoch = before;
+            }
+        }
+    }
+
     fn on_redirect(&mut self, conn: ConnId, addr: String, epoch: u64) {
-        self.out.push(Output::Close(conn));
-        match &mut self.state {
+        self.release_vote();
+        self.close(conn);
+        if limits::check_addr(&addr).is_err() {
+            tracing::warn!(%addr, "ignoring a redirect to an invalid address");
+            return self.uplink_closed(conn, Some("invalid redirect".into()), false);
+        }
+        self.note_epoch(epoch);
+        match &mut self.role {
             State::Joining(j) => {
                 j.redirects += 1;
                 if j.redirects > MAX_REDIRECTS {
@@ -323,88 +478,134 @@ impl Core {
                 tracing::debug!(%addr, "redirected to the coordinator");
                 let hello = self.hello(None);
                 let conn = self.dial(&addr, &hello);
-                if let State::Joining(j) = &mut self.state {
+                if let State::Joining(j) = &mut self.role {
                     j.conn = Some(conn);
                 }
             }
-            State::Member(_) | State::Electing(_) => {
-                self.follow(epoch, addr, "redirected to the coordinator");
-            }
+            State::Member(_) | State::Electing(_) => self.follow(0, addr, "redirected to the coordinator"),
             _ => {}
         }
     }
 
-    fn on_uplink_error(&mut self, conn: ConnId, code: p2p_proto::ErrorCode, message: String) {
+    fn on_revote(&mut self, conn: ConnId, epoch: u64) {
+        let State::Electing(e) = &self.role else { return };
+        let Some(t) = &e.target else { return };
+        let candidate = t.id;
+        let may = epoch > self.voted.0 || self.voted == (epoch, candidate);
+        if !may || !self.tip.all_voters().contains(&self.me.id) {
+            self.close(conn);
+            return self.uplink_closed(conn, Some("cannot vote again at that epoch".into()), false);
+        }
+        let before = self.bound_epoch;
+        self.cast_vote(epoch, candidate);
+        if let State::Electing(e) = &mut self.role {
+            if let Some(t) = &mut e.target {
+                t.bound_before.get_or_insert(before);
+            }
+        }
+        let hello = self.hello(Some(self.resume(Some(epoch))));
+        self.send(conn, &hello);
+    }
+
+    fn cast_vote(&mut self, epoch: u64, candidate: u64) {
+        self.voted = (epoch, candidate);
+        self.bound_epoch = self.bound_epoch.max(epoch);
+        self.note_epoch(epoch);
+    }
+
+    fn on_uplink_error(&mut self, conn: ConnId, code: ErrorCode, message: String) {
         let fatal = matches!(
             code,
-            ErrorCode::NameTaken
-                | ErrorCode::BadName
-                | ErrorCode::VersionMismatch
-                | ErrorCode::TooManyMembers
+            ErrorCode::NameTaken | ErrorCode::BadName | ErrorCode::VersionMismatch | ErrorCode::TooManyMembers
         );
-        self.out.push(Output::Close(conn));
-        if fatal {
+        self.close(conn);
+        if fatal && matches!(self.role, State::Joining(_)) {
             self.emit(Event::Error {
                 code: Some(code),
                 message: format!("refused by the chat: {message}"),
             });
-            self.state = State::Stopped;
+            self.role = State::Stopped;
             self.out.push(Output::Exit(2));
             return;
         }
-        let busy = matches!(
-            code,
-            ErrorCode::Electing | ErrorCode::CoordinatorAlive | ErrorCode::ShuttingDown
-        );
+        let busy = matches!(code, ErrorCode::Electing | ErrorCode::CoordinatorAlive);
+        if busy {
+            // A refusal (or a withdrawal) voids our vote.
+            self.release_vote();
+        }
         let retry_at = self.now + self.tick_ms();
-        match &mut self.state {
+        match &mut self.role {
             State::Joining(j) => {
-                j.busy_seen |= busy;
+                j.busy_seen |= busy || code == ErrorCode::ShuttingDown;
                 j.conn = None;
                 self.join_next();
             }
-            State::Electing(e) if busy => {
-                e.target = None;
-                let mut now_again = false;
-                if code == ErrorCode::CoordinatorAlive {
-                    // The successor still hears the coordinator: go back to it.
-                    if let Some(lost) = &e.lost {
-                        e.dead.remove(&lost.id);
-                        e.direct = Some((lost.id, lost.addr.clone()));
-                    }
-                    e.alive_replies += 1;
-                    now_again = e.alive_replies <= 3;
-                }
-                if now_again {
-                    self.try_successor();
-                } else {
-                    e.retry_at = Some(retry_at);
-                }
+            State::Member(_) if code == ErrorCode::ShuttingDown => {
+                // The coordinator left cleanly: it is gone for good.
+                let id = self.coordinator;
+                self.proven_dead(id);
+                self.start_election("the coordinator left".into(), None);
             }
-            State::Electing(_) => self.uplink_closed(conn, Some(message)),
             State::Member(_) => {
                 self.emit(Event::Error {
                     code: Some(code),
                     message: format!("the coordinator dropped us: {message}; rejoining"),
                 });
-                let addr = self.coordinator_addr();
-                self.follow(self.epoch, addr, "dropped by the coordinator");
+                let id = self.coordinator;
+                match self.coordinator_addr() {
+                    Some(addr) => self.follow(id, addr, "dropped by the coordinator"),
+                    None => self.start_election("dropped by the coordinator".into(), None),
+                }
+            }
+            State::Electing(e) => {
+                let target = e.target.take();
+                match code {
+                    ErrorCode::CoordinatorAlive => {
+                        // The candidate still hears the coordinator: our vote
+                        // was refused, so go back to the coordinator.
+                        if let Some(lost) = &e.lost {
+                            if let Some(addr) = &lost.addr {
+                                e.direct = Some((lost.id, addr.clone()));
+                            }
+                        }
+                        e.alive_replies += 1;
+                        if e.alive_replies <= 3 {
+                            self.try_successor();
+                        } else {
+                            e.retry_at = Some(retry_at);
+                        }
+                    }
+                    ErrorCode::ShuttingDown => {
+                        if let Some(t) = target {
+                            self.proven_dead(t.id);
+                        }
+                        self.try_successor();
+                    }
+                    _ => {
+                        // Not yet (still joining, or voted elsewhere): try the
+                        // next one, come back to this one later.
+                        if let Some(t) = target {
+                            if t.id != 0 {
+                                e.skip.insert(t.id);
+                            }
+                        }
+                        e.retry_at = Some(retry_at);
+                    }
+                }
             }
             _ => {}
         }
     }
 
     /// Our connection to the coordinator (or to a join/election target) ended.
-    pub(super) fn uplink_closed(&mut self, conn: ConnId, reason: Option<String>) {
-        match &mut self.state {
+    pub(super) fn uplink_closed(&mut self, conn: ConnId, reason: Option<String>, refused: bool) {
+        match &mut self.role {
             State::Joining(j) => {
                 j.conn = None;
                 self.join_next();
             }
             State::Member(_) => {
-                self.out.push(Output::Close(conn));
-                // "disconnected (reset by peer)" reads badly inside
-                // "lost the coordinator X (…)": keep only the detail.
+                self.close(conn);
                 let why = match reason {
                     Some(r) => match r.strip_prefix("disconnected (").and_then(|r| r.strip_suffix(')')) {
                         Some(detail) => format!("connection lost: {detail}"),
@@ -412,12 +613,18 @@ impl Core {
                     },
                     None => "connection closed".into(),
                 };
-                self.start_election(why, true);
+                // Check the coordinator itself first: it may have cut only
+                // us off (a killed process refuses at once).
+                let probe = self.coordinator_addr().map(|a| (self.coordinator, a));
+                self.start_election(why, probe);
             }
             State::Electing(e) => {
-                if let Some((id, _)) = e.target.take() {
-                    if id != 0 {
-                        e.dead.insert(id);
+                if let Some(t) = e.target.take() {
+                    if refused {
+                        let id = t.id;
+                        self.proven_dead(id);
+                    } else if t.id != 0 {
+                        e.skip.insert(t.id);
                     }
                 }
                 self.try_successor();
@@ -429,15 +636,30 @@ impl Core {
     pub(super) fn member_tick(&mut self) {
         let now = self.now;
         let dead_after = self.heartbeat_dead_after();
-        match &mut self.state {
-            State::Member(u) if now.saturating_sub(u.last_heard) >= dead_after => {
+        let stalled = self.stalled();
+        match &mut self.role {
+            State::Member(u) if !stalled && now.saturating_sub(u.last_heard) >= dead_after => {
                 let conn = u.conn;
-                self.out.push(Output::Close(conn));
-                self.start_election("missed 3 heartbeats".into(), false);
+                self.close(conn);
+                self.start_election("missed 3 heartbeats".into(), None);
             }
-            State::Electing(e) if e.retry_at.is_some_and(|t| now >= t) => {
-                e.retry_at = None;
-                self.try_successor();
+            State::Electing(e) => {
+                if let Some(t) = &e.target {
+                    if !stalled && now.saturating_sub(t.last_heard) >= dead_after {
+                        // Silent (hung?): try the next one; its vote stays
+                        // binding, so the next vote is for a later epoch.
+                        let t = e.target.take().expect("checked");
+                        if t.id != 0 {
+                            e.skip.insert(t.id);
+                        }
+                        self.close(t.conn);
+                        return self.try_successor();
+                    }
+                }
+                if e.retry_at.is_some_and(|t| now >= t) {
+                    e.retry_at = None;
+                    self.try_successor();
+                }
             }
             State::Joining(j) if j.retry_at.is_some_and(|t| now >= t) => {
                 j.retry_at = None;
@@ -447,48 +669,57 @@ impl Core {
         }
     }
 
-    /// The coordinator is gone: find the earliest-joined survivor. With
-    /// `probe`, first check the coordinator itself: a closed connection may
-    /// mean it dropped only us (a killed process refuses at once).
-    pub(super) fn start_election(&mut self, reason: String, probe: bool) {
+    /// The coordinator is gone. With `probe`, first reconnect to it: a
+    /// closed connection may mean it dropped only us.
+    pub(super) fn start_election(&mut self, reason: String, probe: Option<(u64, String)>) {
         let lost_info = self.member(self.coordinator).cloned();
         let lost = self.coordinator_name();
-        let direct = lost_info
-            .as_ref()
-            .filter(|_| probe)
-            .map(|m| (m.id, m.addr.clone()));
-        self.state = State::Electing(Electing {
+        if let Some(c) = self.uplink_conn() {
+            self.close(c);
+        }
+        self.role = State::Electing(Electing {
             since: self.now,
-            dead: BTreeSet::from([self.coordinator]),
-            direct,
             lost: lost_info,
-            alive_replies: 0,
+            direct: probe,
             target: None,
+            skip: BTreeSet::new(),
             retry_at: None,
+            alive_replies: 0,
         });
         self.emit(Event::Electing { lost, reason });
         self.try_successor();
     }
 
-    /// Switches to a coordinator we were told about (redirect, announcement).
-    pub(super) fn follow(&mut self, epoch: u64, addr: String, why: &str) {
-        tracing::info!(epoch, %addr, why, "following another coordinator");
-        if let Some(conn) = match &self.state {
+    fn uplink_conn(&self) -> Option<ConnId> {
+        match &self.role {
             State::Member(u) => Some(u.conn),
             State::Electing(e) => e.conn(),
+            State::Joining(j) => j.conn,
             _ => None,
-        } {
-            self.out.push(Output::Close(conn));
+        }
+    }
+
+    /// Switches to a coordinator we were told about (redirect, announcement):
+    /// we resume there, and follow it once it welcomes us.
+    pub(super) fn follow(&mut self, id: u64, addr: String, why: &str) {
+        tracing::info!(%addr, why, "following another coordinator");
+        if let Some(conn) = self.uplink_conn() {
+            self.close(conn);
         }
         let lost = self.coordinator_name();
-        self.state = State::Electing(Electing {
-            since: self.now,
-            dead: BTreeSet::new(),
-            direct: Some((0, addr)),
-            lost: None,
-            alive_replies: 0,
+        let lost_info = self.member(self.coordinator).cloned();
+        let since = match &self.role {
+            State::Electing(e) => e.since,
+            _ => self.now,
+        };
+        self.role = State::Electing(Electing {
+            since,
+            lost: lost_info,
+            direct: Some((id, addr)),
             target: None,
+            skip: BTreeSet::new(),
             retry_at: None,
+            alive_replies: 0,
         });
         self.emit(Event::Electing {
             lost,
@@ -497,85 +728,173 @@ impl Core {
         self.try_successor();
     }
 
-    fn resume(&self, dead: &BTreeSet<u64>) -> Resume {
-        Resume {
-            member_id: self.me.id,
-            epoch: self.epoch,
-            last_epoch: self.log.last_epoch(),
-            last_seq: self.log.last_seq(),
-            dead: dead.iter().copied().collect(),
-        }
+    /// The next voter to ask, in join order: not proven dead, not skipped.
+    fn successor(&self, skip: &BTreeSet<u64>) -> Option<u64> {
+        self.tip
+            .all_voters()
+            .into_iter()
+            .find(|id| !self.dead.contains(id) && !skip.contains(id))
     }
 
-    /// Dials the first member not known dead, or takes over if that is us.
+    /// Dials the direct target, or votes for the next voter, or becomes a
+    /// candidate if that is us.
     pub(super) fn try_successor(&mut self) {
-        let State::Electing(e) = &self.state else { return };
-        let resume = self.resume(&e.dead);
-        let hello = self.hello(Some(resume));
-        if let Some((id, addr)) = e.direct.clone() {
+        let State::Electing(e) = &mut self.role else { return };
+        if let Some((id, addr)) = e.direct.take() {
+            let hello = self.hello(Some(self.resume(None)));
             let conn = self.dial(&addr, &hello);
-            if let State::Electing(e) = &mut self.state {
-                e.direct = None;
-                e.target = Some((id, conn));
+            if let State::Electing(e) = &mut self.role {
+                e.target = Some(Target {
+                    id,
+                    conn,
+                    last_heard: self.now,
+                    bound_before: None,
+                });
             }
             return;
         }
-        let next = self
-            .members
-            .iter()
-            .find(|m| !e.dead.contains(&m.id))
-            .map(|m| (m.id, m.addr.clone()));
+        let skip = e.skip.clone();
+        let next = match self.successor(&skip) {
+            Some(id) => Some(id),
+            None if !skip.is_empty() => {
+                // Everyone left was silent: start the round again shortly.
+                if let State::Electing(e) = &mut self.role {
+                    e.skip.clear();
+                    e.retry_at = Some(self.now + self.cfg.heartbeat_ms);
+                }
+                return;
+            }
+            None => None,
+        };
+        let is_voter = self.tip.all_voters().contains(&self.me.id);
         match next {
-            Some((id, addr)) if id != self.me.id => {
+            Some(id) if id == self.me.id && is_voter => self.become_candidate(),
+            Some(id) => {
+                let Some(addr) = self.member(id).and_then(|m| m.addr.clone()) else {
+                    if let State::Electing(e) = &mut self.role {
+                        e.skip.insert(id);
+                    }
+                    return self.try_successor();
+                };
+                let vote = is_voter.then(|| {
+                    if self.voted.1 == id && self.voted.0 > self.epoch {
+                        self.voted.0
+                    } else {
+                        self.max_epoch.max(self.voted.0).max(self.bound_epoch) + 1
+                    }
+                });
+                let bound_before = vote.map(|_| self.bound_epoch);
+                if let Some(v) = vote {
+                    self.cast_vote(v, id);
+                }
+                let hello = self.hello(Some(self.resume(vote)));
                 let conn = self.dial(&addr, &hello);
-                if let State::Electing(e) = &mut self.state {
-                    e.target = Some((id, conn));
+                if let State::Electing(e) = &mut self.role {
+                    e.target = Some(Target {
+                        id,
+                        conn,
+                        last_heard: self.now,
+                        bound_before,
+                    });
                 }
             }
-            _ => {
-                let (dead, since) = (e.dead.clone(), e.since);
-                self.become_coordinator(self.epoch + 1, dead, Some(since));
+            None => {
+                // No voter is left that is not proven dead: nobody can
+                // confirm anything any more. Say so and keep trying.
+                self.emit(Event::Waiting {
+                    reason: "every voter of this chat is proven dead; nothing can be confirmed".into(),
+                });
+                if let State::Electing(e) = &mut self.role {
+                    e.retry_at = Some(self.now + self.cfg.heartbeat_ms * 10);
+                }
             }
         }
     }
 
-    /// A resuming member asks us to take over. We do if we agree the
-    /// coordinator is gone (we have not heard from it for a heartbeat) and
-    /// no earlier-joined survivor is left.
-    pub(super) fn takeover_request(&mut self, conn: ConnId, name: String, addr: String, r: Resume) {
-        let now = self.now;
-        let hb = self.cfg.heartbeat_ms;
-        let mut dead: BTreeSet<u64> = r.dead.iter().copied().collect();
-        dead.insert(self.coordinator);
-        let (agree, since, old_conn) = match &self.state {
-            State::Member(u) => (now.saturating_sub(u.last_heard) > hb, now, Some(u.conn)),
-            State::Electing(e) => {
-                dead.extend(e.dead.iter().copied());
-                (true, e.since, e.conn())
-            }
-            _ => (false, now, None),
+    fn become_candidate(&mut self) {
+        let State::Electing(e) = std::mem::replace(&mut self.role, State::Stopped) else {
+            return;
         };
-        let first = self.members.iter().find(|m| !dead.contains(&m.id)).map(|m| m.id);
-        if !agree {
-            let who = self.coordinator_name();
-            return self.refuse(
-                conn,
-                ErrorCode::CoordinatorAlive,
-                format!("the coordinator {who} still answers this node; reconnect to it"),
-            );
+        let epoch = self.max_epoch.max(self.voted.0).max(self.bound_epoch) + 1;
+        let bound_before = self.bound_epoch;
+        self.cast_vote(epoch, self.me.id);
+        self.role = State::Candidate(Box::new(Candidate::new(epoch, e.since, e.lost, self.now, bound_before)));
+        self.cand_start();
+    }
+
+    /// A `hello` reached us while we follow a coordinator or are electing.
+    /// A fresh join is redirected; a vote for us (we are the next voter)
+    /// makes us a candidate if we too lost the coordinator.
+    pub(super) fn member_hello(&mut self, h: Hello) {
+        let Some(r) = h.resume.clone().filter(|r| r.vote.is_some()) else {
+            return match &self.role {
+                State::Member(_) => self.redirect_to_coordinator(h.conn),
+                _ => self.refuse(h.conn, ErrorCode::Electing, "an election is under way; retry in a moment"),
+            };
+        };
+        self.note_epoch(r.epoch);
+        for d in &r.dead {
+            self.proven_dead(*d);
         }
-        if first != Some(self.me.id) {
-            return self.refuse(
-                conn,
-                ErrorCode::Electing,
-                "an earlier-joined member may still take over; retry",
-            );
+        if r.epoch < self.epoch {
+            // It lost an older coordinator than ours: send it to ours.
+            return match &self.role {
+                State::Member(_) => self.redirect_to_coordinator(h.conn),
+                _ => self.refuse(h.conn, ErrorCode::Electing, "an election is under way; retry in a moment"),
+            };
         }
-        if let Some(c) = old_conn {
-            self.out.push(Output::Close(c));
+        let hb = self.cfg.heartbeat_ms;
+        let now = self.now;
+        if let State::Member(u) = &self.role {
+            let hears = now.saturating_sub(u.last_heard) <= hb;
+            if r.epoch == self.epoch && hears {
+                let who = self.coordinator_name();
+                return self.refuse(
+                    h.conn,
+                    ErrorCode::CoordinatorAlive,
+                    format!("the coordinator {who} still answers this node; reconnect to it"),
+                );
+            }
         }
-        let epoch = self.epoch.max(r.epoch) + 1;
-        self.become_coordinator(epoch, dead, Some(since));
-        self.coord_admit(conn, name, addr, Some(r));
+        if !self.tip.all_voters().contains(&self.me.id) {
+            return self.refuse(h.conn, ErrorCode::Electing, "this node cannot coordinate; retry with the next voter");
+        }
+        // We agree the coordinator is gone: run for the next epoch. The
+        // voter's vote is counted by the candidate.
+        if !matches!(self.role, State::Electing(_)) {
+            let lost = self.coordinator_name();
+            if let Some(c) = self.uplink_conn() {
+                self.close(c);
+            }
+            self.role = State::Electing(Electing {
+                since: self.now,
+                lost: self.member(self.coordinator).cloned(),
+                direct: None,
+                target: None,
+                skip: BTreeSet::new(),
+                retry_at: None,
+                alive_replies: 0,
+            });
+            self.emit(Event::Electing {
+                lost,
+                reason: format!("{} lost it too", h.name),
+            });
+        } else if let Some(c) = self.uplink_conn() {
+            self.close(c);
+            if let State::Electing(e) = &mut self.role {
+                e.target = None;
+            }
+        }
+        self.become_candidate();
+        self.cand_hello(h);
+    }
+}
+
+fn prev_conn(state: &State) -> Option<ConnId> {
+    match state {
+        State::Member(u) => Some(u.conn),
+        State::Electing(e) => e.conn(),
+        State::Joining(j) => j.conn,
+        _ => None,
     }
 }

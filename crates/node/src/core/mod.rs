@@ -1,25 +1,41 @@
 //! The membership, election and sequencing logic as a state machine without
 //! I/O. Inputs are frames, connection events, user lines and the time; the
 //! outputs are frames to send, connections to open or close, and events for
-//! the user. The driver (`server.rs`) does the I/O; the tests in `tests.rs`
-//! run whole clusters in memory.
+//! the user. The driver (`server.rs`) does the I/O; `sim` runs whole
+//! clusters in memory under seeded random faults.
+//!
+//! The rules that make it safe whatever the timing are in docs/PROTOCOL.md
+//! (section 10): entries are delivered only once a quorum of voters holds
+//! them, a coordinator reigns only with the votes of a quorum, and a new
+//! coordinator starts from the most up-to-date log among its voters.
 
+mod candidate;
 mod coordinator;
 pub mod hooks;
 mod log;
 mod member;
+mod state;
+#[cfg(test)]
+mod check;
+#[cfg(test)]
+mod sim;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeSet;
+
 use bytes::Bytes;
 use p2p_proto::{
-    encode, limits, Chat, ErrorCode, Frame, MemberInfo, PluginRef, Resume, Role, PROTOCOL_VERSION,
+    encode, limits, Chat, Entry, ErrorCode, Frame, MemberInfo, PluginRef, Resume, Role, PROTOCOL_VERSION,
 };
 
+use self::candidate::Candidate;
 use self::coordinator::Coord;
-use self::hooks::{HookReport, Hooks, NoHooks};
+use self::hooks::{Hooks, NoHooks, PluginEvent, VerdictAction};
 pub use self::log::hash;
 use self::log::Log;
+use self::member::{Electing, Joining, Uplink};
+use self::state::ChatState;
 
 /// Identifies one connection for the life of the process.
 pub type ConnId = u64;
@@ -30,20 +46,29 @@ pub type Millis = u64;
 /// connections it accepts from 1, so the two ranges never meet.
 pub const FIRST_DIAL_ID: ConnId = 1 << 48;
 
+/// Most entries a coordinator holds that a quorum has not confirmed yet;
+/// past it new messages are refused until voters catch up.
+const MAX_TENTATIVE: u64 = 50_000;
+
 /// What the core needs to know about this node.
 #[derive(Debug, Clone)]
 pub struct CoreConfig {
     pub name: String,
     /// Our own listening address, as peers should dial it.
     pub addr: String,
+    /// Random per process: identifies this process to the chat across
+    /// re-admissions (the driver draws it; simulations choose it).
+    pub session: u64,
+    /// The chat id to use if this node starts a chat.
+    pub chat_id: String,
     /// Peers to join through, in order; empty starts a new chat.
     pub join: Vec<String>,
     /// Start a new chat if no peer in `join` answers.
     pub create_if_alone: bool,
     pub heartbeat_ms: u64,
-    /// Messages replayed to a newcomer.
+    /// Entries replayed to a newcomer.
     pub replay: usize,
-    /// Messages held for catching up resuming members (at least `replay`).
+    /// Entries held for catching up returning members (at least `replay`).
     pub keep: usize,
     pub max_members: usize,
     /// Emit an event per delivered message (off when nobody prints them,
@@ -60,6 +85,8 @@ impl CoreConfig {
         CoreConfig {
             name: name.into(),
             addr: addr.into(),
+            session: 1,
+            chat_id: "0".repeat(32),
             join: Vec::new(),
             create_if_alone: false,
             heartbeat_ms: 100,
@@ -77,15 +104,31 @@ impl CoreConfig {
 pub enum Input {
     /// A frame arrived on a connection.
     Frame(ConnId, Frame),
-    /// A connection closed, failed to open, or was dropped by the driver
-    /// (with the reason, e.g. a slow consumer).
+    /// A connection closed or failed (with the reason, e.g. a slow consumer).
     Closed(ConnId, Option<String>),
+    /// A dial was refused: nothing listens at that address. This is proof
+    /// that the process we knew there is gone.
+    Refused(ConnId),
     /// Time passed (the `now` given to [`Core::handle`] is what counts).
     Tick,
+    /// Output queued on these connections drained since the last tick: the
+    /// peer is reading, even if a burst keeps its answers queued behind.
+    Progress(Vec<ConnId>),
     /// A line typed by this node's user (or posted by an observer).
     User(String),
     /// Leave the chat and stop.
     Quit,
+}
+
+/// Which members a broadcast goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// Peers get every entry as soon as it is sequenced (to confirm it),
+    /// then `commit` frames.
+    Peers,
+    /// Clients (members without a server) get only committed entries.
+    Clients,
+    All,
 }
 
 /// Something the driver must do.
@@ -93,20 +136,16 @@ pub enum Input {
 pub enum Output {
     /// Queue an encoded frame on one connection.
     Send(ConnId, Bytes),
-    /// Queue an encoded frame on every connection in the broadcast group.
-    Broadcast(Bytes),
-    /// Add a connection to the broadcast group.
-    Attach(ConnId),
+    /// Queue an encoded frame on every connection of a broadcast group.
+    Broadcast(Group, Bytes),
+    /// Add a connection to a broadcast group.
+    Attach(ConnId, Group),
     /// Close a connection once what is queued on it is written (this also
-    /// takes it out of the broadcast group).
+    /// takes it out of its broadcast group).
     Close(ConnId),
     /// Open a connection to `addr` and send `hello` first; report frames and
-    /// the close as inputs for `conn`.
-    Dial {
-        conn: ConnId,
-        addr: String,
-        hello: Bytes,
-    },
+    /// the close (or refusal) as inputs for `conn`.
+    Dial { conn: ConnId, addr: String, hello: Bytes },
     /// Open a connection, send one frame and close (best effort, no report).
     Notify { addr: String, frame: Bytes },
     /// Tell the user.
@@ -127,19 +166,9 @@ pub enum Event {
         created: bool,
     },
     /// A delivered chat message; `replay` marks history received on joining.
-    Message {
-        chat: Chat,
-        replay: bool,
-    },
-    Joined {
-        id: u64,
-        name: String,
-    },
-    Left {
-        id: u64,
-        name: String,
-        reason: String,
-    },
+    Message { chat: Chat, replay: bool },
+    Joined { id: u64, name: String, seq: u64 },
+    Left { id: u64, name: String, reason: String, seq: u64 },
     /// A new coordinator reign, as seen from this node.
     Role {
         role: Role,
@@ -149,73 +178,86 @@ pub enum Event {
         election_ms: Option<u64>,
     },
     /// The coordinator was lost; an election is under way.
-    Electing {
-        lost: String,
-        reason: String,
-    },
+    Electing { lost: String, reason: String },
+    /// This node cannot make progress and says why (a candidate short of a
+    /// quorum, a coordinator that lost its voters).
+    Waiting { reason: String },
+    /// A voter stopped answering the coordinator; it stays a voter until it
+    /// comes back or is proven dead.
+    Unreachable { id: u64, name: String, reason: String },
     /// Answer to `/who`: members in join order.
-    Who {
-        members: Vec<MemberInfo>,
-        coordinator: u64,
-    },
+    Who { members: Vec<MemberInfo>, coordinator: u64 },
     /// A message of ours was not delivered.
-    Rejected {
-        client_seq: u64,
-        reason: String,
-    },
-    Error {
-        code: Option<ErrorCode>,
-        message: String,
-    },
+    Rejected { client_seq: u64, reason: String },
+    Error { code: Option<ErrorCode>, message: String },
     /// A plugin dropped or rewrote someone's message.
     Verdict {
         plugin: String,
         rule: String,
-        action: &'static str,
+        action: VerdictAction,
         member: String,
     },
     /// A plugin was loaded, refused, quarantined or detached here.
     Plugin {
         name: String,
-        state: &'static str,
+        state: PluginEvent,
         detail: String,
     },
 }
 
 /// Where this node stands.
 enum State {
-    Joining(member::Joining),
-    Member(member::Uplink),
-    Electing(member::Electing),
-    Coordinator(Coord),
+    Joining(Joining),
+    Member(Uplink),
+    Electing(Electing),
+    Candidate(Box<Candidate>),
+    Coordinator(Box<Coord>),
     Stopped,
 }
 
 /// The node's whole logical state.
 pub struct Core {
     cfg: CoreConfig,
-    /// Our member id and address; id 0 until first admitted.
+    /// Our member id (0 until first admitted), name, address, session.
     me: MemberInfo,
-    /// Every id we have had (a re-admitted node gets a new one), so our own
-    /// messages are recognised in replays.
-    my_ids: Vec<u64>,
+    /// The epoch of the coordinator we follow or are (0: none yet).
     epoch: u64,
-    /// Members in join order, ourselves included. Everyone derives the
-    /// next coordinator from this list.
-    members: Vec<MemberInfo>,
-    /// Member id of the coordinator.
+    /// Member id of that coordinator.
     coordinator: u64,
+    /// The highest epoch we gave a vote that may count: from then on no
+    /// frame of an older coordinator is accepted.
+    bound_epoch: u64,
+    /// Our latest vote: (epoch, candidate). One vote per epoch.
+    voted: (u64, u64),
+    /// Highest epoch heard of anywhere.
+    max_epoch: u64,
+    /// Seq of the last voter-set change known to be in force (from the
+    /// coordinator): elections then need only the new set.
+    stable: u64,
     log: Log,
-    /// Our messages not yet seen delivered: re-sent after a failover.
+    /// The chat as of `state_at` (delivered entries).
+    state: ChatState,
+    state_at: u64,
+    /// The chat as of the last entry held, delivered or not (names taken,
+    /// de-duplication, voters for elections).
+    tip: ChatState,
+    /// Members proven dead (their address refused us, another process
+    /// answers there, or they left). Never wrong, never forgotten.
+    dead: BTreeSet<u64>,
+    /// Our messages not yet delivered: re-sent after a failover.
     pending: Vec<(u64, String)>,
     next_client_seq: u64,
     next_dial: ConnId,
     now: Millis,
-    state: State,
+    last_tick: Millis,
+    /// After waking from a stall (SIGSTOP, starvation) timeouts wait until
+    /// here, so buffered frames are read before silence is judged.
+    stall_until: Millis,
+    role: State,
     out: Vec<Output>,
-    /// The chat's plugin set (replicated; only the coordinator calls it).
-    plugins: Vec<PluginRef>,
     hooks: Box<dyn Hooks>,
+    /// The plugin set the hooks hold now.
+    hooks_set: Vec<PluginRef>,
 }
 
 impl Core {
@@ -232,21 +274,30 @@ impl Core {
             me: MemberInfo {
                 id: 0,
                 name: cfg.name.clone(),
-                addr: cfg.addr.clone(),
+                addr: Some(cfg.addr.clone()),
+                session: cfg.session,
             },
-            my_ids: Vec::new(),
             epoch: 0,
-            members: Vec::new(),
             coordinator: 0,
+            bound_epoch: 0,
+            voted: (0, 0),
+            max_epoch: 0,
+            stable: 0,
             log: Log::new(keep),
+            state: ChatState::default(),
+            state_at: 0,
+            tip: ChatState::default(),
+            dead: BTreeSet::new(),
             pending: Vec::new(),
             next_client_seq: 1,
             next_dial: FIRST_DIAL_ID,
             now,
-            state: State::Stopped,
+            last_tick: now,
+            stall_until: 0,
+            role: State::Stopped,
             out: Vec::new(),
-            plugins: Vec::new(),
             hooks,
+            hooks_set: Vec::new(),
             cfg,
         };
         if core.cfg.join.is_empty() {
@@ -262,10 +313,24 @@ impl Core {
         self.now = self.now.max(now);
         match input {
             Input::Frame(conn, frame) => self.on_frame(conn, frame),
-            Input::Closed(conn, reason) => self.on_closed(conn, reason),
+            Input::Closed(conn, reason) => self.on_closed(conn, reason, false),
+            Input::Refused(conn) => self.on_closed(conn, None, true),
             Input::Tick => self.on_tick(),
+            Input::Progress(conns) => self.on_progress(&conns),
             Input::User(line) => self.on_user(line),
             Input::Quit => self.quit(),
+        }
+    }
+
+    /// Ends a batch of inputs: a peer acknowledges what it now holds, a
+    /// coordinator commits what a quorum holds and delivers it. Drivers
+    /// call this once per batch, so one acknowledgement covers many entries.
+    pub fn end_batch(&mut self, now: Millis) {
+        self.now = self.now.max(now);
+        match &self.role {
+            State::Coordinator(_) => self.coord_end_batch(),
+            State::Member(_) => self.member_end_batch(),
+            _ => {}
         }
     }
 
@@ -275,10 +340,11 @@ impl Core {
     }
 
     pub fn role(&self) -> Role {
-        match self.state {
+        match self.role {
             State::Joining(_) | State::Stopped => Role::Joining,
             State::Member(_) => Role::Member,
             State::Electing(_) => Role::Electing,
+            State::Candidate(_) => Role::Candidate,
             State::Coordinator(_) => Role::Coordinator,
         }
     }
@@ -287,12 +353,18 @@ impl Core {
         self.epoch
     }
 
+    /// Last delivered seq.
     pub fn last_seq(&self) -> u64 {
-        self.log.last_seq()
+        self.log.applied()
     }
 
+    /// Members in join order, as of the delivered entries.
     pub fn members(&self) -> &[MemberInfo] {
-        &self.members
+        &self.state.members
+    }
+
+    pub fn id(&self) -> u64 {
+        self.me.id
     }
 
     /// How often the driver should feed [`Input::Tick`].
@@ -316,13 +388,22 @@ impl Core {
         self.out.push(Output::Close(conn));
     }
 
-    fn dial(&mut self, addr: &str, hello: &Frame) -> ConnId {
+    fn close(&mut self, conn: ConnId) {
+        self.out.push(Output::Close(conn));
+    }
+
+    fn new_conn(&mut self) -> ConnId {
         let conn = self.next_dial;
         self.next_dial += 1;
+        conn
+    }
+
+    fn dial(&mut self, addr: &str, first: &Frame) -> ConnId {
+        let conn = self.new_conn();
         self.out.push(Output::Dial {
             conn,
             addr: addr.to_string(),
-            hello: encode(hello),
+            hello: encode(first),
         });
         conn
     }
@@ -331,68 +412,205 @@ impl Core {
         Frame::Hello {
             version: PROTOCOL_VERSION,
             name: self.me.name.clone(),
+            session: self.me.session,
             addr: self.me.addr.clone(),
             resume,
         }
     }
 
+    /// What we report when reconnecting (with a vote for `vote`, if any).
+    fn resume(&self, vote: Option<u64>) -> Resume {
+        Resume {
+            member_id: self.me.id,
+            epoch: self.epoch,
+            commit: self.log.applied(),
+            log_epoch: self.log.log_epoch(),
+            last_seq: self.log.last(),
+            vote,
+            min_epoch: self.bound_epoch,
+            dead: self.dead.iter().copied().collect(),
+        }
+    }
+
+    /// A member as the chat knows it (latest entries first).
     fn member(&self, id: u64) -> Option<&MemberInfo> {
-        self.members.iter().find(|m| m.id == id)
+        self.tip.member(id).or_else(|| self.state.member(id))
+    }
+
+    fn name_of(&self, id: u64) -> String {
+        self.member(id)
+            .map(|m| m.name.clone())
+            .unwrap_or_else(|| format!("#{id}"))
+    }
+
+    fn coordinator_name(&self) -> String {
+        self.name_of(self.coordinator)
     }
 
     /// The coordinator's address, as the member list has it.
-    fn coordinator_addr(&self) -> String {
-        self.member(self.coordinator)
-            .map(|m| m.addr.clone())
-            .unwrap_or_default()
+    fn coordinator_addr(&self) -> Option<String> {
+        self.member(self.coordinator).and_then(|m| m.addr.clone())
     }
 
     /// Sends a client to the coordinator and closes its connection.
     fn redirect_to_coordinator(&mut self, conn: ConnId) {
-        let frame = Frame::Redirect {
-            addr: self.coordinator_addr(),
-            epoch: self.epoch,
-        };
-        self.send(conn, &frame);
-        self.out.push(Output::Close(conn));
-    }
-
-    fn coordinator_name(&self) -> String {
-        self.member(self.coordinator)
-            .map(|m| m.name.clone())
-            .unwrap_or_else(|| format!("#{}", self.coordinator))
+        match self.coordinator_addr() {
+            Some(addr) => {
+                let frame = Frame::Redirect {
+                    addr,
+                    epoch: self.epoch,
+                };
+                self.send(conn, &frame);
+                self.close(conn);
+            }
+            None => self.refuse(conn, ErrorCode::Electing, "no coordinator is known yet; retry in a moment"),
+        }
     }
 
     fn heartbeat_dead_after(&self) -> Millis {
         self.cfg.heartbeat_ms * 3
     }
 
-    /// Records a delivered message and tells the user; acknowledges our own.
-    fn deliver(&mut self, chat: Chat, replay: bool) {
-        if self.my_ids.contains(&chat.from_id) && chat.client_seq > 0 {
-            self.pending.retain(|(cs, _)| *cs != chat.client_seq);
+    /// True while timeouts must wait (just woke from a stall).
+    fn stalled(&self) -> bool {
+        self.now < self.stall_until
+    }
+
+    fn note_epoch(&mut self, epoch: u64) {
+        self.max_epoch = self.max_epoch.max(epoch);
+    }
+
+    /// Marks a member proven dead.
+    fn proven_dead(&mut self, id: u64) {
+        if id != 0 && id != self.me.id && self.dead.insert(id) {
+            tracing::debug!(id, "proven dead");
         }
-        let event = self.cfg.message_events.then(|| chat.clone());
-        let seq = chat.seq;
-        match self.log.append(chat) {
-            log::Append::Duplicate => return,
-            log::Append::AddedAfterGap { missing } => {
-                tracing::warn!(seq, missing, "gap in the delivered sequence");
+    }
+
+    /// Appends an entry received from the coordinator (or a sync) after the
+    /// last one we hold.
+    fn append_entry(&mut self, entry: Entry) -> Result<(), log::AppendError> {
+        let seq = entry.seq();
+        if seq > self.state_at {
+            self.tip.apply(&entry);
+        }
+        self.log.append(entry)
+    }
+
+    /// Recomputes the tip state after the log's tail changed.
+    fn rebuild_tip(&mut self) {
+        let mut tip = self.state.clone();
+        let from = self.state_at + 1;
+        for e in self.log.range(from, u64::MAX) {
+            tip.apply(e);
+        }
+        self.tip = tip;
+    }
+
+    /// Installs a whole state (from a welcome or a sync) as of seq `at`.
+    fn install_state(&mut self, state: ChatState, at: u64) {
+        self.state = state;
+        self.state_at = at;
+        // Entries we delivered past that point are in the state too.
+        let applied = self.log.applied();
+        if at < applied {
+            let held: Vec<Entry> = self.log.range(at + 1, applied).cloned().collect();
+            for e in &held {
+                self.state.apply(e);
             }
-            log::Append::Added => {}
+            self.state_at = applied;
         }
-        if let Some(chat) = event {
-            self.emit(Event::Message { chat, replay });
+        self.sync_plugins();
+        self.rebuild_tip();
+    }
+
+    /// Delivers every committed entry held: events, state, plugins, and
+    /// acknowledgement of our own messages. Returns the entries delivered.
+    fn apply_committed(&mut self) -> Vec<(Entry, Bytes)> {
+        let mut done = Vec::new();
+        while let Some((entry, frame)) = self.log.next_to_apply() {
+            let (entry, frame) = (entry.clone(), frame.clone());
+            let seq = entry.seq();
+            self.log.mark_applied(seq);
+            let replay = false;
+            if seq > self.state_at {
+                self.state.apply(&entry);
+                self.state_at = seq;
+                if matches!(entry, Entry::Plugins { .. }) {
+                    self.sync_plugins();
+                }
+            }
+            self.deliver_event(&entry, replay);
+            done.push((entry, frame));
+        }
+        done
+    }
+
+    /// Tells the user about a delivered entry, and acknowledges our own.
+    fn deliver_event(&mut self, entry: &Entry, replay: bool) {
+        match entry {
+            Entry::Chat(chat) => {
+                if chat.from_id == self.me.id && chat.from_id != 0 && chat.client_seq > 0 {
+                    self.pending.retain(|(cs, _)| *cs != chat.client_seq);
+                }
+                if self.cfg.message_events {
+                    self.emit(Event::Message {
+                        chat: chat.clone(),
+                        replay,
+                    });
+                }
+            }
+            Entry::Joined { seq, member, .. } => self.emit(Event::Joined {
+                id: member.id,
+                name: member.name.clone(),
+                seq: *seq,
+            }),
+            Entry::Left {
+                seq, id, name, reason, ..
+            } => self.emit(Event::Left {
+                id: *id,
+                name: name.clone(),
+                reason: reason.clone(),
+                seq: *seq,
+            }),
+            Entry::Voters { .. } | Entry::Plugins { .. } => {}
+        }
+    }
+
+    /// Makes the loaded plugins match the delivered state.
+    fn sync_plugins(&mut self) {
+        if self.state.plugins == self.hooks_set {
+            return;
+        }
+        self.hooks_set = self.state.plugins.clone();
+        let reports = self.hooks.set_plugins(&self.hooks_set);
+        for r in reports {
+            self.emit(Event::Plugin {
+                name: r.plugin,
+                state: r.state,
+                detail: r.detail,
+            });
+        }
+    }
+
+    /// Surfaces quarantines and the like noticed during calls.
+    fn plugin_reports(&mut self) {
+        for r in self.hooks.reports() {
+            self.emit(Event::Plugin {
+                name: r.plugin,
+                state: r.state,
+                detail: r.detail,
+            });
         }
     }
 
     // ---- inputs common to every role ----
 
     fn on_frame(&mut self, conn: ConnId, frame: Frame) {
-        if let State::Coordinator(c) = &self.state {
-            if c.is_member_conn(conn) || c.is_pending_conn(conn) {
-                return self.coord_from_member(conn, frame);
-            }
+        match &self.role {
+            State::Coordinator(c) if c.owns(conn) => return self.coord_frame(conn, frame),
+            State::Candidate(c) if c.owns(conn) => return self.cand_frame(conn, frame),
+            _ => {}
         }
         if self.is_uplink(conn) {
             return self.on_uplink_frame(conn, frame);
@@ -401,6 +619,7 @@ impl Core {
             Frame::Hello {
                 version,
                 name,
+                session,
                 addr,
                 resume,
             } => {
@@ -414,78 +633,110 @@ impl Core {
                 if let Err(e) = limits::check_name(&name) {
                     return self.refuse(conn, ErrorCode::BadName, e);
                 }
-                self.on_hello(conn, name, addr, resume);
+                if let Some(Err(e)) = addr.as_deref().map(limits::check_addr) {
+                    return self.refuse(conn, ErrorCode::BadField, e);
+                }
+                let hello = Hello {
+                    conn,
+                    name,
+                    session,
+                    addr,
+                    resume,
+                };
+                self.on_hello(hello);
             }
             Frame::StatusRequest { log } => {
                 let status = self.status(log);
                 self.send(conn, &status);
             }
+            Frame::Probe {} => {
+                let reply = Frame::ProbeReply {
+                    session: self.me.session,
+                    id: self.me.id,
+                    role: self.role(),
+                    epoch: match &self.role {
+                        State::Candidate(c) => c.epoch,
+                        _ => self.epoch,
+                    },
+                    coordinator: match self.role {
+                        State::Member(_) | State::Coordinator(_) => self.coordinator_addr(),
+                        _ => None,
+                    },
+                };
+                self.send(conn, &reply);
+                self.close(conn);
+            }
             Frame::Post { text } => {
+                if let Err(e) = limits::check_text(&text) {
+                    return self.refuse(conn, ErrorCode::BadField, format!("not posted: {e}"));
+                }
                 // Answer once queued, so a poster's messages keep their order.
                 self.on_user_text(text);
                 let status = self.status(false);
                 self.send(conn, &status);
             }
-            Frame::Attach { name, config } => {
-                self.on_plugin_change(conn, PluginChange::Attach(PluginRef { name, config }))
-            }
+            Frame::Attach { name, config } => self.on_plugin_change(conn, PluginChange::Attach(PluginRef { name, config })),
             Frame::Detach { name } => self.on_plugin_change(conn, PluginChange::Detach(name)),
-            Frame::Announce {
-                epoch,
-                coordinator,
-                members,
-            } => {
-                self.out.push(Output::Close(conn));
-                self.on_announce(epoch, coordinator, members);
+            Frame::Announce { epoch, coordinator } => {
+                self.close(conn);
+                self.on_announce(epoch, coordinator);
             }
             other => self.refuse(
                 conn,
                 ErrorCode::UnexpectedFrame,
                 format!(
-                    "a connection must open with hello or status_request, not {}",
-                    frame_type(&other)
+                    "a connection must open with hello, status_request, post, attach, detach, announce or probe, not {}",
+                    other.kind()
                 ),
             ),
         }
     }
 
-    fn on_hello(&mut self, conn: ConnId, name: String, addr: String, resume: Option<Resume>) {
-        match &self.state {
-            State::Coordinator(_) => self.coord_admit(conn, name, addr, resume),
-            State::Member(_) => match resume {
-                Some(r) if r.epoch >= self.epoch => self.takeover_request(conn, name, addr, r),
-                _ => self.redirect_to_coordinator(conn),
-            },
-            State::Electing(_) => match resume {
-                Some(r) if r.epoch >= self.epoch => self.takeover_request(conn, name, addr, r),
-                _ => self.refuse(
-                    conn,
-                    ErrorCode::Electing,
-                    "an election is under way; retry in a moment",
-                ),
-            },
+    fn on_hello(&mut self, h: Hello) {
+        match &self.role {
+            State::Coordinator(_) => self.coord_hello(h),
+            State::Candidate(_) => self.cand_hello(h),
+            State::Member(_) | State::Electing(_) => self.member_hello(h),
             State::Joining(_) | State::Stopped => self.refuse(
-                conn,
+                h.conn,
                 ErrorCode::Electing,
                 "this node has not joined a chat yet; retry in a moment",
             ),
         }
     }
 
-    fn on_closed(&mut self, conn: ConnId, reason: Option<String>) {
-        if let State::Coordinator(_) = self.state {
-            return self.coord_closed(conn, reason);
+    fn on_closed(&mut self, conn: ConnId, reason: Option<String>, refused: bool) {
+        match &self.role {
+            State::Coordinator(c) if c.owns(conn) => return self.coord_closed(conn, reason, refused),
+            State::Candidate(c) if c.owns(conn) => return self.cand_closed(conn, refused),
+            _ => {}
         }
         if self.is_uplink(conn) {
-            self.uplink_closed(conn, reason);
+            self.uplink_closed(conn, reason, refused);
         }
     }
 
     fn on_tick(&mut self) {
-        match self.state {
+        let gap = self.now.saturating_sub(self.last_tick);
+        self.last_tick = self.now;
+        if gap > 2 * self.cfg.heartbeat_ms {
+            // We did not run for a while: read what is buffered before
+            // judging anyone's silence.
+            tracing::info!(gap_ms = gap, "woke from a stall; holding timeouts for a heartbeat");
+            self.stall_until = self.now + self.cfg.heartbeat_ms;
+        }
+        match self.role {
             State::Coordinator(_) => self.coord_tick(),
+            State::Candidate(_) => self.cand_tick(),
             State::Member(_) | State::Electing(_) | State::Joining(_) => self.member_tick(),
             State::Stopped => {}
+        }
+    }
+
+    fn on_progress(&mut self, conns: &[ConnId]) {
+        let now = self.now;
+        if let State::Coordinator(c) = &mut self.role {
+            c.heard_from(conns, now);
         }
     }
 
@@ -494,7 +745,7 @@ impl Core {
         match line.trim() {
             "" => {}
             "/who" => self.emit(Event::Who {
-                members: self.members.clone(),
+                members: self.state.members.clone(),
                 coordinator: self.coordinator,
             }),
             "/quit" => self.quit(),
@@ -517,42 +768,45 @@ impl Core {
         let client_seq = self.next_client_seq;
         self.next_client_seq += 1;
         self.pending.push((client_seq, text.clone()));
-        match &self.state {
-            State::Coordinator(c) if !c.in_window() => self.coord_sequence_own(client_seq, text),
-            State::Member(u) => {
+        match &self.role {
+            State::Coordinator(c) if c.ready() => self.coord_own(client_seq, text),
+            State::Member(u) if u.settled() => {
                 let conn = u.conn;
                 self.send(conn, &Frame::Say { text, client_seq });
             }
-            // Joining, electing, or collecting resumes: sent once settled.
+            // Joining, electing, or still loading: sent, in order, once settled.
             _ => {}
         }
     }
 
     fn quit(&mut self) {
-        match std::mem::replace(&mut self.state, State::Stopped) {
+        match std::mem::replace(&mut self.role, State::Stopped) {
             State::Member(u) => {
                 self.send(u.conn, &Frame::Leave {});
-                self.out.push(Output::Close(u.conn));
+                self.close(u.conn);
             }
             State::Coordinator(c) => {
-                let frame = encode(&Frame::Left {
-                    id: self.me.id,
-                    name: self.me.name.clone(),
-                    reason: "left".into(),
-                });
-                self.out.push(Output::Broadcast(frame));
+                // Members take a closed coordinator connection after this
+                // frame as a clean leave: the coordinator is proven gone.
+                let frame = encode(&Frame::error(ErrorCode::ShuttingDown, "the coordinator left the chat"));
+                self.out.push(Output::Broadcast(Group::All, frame));
                 for conn in c.conns() {
-                    self.out.push(Output::Close(conn));
+                    self.close(conn);
+                }
+            }
+            State::Candidate(c) => {
+                for conn in c.conns() {
+                    self.refuse(conn, ErrorCode::ShuttingDown, "the candidate left the chat");
                 }
             }
             State::Electing(e) => {
                 if let Some(conn) = e.conn() {
-                    self.out.push(Output::Close(conn));
+                    self.close(conn);
                 }
             }
             State::Joining(j) => {
                 if let Some(conn) = j.conn {
-                    self.out.push(Output::Close(conn));
+                    self.close(conn);
                 }
             }
             State::Stopped => {}
@@ -561,139 +815,70 @@ impl Core {
     }
 
     fn status(&self, with_log: bool) -> Frame {
+        let waiting = match &self.role {
+            State::Candidate(c) => c.waiting_reason(),
+            State::Coordinator(c) => c.waiting_reason(),
+            _ => None,
+        };
         Frame::Status {
             name: self.me.name.clone(),
             id: self.me.id,
             role: self.role(),
             epoch: self.epoch,
             coordinator: (self.coordinator != 0).then(|| self.coordinator_name()),
-            members: self.members.clone(),
-            last_seq: self.log.last_seq(),
+            members: self
+                .state
+                .members
+                .iter()
+                .take(limits::STATUS_MEMBERS)
+                .cloned()
+                .collect(),
+            voters: self.state.voters.clone(),
+            last_seq: self.log.applied(),
+            first_seq: self.log.first_held(),
             gaps: self.log.gaps(),
-            log: with_log.then(|| self.log.digest()),
+            chat_id: self.state.chat_id.clone(),
+            log: with_log.then(|| self.log.digest(limits::STATUS_LOG_ROWS)),
             plugins: self.hooks.status(),
+            waiting,
         }
     }
 
-    /// A coordinator told us about its reign (fencing).
-    fn on_announce(&mut self, epoch: u64, coordinator: MemberInfo, members: u32) {
-        if coordinator.id == self.me.id && coordinator.addr == self.me.addr {
+    /// A coordinator told us about its reign. We follow it only by
+    /// connecting to it (it must welcome us), so a false announcement costs
+    /// at most a reconnection.
+    fn on_announce(&mut self, epoch: u64, coordinator: MemberInfo) {
+        if coordinator.session == self.me.session || epoch <= self.epoch.max(self.bound_epoch.saturating_sub(1)) {
             return;
         }
-        match &self.state {
-            State::Coordinator(c) => {
-                let mine = c.member_count() as u32;
-                let they_win = epoch > self.epoch
-                    || (epoch == self.epoch
-                        && (members, std::cmp::Reverse(coordinator.id))
-                            > (mine, std::cmp::Reverse(self.me.id)));
-                if they_win {
-                    self.step_down(epoch, coordinator);
-                } else if epoch == self.epoch {
-                    let frame = encode(&self.announcement());
-                    self.out.push(Output::Notify {
-                        addr: coordinator.addr,
-                        frame,
-                    });
-                }
-            }
-            State::Member(_) | State::Electing(_) if epoch > self.epoch => {
-                self.follow(epoch, coordinator.addr, "a newer coordinator announced itself");
-            }
+        let Some(addr) = coordinator.addr.clone() else { return };
+        if limits::check_addr(&addr).is_err() {
+            return;
+        }
+        self.note_epoch(epoch);
+        let why = format!("{} announced itself coordinator of epoch {epoch}", coordinator.name);
+        match &self.role {
+            State::Coordinator(_) => self.step_down(Some((coordinator.id, addr)), &why),
+            State::Candidate(_) => self.withdraw(Some((coordinator.id, addr)), &why),
+            State::Member(_) | State::Electing(_) => self.follow(coordinator.id, addr, &why),
             _ => {}
         }
     }
+}
 
-    fn announcement(&self) -> Frame {
-        let members = match &self.state {
-            State::Coordinator(c) => c.member_count() as u32,
-            _ => 0,
-        };
-        Frame::Announce {
-            epoch: self.epoch,
-            coordinator: self.me.clone(),
-            members,
-        }
-    }
+/// A `hello` that passed the basic checks.
+struct Hello {
+    conn: ConnId,
+    name: String,
+    session: u64,
+    addr: Option<String>,
+    resume: Option<Resume>,
 }
 
 /// A change to the chat's plugin set asked by an observer.
 enum PluginChange {
     Attach(PluginRef),
     Detach(String),
-}
-
-impl Core {
-    /// Loads/unloads plugins to match `set` and reports what happened.
-    fn apply_plugins(&mut self, set: Vec<PluginRef>) -> Vec<HookReport> {
-        self.plugins = set;
-        let reports = self.hooks.set_plugins(&self.plugins);
-        for r in &reports {
-            self.emit(Event::Plugin {
-                name: r.plugin.clone(),
-                state: r.state,
-                detail: r.detail.clone(),
-            });
-        }
-        reports
-    }
-
-    /// Surfaces quarantines and the like noticed during calls.
-    fn plugin_reports(&mut self) {
-        for r in self.hooks.reports() {
-            self.emit(Event::Plugin {
-                name: r.plugin,
-                state: r.state,
-                detail: r.detail,
-            });
-        }
-    }
-
-    fn on_plugin_change(&mut self, conn: ConnId, change: PluginChange) {
-        if !matches!(self.state, State::Coordinator(_)) {
-            return self.redirect_to_coordinator(conn);
-        }
-        let mut set = self.plugins.clone();
-        match &change {
-            PluginChange::Attach(p) => {
-                if let Err(e) = check_plugin_name(&p.name) {
-                    return self.refuse(conn, ErrorCode::PluginRefused, e);
-                }
-                match set.iter_mut().find(|x| x.name == p.name) {
-                    Some(x) => x.config = p.config.clone(),
-                    None => set.push(p.clone()),
-                }
-            }
-            PluginChange::Detach(name) => {
-                if !set.iter().any(|x| &x.name == name) {
-                    return self.refuse(
-                        conn,
-                        ErrorCode::PluginRefused,
-                        format!("no plugin named {name:?} is attached"),
-                    );
-                }
-                set.retain(|x| &x.name != name);
-            }
-        }
-        let previous = self.plugins.clone();
-        let reports = self.apply_plugins(set);
-        if let PluginChange::Attach(p) = &change {
-            if let Some(r) = reports
-                .iter()
-                .find(|r| r.plugin == p.name && r.state == "refused")
-            {
-                let detail = r.detail.clone();
-                self.apply_plugins(previous);
-                return self.refuse(conn, ErrorCode::PluginRefused, detail);
-            }
-        }
-        let frame = encode(&Frame::Plugins {
-            set: self.plugins.clone(),
-        });
-        self.out.push(Output::Broadcast(frame));
-        let status = self.status(false);
-        self.send(conn, &status);
-    }
 }
 
 /// Plugin names travel the network and become file names: `[a-z0-9_-]`.
@@ -709,13 +894,4 @@ pub fn check_plugin_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// The wire name of a frame, for error messages.
-fn frame_type(frame: &Frame) -> String {
-    let bytes = encode(frame);
-    serde_json::from_slice::<serde_json::Value>(&bytes[4..])
-        .ok()
-        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
-        .unwrap_or_else(|| "frame".into())
 }

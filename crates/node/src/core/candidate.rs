@@ -1,0 +1,574 @@
+//! Running for coordinator: collecting votes for one epoch until a quorum of
+//! every voter set in force agrees, probing voters that have not voted
+//! (a refused connection proves one dead), then adopting the most
+//! up-to-date log among the voters before coordinating.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use p2p_proto::{Entry, ErrorCode, Frame, MemberInfo, Resume, Role};
+
+use super::log::AppendError;
+use super::state::{is_quorum, StateLoader};
+use super::{ConnId, Core, Event, Hello, Millis, State};
+
+pub(super) struct Candidate {
+    /// The epoch we run for.
+    pub(super) epoch: u64,
+    since: Millis,
+    lost: Option<MemberInfo>,
+    /// Counted votes (for `epoch`), by voter id.
+    votes: BTreeMap<u64, Resumer>,
+    /// Other connections held until we coordinate (non-voters, votes for
+    /// another epoch waiting for a revote).
+    held: BTreeMap<ConnId, Resumer>,
+    /// Probes in flight: connection → voter id.
+    probes: BTreeMap<ConnId, u64>,
+    /// Voters that answered a probe while following a coordinator: the
+    /// epoch and address they follow.
+    following: BTreeMap<u64, (u64, Option<String>)>,
+    next_probe: Millis,
+    next_ping: Millis,
+    /// Pulling the best log from a voter.
+    recovery: Option<Recovery>,
+    /// Why we cannot win yet (for status and a `waiting` event).
+    waiting: Option<String>,
+    waiting_said: bool,
+    /// Our binding before we ran: restored if we withdraw.
+    bound_before: u64,
+}
+
+/// A connection that sent us a resume.
+pub(super) struct Resumer {
+    pub(super) conn: ConnId,
+    pub(super) name: String,
+    pub(super) addr: Option<String>,
+    pub(super) session: u64,
+    pub(super) resume: Resume,
+}
+
+struct Recovery {
+    voter: u64,
+    conn: ConnId,
+    loader: Option<StateLoader>,
+}
+
+impl Candidate {
+    pub(super) fn new(epoch: u64, since: Millis, lost: Option<MemberInfo>, now: Millis, bound_before: u64) -> Candidate {
+        Candidate {
+            epoch,
+            since,
+            lost,
+            votes: BTreeMap::new(),
+            held: BTreeMap::new(),
+            probes: BTreeMap::new(),
+            following: BTreeMap::new(),
+            next_probe: now,
+            next_ping: now,
+            recovery: None,
+            waiting: None,
+            waiting_said: false,
+            bound_before,
+        }
+    }
+
+    pub(super) fn owns(&self, conn: ConnId) -> bool {
+        self.votes.values().any(|r| r.conn == conn) || self.held.contains_key(&conn) || self.probes.contains_key(&conn)
+    }
+
+    pub(super) fn conns(&self) -> Vec<ConnId> {
+        let mut all: Vec<ConnId> = self.votes.values().map(|r| r.conn).collect();
+        all.extend(self.held.keys().copied());
+        all.extend(self.probes.keys().copied());
+        all
+    }
+
+    pub(super) fn waiting_reason(&self) -> Option<String> {
+        self.waiting.clone()
+    }
+
+    fn voter_of(&self, conn: ConnId) -> Option<u64> {
+        self.votes.iter().find(|(_, r)| r.conn == conn).map(|(id, _)| *id)
+    }
+}
+
+impl Core {
+    fn cand(&mut self) -> Option<&mut Candidate> {
+        match &mut self.role {
+            State::Candidate(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    pub(super) fn cand_start(&mut self) {
+        tracing::info!(epoch = self.voted.0, "running for coordinator");
+        self.cand_probe();
+        self.cand_check();
+    }
+
+    /// A resume (possibly carrying a vote) reached us as candidate.
+    pub(super) fn cand_hello(&mut self, h: Hello) {
+        let Some(r) = h.resume else {
+            return self.refuse(h.conn, ErrorCode::Electing, "an election is under way; retry in a moment");
+        };
+        self.note_epoch(r.epoch);
+        for d in &r.dead {
+            self.proven_dead(*d);
+        }
+        let known = self.tip.member(r.member_id).is_some_and(|m| m.session == h.session);
+        let is_voter = known && self.tip.all_voters().contains(&r.member_id);
+        let resumer = Resumer {
+            conn: h.conn,
+            name: h.name,
+            addr: h.addr,
+            session: h.session,
+            resume: r.clone(),
+        };
+        let my_vote = self.voted;
+        let Some(c) = self.cand() else { return };
+        c.held.remove(&resumer.conn);
+        let Some(vote) = r.vote.filter(|_| is_voter) else {
+            let conn = resumer.conn;
+            let epoch = c.epoch;
+            c.held.insert(conn, resumer);
+            if is_voter {
+                // A voter that came to us without voting: ask for its vote.
+                self.send(conn, &Frame::Revote { epoch });
+            }
+            return;
+        };
+        let id = r.member_id;
+        if vote < c.epoch {
+            let conn = resumer.conn;
+            let epoch = c.epoch;
+            c.held.insert(conn, resumer);
+            return self.send(conn, &Frame::Revote { epoch });
+        }
+        if vote > c.epoch {
+            if my_vote.0 >= vote && my_vote.1 != self.me.id {
+                return self.refuse(
+                    resumer.conn,
+                    ErrorCode::StaleEpoch,
+                    format!("this node voted for another candidate in epoch {vote}; vote for a later epoch"),
+                );
+            }
+            // Run for the later epoch; the votes so far must be given again.
+            let c = self.cand().expect("candidate");
+            c.epoch = vote;
+            let old: Vec<Resumer> = std::mem::take(&mut c.votes).into_values().collect();
+            c.recovery = None;
+            for o in old {
+                let conn = o.conn;
+                c.held.insert(conn, o);
+            }
+            let conns: Vec<ConnId> = c.held.values().filter(|o| o.resume.vote.is_some()).map(|o| o.conn).collect();
+            self.cast_vote_self(vote);
+            for conn in conns {
+                self.send(conn, &Frame::Revote { epoch: vote });
+            }
+        }
+        let c = self.cand().expect("candidate");
+        if let Some(old) = c.votes.insert(id, resumer) {
+            if old.conn != h.conn {
+                self.close(old.conn);
+            }
+        }
+        self.cand_check();
+    }
+
+    fn cast_vote_self(&mut self, epoch: u64) {
+        self.voted = (epoch, self.me.id);
+        self.bound_epoch = self.bound_epoch.max(epoch);
+        self.note_epoch(epoch);
+    }
+
+    /// A frame on a connection we hold as candidate.
+    pub(super) fn cand_frame(&mut self, conn: ConnId, frame: Frame) {
+        let Some(c) = self.cand() else { return };
+        if let Some(id) = c.probes.remove(&conn) {
+            self.close(conn);
+            if let Frame::ProbeReply {
+                session,
+                role,
+                epoch,
+                coordinator,
+                ..
+            } = frame
+            {
+                return self.cand_probe_reply(id, session, role, epoch, coordinator);
+            }
+            return;
+        }
+        if c.recovery.as_ref().is_some_and(|r| r.conn == conn) {
+            return self.recovery_frame(conn, frame);
+        }
+        match frame {
+            Frame::Hello {
+                name,
+                session,
+                addr,
+                resume,
+                ..
+            } => self.cand_hello(Hello {
+                conn,
+                name,
+                session,
+                addr,
+                resume,
+            }),
+            Frame::Leave {} => {
+                let c = self.cand().expect("candidate");
+                c.held.remove(&conn);
+                if let Some(id) = c.voter_of(conn) {
+                    c.votes.remove(&id);
+                    self.proven_dead(id);
+                }
+                self.close(conn);
+                self.cand_check();
+            }
+            _ => {} // pongs keep the connection alive; nothing else matters yet
+        }
+    }
+
+    pub(super) fn cand_closed(&mut self, conn: ConnId, refused: bool) {
+        let Some(c) = self.cand() else { return };
+        if let Some(id) = c.probes.remove(&conn) {
+            if refused {
+                self.proven_dead(id);
+            }
+            return self.cand_check();
+        }
+        c.held.remove(&conn);
+        if let Some(id) = c.voter_of(conn) {
+            // Its vote may still bind it, but we only count connected voters.
+            c.votes.remove(&id);
+            if c.recovery.as_ref().is_some_and(|r| r.voter == id) {
+                c.recovery = None;
+            }
+        }
+        self.cand_check();
+    }
+
+    pub(super) fn cand_tick(&mut self) {
+        let now = self.now;
+        let hb = self.cfg.heartbeat_ms;
+        let Some(c) = self.cand() else { return };
+        if now >= c.next_ping {
+            c.next_ping = now + hb;
+            let conns: Vec<ConnId> = c.votes.values().map(|r| r.conn).chain(c.held.keys().copied()).collect();
+            let ping = p2p_proto::encode(&Frame::Ping { nonce: 0 });
+            for conn in conns {
+                self.out.push(super::Output::Send(conn, ping.clone()));
+            }
+        }
+        let Some(c) = self.cand() else { return };
+        if now >= c.next_probe {
+            c.next_probe = now + 2 * hb;
+            self.cand_probe();
+        }
+        let Some(c) = self.cand() else { return };
+        if !c.waiting_said && c.recovery.is_none() && now.saturating_sub(c.since) >= 2 * hb {
+            if let Some(reason) = c.waiting.clone() {
+                c.waiting_said = true;
+                self.emit(Event::Waiting { reason });
+            }
+        }
+    }
+
+    /// Probes every voter that has not voted and is not known dead.
+    fn cand_probe(&mut self) {
+        let voters = self.tip.all_voters();
+        let me = self.me.id;
+        let State::Candidate(c) = &self.role else { return };
+        let probing: BTreeSet<u64> = c.probes.values().copied().collect();
+        let targets: Vec<(u64, String)> = voters
+            .iter()
+            .copied()
+            .filter(|v| *v != me && !c.votes.contains_key(v) && !probing.contains(v) && !self.dead.contains(v))
+            .filter_map(|v| self.member(v).and_then(|m| m.addr.clone()).map(|a| (v, a)))
+            .collect();
+        for (id, addr) in targets {
+            let conn = self.dial(&addr, &Frame::Probe {});
+            if let Some(c) = self.cand() {
+                c.probes.insert(conn, id);
+            }
+        }
+    }
+
+    fn cand_probe_reply(&mut self, id: u64, session: u64, role: Role, epoch: u64, coordinator: Option<String>) {
+        let expected = self.member(id).map(|m| m.session);
+        if expected != Some(session) {
+            // Another process answers at that address: ours is gone.
+            self.proven_dead(id);
+            return self.cand_check();
+        }
+        self.note_epoch(epoch);
+        if role == Role::Candidate && id < self.me.id {
+            // An earlier-joined voter runs too: it goes first; vote for it.
+            return self.withdraw(None, "an earlier-joined voter is running");
+        }
+        let Some(c) = self.cand() else { return };
+        if epoch >= c.epoch && matches!(role, Role::Member | Role::Coordinator) {
+            // A newer reign already exists: follow it.
+            if let Some(addr) = coordinator {
+                return self.withdraw(Some((0, addr)), "a newer coordinator already reigns");
+            }
+        }
+        if matches!(role, Role::Member | Role::Coordinator) {
+            c.following.insert(id, (epoch, coordinator));
+        } else {
+            c.following.remove(&id);
+        }
+        self.cand_check();
+    }
+
+    /// Wins once every voter set in force has a quorum of votes (ours
+    /// included); gives up if voters that still follow a live coordinator
+    /// make that impossible.
+    fn cand_check(&mut self) {
+        let me = self.me.id;
+        let configs: Vec<Vec<u64>> = self
+            .tip
+            .election_configs(self.stable)
+            .into_iter()
+            .map(<[u64]>::to_vec)
+            .collect();
+        let dead = self.dead.clone();
+        let Some(c) = self.cand() else { return };
+        if c.recovery.is_some() {
+            return;
+        }
+        let yes: BTreeSet<u64> = c.votes.keys().copied().chain([me]).collect();
+        if configs.iter().all(|cfg| is_quorum(cfg, &yes, &dead)) {
+            return self.start_recovery();
+        }
+        // Could we still win if every voter not known to follow someone
+        // else voted for us?
+        let possible: BTreeSet<u64> = configs
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|v| !c.following.contains_key(v) && !dead.contains(v))
+            .collect();
+        if !configs.iter().all(|cfg| is_quorum(cfg, &possible, &dead)) {
+            let target = c
+                .following
+                .values()
+                .filter_map(|(e, a)| a.clone().map(|a| (*e, a)))
+                .max();
+            if let Some((_, addr)) = target {
+                return self.withdraw(Some((0, addr)), "the other voters still follow a live coordinator");
+            }
+        }
+        let all: BTreeSet<u64> = configs.iter().flatten().copied().collect();
+        let names = |set: &mut dyn Iterator<Item = &u64>| -> Vec<String> { set.map(|id| format!("#{id}")).collect() };
+        let missing: Vec<u64> = all.iter().copied().filter(|v| !yes.contains(v) && !dead.contains(v)).collect();
+        let reason = format!(
+            "waiting for a majority of voters: {} of {} agree; proven dead: [{}]; not answering or following another: [{}]",
+            yes.iter().filter(|v| all.contains(v)).count(),
+            all.len(),
+            names(&mut all.iter().filter(|v| dead.contains(v))).join(", "),
+            names(&mut missing.iter()).join(", "),
+        );
+        let reason = self.with_names(reason, &all);
+        if let Some(c) = self.cand() {
+            c.waiting = Some(reason);
+        }
+    }
+
+    /// Replaces `#id` in a sentence by member names.
+    fn with_names(&self, mut s: String, ids: &BTreeSet<u64>) -> String {
+        for id in ids.iter().rev() {
+            s = s.replace(&format!("#{id}"), &self.name_of(*id));
+        }
+        s
+    }
+
+    /// A quorum voted: adopt the most up-to-date log among the voters.
+    fn start_recovery(&mut self) {
+        let mine = (self.log.log_epoch(), self.log.last());
+        let Some(c) = self.cand() else { return };
+        c.waiting = None;
+        let best = c
+            .votes
+            .iter()
+            .map(|(id, r)| ((r.resume.log_epoch, r.resume.last_seq), *id, r.conn))
+            .max();
+        match best {
+            Some((pos, id, conn)) if pos > mine => {
+                c.recovery = Some(Recovery {
+                    voter: id,
+                    conn,
+                    loader: None,
+                });
+                // Our undelivered entries may not be the chosen ones.
+                let from = self.log.applied() + 1;
+                self.log.truncate_after(self.log.applied());
+                self.rebuild_tip();
+                tracing::info!(voter = id, from, to = pos.1, "pulling the most up-to-date log");
+                self.send(conn, &Frame::SyncRequest { from, to: pos.1 });
+            }
+            _ => self.take_over(),
+        }
+    }
+
+    fn recovery_frame(&mut self, conn: ConnId, frame: Frame) {
+        match frame {
+            Frame::State {
+                at,
+                last,
+                members,
+                seen,
+                voters,
+                prev_voters,
+                voters_seq,
+                next_id,
+                plugins,
+            } => {
+                let chat_id = self.state.chat_id.clone();
+                let Some(c) = self.cand() else { return };
+                let Some(r) = &mut c.recovery else { return };
+                let loader = r.loader.get_or_insert_with(StateLoader::default);
+                match loader.add(&chat_id, last, members, seen, voters, prev_voters, voters_seq, next_id, plugins) {
+                    Ok(None) => {}
+                    Ok(Some(state)) => {
+                        r.loader = None;
+                        tracing::warn!(at, "the best log starts after ours: taking its state (a hole here)");
+                        self.log.reset(at, at > self.log.applied());
+                        self.install_state(state, at);
+                    }
+                    Err(e) => self.recovery_failed(conn, &e),
+                }
+            }
+            Frame::Sync { entries } => {
+                if entries.is_empty() {
+                    return self.take_over();
+                }
+                for e in entries {
+                    let seq = e.seq();
+                    if p2p_proto::limits::check_name(entry_name(&e)).is_err() {
+                        return self.recovery_failed(conn, "invalid entry");
+                    }
+                    match self.append_entry(e) {
+                        Ok(()) | Err(AppendError::Duplicate) => {}
+                        Err(AppendError::Gap { expected }) => {
+                            return self.recovery_failed(conn, &format!("entry {seq} where {expected} was due"));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn recovery_failed(&mut self, conn: ConnId, why: &str) {
+        tracing::warn!(why, "log recovery failed; dropping that vote");
+        self.close(conn);
+        if let Some(c) = self.cand() {
+            c.recovery = None;
+            if let Some(id) = c.voter_of(conn) {
+                c.votes.remove(&id);
+            }
+        }
+        self.cand_check();
+    }
+
+    /// Gives up the candidacy: our vote for ourselves will never be used.
+    /// Voters are sent to `to` (or back to electing).
+    pub(super) fn withdraw(&mut self, to: Option<(u64, String)>, why: &str) {
+        let State::Candidate(c) = std::mem::replace(&mut self.role, State::Stopped) else {
+            return;
+        };
+        tracing::info!(why, "withdrawing from the election");
+        // We will never use our candidacy: nothing binds us to its epoch.
+        self.bound_epoch = c.bound_before;
+        for conn in c.conns() {
+            match &to {
+                Some((_, addr)) => {
+                    self.send(
+                        conn,
+                        &Frame::Redirect {
+                            addr: addr.clone(),
+                            epoch: self.max_epoch,
+                        },
+                    );
+                    self.close(conn);
+                }
+                None => self.refuse(conn, ErrorCode::Electing, "the candidate withdrew; retry"),
+            }
+        }
+        self.role = State::Electing(super::member::Electing::after(c.since, c.lost));
+        match to {
+            Some((id, addr)) => self.follow(id, addr, why),
+            None => self.try_successor(),
+        }
+    }
+
+    /// Recovery done: coordinate `epoch` with the chosen log.
+    fn take_over(&mut self) {
+        let State::Candidate(c) = std::mem::replace(&mut self.role, State::Stopped) else {
+            return;
+        };
+        let c = *c;
+        let epoch = c.epoch;
+        self.epoch = epoch;
+        self.coordinator = self.me.id;
+        self.log.set_log_epoch(epoch);
+        self.note_epoch(epoch);
+        // Whatever a voter delivered is committed.
+        let known = c
+            .votes
+            .values()
+            .map(|r| r.resume.commit)
+            .max()
+            .unwrap_or(0)
+            .min(self.log.last());
+        self.log.set_commit(known);
+        let next_id = self.tip.next_id.max(self.tip.max_id() + 1);
+        let mut coord = super::Coord::new(next_id, self.now);
+        coord.set_stable(self.stable);
+        self.role = State::Coordinator(Box::new(coord));
+        self.emit(Event::Role {
+            role: Role::Coordinator,
+            epoch,
+            coordinator: self.me.name.clone(),
+            election_ms: Some(self.now.saturating_sub(c.since)),
+        });
+        tracing::info!(epoch, votes = c.votes.len(), "took over");
+        // Tell voters that did not vote (and the lost coordinator, which
+        // may only be hung) who reigns now.
+        let announce = p2p_proto::encode(&Frame::Announce {
+            epoch,
+            coordinator: self.me.clone(),
+        });
+        let notify: Vec<String> = self
+            .tip
+            .all_voters()
+            .into_iter()
+            .filter(|v| *v != self.me.id && !c.votes.contains_key(v) && !self.dead.contains(v))
+            .filter_map(|v| self.member(v).and_then(|m| m.addr.clone()))
+            .collect();
+        for addr in notify {
+            self.out.push(super::Output::Notify {
+                addr,
+                frame: announce.clone(),
+            });
+        }
+        self.coord_takeover();
+        for r in c.votes.into_values().chain(c.held.into_values()) {
+            self.coord_admit_resumer(r);
+        }
+        for conn in c.probes.into_keys() {
+            self.close(conn);
+        }
+        self.coord_end_batch();
+    }
+}
+
+fn entry_name(e: &Entry) -> &str {
+    match e {
+        Entry::Chat(c) => &c.from,
+        Entry::Joined { member, .. } => &member.name,
+        Entry::Left { name, .. } => name,
+        Entry::Voters { .. } | Entry::Plugins { .. } => "entry",
+    }
+}

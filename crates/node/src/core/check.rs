@@ -1,0 +1,206 @@
+//! Judges a simulated run from what each node delivered, as Jepsen's
+//! checkers judge a history: never from a node's opinion of itself.
+//!
+//! - agreement: every node that delivered seq `s` delivered the same entry;
+//! - no gaps: a node's deliveries are consecutive from where it started;
+//! - exactly once: a sender's message (id, client_seq) sits at one seq;
+//! - one coordinator per epoch.
+
+use std::collections::BTreeMap;
+
+use p2p_proto::{Entry, Role};
+
+use super::{Event, Millis};
+
+type Who = (usize, u32);
+
+#[derive(Default)]
+pub struct Checker {
+    /// seq → (entry, who delivered it first).
+    global: BTreeMap<u64, (Entry, Who)>,
+    /// Per node incarnation: delivered seqs in order, and texts.
+    delivered: BTreeMap<Who, Vec<u64>>,
+    /// (sender id, client_seq) → seq.
+    by_msg: BTreeMap<(u64, u64), u64>,
+    /// epoch → coordinator.
+    epochs: BTreeMap<u64, Who>,
+    /// Messages acknowledged to their sender (delivered there): text → seq.
+    pub acked: BTreeMap<String, u64>,
+    /// Texts typed by each incarnation.
+    typed: BTreeMap<Who, Vec<String>>,
+    events: BTreeMap<Who, Vec<Event>>,
+    dead: BTreeMap<Who, bool>,
+    pub violations: Vec<String>,
+    /// (time, epoch) of every takeover, for failover timing.
+    pub takeovers: Vec<(Millis, u64, Option<u64>)>,
+}
+
+impl Checker {
+    fn violation(&mut self, v: String) {
+        if self.violations.len() < 20 {
+            self.violations.push(v);
+        }
+    }
+
+    pub fn typed(&mut self, node: usize, inc: u32, text: &str) {
+        self.typed.entry((node, inc)).or_default().push(text.to_string());
+    }
+
+    pub fn died(&mut self, node: usize, inc: u32) {
+        self.dead.insert((node, inc), true);
+    }
+
+    pub fn event(&mut self, node: usize, inc: u32, now: Millis, e: &Event) {
+        match e {
+            Event::Role {
+                role: Role::Coordinator,
+                epoch,
+                election_ms,
+                ..
+            } => {
+                self.takeovers.push((now, *epoch, *election_ms));
+                self.coordinator(*epoch, (node, inc));
+            }
+            Event::Ready {
+                created: true, epoch, ..
+            } => self.coordinator(*epoch, (node, inc)),
+            _ => {}
+        }
+        self.events.entry((node, inc)).or_default().push(e.clone());
+    }
+
+    fn coordinator(&mut self, epoch: u64, who: Who) {
+        match self.epochs.get(&epoch) {
+            Some(prev) if *prev != who => {
+                let v = format!("two coordinators in epoch {epoch}: node {:?} and node {:?}", prev, who);
+                self.violation(v);
+            }
+            _ => {
+                self.epochs.insert(epoch, who);
+            }
+        }
+    }
+
+    /// Entries a node delivered since the last look (None: not held, i.e.
+    /// skipped). `first`: the node's first deliveries (a newcomer starts
+    /// wherever its history starts).
+    pub fn delivered(&mut self, node: usize, inc: u32, me: u64, first: bool, entries: &[(u64, Option<Entry>)], gaps: u64) {
+        let who = (node, inc);
+        if gaps > 0 && !self.violations.iter().any(|v| v.contains(&format!("{who:?} counted"))) {
+            self.violation(format!("node {who:?} counted {gaps} gap(s) in its log"));
+        }
+        for (seq, entry) in entries {
+            let Some(entry) = entry else {
+                let started = self.delivered.get(&who).is_some_and(|d| !d.is_empty());
+                if started || !first {
+                    self.violation(format!("node {who:?} skipped seq {seq} (a hole in what it delivered)"));
+                }
+                continue;
+            };
+            let list = self.delivered.entry(who).or_default();
+            let last = list.last().copied();
+            list.push(*seq);
+            if let Some(last) = last {
+                if *seq != last + 1 {
+                    let v = format!("node {who:?} delivered seq {seq} after seq {last}");
+                    self.violation(v);
+                }
+            }
+            match self.global.get(seq) {
+                Some((e, by)) if e != entry => {
+                    let v = format!(
+                        "seq {seq}: node {who:?} delivered {} but node {by:?} delivered {}",
+                        describe(entry),
+                        describe(e)
+                    );
+                    self.violation(v);
+                }
+                Some(_) => {}
+                None => {
+                    self.global.insert(*seq, (entry.clone(), who));
+                }
+            }
+            if let Entry::Chat(c) = entry {
+                if c.from_id != 0 && c.client_seq > 0 {
+                    let key = (c.from_id, c.client_seq);
+                    match self.by_msg.get(&key) {
+                        Some(s) if s != seq => {
+                            let v = format!("message {:?} ({}) delivered at seq {s} and at seq {seq}", key, c.text);
+                            self.violation(v);
+                        }
+                        _ => {
+                            self.by_msg.insert(key, *seq);
+                        }
+                    }
+                    if c.from_id == me {
+                        self.acked.insert(c.text.clone(), *seq);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivered chat texts of one incarnation, in order.
+    pub fn texts(&self, node: usize, inc: u32) -> Vec<String> {
+        self.delivered
+            .get(&(node, inc))
+            .into_iter()
+            .flatten()
+            .filter_map(|s| match &self.global.get(s)?.0 {
+                Entry::Chat(c) => Some(format!("{}:{}", c.from, c.text)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn events(&self, node: usize, inc: u32) -> Vec<Event> {
+        self.events.get(&(node, inc)).cloned().unwrap_or_default()
+    }
+
+    /// Highest seq delivered by an incarnation.
+    pub fn last(&self, node: usize, inc: u32) -> u64 {
+        self.delivered.get(&(node, inc)).and_then(|d| d.last().copied()).unwrap_or(0)
+    }
+
+    /// Texts typed by an incarnation and never delivered anywhere.
+    pub fn undelivered(&self, node: usize, inc: u32) -> Vec<String> {
+        self.typed
+            .get(&(node, inc))
+            .into_iter()
+            .flatten()
+            .filter(|t| !self.global.values().any(|(e, _)| matches!(e, Entry::Chat(c) if &c.text == *t)))
+            .cloned()
+            .collect()
+    }
+
+    /// Every acknowledged message must sit at its seq in the final order.
+    pub fn check_acked(&mut self) {
+        let bad: Vec<String> = self
+            .acked
+            .iter()
+            .filter(|(text, seq)| !matches!(self.global.get(seq), Some((Entry::Chat(c), _)) if &c.text == *text))
+            .map(|(text, seq)| format!("acknowledged message {text} (seq {seq}) is not in the final order"))
+            .collect();
+        for v in bad {
+            self.violation(v);
+        }
+    }
+
+    pub fn messages(&self) -> usize {
+        self.global.values().filter(|(e, _)| matches!(e, Entry::Chat(_))).count()
+    }
+
+    pub fn max_epoch(&self) -> u64 {
+        self.epochs.keys().next_back().copied().unwrap_or(0)
+    }
+}
+
+fn describe(e: &Entry) -> String {
+    match e {
+        Entry::Chat(c) => format!("chat {:?} from {} (epoch {})", c.text, c.from, c.epoch),
+        Entry::Joined { member, epoch, .. } => format!("joined {} (epoch {epoch})", member.name),
+        Entry::Left { name, epoch, .. } => format!("left {name} (epoch {epoch})"),
+        Entry::Voters { set, epoch, .. } => format!("voters {set:?} (epoch {epoch})"),
+        Entry::Plugins { epoch, .. } => format!("plugins (epoch {epoch})"),
+    }
+}
