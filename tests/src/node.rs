@@ -6,7 +6,7 @@ use std::thread;
 use nix::sys::signal::Signal;
 use p2p_proto::{Frame, PROTOCOL_VERSION};
 
-use crate::util::{assert_same_sequence, Node, Raw};
+use crate::util::{assert_same_sequence, wait_voters, Node, Raw};
 
 fn join_args(addrs: &[&Node]) -> Vec<String> {
     vec![
@@ -108,8 +108,7 @@ fn coordinator_sigkill_loses_and_duplicates_nothing() {
     let mut b = node("bob", &[&a]);
     let mut c = node("carol", &[&a]);
     let mut d = node("dave", &[&a]);
-    d.wait_event("all joined", |e| e["event"] == "joined" || e["members"] == 4);
-    b.wait_event("dave joined", |e| e["event"] == "joined" && e["name"] == "dave");
+    wait_voters(&[&a, &b, &c, &d]);
     // Traffic from every survivor while the coordinator dies.
     let writer = thread::spawn(move || {
         for i in 0..60 {
@@ -160,18 +159,20 @@ fn coordinator_and_successor_killed_together() {
     let b = node("bob", &[&a]);
     let mut c = node("carol", &[&a]);
     let d = node("dave", &[&a]);
-    d.wait_event("members", |e| e["event"] == "ready");
-    c.wait_event("dave joined", |e| e["event"] == "joined" && e["name"] == "dave");
+    let e = node("erin", &[&a]);
+    wait_voters(&[&a, &b, &c, &d, &e]);
+    // Two of five die at once: the three others are still a majority.
     a.signal(Signal::SIGKILL);
     b.signal(Signal::SIGKILL);
-    for n in [&c, &d] {
+    for n in [&c, &d, &e] {
         n.wait_event("carol takes over", |e| {
             e["event"] == "role" && e["coordinator"] == "carol"
         });
     }
     c.say("still here");
     d.wait_message("still here");
-    assert_same_sequence(&[&c, &d]);
+    e.wait_message("still here");
+    assert_same_sequence(&[&c, &d, &e]);
 }
 
 #[test]
@@ -179,24 +180,25 @@ fn hung_coordinator_is_replaced_and_rejoins_after_sigcont() {
     let mut a = Node::join("alice", &[]);
     let b = node("bob", &[&a]);
     let mut c = node("carol", &[&a]);
-    c.wait_event("ready", |e| e["event"] == "ready");
-    b.wait_event("carol joined", |e| e["event"] == "joined");
+    wait_voters(&[&a, &b, &c]);
     c.say("before");
     b.wait_message("before");
     a.signal(Signal::SIGSTOP);
     for n in [&b, &c] {
         n.wait_event("bob elected", |e| {
-            e["event"] == "role" && e["coordinator"] == "bob" && e["epoch"] == 2
+            e["event"] == "role" && e["coordinator"] == "bob" && e["epoch"].as_u64() >= Some(2)
         });
     }
     c.say("during");
     b.wait_message("during");
     a.signal(Signal::SIGCONT);
+    // She learns of the new reign and follows it; she never left the chat
+    // (a paused voter stays one), so nobody sees her leave or join.
     a.wait_event("alice steps down", |e| {
-        e["event"] == "role" && e["role"] == "member" && e["coordinator"] == "bob" && e["epoch"] == 2
-    });
-    b.wait_event("alice rejoined", |e| {
-        e["event"] == "joined" && e["name"] == "alice"
+        e["event"] == "role"
+            && e["role"] == "member"
+            && e["coordinator"] == "bob"
+            && e["epoch"].as_u64() >= Some(2)
     });
     a.say("back");
     for n in [&b, &c] {
@@ -209,16 +211,15 @@ fn hung_coordinator_is_replaced_and_rejoins_after_sigcont() {
 }
 
 #[test]
-fn killed_and_hung_members_are_removed() {
+fn killed_members_leave_and_hung_ones_stay_voters_until_they_return() {
     let a = Node::join("alice", &[]);
     let b = node("bob", &[&a]);
     let c = node("carol", &[&a]);
-    let d = node("dave", &[&a]);
-    b.wait_event("dave joined", |e| e["event"] == "joined" && e["name"] == "dave");
+    let mut d = node("dave", &[&a]);
+    wait_voters(&[&a, &b, &c, &d]);
     c.signal(Signal::SIGKILL);
     for n in [&a, &b] {
-        // A killed process closes cleanly or, with unread data, resets:
-        // either way "disconnected" (the detail may follow).
+        // Its address refuses connections: proven gone, it leaves.
         n.wait_event("carol disconnected", |e| {
             e["event"] == "left"
                 && e["name"] == "carol"
@@ -227,22 +228,41 @@ fn killed_and_hung_members_are_removed() {
                     .is_some_and(|r| r.starts_with("disconnected"))
         });
     }
+    wait_voters(&[&a, &b, &d]);
     d.signal(Signal::SIGSTOP);
-    for n in [&a, &b] {
-        n.wait_event("dave missed heartbeats", |e| {
-            e["event"] == "left"
-                && e["name"] == "dave"
-                && e["reason"].as_str().unwrap().contains("missed 3 heartbeats")
-        });
-    }
+    // A hung process may be back any moment with what it holds: it is
+    // reported, not removed, and the others carry on (two of three).
+    a.wait_event("dave unreachable", |e| {
+        e["event"] == "unreachable"
+            && e["name"] == "dave"
+            && e["reason"].as_str().unwrap().contains("missed 3 heartbeats")
+    });
+    let mut b = b;
+    b.say("while dave hangs");
+    a.wait_message("while dave hangs");
     d.signal(Signal::SIGCONT);
+    d.wait_message("while dave hangs");
+    d.say("dave is back");
+    a.wait_message("dave is back");
+    assert!(!a.has_event(|e| e["event"] == "left" && e["name"] == "dave"));
+    // A hung client (no server, no vote) is removed after three heartbeats.
+    let raw = Raw::hello(&a.addr, "idle");
+    raw.stream.set_read_timeout(None).unwrap();
+    a.wait_event("idle joined", |e| e["event"] == "joined" && e["name"] == "idle");
+    a.wait_event("idle removed", |e| {
+        e["event"] == "left"
+            && e["name"] == "idle"
+            && e["reason"].as_str().unwrap().contains("missed 3 heartbeats")
+    });
 }
 
 #[test]
 fn last_survivor_leads_and_admits_newcomers() {
     let a = Node::join("alice", &[]);
     let b = node("bob", &[&a]);
-    b.wait_event("ready", |e| e["event"] == "ready");
+    wait_voters(&[&a, &b]);
+    // Two voters, one left: alice's address refuses, so she is proven
+    // gone and bob alone is enough.
     a.signal(Signal::SIGKILL);
     b.wait_event("bob alone", |e| {
         e["event"] == "role" && e["role"] == "coordinator"
@@ -259,8 +279,7 @@ fn joining_through_a_just_elected_coordinator() {
     let a = Node::join("alice", &[]);
     let b = node("bob", &[&a]);
     let c = node("carol", &[&a]);
-    c.wait_event("ready", |e| e["event"] == "ready");
-    b.wait_event("carol joined", |e| e["event"] == "joined");
+    wait_voters(&[&a, &b, &c]);
     a.signal(Signal::SIGKILL);
     b.wait_event("bob leads", |e| e["event"] == "role" && e["coordinator"] == "bob");
     // Through the new coordinator, and through a member that redirects to it.
@@ -380,7 +399,8 @@ fn observers_get_status_without_joining() {
     raw.send(&Frame::Hello {
         version: PROTOCOL_VERSION + 1,
         name: "zed".into(),
-        addr: "x:1".into(),
+        session: 1,
+        addr: None,
         resume: None,
     });
     let err = raw.read_until("error", |f| matches!(f, Frame::Error { .. }));

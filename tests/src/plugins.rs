@@ -255,25 +255,23 @@ fn attach_detach_at_runtime_and_bots_survive_failovers_with_one_transcript() {
     // Detach: no longer moderated.
     c.ok(&["detach", "moderation"]);
     c.ok(&["say", "dave", "spam is fine now"]);
-    let check = c.ok(&["check"]);
-    assert!(check.starts_with("ok: 2 nodes agree"), "{check}");
-    let agreed: u64 = check
-        .split(" on ")
-        .nth(1)
+    let check = c.ok(&["check", "--json"]);
+    let check: Value = serde_json::from_str(&check).unwrap();
+    assert_eq!(check["agree"], true, "{check}");
+    let agreed: Vec<u64> = check["message_seqs"]
+        .as_array()
         .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    // The transcript is the agreed sequence: 1..=last, no gap, no duplicate.
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    // The transcript holds exactly the agreed messages: no gap, no duplicate.
     let t = transcript(&c.state_dir().join("transcript.jsonl"));
     let seqs: Vec<u64> = t
         .iter()
         .filter(|l| l["type"] == "message")
         .map(|l| l["seq"].as_u64().unwrap())
         .collect();
-    assert_eq!(seqs, (1..=agreed).collect::<Vec<_>>(), "transcript {t:?}");
+    assert_eq!(seqs, agreed, "transcript {t:?}");
     assert!(t.iter().any(|l| l["text"] == "spam is fine now"));
 }
 
@@ -281,7 +279,9 @@ fn attach_detach_at_runtime_and_bots_survive_failovers_with_one_transcript() {
 fn hung_coordinator_with_plugins_hands_them_over() {
     let mut a = Node::join("alice", &["--plugin", "echo"]);
     let mut b = Node::join("bob", &["--join", &a.addr]);
-    b.wait_event("ready", |e| e["event"] == "ready");
+    // Three voters: with a hung one the other two are still a majority.
+    let c = Node::join("carol", &["--join", &a.addr]);
+    crate::util::wait_voters(&[&a, &b, &c]);
     let loaded = b.wait_event("echo loaded on bob too", |e| {
         e["event"] == "plugin" && e["name"] == "echo"
     });

@@ -282,8 +282,10 @@ impl Drop for Node {
     }
 }
 
-/// Asserts that every node delivered the same sequence, numbered 1..=n
-/// without gaps or duplicates, and returns it.
+/// Asserts that every node delivered the same messages in the same order,
+/// that each node's log entries (messages, joins, leaves, configuration)
+/// came one seq after the other with no gap and no repeat, and returns the
+/// messages.
 pub fn assert_same_sequence(nodes: &[&Node]) -> Vec<(u64, String, String)> {
     // Each node's stdout is read by its own thread: let the slowest reader
     // catch up with the furthest node before comparing.
@@ -291,19 +293,73 @@ pub fn assert_same_sequence(nodes: &[&Node]) -> Vec<(u64, String, String)> {
     wait_until("every node's output to catch up", || {
         nodes.iter().all(|n| n.messages().len() >= furthest).then_some(())
     });
-    let first = nodes[0].messages();
-    for (i, m) in first.iter().enumerate() {
-        assert_eq!(
-            m.0,
-            i as u64 + 1,
-            "{}: gap or duplicate at {m:?} in {first:?}",
-            nodes[0].name
-        );
+    for n in nodes {
+        let seqs = n.entry_seqs();
+        for w in seqs.windows(2) {
+            assert_eq!(
+                w[1],
+                w[0] + 1,
+                "{}: seq {} followed by seq {} in {seqs:?}",
+                n.name,
+                w[0],
+                w[1]
+            );
+        }
     }
+    let first = nodes[0].messages();
     for n in &nodes[1..] {
         assert_eq!(n.messages(), first, "{} and {} disagree", n.name, nodes[0].name);
     }
     first
+}
+
+impl Node {
+    /// Seqs of every log entry this node delivered (messages, joins,
+    /// leaves, configuration changes), in delivery order.
+    pub fn entry_seqs(&self) -> Vec<u64> {
+        self.events()
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e["event"].as_str(),
+                    Some("message" | "joined" | "left" | "config")
+                )
+            })
+            .filter_map(|e| e["seq"].as_u64())
+            .collect()
+    }
+
+    /// The node's `status` answer, as an observer gets it.
+    pub fn status(&self) -> Frame {
+        let mut raw = Raw::connect(&self.addr);
+        raw.send(&Frame::StatusRequest { log: false });
+        raw.read_until("status", |f| matches!(f, Frame::Status { .. }))
+    }
+}
+
+/// Waits until every node is a voter of one settled voter set: each node
+/// reports the same voters, all of them, and knows the set is in force
+/// (until then a node that joined a moment ago cannot yet take over).
+pub fn wait_voters(nodes: &[&Node]) {
+    wait_until("every node to be a voter of a settled voter set", || {
+        let mut seen: Option<Vec<u64>> = None;
+        let mut ids = Vec::new();
+        for n in nodes {
+            let Frame::Status {
+                id, voters, stable, ..
+            } = n.status()
+            else {
+                return None;
+            };
+            if !stable || seen.as_ref().is_some_and(|s| *s != voters) {
+                return None;
+            }
+            ids.push(id);
+            seen = Some(voters);
+        }
+        let voters = seen?;
+        ids.iter().all(|id| voters.contains(id)).then_some(())
+    });
 }
 
 /// A hand-driven protocol client over a plain socket.
@@ -366,16 +422,21 @@ impl Raw {
         }
     }
 
-    /// Joins as a member and reads up to the welcome.
+    /// Joins as a client (no server of its own) and reads up to the end
+    /// of the welcome's state.
     pub fn hello(addr: &str, name: &str) -> Raw {
         let mut raw = Raw::connect(addr);
         raw.send(&Frame::Hello {
             version: p2p_proto::PROTOCOL_VERSION,
             name: name.into(),
-            addr: "127.0.0.1:9".into(),
+            session: p2p_proto::random_u64(),
+            addr: None,
             resume: None,
         });
         raw.read_until("welcome", |f| matches!(f, Frame::Welcome { .. }));
+        raw.read_until("the welcome's state", |f| {
+            matches!(f, Frame::State { last: true, .. })
+        });
         raw
     }
 }

@@ -42,30 +42,56 @@ pub async fn join(addr: &str, name: &str) -> anyhow::Result<Member> {
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_nodelay(true)?;
     let (mut read, mut write) = stream.into_split();
+    // A client without a server: it gets committed entries only.
     let hello = Frame::Hello {
         version: PROTOCOL_VERSION,
         name: name.into(),
-        addr: "127.0.0.1:9".into(),
+        session: p2p_proto::random_u64(),
+        addr: None,
         resume: None,
     };
     write.write_all(&encode(&hello)).await?;
-    let mut prefix = [0u8; 4];
-    read.read_exact(&mut prefix).await?;
-    let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
-    read.read_exact(&mut body).await?;
-    match decode_body(&body)? {
-        Frame::Welcome { members, replay, .. } => {
-            if replay != 0 {
+    match read_one(&mut read).await? {
+        Frame::Welcome { base, commit, .. } => {
+            if base != commit {
                 bail!("run the node with --history 0 for benchmarks");
             }
-            Ok(Member {
-                read,
-                write,
-                members_at_join: members.len(),
-            })
         }
         other => bail!("{name} was not admitted: {other:?}"),
     }
+    // The chat's state follows the welcome, in one or more frames.
+    let mut members = 0;
+    loop {
+        match read_one(&mut read).await? {
+            Frame::State { members: m, last, .. } => {
+                members += m.len();
+                if last {
+                    break;
+                }
+            }
+            other => bail!(
+                "{name}: expected the chat state after the welcome, got {}",
+                other.kind()
+            ),
+        }
+    }
+    Ok(Member {
+        read,
+        write,
+        members_at_join: members,
+    })
+}
+
+async fn read_one(read: &mut OwnedReadHalf) -> anyhow::Result<Frame> {
+    let mut prefix = [0u8; 4];
+    read.read_exact(&mut prefix).await?;
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > p2p_proto::limits::MAX_FRAME_LEN {
+        bail!("the node sent a frame of {len} bytes, over the limit");
+    }
+    let mut body = vec![0u8; len];
+    read.read_exact(&mut body).await?;
+    Ok(decode_body(&body)?)
 }
 
 /// Reads until `stop` chats arrived (or the connection ends), counting

@@ -186,9 +186,9 @@ async fn check_plugins_active(addr: &str, messages: u64) -> anyhow::Result<()> {
         anyhow::bail!("unexpected answer to a status request");
     };
     for p in &plugins {
-        if p.state != "active" || p.calls < messages {
+        if p.state != p2p_proto::PluginState::Active || p.calls < messages {
             anyhow::bail!(
-                "plugin {} is {} after {} calls ({}); the measurement would be meaningless",
+                "plugin {} is {:?} after {} calls ({}); the measurement would be meaningless",
                 p.name,
                 p.state,
                 p.calls,

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use p2p_proto::{decode_body, encode, limits::MAX_FRAME_LEN, Frame};
+use p2p_proto::{decode_body, encode, limits::MAX_FRAME_LEN, DigestRow, Frame};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -83,7 +83,8 @@ pub struct NodeStatus {
     pub name: String,
     pub last_seq: u64,
     pub gaps: u64,
-    pub log: Vec<(u64, u64, String)>,
+    /// `[seq, epoch, hash, type]` of the delivered entries it holds.
+    pub log: Vec<DigestRow>,
 }
 
 /// Fetches a node's status with its log digest.
@@ -119,36 +120,62 @@ pub async fn status(addr: &str) -> std::io::Result<NodeStatus> {
         .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")))
 }
 
-/// Checks that the given nodes agree: same messages in the same order, no
-/// gaps, no duplicates. Waits up to 3 s for messages in flight to settle.
+/// How long `check` waits for messages in flight to reach every node.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Checks that the given nodes agree: the same entries in the same order,
+/// no gaps, no duplicates. Waits up to [`SETTLE`] for entries in flight.
+/// A node that does not answer (stopped, hung) is reported by name: it is
+/// never silently left out.
 pub async fn check(nodes: Vec<(String, String)>) -> Response {
     if nodes.is_empty() {
         return Response::err("no running node to check");
     }
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + SETTLE;
     loop {
         let mut statuses = Vec::new();
+        let mut unreachable = Vec::new();
         for (name, addr) in &nodes {
             match status(addr).await {
                 Ok(s) => statuses.push(s),
-                Err(e) => return Response::err(format!("cannot reach node {name} at {addr}: {e}")),
+                Err(e) => unreachable.push(format!("{name} at {addr} ({e})")),
             }
         }
         let settled = statuses.windows(2).all(|w| w[0].last_seq == w[1].last_seq);
-        if settled || Instant::now() > deadline {
+        if (settled && unreachable.is_empty()) || Instant::now() > deadline {
+            if !unreachable.is_empty() {
+                let mut r = compare(&statuses);
+                if let Some(d) = &mut r.data {
+                    d["agree"] = serde_json::Value::Bool(false);
+                    d["unreachable"] = json!(unreachable);
+                    d["difference"] = json!(format!(
+                        "cannot check {}: not answering (stopped or hung?); the others {}",
+                        unreachable.join(", "),
+                        if d["difference"].is_null() {
+                            "agree".to_string()
+                        } else {
+                            format!("differ: {}", d["difference"].as_str().unwrap_or(""))
+                        }
+                    ));
+                }
+                return r;
+            }
             return compare(&statuses);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-/// Compares digests over the seqs each pair holds in common.
+/// Compares digests over the seqs the nodes hold in common.
 pub fn compare(statuses: &[NodeStatus]) -> Response {
     let summary: Vec<_> = statuses
         .iter()
         .map(|s| json!({"name": s.name, "last_seq": s.last_seq, "held": s.log.len(), "gaps": s.gaps}))
         .collect();
     let fail = |what: String| Response::ok(json!({"agree": false, "nodes": summary, "difference": what}));
+    let Some(first) = statuses.first() else {
+        return fail("no node answered".into());
+    };
     for s in statuses {
         if s.gaps > 0 {
             return fail(format!("{} saw {} gap(s) in its sequence", s.name, s.gaps));
@@ -162,34 +189,45 @@ pub fn compare(statuses: &[NodeStatus]) -> Response {
             }
         }
     }
+    // Every seq held by anyone, with who holds it first.
+    let mut merged: std::collections::BTreeMap<u64, (&DigestRow, &str)> = Default::default();
     for s in statuses {
-        if s.last_seq != statuses[0].last_seq {
-            return fail(format!(
-                "{} delivered up to seq {} but {} up to seq {}",
-                statuses[0].name, statuses[0].last_seq, s.name, s.last_seq
-            ));
-        }
-    }
-    let reference = statuses.iter().max_by_key(|s| s.log.len()).expect("non-empty");
-    for s in statuses {
-        for entry in &s.log {
-            let Some(first) = reference.log.first() else { break };
-            let Some(theirs) = entry
-                .0
-                .checked_sub(first.0)
-                .and_then(|i| reference.log.get(i as usize))
-            else {
-                continue;
-            };
-            if theirs != entry {
-                return fail(format!(
-                    "first difference at seq {}: {} has epoch {} hash {}, {} has epoch {} hash {}",
-                    entry.0, s.name, entry.1, entry.2, reference.name, theirs.1, theirs.2
-                ));
+        for row in &s.log {
+            match merged.get(&row.0) {
+                Some((theirs, who)) if *theirs != row => {
+                    return fail(format!(
+                        "first difference at seq {}: {} has epoch {} hash {}, {} has epoch {} hash {}",
+                        row.0, s.name, row.1, row.2, who, theirs.1, theirs.2
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    merged.insert(row.0, (row, &s.name));
+                }
             }
         }
     }
-    Response::ok(json!({"agree": true, "nodes": summary, "last_seq": statuses[0].last_seq}))
+    for s in statuses {
+        if s.last_seq != first.last_seq {
+            return fail(format!(
+                "{} delivered up to seq {} but {} up to seq {} (still catching up?)",
+                first.name, first.last_seq, s.name, s.last_seq
+            ));
+        }
+    }
+    let messages: Vec<u64> = merged
+        .values()
+        .filter(|(row, _)| row.3 == "chat")
+        .map(|(row, _)| row.0)
+        .collect();
+    Response::ok(json!({
+        "agree": true,
+        "nodes": summary,
+        "last_seq": first.last_seq,
+        "entries": merged.len(),
+        "messages": messages.len(),
+        "message_seqs": messages,
+    }))
 }
 
 #[cfg(test)]
@@ -201,7 +239,10 @@ mod tests {
             name: name.into(),
             last_seq: log.last().map(|l| l.0).unwrap_or(0),
             gaps: 0,
-            log: log.iter().map(|(a, b, c)| (*a, *b, c.to_string())).collect(),
+            log: log
+                .iter()
+                .map(|(a, b, c)| (*a, *b, c.to_string(), "chat".to_string()))
+                .collect(),
         }
     }
 
@@ -233,5 +274,16 @@ mod tests {
         let d = st("d", &[(1, 1, "x")]);
         let e = st("e", &[(1, 1, "x"), (2, 1, "y")]);
         assert!(!agree(compare(&[d, e])).0);
+        assert!(!agree(compare(&[])).0, "an empty check is not agreement");
+    }
+
+    #[test]
+    fn counts_messages_apart_from_other_entries() {
+        let mut a = st("a", &[(1, 1, "x"), (2, 1, "y"), (3, 1, "z")]);
+        a.log[1].3 = "joined".into();
+        let r = compare(&[a]).data.unwrap();
+        assert_eq!(r["entries"], 3);
+        assert_eq!(r["messages"], 2);
+        assert_eq!(r["message_seqs"], serde_json::json!([1, 3]));
     }
 }

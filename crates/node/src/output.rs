@@ -195,11 +195,19 @@ fn human(event: &Event, me: &str) -> Option<String> {
             rule,
             action,
             member,
-        } => format!("* {plugin}: {} of {member}'s message (rule {rule})", action.as_str()),
-        Event::Plugin { name, state, detail } if detail.is_empty() => format!("* plugin {name} {}", state.as_str()),
+        } => format!(
+            "* {plugin}: {} of {member}'s message (rule {rule})",
+            action.as_str()
+        ),
+        Event::Plugin { name, state, detail } if detail.is_empty() => {
+            format!("* plugin {name} {}", state.as_str())
+        }
         Event::Plugin { name, state, detail } => format!("* plugin {name} {}: {detail}", state.as_str()),
         Event::Waiting { reason } => format!("* {reason}"),
-        Event::Unreachable { name, reason, .. } => format!("* {name} is not answering ({reason}); it stays a voter until it returns or is proven gone"),
+        Event::Config { .. } => return None,
+        Event::Unreachable { name, reason, .. } => format!(
+            "* {name} is not answering ({reason}); it stays a voter until it returns or is proven gone"
+        ),
     })
 }
 
@@ -217,11 +225,21 @@ fn json_line(event: &Event) -> Option<String> {
         Event::Message { chat, replay } => json!({"event": "message", "epoch": chat.epoch, "seq": chat.seq,
             "from": chat.from, "from_id": chat.from_id, "client_seq": chat.client_seq, "text": chat.text,
             "bot": chat.bot, "replay": replay, "t": t}),
-        Event::Joined { id, name, seq } => json!({"event": "joined", "id": id, "name": name, "seq": seq, "t": t}),
-        Event::Left { id, name, reason, seq } => {
+        Event::Joined { id, name, seq } => {
+            json!({"event": "joined", "id": id, "name": name, "seq": seq, "t": t})
+        }
+        Event::Left {
+            id,
+            name,
+            reason,
+            seq,
+        } => {
             json!({"event": "left", "id": id, "name": name, "reason": reason, "seq": seq, "t": t})
         }
         Event::Waiting { reason } => json!({"event": "waiting", "reason": reason, "t": t}),
+        Event::Config { seq, voters, plugins } => {
+            json!({"event": "config", "seq": seq, "voters": voters, "plugins": plugins, "t": t})
+        }
         Event::Unreachable { id, name, reason } => {
             json!({"event": "unreachable", "id": id, "name": name, "reason": reason, "t": t})
         }

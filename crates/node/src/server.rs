@@ -72,6 +72,9 @@ pub async fn run(
     if cfg.core.addr.is_empty() {
         cfg.core.addr = local.to_string();
     }
+    // Never send a member more at once than its queue may hold.
+    cfg.core.window_bytes = cfg.core.window_bytes.min(cfg.queue_bytes / 4);
+    cfg.core.catch_up_bytes = cfg.core.catch_up_bytes.min(cfg.queue_bytes / 4);
     sink.listening(&cfg.core.name, &cfg.core.addr);
     let (tx, mut rx) = mpsc::channel::<Msg>(4096);
     let tracker = TaskTracker::new();

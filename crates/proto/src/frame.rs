@@ -55,7 +55,11 @@ pub struct Chat {
 pub enum Entry {
     Chat(Chat),
     /// A member was admitted.
-    Joined { epoch: u64, seq: u64, member: MemberInfo },
+    Joined {
+        epoch: u64,
+        seq: u64,
+        member: MemberInfo,
+    },
     /// A member left or was removed.
     Left {
         epoch: u64,
@@ -65,7 +69,11 @@ pub enum Entry {
         reason: String,
     },
     /// The set of voting members changed (member ids, ascending).
-    Voters { epoch: u64, seq: u64, set: Vec<u64> },
+    Voters {
+        epoch: u64,
+        seq: u64,
+        set: Vec<u64>,
+    },
     /// The chat's plugin set changed.
     Plugins {
         epoch: u64,
@@ -198,6 +206,10 @@ pub enum Role {
     Coordinator,
 }
 
+/// One row of a node's log digest: `[seq, epoch, hash, type]` (the hash is
+/// defined in docs/PROTOCOL.md; `type` is the entry's frame type).
+pub type DigestRow = (u64, u64, String, String);
+
 /// A sender's de-duplication record: the highest `client_seq` sequenced
 /// for member `id`, whose process session is `session`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,13 +244,23 @@ pub enum Frame {
         log: bool,
     },
     /// Observer asks the node to post `text` as its own user.
-    Post { text: String },
+    Post {
+        text: String,
+    },
     /// Observer asks the coordinator to add (or reconfigure) a plugin.
-    Attach { name: String, config: String },
+    Attach {
+        name: String,
+        config: String,
+    },
     /// Observer asks the coordinator to remove a plugin.
-    Detach { name: String },
+    Detach {
+        name: String,
+    },
     /// A coordinator announces its reign to a peer that may not know it.
-    Announce { epoch: u64, coordinator: MemberInfo },
+    Announce {
+        epoch: u64,
+        coordinator: MemberInfo,
+    },
     /// A candidate or coordinator asks whether a voter's process is still
     /// the one it knows (a different session proves the old one gone).
     Probe {},
@@ -287,12 +309,20 @@ pub enum Frame {
         plugins: Option<Vec<PluginRef>>,
     },
     /// This node is not the coordinator; connect there instead.
-    Redirect { addr: String, epoch: u64 },
+    Redirect {
+        addr: String,
+        epoch: u64,
+    },
     /// A candidate asks a voter to vote again, for this epoch.
-    Revote { epoch: u64 },
+    Revote {
+        epoch: u64,
+    },
     /// Something went wrong; `message` is a human sentence. Usually followed
     /// by the connection closing.
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
     /// Answer to `probe`.
     ProbeReply {
         session: u64,
@@ -313,6 +343,10 @@ pub enum Frame {
         members: Vec<MemberInfo>,
         #[serde(default)]
         voters: Vec<u64>,
+        /// True when the last change of the voters is known to be in force
+        /// (until then an election also needs the previous voters).
+        #[serde(default)]
+        stable: bool,
         /// Last delivered seq.
         last_seq: u64,
         /// First seq this node holds (its log starts after history it
@@ -324,10 +358,11 @@ pub enum Frame {
         gaps: u64,
         #[serde(default)]
         chat_id: String,
-        /// With `log: true`: the delivered entries still held, oldest
-        /// first, as `[seq, epoch, hash]` (see docs/PROTOCOL.md).
+        /// With `log: true`: the delivered entries still held (the newest
+        /// 4,000), oldest first, as `[seq, epoch, hash, type]` (see
+        /// docs/PROTOCOL.md).
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        log: Option<Vec<(u64, u64, String)>>,
+        log: Option<Vec<DigestRow>>,
         /// The plugins this node has loaded (only the coordinator calls them).
         #[serde(default)]
         plugins: Vec<PluginStatus>,
@@ -339,18 +374,31 @@ pub enum Frame {
 
     // ---- member → coordinator ----
     /// A chat message to sequence.
-    Say { text: String, client_seq: u64 },
-    Pong { nonce: u64 },
+    Say {
+        text: String,
+        client_seq: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
     /// Clean leave.
     Leave {},
     /// A peer holds the coordinator's log up to `seq`.
-    Ack { seq: u64 },
+    Ack {
+        seq: u64,
+    },
     /// Entries the coordinator asked for with `sync_request`.
-    Sync { entries: Vec<Entry> },
+    Sync {
+        entries: Vec<Entry>,
+    },
 
     // ---- coordinator → member: log entries ----
     Chat(Chat),
-    Joined { epoch: u64, seq: u64, member: MemberInfo },
+    Joined {
+        epoch: u64,
+        seq: u64,
+        member: MemberInfo,
+    },
     Left {
         epoch: u64,
         seq: u64,
@@ -358,7 +406,11 @@ pub enum Frame {
         name: String,
         reason: String,
     },
-    Voters { epoch: u64, seq: u64, set: Vec<u64> },
+    Voters {
+        epoch: u64,
+        seq: u64,
+        set: Vec<u64>,
+    },
     Plugins {
         epoch: u64,
         seq: u64,
@@ -374,12 +426,20 @@ pub enum Frame {
         #[serde(default)]
         stable: u64,
     },
-    Ping { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
     /// Asks a voter for the entries in `from..=to` it holds.
-    SyncRequest { from: u64, to: u64 },
+    SyncRequest {
+        from: u64,
+        to: u64,
+    },
     /// The sender's message was not delivered (a bot dropped it, or it was
     /// invalid); `reason` is shown to the sender.
-    Rejected { client_seq: u64, reason: String },
+    Rejected {
+        client_seq: u64,
+        reason: String,
+    },
 }
 
 impl Frame {
@@ -458,8 +518,11 @@ impl Frame {
         }
     }
 
-    /// The log entry this frame carries, if it is one.
-    pub fn into_entry(self) -> Result<Entry, Frame> {
+    /// The log entry this frame carries, or the frame back if it is none.
+    ///
+    /// # Errors
+    /// The frame itself (boxed) when it is not a log entry.
+    pub fn into_entry(self) -> Result<Entry, Box<Frame>> {
         Ok(match self {
             Frame::Chat(c) => Entry::Chat(c),
             Frame::Joined { epoch, seq, member } => Entry::Joined { epoch, seq, member },
@@ -478,7 +541,7 @@ impl Frame {
             },
             Frame::Voters { epoch, seq, set } => Entry::Voters { epoch, seq, set },
             Frame::Plugins { epoch, seq, set } => Entry::Plugins { epoch, seq, set },
-            other => return Err(other),
+            other => return Err(Box::new(other)),
         })
     }
 }

@@ -9,7 +9,33 @@ pub mod limits;
 
 pub use codec::{decode_body, encode, encode_chat, encode_entry, read_frame_sync, split_frame};
 pub use error::{ErrorCode, ProtoError};
-pub use frame::{Chat, Entry, Frame, MemberInfo, PluginRef, PluginState, PluginStatus, Resume, Role, Seen};
+pub use frame::{
+    Chat, DigestRow, Entry, Frame, MemberInfo, PluginRef, PluginState, PluginStatus, Resume, Role, Seen,
+};
 
 /// Protocol version carried in every `hello`; a node refuses any other.
 pub const PROTOCOL_VERSION: u32 = 2;
+
+/// A random 64-bit value for process sessions and chat ids: from the
+/// operating system's generator (`/dev/urandom`), or, where that cannot
+/// be read, from the clock and process id mixed by std's hasher.
+pub fn random_u64() -> u64 {
+    use std::io::Read;
+    let mut buf = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .is_ok()
+    {
+        return u64::from_le_bytes(buf) | 1;
+    }
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    h.finish() | 1
+}

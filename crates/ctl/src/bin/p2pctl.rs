@@ -144,6 +144,9 @@ enum Cmd {
     Check {
         #[command(flatten)]
         f: FileArg,
+        /// Print the result as JSON (agreement, message seqs, per node).
+        #[arg(long)]
+        json: bool,
     },
     /// Stop the cluster and its supervisor.
     Down {
@@ -176,7 +179,7 @@ impl Cmd {
             | Cmd::Attach { f, .. }
             | Cmd::Detach { f, .. }
             | Cmd::Plugins { f, .. }
-            | Cmd::Check { f }
+            | Cmd::Check { f, .. }
             | Cmd::Down { f }
             | Cmd::Demo { f, .. } => f.file.as_ref(),
         }
@@ -368,13 +371,19 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
                 }
             }
         }
-        Cmd::Check { .. } => {
+        Cmd::Check { json, .. } => {
             let d = call(cluster, Request::Check).await?;
+            if json {
+                println!("{d}");
+                return Ok(if d["agree"] == true { 0 } else { 1 });
+            }
             let nodes = d["nodes"].as_array().cloned().unwrap_or_default();
             if d["agree"] == true {
                 println!(
-                    "ok: {} nodes agree on {} messages (same order, no gaps, no duplicates)",
+                    "ok: {} nodes agree on {} messages ({} log entries up to seq {}; same order, no gaps, no duplicates)",
                     nodes.len(),
+                    d["messages"],
+                    d["entries"],
                     d["last_seq"]
                 );
                 return Ok(0);

@@ -117,7 +117,10 @@ async fn serve(args: Args) -> anyhow::Result<i32> {
         }
         None => local.to_string(),
     };
+    p2p_proto::limits::check_addr(&advertise).map_err(|e| anyhow::anyhow!("--advertise: {e}"))?;
     let mut core = CoreConfig::new(args.name, advertise);
+    core.session = p2p_proto::random_u64();
+    core.chat_id = format!("{:016x}{:016x}", p2p_proto::random_u64(), p2p_proto::random_u64());
     core.join = args.join.into_iter().filter(|j| !j.trim().is_empty()).collect();
     core.create_if_alone = args.create_if_alone;
     core.heartbeat_ms = args.heartbeat_ms;

@@ -53,7 +53,13 @@ struct Recovery {
 }
 
 impl Candidate {
-    pub(super) fn new(epoch: u64, since: Millis, lost: Option<MemberInfo>, now: Millis, bound_before: u64) -> Candidate {
+    pub(super) fn new(
+        epoch: u64,
+        since: Millis,
+        lost: Option<MemberInfo>,
+        now: Millis,
+        bound_before: u64,
+    ) -> Candidate {
         Candidate {
             epoch,
             since,
@@ -72,7 +78,9 @@ impl Candidate {
     }
 
     pub(super) fn owns(&self, conn: ConnId) -> bool {
-        self.votes.values().any(|r| r.conn == conn) || self.held.contains_key(&conn) || self.probes.contains_key(&conn)
+        self.votes.values().any(|r| r.conn == conn)
+            || self.held.contains_key(&conn)
+            || self.probes.contains_key(&conn)
     }
 
     pub(super) fn conns(&self) -> Vec<ConnId> {
@@ -108,13 +116,20 @@ impl Core {
     /// A resume (possibly carrying a vote) reached us as candidate.
     pub(super) fn cand_hello(&mut self, h: Hello) {
         let Some(r) = h.resume else {
-            return self.refuse(h.conn, ErrorCode::Electing, "an election is under way; retry in a moment");
+            return self.refuse(
+                h.conn,
+                ErrorCode::Electing,
+                "an election is under way; retry in a moment",
+            );
         };
         self.note_epoch(r.epoch);
         for d in &r.dead {
             self.proven_dead(*d);
         }
-        let known = self.tip.member(r.member_id).is_some_and(|m| m.session == h.session);
+        let known = self
+            .tip
+            .member(r.member_id)
+            .is_some_and(|m| m.session == h.session);
         let is_voter = known && self.tip.all_voters().contains(&r.member_id);
         let resumer = Resumer {
             conn: h.conn,
@@ -160,7 +175,12 @@ impl Core {
                 let conn = o.conn;
                 c.held.insert(conn, o);
             }
-            let conns: Vec<ConnId> = c.held.values().filter(|o| o.resume.vote.is_some()).map(|o| o.conn).collect();
+            let conns: Vec<ConnId> = c
+                .held
+                .values()
+                .filter(|o| o.resume.vote.is_some())
+                .map(|o| o.conn)
+                .collect();
             self.cast_vote_self(vote);
             for conn in conns {
                 self.send(conn, &Frame::Revote { epoch: vote });
@@ -254,7 +274,12 @@ impl Core {
         let Some(c) = self.cand() else { return };
         if now >= c.next_ping {
             c.next_ping = now + hb;
-            let conns: Vec<ConnId> = c.votes.values().map(|r| r.conn).chain(c.held.keys().copied()).collect();
+            let conns: Vec<ConnId> = c
+                .votes
+                .values()
+                .map(|r| r.conn)
+                .chain(c.held.keys().copied())
+                .collect();
             let ping = p2p_proto::encode(&Frame::Ping { nonce: 0 });
             for conn in conns {
                 self.out.push(super::Output::Send(conn, ping.clone()));
@@ -283,7 +308,9 @@ impl Core {
         let targets: Vec<(u64, String)> = voters
             .iter()
             .copied()
-            .filter(|v| *v != me && !c.votes.contains_key(v) && !probing.contains(v) && !self.dead.contains(v))
+            .filter(|v| {
+                *v != me && !c.votes.contains_key(v) && !probing.contains(v) && !self.dead.contains(v)
+            })
             .filter_map(|v| self.member(v).and_then(|m| m.addr.clone()).map(|a| (v, a)))
             .collect();
         for (id, addr) in targets {
@@ -294,7 +321,14 @@ impl Core {
         }
     }
 
-    fn cand_probe_reply(&mut self, id: u64, session: u64, role: Role, epoch: u64, coordinator: Option<String>) {
+    fn cand_probe_reply(
+        &mut self,
+        id: u64,
+        session: u64,
+        role: Role,
+        epoch: u64,
+        coordinator: Option<String>,
+    ) {
         let expected = self.member(id).map(|m| m.session);
         if expected != Some(session) {
             // Another process answers at that address: ours is gone.
@@ -356,12 +390,20 @@ impl Core {
                 .filter_map(|(e, a)| a.clone().map(|a| (*e, a)))
                 .max();
             if let Some((_, addr)) = target {
-                return self.withdraw(Some((0, addr)), "the other voters still follow a live coordinator");
+                return self.withdraw(
+                    Some((0, addr)),
+                    "the other voters still follow a live coordinator",
+                );
             }
         }
         let all: BTreeSet<u64> = configs.iter().flatten().copied().collect();
-        let names = |set: &mut dyn Iterator<Item = &u64>| -> Vec<String> { set.map(|id| format!("#{id}")).collect() };
-        let missing: Vec<u64> = all.iter().copied().filter(|v| !yes.contains(v) && !dead.contains(v)).collect();
+        let names =
+            |set: &mut dyn Iterator<Item = &u64>| -> Vec<String> { set.map(|id| format!("#{id}")).collect() };
+        let missing: Vec<u64> = all
+            .iter()
+            .copied()
+            .filter(|v| !yes.contains(v) && !dead.contains(v))
+            .collect();
         let reason = format!(
             "waiting for a majority of voters: {} of {} agree; proven dead: [{}]; not answering or following another: [{}]",
             yes.iter().filter(|v| all.contains(v)).count(),
@@ -428,11 +470,24 @@ impl Core {
                 let Some(c) = self.cand() else { return };
                 let Some(r) = &mut c.recovery else { return };
                 let loader = r.loader.get_or_insert_with(StateLoader::default);
-                match loader.add(&chat_id, last, members, seen, voters, prev_voters, voters_seq, next_id, plugins) {
+                match loader.add(
+                    &chat_id,
+                    last,
+                    members,
+                    seen,
+                    voters,
+                    prev_voters,
+                    voters_seq,
+                    next_id,
+                    plugins,
+                ) {
                     Ok(None) => {}
                     Ok(Some(state)) => {
                         r.loader = None;
-                        tracing::warn!(at, "the best log starts after ours: taking its state (a hole here)");
+                        tracing::warn!(
+                            at,
+                            "the best log starts after ours: taking its state (a hole here)"
+                        );
                         self.log.reset(at, at > self.log.applied());
                         self.install_state(state, at);
                     }
@@ -451,7 +506,8 @@ impl Core {
                     match self.append_entry(e) {
                         Ok(()) | Err(AppendError::Duplicate) => {}
                         Err(AppendError::Gap { expected }) => {
-                            return self.recovery_failed(conn, &format!("entry {seq} where {expected} was due"));
+                            return self
+                                .recovery_failed(conn, &format!("entry {seq} where {expected} was due"));
                         }
                     }
                 }

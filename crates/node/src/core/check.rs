@@ -72,7 +72,10 @@ impl Checker {
     fn coordinator(&mut self, epoch: u64, who: Who) {
         match self.epochs.get(&epoch) {
             Some(prev) if *prev != who => {
-                let v = format!("two coordinators in epoch {epoch}: node {:?} and node {:?}", prev, who);
+                let v = format!(
+                    "two coordinators in epoch {epoch}: node {:?} and node {:?}",
+                    prev, who
+                );
                 self.violation(v);
             }
             _ => {
@@ -84,16 +87,31 @@ impl Checker {
     /// Entries a node delivered since the last look (None: not held, i.e.
     /// skipped). `first`: the node's first deliveries (a newcomer starts
     /// wherever its history starts).
-    pub fn delivered(&mut self, node: usize, inc: u32, me: u64, first: bool, entries: &[(u64, Option<Entry>)], gaps: u64) {
+    pub fn delivered(
+        &mut self,
+        node: usize,
+        inc: u32,
+        me: u64,
+        first: bool,
+        entries: &[(u64, Option<Entry>)],
+        gaps: u64,
+    ) {
         let who = (node, inc);
-        if gaps > 0 && !self.violations.iter().any(|v| v.contains(&format!("{who:?} counted"))) {
+        if gaps > 0
+            && !self
+                .violations
+                .iter()
+                .any(|v| v.contains(&format!("{who:?} counted")))
+        {
             self.violation(format!("node {who:?} counted {gaps} gap(s) in its log"));
         }
         for (seq, entry) in entries {
             let Some(entry) = entry else {
                 let started = self.delivered.get(&who).is_some_and(|d| !d.is_empty());
                 if started || !first {
-                    self.violation(format!("node {who:?} skipped seq {seq} (a hole in what it delivered)"));
+                    self.violation(format!(
+                        "node {who:?} skipped seq {seq} (a hole in what it delivered)"
+                    ));
                 }
                 continue;
             };
@@ -125,7 +143,10 @@ impl Checker {
                     let key = (c.from_id, c.client_seq);
                     match self.by_msg.get(&key) {
                         Some(s) if s != seq => {
-                            let v = format!("message {:?} ({}) delivered at seq {s} and at seq {seq}", key, c.text);
+                            let v = format!(
+                                "message {:?} ({}) delivered at seq {s} and at seq {seq}",
+                                key, c.text
+                            );
                             self.violation(v);
                         }
                         _ => {
@@ -157,18 +178,18 @@ impl Checker {
         self.events.get(&(node, inc)).cloned().unwrap_or_default()
     }
 
-    /// Highest seq delivered by an incarnation.
-    pub fn last(&self, node: usize, inc: u32) -> u64 {
-        self.delivered.get(&(node, inc)).and_then(|d| d.last().copied()).unwrap_or(0)
-    }
-
     /// Texts typed by an incarnation and never delivered anywhere.
     pub fn undelivered(&self, node: usize, inc: u32) -> Vec<String> {
         self.typed
             .get(&(node, inc))
             .into_iter()
             .flatten()
-            .filter(|t| !self.global.values().any(|(e, _)| matches!(e, Entry::Chat(c) if &c.text == *t)))
+            .filter(|t| {
+                !self
+                    .global
+                    .values()
+                    .any(|(e, _)| matches!(e, Entry::Chat(c) if &c.text == *t))
+            })
             .cloned()
             .collect()
     }
@@ -178,7 +199,9 @@ impl Checker {
         let bad: Vec<String> = self
             .acked
             .iter()
-            .filter(|(text, seq)| !matches!(self.global.get(seq), Some((Entry::Chat(c), _)) if &c.text == *text))
+            .filter(
+                |(text, seq)| !matches!(self.global.get(seq), Some((Entry::Chat(c), _)) if &c.text == *text),
+            )
             .map(|(text, seq)| format!("acknowledged message {text} (seq {seq}) is not in the final order"))
             .collect();
         for v in bad {
@@ -187,7 +210,10 @@ impl Checker {
     }
 
     pub fn messages(&self) -> usize {
-        self.global.values().filter(|(e, _)| matches!(e, Entry::Chat(_))).count()
+        self.global
+            .values()
+            .filter(|(e, _)| matches!(e, Entry::Chat(_)))
+            .count()
     }
 
     pub fn max_epoch(&self) -> u64 {

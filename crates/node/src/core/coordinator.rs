@@ -3,14 +3,14 @@
 //! delivering it here and to clients), changing the voter set one change at
 //! a time, heartbeats, and stepping down.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use p2p_proto::{encode, limits, Chat, Entry, ErrorCode, Frame, MemberInfo, PluginRef};
 
 use super::candidate::Resumer;
 use super::hooks::{Decision, HookMessage};
 use super::state::{is_quorum, MAX_VOTERS};
-use super::{ConnId, Core, Event, Group, Hello, Millis, Output, PluginChange, State, MAX_TENTATIVE};
+use super::{ConnId, Core, Event, Group, Hello, Millis, Output, PluginChange, State, MAX_BACKLOG_BYTES};
 
 /// Bot posts may trigger bot posts this many levels deep, no more.
 const MAX_BOT_DEPTH: u32 = 3;
@@ -34,8 +34,13 @@ pub(super) struct Coord {
     next_probe: Millis,
     /// Since when a quorum of voters has been out of contact.
     quorum_lost_since: Option<Millis>,
+    /// Why members proven gone left (a clean leave says so).
+    gone_reason: BTreeMap<u64, String>,
     /// Last commit point and stable change sent to peers.
     commit_sent: (u64, u64),
+    /// Messages waiting for room in the window, in arrival order.
+    backlog: VecDeque<Submission>,
+    backlog_bytes: usize,
     waiting: Option<String>,
 }
 
@@ -46,6 +51,9 @@ struct Link {
     /// Runs a server (gets entries before commit, acknowledges, may vote).
     peer: bool,
     last_heard: Millis,
+    /// A returning peer being caught up: the next seq to send it once it
+    /// acknowledges what it got (it joins the broadcast group after).
+    catch_up: Option<u64>,
 }
 
 impl Coord {
@@ -62,7 +70,10 @@ impl Coord {
             probes: BTreeMap::new(),
             next_probe: now,
             quorum_lost_since: None,
+            gone_reason: BTreeMap::new(),
             commit_sent: (0, 0),
+            backlog: VecDeque::new(),
+            backlog_bytes: 0,
             waiting: None,
         }
     }
@@ -149,13 +160,21 @@ impl Core {
             self.note_epoch(r.min_epoch);
             if r.epoch > self.epoch {
                 // It followed a coordinator newer than us: we are stale.
-                self.refuse(h.conn, ErrorCode::Electing, "this coordinator is out of date; retry in a moment");
+                self.refuse(
+                    h.conn,
+                    ErrorCode::Electing,
+                    "this coordinator is out of date; retry in a moment",
+                );
                 return self.step_down(None, "a member followed a newer coordinator");
             }
             if r.min_epoch > self.epoch {
                 // It voted in a later epoch and cannot come back to ours:
                 // run again, for an epoch after it.
-                self.refuse(h.conn, ErrorCode::Electing, "the coordinator is moving to a later epoch; retry in a moment");
+                self.refuse(
+                    h.conn,
+                    ErrorCode::Electing,
+                    "the coordinator is moving to a later epoch; retry in a moment",
+                );
                 return self.step_down(None, "a member is bound to a later epoch");
             }
             for d in &r.dead {
@@ -251,14 +270,32 @@ impl Core {
     }
 
     /// Sends `welcome`, the state, and the entries the member needs, then
-    /// adds it to its broadcast group.
+    /// adds it to its broadcast group. A peer far behind gets its history
+    /// in chunks as it acknowledges them; a client gets at most
+    /// `catch_up_bytes` of it (an older hole is reported to it as such).
     fn welcome(&mut self, conn: ConnId, id: u64, name: String, peer: bool, returning_base: Option<u64>) {
         let commit = self.log.commit();
-        let base = match returning_base {
+        let mut base = match returning_base {
             Some(b) if self.log.holds_after(b.min(commit)) => b.min(commit),
             Some(_) => self.log.base(),
             None => commit.saturating_sub(self.cfg.replay as u64).max(self.log.base()),
         };
+        if !peer {
+            // Keep the newest entries that fit.
+            let mut size = 0;
+            let sizes: Vec<(u64, usize)> = self
+                .log
+                .sized_range(base + 1, commit)
+                .map(|(e, n)| (e.seq(), n))
+                .collect();
+            for (seq, n) in sizes.iter().rev() {
+                if size + n > self.cfg.catch_up_bytes {
+                    base = *seq;
+                    break;
+                }
+                size += n;
+            }
+        }
         let welcome = Frame::Welcome {
             member_id: id,
             epoch: self.epoch,
@@ -273,9 +310,6 @@ impl Core {
         for f in self.state.to_frames(self.state_at) {
             self.send(conn, &f);
         }
-        let upto = if peer { self.log.last() } else { commit };
-        let frames = self.log.frames(base + 1, upto);
-        self.out.extend(frames.into_iter().map(|f| Output::Send(conn, f)));
         let now = self.now;
         let Some(c) = self.coord() else { return };
         c.links.insert(
@@ -285,11 +319,48 @@ impl Core {
                 name,
                 peer,
                 last_heard: now,
+                catch_up: None,
             },
         );
         c.by_member.insert(id, conn);
-        self.out
-            .push(Output::Attach(conn, if peer { Group::Peers } else { Group::Clients }));
+        if peer {
+            self.send_chunk(conn, base + 1);
+        } else {
+            let frames = self.log.frames(base + 1, commit);
+            self.out.extend(frames.into_iter().map(|f| Output::Send(conn, f)));
+            self.out.push(Output::Attach(conn, Group::Clients));
+        }
+    }
+
+    /// Sends a catching-up peer the entries from `from`, at most
+    /// `catch_up_bytes` of them; once it has everything it joins the peers.
+    fn send_chunk(&mut self, conn: ConnId, from: u64) {
+        let budget = self.cfg.catch_up_bytes;
+        let last = self.log.last();
+        let mut size = 0;
+        let mut upto = from - 1;
+        for (e, n) in self.log.sized_range(from, last) {
+            if size + n > budget && upto >= from {
+                break;
+            }
+            size += n;
+            upto = e.seq();
+        }
+        let frames = self.log.frames(from, upto);
+        self.out.extend(frames.into_iter().map(|f| Output::Send(conn, f)));
+        let commit = Frame::Commit {
+            seq: self.log.commit(),
+            stable: self.stable,
+        };
+        self.send(conn, &commit);
+        let done = upto >= last;
+        let Some(c) = self.coord() else { return };
+        if let Some(l) = c.links.get_mut(&conn) {
+            l.catch_up = (!done).then_some(upto + 1);
+        }
+        if done {
+            self.out.push(Output::Attach(conn, Group::Peers));
+        }
     }
 
     /// A frame from an admitted member.
@@ -309,7 +380,9 @@ impl Core {
             }
             return;
         }
-        let Some(link) = c.links.get_mut(&conn) else { return };
+        let Some(link) = c.links.get_mut(&conn) else {
+            return;
+        };
         link.last_heard = now;
         let (id, name, peer) = (link.id, link.name.clone(), link.peer);
         match frame {
@@ -335,18 +408,28 @@ impl Core {
                     let Some(c) = self.coord() else { return };
                     let a = c.acked.entry(id).or_insert(0);
                     *a = (*a).max(seq);
+                    let next = c.links.get(&conn).and_then(|l| l.catch_up);
+                    if let Some(next) = next.filter(|n| seq + 1 >= *n) {
+                        self.send_chunk(conn, next);
+                    }
                 }
             }
             Frame::Pong { .. } | Frame::Sync { .. } | Frame::Hello { .. } => {}
             Frame::Leave {} => {
                 self.proven_dead(id); // it will never act again
+                if let Some(c) = self.coord() {
+                    c.gone_reason.insert(id, "left".into());
+                }
                 self.drop_link(conn, "left".into());
             }
             other => {
                 let kind = other.kind();
                 self.send(
                     conn,
-                    &Frame::error(ErrorCode::UnexpectedFrame, format!("{kind} is not allowed from a member")),
+                    &Frame::error(
+                        ErrorCode::UnexpectedFrame,
+                        format!("{kind} is not allowed from a member"),
+                    ),
                 );
                 self.drop_link(conn, format!("disconnected (sent an unexpected {kind} frame)"));
             }
@@ -365,7 +448,13 @@ impl Core {
         }
     }
 
+    /// Our own user's line: sequenced now if the window has room, else it
+    /// waits in `pending` (in order) for `flush_pending`.
     pub(super) fn coord_own(&mut self, client_seq: u64, text: String) {
+        let waiting = matches!(&self.role, State::Coordinator(c) if !c.backlog.is_empty());
+        if waiting || self.log.tentative_bytes() >= self.cfg.window_bytes {
+            return;
+        }
         let (from_id, from) = (self.me.id, self.me.name.clone());
         self.submit(Submission {
             from_id,
@@ -381,10 +470,36 @@ impl Core {
     /// Runs the plugin chain on a message, then sequences it (or tells the
     /// sender it was dropped).
     fn submit(&mut self, s: Submission) {
-        if self.log.last() - self.log.commit() >= MAX_TENTATIVE {
-            let reason = "not sent: the chat is waiting for its voters to confirm earlier messages".to_string();
-            return self.reject(&s, reason);
+        let full = self.log.tentative_bytes() >= self.cfg.window_bytes;
+        let Some(c) = self.coord() else { return };
+        if full || !c.backlog.is_empty() {
+            if c.backlog_bytes + s.text.len() > MAX_BACKLOG_BYTES {
+                let reason = "not sent: the chat is busy (its voters have not confirmed earlier messages yet); try again".to_string();
+                return self.reject(&s, reason);
+            }
+            c.backlog_bytes += s.text.len();
+            c.backlog.push_back(s);
+            return;
         }
+        self.sequence_now(s);
+    }
+
+    /// Sequences what waits in the backlog while the window has room.
+    fn drain_backlog(&mut self) {
+        while self.log.tentative_bytes() < self.cfg.window_bytes {
+            let Some(c) = self.coord() else { return };
+            let Some(s) = c.backlog.pop_front() else { return };
+            c.backlog_bytes -= s.text.len();
+            // Sent again while it waited (after a reconnection)?
+            if s.client_seq > 0 && s.from_id != 0 && s.client_seq <= self.tip.client_seq(s.from_id) {
+                continue;
+            }
+            self.sequence_now(s);
+        }
+    }
+
+    /// Runs the chain and appends the message now.
+    fn sequence_now(&mut self, s: Submission) {
         let text = if self.hooks.active() {
             let msg = HookMessage {
                 epoch: self.epoch,
@@ -473,24 +588,40 @@ impl Core {
         }
     }
 
-    /// Sequences our own messages that are still unconfirmed.
+    /// Sequences our own messages not in the log yet, in order, while the
+    /// window has room.
     fn flush_pending(&mut self) {
-        let done = self.tip.client_seq(self.me.id);
-        let pending: Vec<_> = self.pending.iter().filter(|(cs, _)| *cs > done).cloned().collect();
-        for (cs, text) in pending {
+        loop {
+            let done = self.tip.client_seq(self.me.id);
+            let at = self.pending.partition_point(|(cs, _)| *cs <= done);
+            let Some((cs, text)) = self.pending.get(at).cloned() else {
+                return;
+            };
+            let before = self.log.last();
             self.coord_own(cs, text);
+            if self.log.last() == before && self.tip.client_seq(self.me.id) == done {
+                return; // no room (or a plugin dropped it: it left `pending`)
+            }
         }
     }
 
     /// End of a batch: commit what a quorum holds, deliver it, tell peers.
     pub(super) fn coord_end_batch(&mut self) {
         loop {
-            let target = self.commit_target();
-            if target <= self.log.commit() {
+            loop {
+                let target = self.commit_target();
+                if target <= self.log.commit() {
+                    break;
+                }
+                self.log.set_commit(target);
+                self.coord_apply();
+            }
+            let before = self.log.last();
+            self.drain_backlog();
+            self.flush_pending();
+            if self.log.last() == before {
                 break;
             }
-            self.log.set_commit(target);
-            self.coord_apply();
         }
         self.maintain_voters();
         let commit = self.log.commit();
@@ -526,7 +657,9 @@ impl Core {
 
     /// The highest seq a quorum of every voter set in force holds.
     fn commit_target(&self) -> u64 {
-        let State::Coordinator(c) = &self.role else { return 0 };
+        let State::Coordinator(c) = &self.role else {
+            return 0;
+        };
         let (commit, last) = (self.log.commit(), self.log.last());
         if last <= commit {
             return commit;
@@ -569,13 +702,21 @@ impl Core {
     /// proven dead and promote connected peers, earliest-joined first.
     fn maintain_voters(&mut self) {
         let me = self.me.id;
-        let State::Coordinator(c) = &mut self.role else { return };
+        let State::Coordinator(c) = &mut self.role else {
+            return;
+        };
         let pending_at = self.tip.voters_seq;
         if pending_at > c.effective_through {
             if self.log.commit() < pending_at {
                 return;
             }
-            let everyone: BTreeSet<u64> = self.tip.voters.iter().chain(&self.tip.prev_voters).copied().collect();
+            let everyone: BTreeSet<u64> = self
+                .tip
+                .voters
+                .iter()
+                .chain(&self.tip.prev_voters)
+                .copied()
+                .collect();
             let all_hold = everyone
                 .iter()
                 .filter(|v| **v != me && !self.dead.contains(v))
@@ -609,25 +750,37 @@ impl Core {
             return self.remove_dead_members();
         }
         tracing::info!(?current, ?next, "changing the voter set");
-        self.propose(|epoch, seq| Entry::Voters { epoch, seq, set: next });
+        self.propose(|epoch, seq| Entry::Voters {
+            epoch,
+            seq,
+            set: next,
+        });
     }
 
     /// Members proven dead that are no longer voters leave the member list.
     fn remove_dead_members(&mut self) {
-        let gone: Vec<(u64, String)> = self
+        let State::Coordinator(c) = &self.role else { return };
+        let gone: Vec<(u64, String, String)> = self
             .tip
             .members
             .iter()
-            .filter(|m| self.dead.contains(&m.id) && !self.tip.is_voter(m.id) && !self.tip.prev_voters.contains(&m.id))
-            .map(|m| (m.id, m.name.clone()))
+            .filter(|m| self.dead.contains(&m.id) && !self.tip.is_voter(m.id))
+            .map(|m| {
+                let reason = c
+                    .gone_reason
+                    .get(&m.id)
+                    .cloned()
+                    .unwrap_or_else(|| "disconnected (its process is gone)".into());
+                (m.id, m.name.clone(), reason)
+            })
             .collect();
-        for (id, name) in gone {
+        for (id, name, reason) in gone {
             self.propose(|epoch, seq| Entry::Left {
                 epoch,
                 seq,
                 id,
                 name,
-                reason: "disconnected (its process is gone)".into(),
+                reason,
             });
         }
     }
@@ -717,7 +870,12 @@ impl Core {
         }
         c.next_probe = now + 2 * hb;
         let probing: BTreeSet<u64> = c.probes.values().copied().collect();
-        let ids: Vec<u64> = c.unreachable.keys().copied().filter(|id| !probing.contains(id)).collect();
+        let ids: Vec<u64> = c
+            .unreachable
+            .keys()
+            .copied()
+            .filter(|id| !probing.contains(id))
+            .collect();
         let mut targets = Vec::new();
         for id in ids {
             if self.dead.contains(&id) {

@@ -37,6 +37,8 @@ pub struct Log {
     cap: usize,
     bytes: usize,
     cap_bytes: usize,
+    /// Bytes of encoded entries past `commit` (the coordinator's window).
+    tentative_bytes: usize,
     /// Holes seen inside the delivered sequence (should stay 0).
     gaps: u64,
 }
@@ -62,6 +64,7 @@ impl Log {
             cap: cap.max(1),
             bytes: 0,
             cap_bytes: DEFAULT_CAP_BYTES,
+            tentative_bytes: 0,
             gaps: 0,
         }
     }
@@ -94,9 +97,9 @@ impl Log {
         self.gaps
     }
 
-    /// Entries held past the delivered point.
-    pub fn tentative(&self) -> u64 {
-        self.last - self.applied
+    /// Bytes of the held entries past the commit point.
+    pub fn tentative_bytes(&self) -> usize {
+        self.tentative_bytes
     }
 
     /// Appends the next entry, encoding its frame.
@@ -135,6 +138,9 @@ impl Log {
     fn push(&mut self, entry: Entry, frame: Bytes) {
         self.last = entry.seq();
         self.bytes += frame.len();
+        if entry.seq() > self.commit {
+            self.tentative_bytes += frame.len();
+        }
         self.entries.push_back(Held { entry, frame });
         self.evict();
     }
@@ -160,6 +166,9 @@ impl Log {
             match self.entries.pop_back() {
                 Some(old) => {
                     self.bytes -= old.frame.len();
+                    if old.entry.seq() > self.commit {
+                        self.tentative_bytes = self.tentative_bytes.saturating_sub(old.frame.len());
+                    }
                     self.last = old.entry.seq() - 1;
                 }
                 None => {
@@ -169,6 +178,12 @@ impl Log {
             }
         }
         self.commit = self.commit.min(self.last.max(self.applied));
+        self.recount_tentative();
+    }
+
+    fn recount_tentative(&mut self) {
+        let commit = self.commit;
+        self.tentative_bytes = self.sized_range(commit + 1, u64::MAX).map(|(_, n)| n).sum();
     }
 
     /// Starts over after a hole: the log holds nothing, and the next entry
@@ -177,6 +192,7 @@ impl Log {
     pub fn reset(&mut self, base: u64, hole: bool) {
         self.entries.clear();
         self.bytes = 0;
+        self.tentative_bytes = 0;
         self.base = base;
         self.last = base;
         if hole {
@@ -188,7 +204,12 @@ impl Log {
 
     /// Raises the known commit point (it never goes down).
     pub fn set_commit(&mut self, seq: u64) {
-        self.commit = self.commit.max(seq);
+        if seq <= self.commit {
+            return;
+        }
+        let newly: usize = self.sized_range(self.commit + 1, seq).map(|(_, n)| n).sum();
+        self.tentative_bytes = self.tentative_bytes.saturating_sub(newly);
+        self.commit = seq;
     }
 
     /// The next entry to deliver, if it is held and committed.
@@ -211,6 +232,7 @@ impl Log {
         self.entries.get(idx as usize)
     }
 
+    #[cfg(test)]
     pub fn entry(&self, seq: u64) -> Option<&Entry> {
         self.get(seq).map(|h| &h.entry)
     }
@@ -242,8 +264,8 @@ impl Log {
         self.entries.iter().skip(skip).take(take)
     }
 
-    /// `[seq, epoch, hash]` of the newest `max` delivered entries held.
-    pub fn digest(&self, max: usize) -> Vec<(u64, u64, String)> {
+    /// `[seq, epoch, hash, type]` of the newest `max` delivered entries held.
+    pub fn digest(&self, max: usize) -> Vec<p2p_proto::DigestRow> {
         let delivered: Vec<&Held> = self
             .entries
             .iter()
@@ -253,7 +275,15 @@ impl Log {
         delivered
             .into_iter()
             .skip(skip)
-            .map(|h| (h.entry.seq(), h.entry.epoch(), format!("{:016x}", hash(&h.entry))))
+            .map(|h| {
+                let kind = h.entry.clone().into_frame().kind().to_string();
+                (
+                    h.entry.seq(),
+                    h.entry.epoch(),
+                    format!("{:016x}", hash(&h.entry)),
+                    kind,
+                )
+            })
             .collect()
     }
 
@@ -332,7 +362,12 @@ mod tests {
             log.mark_applied(s);
         }
         assert_eq!(log.applied(), 2);
+        assert_eq!(
+            log.tentative_bytes(),
+            log.sized_range(3, 4).map(|(_, n)| n).sum::<usize>()
+        );
         log.truncate_after(1); // cannot drop delivered entries
+        assert_eq!(log.tentative_bytes(), 0);
         assert_eq!(log.last(), 2);
         log.append(chat(2, 3)).unwrap();
         assert_eq!(log.entry(3).map(Entry::epoch), Some(2));
@@ -359,7 +394,10 @@ mod tests {
     fn reset_starts_after_a_base_and_counts_real_holes() {
         let mut log = Log::new(10);
         log.reset(40, false);
-        assert_eq!((log.base(), log.last(), log.applied(), log.gaps()), (40, 40, 40, 0));
+        assert_eq!(
+            (log.base(), log.last(), log.applied(), log.gaps()),
+            (40, 40, 40, 0)
+        );
         log.append(chat(1, 41)).unwrap();
         log.reset(90, true);
         assert_eq!(log.gaps(), 1);

@@ -39,7 +39,15 @@ pub(super) struct Uplink {
     newcomer: bool,
     /// The last seq we acknowledged.
     acked: u64,
+    /// Our messages sent on this connection (highest client_seq) and the
+    /// bytes of them not yet delivered: at most [`SEND_WINDOW`] in flight.
+    sent_upto: u64,
+    in_flight: usize,
 }
+
+/// Most bytes of our own messages sent and not yet delivered; the rest
+/// wait in `pending` (the coordinator stays the place where they queue).
+const SEND_WINDOW: usize = 1 << 20;
 
 impl Uplink {
     /// The welcome is fully received: messages may be sent.
@@ -103,7 +111,11 @@ impl Core {
         self.bound_epoch = 1;
         self.coordinator = 1;
         self.log.set_log_epoch(1);
-        let state = super::state::ChatState::new_chat(self.cfg.chat_id.clone(), self.me.clone(), self.cfg.plugins.clone());
+        let state = super::state::ChatState::new_chat(
+            self.cfg.chat_id.clone(),
+            self.me.clone(),
+            self.cfg.plugins.clone(),
+        );
         self.install_state(state, 0);
         self.role = State::Coordinator(Box::new(super::Coord::new(2, self.now)));
         self.emit(Event::Ready {
@@ -189,7 +201,7 @@ impl Core {
         }
         let frame = match frame.into_entry() {
             Ok(entry) => return self.on_entry(conn, entry),
-            Err(frame) => frame,
+            Err(frame) => *frame,
         };
         match frame {
             Frame::Welcome {
@@ -203,7 +215,16 @@ impl Core {
                 chat_id,
             } => {
                 self.stable = self.stable.max(stable);
-                self.on_welcome(conn, member_id, epoch, coordinator, base, commit, heartbeat_ms, chat_id)
+                self.on_welcome(
+                    conn,
+                    member_id,
+                    epoch,
+                    coordinator,
+                    base,
+                    commit,
+                    heartbeat_ms,
+                    chat_id,
+                )
             }
             Frame::State {
                 at: _,
@@ -221,7 +242,17 @@ impl Core {
                 let Some(loader) = &mut u.loading else {
                     return self.resync(conn, "a state frame outside a welcome");
                 };
-                match loader.add(&chat_id, last, members, seen, voters, prev_voters, voters_seq, next_id, plugins) {
+                match loader.add(
+                    &chat_id,
+                    last,
+                    members,
+                    seen,
+                    voters,
+                    prev_voters,
+                    voters_seq,
+                    next_id,
+                    plugins,
+                ) {
                     Ok(None) => {}
                     Ok(Some(state)) => {
                         let at = u.history_until;
@@ -237,19 +268,31 @@ impl Core {
                     self.stable = self.stable.max(stable);
                     self.log.set_commit(seq);
                     self.apply_committed();
+                    self.pump();
                 }
             }
             Frame::Ping { nonce } => self.send(conn, &Frame::Pong { nonce }),
             Frame::SyncRequest { from, to } => self.answer_sync(conn, from, to),
             Frame::Revote { epoch } => self.on_revote(conn, epoch),
             Frame::Rejected { client_seq, reason } => {
+                let len: usize = self
+                    .pending
+                    .iter()
+                    .filter(|(cs, _)| *cs == client_seq)
+                    .map(|(_, t)| t.len())
+                    .sum();
                 self.pending.retain(|(cs, _)| *cs != client_seq);
+                self.own_done(len);
                 self.emit(Event::Rejected { client_seq, reason });
+                self.pump();
             }
             Frame::Redirect { addr, epoch } => self.on_redirect(conn, addr, epoch),
             Frame::Error { code, message } => self.on_uplink_error(conn, code, message),
             other => {
-                tracing::debug!(kind = other.kind(), "ignoring an unexpected frame from the coordinator");
+                tracing::debug!(
+                    kind = other.kind(),
+                    "ignoring an unexpected frame from the coordinator"
+                );
             }
         }
     }
@@ -310,7 +353,11 @@ impl Core {
             self.release_vote();
         }
         if epoch < self.bound_epoch || epoch < self.epoch {
-            tracing::warn!(epoch, bound = self.bound_epoch, "welcome from an older epoch; ignoring it");
+            tracing::warn!(
+                epoch,
+                bound = self.bound_epoch,
+                "welcome from an older epoch; ignoring it"
+            );
             self.close(conn);
             return self.uplink_closed(conn, Some("welcome from an older epoch".into()), false);
         }
@@ -339,6 +386,8 @@ impl Core {
                 history_until: commit,
                 newcomer,
                 acked: 0,
+                sent_upto: 0,
+                in_flight: 0,
             }),
         );
         self.me.id = member_id;
@@ -385,18 +434,49 @@ impl Core {
     /// The welcome's state is in: tell the user, re-send what is unconfirmed.
     fn after_load(&mut self, conn: ConnId) {
         if matches!(&self.role, State::Member(u) if u.newcomer) {
+            let me_listed = self.state.member(self.me.id).is_some();
             self.emit(Event::Ready {
                 id: self.me.id,
                 epoch: self.epoch,
                 coordinator: self.coordinator_name(),
-                members: self.state.members.len(),
+                members: self.state.members.len() + usize::from(!me_listed),
                 created: false,
             });
         }
         // Everything unconfirmed, in order, before anything typed later.
-        let pending = self.pending.clone();
-        for (client_seq, text) in pending {
-            self.send(conn, &Frame::Say { text, client_seq });
+        let _ = conn;
+        self.pump();
+    }
+
+    /// Sends our waiting messages in order while the send window has room.
+    pub(super) fn pump(&mut self) {
+        let State::Member(u) = &mut self.role else { return };
+        if u.loading.is_some() {
+            return;
+        }
+        let conn = u.conn;
+        let at = self.pending.partition_point(|(cs, _)| *cs <= u.sent_upto);
+        let mut frames = Vec::new();
+        for (client_seq, text) in &self.pending[at..] {
+            if u.in_flight >= SEND_WINDOW {
+                break;
+            }
+            u.in_flight += text.len();
+            u.sent_upto = *client_seq;
+            frames.push(Frame::Say {
+                text: text.clone(),
+                client_seq: *client_seq,
+            });
+        }
+        for f in frames {
+            self.send(conn, &f);
+        }
+    }
+
+    /// One of our messages was delivered or refused: room in the window.
+    pub(super) fn own_done(&mut self, len: usize) {
+        if let State::Member(u) = &mut self.role {
+            u.in_flight = u.in_flight.saturating_sub(len);
         }
     }
 
@@ -516,7 +596,10 @@ impl Core {
     fn on_uplink_error(&mut self, conn: ConnId, code: ErrorCode, message: String) {
         let fatal = matches!(
             code,
-            ErrorCode::NameTaken | ErrorCode::BadName | ErrorCode::VersionMismatch | ErrorCode::TooManyMembers
+            ErrorCode::NameTaken
+                | ErrorCode::BadName
+                | ErrorCode::VersionMismatch
+                | ErrorCode::TooManyMembers
         );
         self.close(conn);
         if fatal && matches!(self.role, State::Joining(_)) {
@@ -677,12 +760,18 @@ impl Core {
         if let Some(c) = self.uplink_conn() {
             self.close(c);
         }
+        // A coordinator lost to silence is hung (or gone): do not wait on
+        // it again this round.
+        let mut skip = BTreeSet::new();
+        if probe.is_none() {
+            skip.insert(self.coordinator);
+        }
         self.role = State::Electing(Electing {
             since: self.now,
             lost: lost_info,
             direct: probe,
             target: None,
-            skip: BTreeSet::new(),
+            skip,
             retry_at: None,
             alive_replies: 0,
         });
@@ -739,7 +828,9 @@ impl Core {
     /// Dials the direct target, or votes for the next voter, or becomes a
     /// candidate if that is us.
     pub(super) fn try_successor(&mut self) {
-        let State::Electing(e) = &mut self.role else { return };
+        let State::Electing(e) = &mut self.role else {
+            return;
+        };
         if let Some((id, addr)) = e.direct.take() {
             let hello = self.hello(Some(self.resume(None)));
             let conn = self.dial(&addr, &hello);
@@ -799,14 +890,18 @@ impl Core {
                 }
             }
             None => {
-                // No voter is left that is not proven dead: nobody can
-                // confirm anything any more. Say so and keep trying.
-                self.emit(Event::Waiting {
-                    reason: "every voter of this chat is proven dead; nothing can be confirmed".into(),
+                // Every voter is proven gone, for good: nobody can confirm
+                // anything, and nobody can know what they confirmed last.
+                let names: Vec<String> = self.tip.all_voters().iter().map(|v| self.name_of(*v)).collect();
+                self.emit(Event::Error {
+                    code: None,
+                    message: format!(
+                        "this chat is over: every node that could confirm messages is gone ({}); start a new chat",
+                        names.join(", ")
+                    ),
                 });
-                if let State::Electing(e) = &mut self.role {
-                    e.retry_at = Some(self.now + self.cfg.heartbeat_ms * 10);
-                }
+                self.role = State::Stopped;
+                self.out.push(Output::Exit(3));
             }
         }
     }
@@ -818,7 +913,13 @@ impl Core {
         let epoch = self.max_epoch.max(self.voted.0).max(self.bound_epoch) + 1;
         let bound_before = self.bound_epoch;
         self.cast_vote(epoch, self.me.id);
-        self.role = State::Candidate(Box::new(Candidate::new(epoch, e.since, e.lost, self.now, bound_before)));
+        self.role = State::Candidate(Box::new(Candidate::new(
+            epoch,
+            e.since,
+            e.lost,
+            self.now,
+            bound_before,
+        )));
         self.cand_start();
     }
 
@@ -829,7 +930,11 @@ impl Core {
         let Some(r) = h.resume.clone().filter(|r| r.vote.is_some()) else {
             return match &self.role {
                 State::Member(_) => self.redirect_to_coordinator(h.conn),
-                _ => self.refuse(h.conn, ErrorCode::Electing, "an election is under way; retry in a moment"),
+                _ => self.refuse(
+                    h.conn,
+                    ErrorCode::Electing,
+                    "an election is under way; retry in a moment",
+                ),
             };
         };
         self.note_epoch(r.epoch);
@@ -840,7 +945,11 @@ impl Core {
             // It lost an older coordinator than ours: send it to ours.
             return match &self.role {
                 State::Member(_) => self.redirect_to_coordinator(h.conn),
-                _ => self.refuse(h.conn, ErrorCode::Electing, "an election is under way; retry in a moment"),
+                _ => self.refuse(
+                    h.conn,
+                    ErrorCode::Electing,
+                    "an election is under way; retry in a moment",
+                ),
             };
         }
         let hb = self.cfg.heartbeat_ms;
@@ -857,7 +966,11 @@ impl Core {
             }
         }
         if !self.tip.all_voters().contains(&self.me.id) {
-            return self.refuse(h.conn, ErrorCode::Electing, "this node cannot coordinate; retry with the next voter");
+            return self.refuse(
+                h.conn,
+                ErrorCode::Electing,
+                "this node cannot coordinate; retry with the next voter",
+            );
         }
         // We agree the coordinator is gone: run for the next epoch. The
         // voter's vote is counted by the candidate.

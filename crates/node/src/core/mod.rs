@@ -10,15 +10,15 @@
 //! coordinator starts from the most up-to-date log among its voters.
 
 mod candidate;
+#[cfg(test)]
+mod check;
 mod coordinator;
 pub mod hooks;
 mod log;
 mod member;
-mod state;
-#[cfg(test)]
-mod check;
 #[cfg(test)]
 mod sim;
+mod state;
 #[cfg(test)]
 mod tests;
 
@@ -46,9 +46,9 @@ pub type Millis = u64;
 /// connections it accepts from 1, so the two ranges never meet.
 pub const FIRST_DIAL_ID: ConnId = 1 << 48;
 
-/// Most entries a coordinator holds that a quorum has not confirmed yet;
-/// past it new messages are refused until voters catch up.
-const MAX_TENTATIVE: u64 = 50_000;
+/// Most bytes of messages waiting for room in the coordinator's window;
+/// past it new messages are refused with a reason.
+const MAX_BACKLOG_BYTES: usize = 16 << 20;
 
 /// What the core needs to know about this node.
 #[derive(Debug, Clone)]
@@ -71,6 +71,14 @@ pub struct CoreConfig {
     /// Entries held for catching up returning members (at least `replay`).
     pub keep: usize,
     pub max_members: usize,
+    /// Most bytes of sequenced entries a quorum has not confirmed yet: the
+    /// coordinator runs at most this far ahead of its voters (so a voter
+    /// that reads as fast as it can never outgrows its queue). Messages
+    /// past it wait in a backlog.
+    pub window_bytes: usize,
+    /// Most bytes of history sent at once to a returning peer; the rest
+    /// follows as it acknowledges (and a client further behind gets a hole).
+    pub catch_up_bytes: usize,
     /// Emit an event per delivered message (off when nobody prints them,
     /// e.g. `--events none`: saves a copy per message).
     pub message_events: bool,
@@ -93,6 +101,8 @@ impl CoreConfig {
             replay: 100,
             keep: 10_000,
             max_members: limits::MAX_MEMBERS,
+            window_bytes: 4 << 20,
+            catch_up_bytes: 1 << 20,
             message_events: true,
             plugins: Vec::new(),
         }
@@ -100,6 +110,8 @@ impl CoreConfig {
 }
 
 /// Something that happened outside the core.
+// Frames dominate the inputs; boxing them would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Input {
     /// A frame arrived on a connection.
@@ -145,7 +157,11 @@ pub enum Output {
     Close(ConnId),
     /// Open a connection to `addr` and send `hello` first; report frames and
     /// the close (or refusal) as inputs for `conn`.
-    Dial { conn: ConnId, addr: String, hello: Bytes },
+    Dial {
+        conn: ConnId,
+        addr: String,
+        hello: Bytes,
+    },
     /// Open a connection, send one frame and close (best effort, no report).
     Notify { addr: String, frame: Bytes },
     /// Tell the user.
@@ -166,9 +182,27 @@ pub enum Event {
         created: bool,
     },
     /// A delivered chat message; `replay` marks history received on joining.
-    Message { chat: Chat, replay: bool },
-    Joined { id: u64, name: String, seq: u64 },
-    Left { id: u64, name: String, reason: String, seq: u64 },
+    Message {
+        chat: Chat,
+        replay: bool,
+    },
+    Joined {
+        id: u64,
+        name: String,
+        seq: u64,
+    },
+    Left {
+        id: u64,
+        name: String,
+        reason: String,
+        seq: u64,
+    },
+    /// A delivered change of the voters or of the plugin set (names).
+    Config {
+        seq: u64,
+        voters: Vec<String>,
+        plugins: Vec<String>,
+    },
     /// A new coordinator reign, as seen from this node.
     Role {
         role: Role,
@@ -178,18 +212,36 @@ pub enum Event {
         election_ms: Option<u64>,
     },
     /// The coordinator was lost; an election is under way.
-    Electing { lost: String, reason: String },
+    Electing {
+        lost: String,
+        reason: String,
+    },
     /// This node cannot make progress and says why (a candidate short of a
     /// quorum, a coordinator that lost its voters).
-    Waiting { reason: String },
+    Waiting {
+        reason: String,
+    },
     /// A voter stopped answering the coordinator; it stays a voter until it
     /// comes back or is proven dead.
-    Unreachable { id: u64, name: String, reason: String },
+    Unreachable {
+        id: u64,
+        name: String,
+        reason: String,
+    },
     /// Answer to `/who`: members in join order.
-    Who { members: Vec<MemberInfo>, coordinator: u64 },
+    Who {
+        members: Vec<MemberInfo>,
+        coordinator: u64,
+    },
     /// A message of ours was not delivered.
-    Rejected { client_seq: u64, reason: String },
-    Error { code: Option<ErrorCode>, message: String },
+    Rejected {
+        client_seq: u64,
+        reason: String,
+    },
+    Error {
+        code: Option<ErrorCode>,
+        message: String,
+    },
     /// A plugin dropped or rewrote someone's message.
     Verdict {
         plugin: String,
@@ -463,7 +515,11 @@ impl Core {
                 self.send(conn, &frame);
                 self.close(conn);
             }
-            None => self.refuse(conn, ErrorCode::Electing, "no coordinator is known yet; retry in a moment"),
+            None => self.refuse(
+                conn,
+                ErrorCode::Electing,
+                "no coordinator is known yet; retry in a moment",
+            ),
         }
     }
 
@@ -551,7 +607,11 @@ impl Core {
         match entry {
             Entry::Chat(chat) => {
                 if chat.from_id == self.me.id && chat.from_id != 0 && chat.client_seq > 0 {
-                    self.pending.retain(|(cs, _)| *cs != chat.client_seq);
+                    let at = self.pending.partition_point(|(cs, _)| *cs < chat.client_seq);
+                    if self.pending.get(at).is_some_and(|(cs, _)| *cs == chat.client_seq) {
+                        let (_, text) = self.pending.remove(at);
+                        self.own_done(text.len());
+                    }
                 }
                 if self.cfg.message_events {
                     self.emit(Event::Message {
@@ -566,14 +626,27 @@ impl Core {
                 seq: *seq,
             }),
             Entry::Left {
-                seq, id, name, reason, ..
+                seq,
+                id,
+                name,
+                reason,
+                ..
             } => self.emit(Event::Left {
                 id: *id,
                 name: name.clone(),
                 reason: reason.clone(),
                 seq: *seq,
             }),
-            Entry::Voters { .. } | Entry::Plugins { .. } => {}
+            Entry::Voters { seq, .. } | Entry::Plugins { seq, .. } => {
+                // `state` already includes this entry (applied first).
+                let voters = self.state.voters.iter().map(|v| self.name_of(*v)).collect();
+                let plugins = self.state.plugins.iter().map(|p| p.name.clone()).collect();
+                self.emit(Event::Config {
+                    seq: *seq,
+                    voters,
+                    plugins,
+                });
+            }
         }
     }
 
@@ -722,7 +795,10 @@ impl Core {
         if gap > 2 * self.cfg.heartbeat_ms {
             // We did not run for a while: read what is buffered before
             // judging anyone's silence.
-            tracing::info!(gap_ms = gap, "woke from a stall; holding timeouts for a heartbeat");
+            tracing::info!(
+                gap_ms = gap,
+                "woke from a stall; holding timeouts for a heartbeat"
+            );
             self.stall_until = self.now + self.cfg.heartbeat_ms;
         }
         match self.role {
@@ -770,16 +846,17 @@ impl Core {
         self.pending.push((client_seq, text.clone()));
         match &self.role {
             State::Coordinator(c) if c.ready() => self.coord_own(client_seq, text),
-            State::Member(u) if u.settled() => {
-                let conn = u.conn;
-                self.send(conn, &Frame::Say { text, client_seq });
-            }
+            State::Member(u) if u.settled() => self.pump(),
             // Joining, electing, or still loading: sent, in order, once settled.
             _ => {}
         }
     }
 
     fn quit(&mut self) {
+        if let State::Coordinator(_) = self.role {
+            // Deliver what a quorum already holds before going.
+            self.coord_end_batch();
+        }
         match std::mem::replace(&mut self.role, State::Stopped) {
             State::Member(u) => {
                 self.send(u.conn, &Frame::Leave {});
@@ -788,7 +865,10 @@ impl Core {
             State::Coordinator(c) => {
                 // Members take a closed coordinator connection after this
                 // frame as a clean leave: the coordinator is proven gone.
-                let frame = encode(&Frame::error(ErrorCode::ShuttingDown, "the coordinator left the chat"));
+                let frame = encode(&Frame::error(
+                    ErrorCode::ShuttingDown,
+                    "the coordinator left the chat",
+                ));
                 self.out.push(Output::Broadcast(Group::All, frame));
                 for conn in c.conns() {
                     self.close(conn);
@@ -834,6 +914,7 @@ impl Core {
                 .cloned()
                 .collect(),
             voters: self.state.voters.clone(),
+            stable: self.state.voters_seq <= self.stable,
             last_seq: self.log.applied(),
             first_seq: self.log.first_held(),
             gaps: self.log.gaps(),
@@ -848,15 +929,22 @@ impl Core {
     /// connecting to it (it must welcome us), so a false announcement costs
     /// at most a reconnection.
     fn on_announce(&mut self, epoch: u64, coordinator: MemberInfo) {
-        if coordinator.session == self.me.session || epoch <= self.epoch.max(self.bound_epoch.saturating_sub(1)) {
+        if coordinator.session == self.me.session
+            || epoch <= self.epoch.max(self.bound_epoch.saturating_sub(1))
+        {
             return;
         }
-        let Some(addr) = coordinator.addr.clone() else { return };
+        let Some(addr) = coordinator.addr.clone() else {
+            return;
+        };
         if limits::check_addr(&addr).is_err() {
             return;
         }
         self.note_epoch(epoch);
-        let why = format!("{} announced itself coordinator of epoch {epoch}", coordinator.name);
+        let why = format!(
+            "{} announced itself coordinator of epoch {epoch}",
+            coordinator.name
+        );
         match &self.role {
             State::Coordinator(_) => self.step_down(Some((coordinator.id, addr)), &why),
             State::Candidate(_) => self.withdraw(Some((coordinator.id, addr)), &why),

@@ -175,7 +175,9 @@ impl Sim {
         let node = &self.nodes[idx];
         let mut cfg = CoreConfig::new(node.name.clone(), node.addr.clone());
         cfg.heartbeat_ms = self.hb;
-        cfg.session = self.session_base.wrapping_add(((idx as u64) << 20) + u64::from(node.inc));
+        cfg.session = self
+            .session_base
+            .wrapping_add(((idx as u64) << 20) + u64::from(node.inc));
         cfg.chat_id = format!("{:032x}", self.session_base);
         cfg.join = join;
         cfg.replay = 20;
@@ -229,7 +231,13 @@ impl Sim {
     pub fn restart(&mut self, idx: usize) {
         assert!(!self.nodes[idx].alive());
         self.nodes[idx].inc += 1;
-        let join: Vec<String> = self.nodes.iter().enumerate().filter(|(i, _)| *i != idx).map(|(_, n)| n.addr.clone()).collect();
+        let join: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != idx)
+            .map(|(_, n)| n.addr.clone())
+            .collect();
         self.boot(idx, join);
     }
 
@@ -243,17 +251,27 @@ impl Sim {
             return;
         }
         if trace() {
-            eprintln!("{:>6} {}#{} KILLED", self.now, self.nodes[idx].name, self.nodes[idx].inc);
+            eprintln!(
+                "{:>6} {}#{} KILLED",
+                self.now, self.nodes[idx].name, self.nodes[idx].inc
+            );
         }
         self.check.died(idx, self.nodes[idx].inc);
         self.drop_conns(idx);
     }
 
     fn drop_conns(&mut self, idx: usize) {
-        let mine: Vec<ConnId> = self.pipes.keys().filter(|(n, _)| *n == idx).map(|(_, c)| *c).collect();
+        let mine: Vec<ConnId> = self
+            .pipes
+            .keys()
+            .filter(|(n, _)| *n == idx)
+            .map(|(_, c)| *c)
+            .collect();
         let reset = self.rng.chance(self.net.reset_percent);
         for conn in mine {
-            let Some(pipe) = self.pipes.remove(&(idx, conn)) else { continue };
+            let Some(pipe) = self.pipes.remove(&(idx, conn)) else {
+                continue;
+            };
             let (peer, pinc, pconn) = pipe.peer;
             let at = pipe.last_at.max(self.now) + self.delay();
             if reset {
@@ -278,7 +296,10 @@ impl Sim {
 
     pub fn pause(&mut self, idx: usize) {
         if trace() {
-            eprintln!("{:>6} {}#{} PAUSED", self.now, self.nodes[idx].name, self.nodes[idx].inc);
+            eprintln!(
+                "{:>6} {}#{} PAUSED",
+                self.now, self.nodes[idx].name, self.nodes[idx].inc
+            );
         }
         if self.nodes[idx].alive() {
             self.nodes[idx].paused = true;
@@ -335,19 +356,29 @@ impl Sim {
         if !self.nodes[idx].alive() || self.nodes[idx].paused {
             return;
         }
-        let members: Vec<ConnId> = self.nodes[idx].peers.iter().chain(&self.nodes[idx].clients).copied().collect();
+        let members: Vec<ConnId> = self.nodes[idx]
+            .peers
+            .iter()
+            .chain(&self.nodes[idx].clients)
+            .copied()
+            .collect();
         if members.is_empty() {
             return;
         }
         let conn = members[self.rng.below(members.len() as u64) as usize];
         self.close_pipe(idx, conn);
-        self.step(idx, Input::Closed(conn, Some("disconnected (slow consumer: 1 bytes unread)".into())));
+        self.step(
+            idx,
+            Input::Closed(conn, Some("disconnected (slow consumer: 1 bytes unread)".into())),
+        );
     }
 
     /// Feeds one input and performs the outputs, then ends the batch.
     fn step(&mut self, idx: usize, input: Input) {
         let now = self.now;
-        let Some(core) = self.nodes[idx].core.as_mut() else { return };
+        let Some(core) = self.nodes[idx].core.as_mut() else {
+            return;
+        };
         core.handle(now, input);
         self.steps += 1;
         self.collect(idx);
@@ -359,7 +390,9 @@ impl Sim {
 
     fn collect(&mut self, idx: usize) {
         loop {
-            let Some(core) = self.nodes[idx].core.as_mut() else { return };
+            let Some(core) = self.nodes[idx].core.as_mut() else {
+                return;
+            };
             let outs: Vec<Output> = core.drain().collect();
             if outs.is_empty() {
                 break;
@@ -424,7 +457,12 @@ impl Sim {
 
     /// A process that exits closes its connections after what it sent.
     fn drop_conns_graceful(&mut self, idx: usize) {
-        let mine: Vec<ConnId> = self.pipes.keys().filter(|(n, _)| *n == idx).map(|(_, c)| *c).collect();
+        let mine: Vec<ConnId> = self
+            .pipes
+            .keys()
+            .filter(|(n, _)| *n == idx)
+            .map(|(_, c)| *c)
+            .collect();
         for conn in mine {
             self.close_pipe(idx, conn);
         }
@@ -436,7 +474,9 @@ impl Sim {
     fn send(&mut self, idx: usize, conn: ConnId, b: Bytes) {
         let d = self.delay();
         let now = self.now;
-        let Some(pipe) = self.pipes.get_mut(&(idx, conn)) else { return };
+        let Some(pipe) = self.pipes.get_mut(&(idx, conn)) else {
+            return;
+        };
         let at = (now + d).max(pipe.last_at);
         pipe.last_at = at;
         let (peer, pinc, pconn) = pipe.peer;
@@ -448,7 +488,9 @@ impl Sim {
         let n = &mut self.nodes[idx];
         n.peers.remove(&conn);
         n.clients.remove(&conn);
-        let Some(pipe) = self.pipes.remove(&(idx, conn)) else { return };
+        let Some(pipe) = self.pipes.remove(&(idx, conn)) else {
+            return;
+        };
         let (peer, pinc, pconn) = pipe.peer;
         let at = pipe.last_at.max(self.now) + self.delay();
         self.schedule(at, Ev::Closed(peer, pinc, pconn, None));
@@ -461,14 +503,16 @@ impl Sim {
         if applied > n.seen_applied || !n.started {
             let from = n.seen_applied + 1;
             let first = !n.started;
-            let entries: Vec<(u64, Option<p2p_proto::Entry>)> =
-                (from..=applied).map(|s| (s, core.log.entry(s).cloned())).collect();
+            let entries: Vec<(u64, Option<p2p_proto::Entry>)> = (from..=applied)
+                .map(|s| (s, core.log.entry(s).cloned()))
+                .collect();
             let (me, inc) = (core.me.id, n.inc);
             if applied > 0 || n.started {
                 n.started = true;
             }
             n.seen_applied = applied;
-            self.check.delivered(idx, inc, me, first, &entries, core.log.gaps());
+            self.check
+                .delivered(idx, inc, me, first, &entries, core.log.gaps());
         }
     }
 
@@ -602,14 +646,24 @@ impl Sim {
 
     /// The current voters as the live coordinator (or any live node) sees them.
     pub fn voters(&self) -> Vec<u64> {
-        let pick = self.coordinators().into_iter().next().or_else(|| self.live().into_iter().next());
-        pick.map(|i| self.nodes[i].core().tip.voters.clone()).unwrap_or_default()
+        let pick = self
+            .coordinators()
+            .into_iter()
+            .next()
+            .or_else(|| self.live().into_iter().next());
+        pick.map(|i| self.nodes[i].core().tip.voters.clone())
+            .unwrap_or_default()
     }
 
     /// The current and previous voters (elections may need both).
     pub fn voter_union(&self) -> Vec<u64> {
-        let pick = self.coordinators().into_iter().next().or_else(|| self.live().into_iter().next());
-        pick.map(|i| self.nodes[i].core().tip.all_voters()).unwrap_or_default()
+        let pick = self
+            .coordinators()
+            .into_iter()
+            .next()
+            .or_else(|| self.live().into_iter().next());
+        pick.map(|i| self.nodes[i].core().tip.all_voters())
+            .unwrap_or_default()
     }
 
     /// Every live node knows the last voter change is in force.
@@ -622,7 +676,9 @@ impl Sim {
 
     /// Node index of a live member id.
     pub fn node_of_id(&self, id: u64) -> Option<usize> {
-        self.live().into_iter().find(|i| self.nodes[*i].core().me.id == id)
+        self.live()
+            .into_iter()
+            .find(|i| self.nodes[*i].core().me.id == id)
     }
 
     /// Delivered texts of a node, in order.
@@ -631,7 +687,11 @@ impl Sim {
     }
 
     pub fn pending(&self, idx: usize) -> usize {
-        self.nodes[idx].core.as_ref().map(|c| c.pending.len()).unwrap_or(0)
+        self.nodes[idx]
+            .core
+            .as_ref()
+            .map(|c| c.pending.len())
+            .unwrap_or(0)
     }
 
     pub fn events(&self, idx: usize) -> Vec<Event> {

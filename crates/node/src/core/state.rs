@@ -81,7 +81,10 @@ impl ChatState {
 
     /// The id a process session had, if the chat remembers it.
     pub fn id_of_session(&self, session: u64) -> Option<u64> {
-        self.seen.iter().find(|(_, s)| s.session == session).map(|(id, _)| *id)
+        self.seen
+            .iter()
+            .find(|(_, s)| s.session == session)
+            .map(|(id, _)| *id)
     }
 
     /// Highest member id ever seen (ids are never handed out twice).
@@ -182,7 +185,8 @@ impl ChatState {
                 client_seq: s.client_seq,
             })
             .collect();
-        let member_chunks: Vec<&[MemberInfo]> = self.members.chunks(limits::STATE_MEMBERS_PER_FRAME).collect();
+        let member_chunks: Vec<&[MemberInfo]> =
+            self.members.chunks(limits::STATE_MEMBERS_PER_FRAME).collect();
         let seen_chunks: Vec<&[Seen]> = seen.chunks(limits::STATE_SEEN_PER_FRAME).collect();
         let n = member_chunks.len().max(seen_chunks.len()).max(1);
         (0..n)
@@ -255,7 +259,9 @@ impl StateLoader {
             self.state.plugins = p;
         }
         for m in members {
-            if limits::check_name(&m.name).is_err() || m.addr.as_deref().is_some_and(|a| limits::check_addr(a).is_err()) {
+            if limits::check_name(&m.name).is_err()
+                || m.addr.as_deref().is_some_and(|a| limits::check_addr(a).is_err())
+            {
                 return Err(format!("member {} in the state is invalid", m.id));
             }
             self.state.members.push(m);
@@ -323,10 +329,19 @@ mod tests {
     fn quorum_is_a_majority_or_half_with_the_rest_proven_dead() {
         let c = [1, 2, 3, 4, 5];
         assert!(is_quorum(&c, &set(&[1, 2, 3]), &set(&[])));
-        assert!(!is_quorum(&c, &set(&[1, 2]), &set(&[3, 4, 5])), "two of five is never enough");
+        assert!(
+            !is_quorum(&c, &set(&[1, 2]), &set(&[3, 4, 5])),
+            "two of five is never enough"
+        );
         let even = [1, 2];
-        assert!(!is_quorum(&even, &set(&[2]), &set(&[])), "the other may only be paused");
-        assert!(is_quorum(&even, &set(&[2]), &set(&[1])), "the lone survivor of two");
+        assert!(
+            !is_quorum(&even, &set(&[2]), &set(&[])),
+            "the other may only be paused"
+        );
+        assert!(
+            is_quorum(&even, &set(&[2]), &set(&[1])),
+            "the lone survivor of two"
+        );
         let four = [1, 2, 3, 4];
         assert!(is_quorum(&four, &set(&[3, 4]), &set(&[1, 2])));
         assert!(!is_quorum(&four, &set(&[3, 4]), &set(&[1])));
@@ -380,7 +395,17 @@ mod tests {
                 unreachable!()
             };
             got = loader
-                .add("c", last, members, seen, voters, prev_voters, voters_seq, next_id, plugins)
+                .add(
+                    "c",
+                    last,
+                    members,
+                    seen,
+                    voters,
+                    prev_voters,
+                    voters_seq,
+                    next_id,
+                    plugins,
+                )
                 .unwrap();
         }
         let mut got = got.expect("complete");

@@ -52,7 +52,11 @@ fn run_for(sim: &mut Sim, ms: u64) {
 }
 
 fn assert_clean(sim: &Sim) {
-    assert!(sim.check.violations.is_empty(), "violations: {:#?}", sim.check.violations);
+    assert!(
+        sim.check.violations.is_empty(),
+        "violations: {:#?}",
+        sim.check.violations
+    );
 }
 
 /// Every live node delivered the same texts.
@@ -62,7 +66,11 @@ fn assert_agree(sim: &Sim, nodes: &[usize]) -> Vec<String> {
     for n in &nodes[1..] {
         let t = sim.texts(*n);
         let common = first.len().min(t.len());
-        assert_eq!(t[t.len() - common..], first[first.len() - common..], "node {n} disagrees");
+        assert_eq!(
+            t[t.len() - common..],
+            first[first.len() - common..],
+            "node {n} disagrees"
+        );
     }
     first
 }
@@ -94,7 +102,10 @@ fn nothing_is_delivered_before_a_quorum_holds_it() {
     sim.pause(2);
     let text = sim.say(0).unwrap();
     run_for(&mut sim, HB);
-    assert!(!sim.texts(0).iter().any(|t| t.ends_with(&text)), "delivered without a quorum");
+    assert!(
+        !sim.texts(0).iter().any(|t| t.ends_with(&text)),
+        "delivered without a quorum"
+    );
     sim.resume(1);
     run_for(&mut sim, HB);
     assert!(sim.texts(0).iter().any(|t| t.ends_with(&text)));
@@ -136,7 +147,10 @@ fn a_paused_peer_of_two_is_not_proven_dead_so_the_other_waits() {
     let text = sim.say(1).unwrap();
     run_for(&mut sim, 20 * HB);
     assert!(sim.coordinators().is_empty() || sim.coordinators() == vec![0]);
-    assert!(!sim.texts(1).iter().any(|t| t.ends_with(&text)), "a minority delivered");
+    assert!(
+        !sim.texts(1).iter().any(|t| t.ends_with(&text)),
+        "a minority delivered"
+    );
     let waiting = sim.events(1).iter().any(|e| matches!(e, Event::Waiting { .. }));
     assert!(waiting, "the minority says why it waits");
     sim.resume(0);
@@ -153,7 +167,11 @@ fn hung_coordinator_is_replaced_and_its_buffered_messages_never_fork() {
     // Lines reach the hung coordinator's socket, and its own user types.
     let typed_to_zombie = sim.say(2);
     run_for(&mut sim, 2 * HB);
-    assert_eq!(sim.coordinators(), vec![0], "two heartbeats are not enough to declare death");
+    assert_eq!(
+        sim.coordinators(),
+        vec![0],
+        "two heartbeats are not enough to declare death"
+    );
     assert!(settle(&mut sim, 10 * HB, |s| s.coordinators().contains(&1)));
     sim.say(2);
     sim.resume(0);
@@ -208,7 +226,10 @@ fn lines_typed_before_the_welcome_arrive_in_order_once() {
     run_for(&mut sim, 2 * HB);
     let texts = assert_agree(&sim, &[0, 1, late]);
     let mine: Vec<&String> = texts.iter().filter(|t| t.starts_with("late:")).collect();
-    assert_eq!(mine, vec![&format!("late:{a}"), &format!("late:{b}"), &format!("late:{c}")]);
+    assert_eq!(
+        mine,
+        vec![&format!("late:{a}"), &format!("late:{b}"), &format!("late:{c}")]
+    );
 }
 
 #[test]
@@ -238,7 +259,11 @@ fn a_newcomer_after_long_history_reports_no_gap() {
     assert!(settle(&mut sim, 10 * HB, |s| s.role(late) == Some(Role::Member)));
     run_for(&mut sim, HB);
     assert_eq!(sim.nodes[late].core().log.gaps(), 0);
-    let replayed = sim.events(late).iter().filter(|e| matches!(e, Event::Message { replay: true, .. })).count();
+    let replayed = sim
+        .events(late)
+        .iter()
+        .filter(|e| matches!(e, Event::Message { replay: true, .. }))
+        .count();
     assert!(replayed > 0 && replayed <= 20);
     assert_clean(&sim);
 }
@@ -271,7 +296,8 @@ fn a_restarted_process_takes_over_its_old_name() {
     assert!(settle(&mut sim, 20 * HB, |s| s.role(2) == Some(Role::Member)));
     sim.say(2);
     run_for(&mut sim, 2 * HB);
-    assert!(settle(&mut sim, 20 * HB, |s| s.voters().len() == 3 && !s.voters().contains(&3)));
+    assert!(settle(&mut sim, 20 * HB, |s| s.voters().len() == 3
+        && !s.voters().contains(&3)));
     assert_clean(&sim);
 }
 
@@ -405,8 +431,19 @@ fn run_seed(seed: u64, chaos: Chaos) -> Result<Stats, String> {
         }
     }
     let settle = sim.now + 100 * HB;
-    let converged = settle_until(&mut sim, settle, |s| converged(s));
+    let converged = settle_until(&mut sim, settle, converged);
     sim.check.check_acked();
+    if chaos.live && converged {
+        // Whatever a live node's user typed was delivered (exactly once).
+        for idx in sim.live() {
+            let lost = sim.check.undelivered(idx, sim.nodes[idx].inc);
+            if !lost.is_empty() {
+                sim.check
+                    .violations
+                    .push(format!("{} typed {lost:?}, never delivered", sim.nodes[idx].name));
+            }
+        }
+    }
     let report = |sim: &Sim, what: &str| {
         let roles: Vec<String> = (0..sim.nodes.len())
             .map(|i| {
@@ -421,7 +458,10 @@ fn run_seed(seed: u64, chaos: Chaos) -> Result<Stats, String> {
                 )
             })
             .collect();
-        format!("seed {seed} ({chaos:?}): {what}\n  nodes: {roles:?}\n  violations: {:#?}", sim.check.violations)
+        format!(
+            "seed {seed} ({chaos:?}): {what}\n  nodes: {roles:?}\n  violations: {:#?}",
+            sim.check.violations
+        )
     };
     if !sim.check.violations.is_empty() {
         return Err(report(&sim, "safety violated"));
@@ -471,8 +511,14 @@ fn converged(sim: &Sim) -> bool {
 }
 
 fn seeds(default: u64) -> std::ops::Range<u64> {
-    let n = std::env::var("P2P_SIM_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
-    let start = std::env::var("P2P_SIM_START").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let n = std::env::var("P2P_SIM_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
+    let start = std::env::var("P2P_SIM_START")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     start..start + n
 }
 
@@ -503,7 +549,10 @@ fn run_many(chaos: Chaos, default_seeds: u64) {
     if std::env::var_os("P2P_SIM_STATS").is_some() {
         eprintln!("{chaos:?}: {total:?}, converged in {converged} runs");
     }
-    assert!(total.kills > 0 && total.pauses > 0 && total.epochs > 0 && total.messages > 0, "the runs did nothing: {total:?}");
+    assert!(
+        total.kills > 0 && total.pauses > 0 && total.epochs > 0 && total.messages > 0,
+        "the runs did nothing: {total:?}"
+    );
 }
 
 #[test]
