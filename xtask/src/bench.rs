@@ -24,7 +24,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     run_cmd(&mut build)?;
     let quick = args.iter().any(|a| a == "--quick");
     let json = args.iter().any(|a| a == "--json");
-    let bench = project_root().join("target/release/p2pbench");
+    let bench = crate::util::release_bin("p2pbench")?;
     let mut cmd = Command::new(&bench);
     cmd.arg("all").arg("--json");
     if quick {
@@ -36,7 +36,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         .output()
         .with_context(|| format!("cannot run {}", bench.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let path = project_root().join("target/bench-results.jsonl");
+    let path = crate::util::target_dir()?.join("bench-results.jsonl");
     std::fs::write(&path, text.as_bytes()).with_context(|| format!("cannot write {}", path.display()))?;
     for line in text.lines() {
         if json {
