@@ -3,6 +3,7 @@
 mod bench;
 mod ci;
 mod demo;
+mod torture;
 mod util;
 
 fn main() {
@@ -11,12 +12,14 @@ fn main() {
         Some("demo") => demo::run(&args[1..]),
         Some("ci") => ci::run(),
         Some("bench") => bench::run(&args[1..]),
+        Some("torture") => torture::run(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
                  tasks:\n  \
                  demo [-f FILE]   build release binaries and run `p2pctl demo` on cluster.example.yaml\n  \
                  bench [--quick] [--json]   build release binaries and run every p2pbench scenario\n  \
+                 torture [--seed N] [...]   seeded kills, hangs, restarts and CPU hogs against real nodes, checked\n  \
                  ci               run .ci/run (fmt, clippy, tests)"
             );
             std::process::exit(2);

@@ -5,9 +5,11 @@
 mod client;
 mod failover;
 mod fanout;
+mod history;
 mod members;
 mod nodes;
 mod report;
+mod torture;
 
 use clap::{Parser, Subcommand};
 use nix::sys::signal::Signal;
@@ -65,6 +67,30 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "10,50")]
         members: Vec<usize>,
     },
+    /// Seeded faults against real processes (SIGKILL, SIGSTOP/SIGCONT,
+    /// restarts, CPU hogs) while every node is typed into; checks every
+    /// node's delivered history and prints violations by category.
+    Torture {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+        #[arg(long, default_value_t = 100)]
+        heartbeat_ms: u64,
+        #[arg(long, default_value_t = 100)]
+        kills: usize,
+        #[arg(long, default_value_t = 50)]
+        stops: usize,
+        /// Busy-loop processes to run beside the nodes.
+        #[arg(long, default_value_t = 0)]
+        hogs: usize,
+        /// How long the hogs run, in seconds.
+        #[arg(long, default_value_t = 60)]
+        hog_secs: u64,
+        /// Type a line into a random node this often.
+        #[arg(long, default_value_t = 5)]
+        type_every_ms: u64,
+    },
     /// Every scenario with its defaults.
     All,
 }
@@ -115,12 +141,76 @@ async fn main() {
             failover_cmd(&report, reps.unwrap_or(if args.quick { 3 } else { 10 })).await
         }
         Cmd::Plugins { members } => plugins_cmd(&report, &members, args.quick).await,
+        Cmd::Torture {
+            seed,
+            nodes,
+            heartbeat_ms,
+            kills,
+            stops,
+            hogs,
+            hog_secs,
+            type_every_ms,
+        } => {
+            let plan = torture::Plan {
+                seed,
+                nodes,
+                heartbeat_ms,
+                kills,
+                stops,
+                hogs,
+                hog_secs,
+                type_every_ms,
+            };
+            torture_cmd(&report, plan).await
+        }
         Cmd::All => all(&report, args.quick).await,
     };
     if let Err(e) = result {
         eprintln!("p2pbench: {e:#}");
         std::process::exit(1);
     }
+}
+
+async fn torture_cmd(report: &Report, plan: torture::Plan) -> anyhow::Result<()> {
+    let out = torture::run(plan.clone()).await?;
+    if report.json {
+        println!("{}", out.to_json(&plan));
+    } else {
+        let v = out.verdict.to_json();
+        let pct = |s: &[f64]| {
+            let mut s = s.to_vec();
+            let p = percentiles(&mut s);
+            format!(
+                "n={} p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                s.len(),
+                p.p50,
+                p.p99,
+                p.max
+            )
+        };
+        println!(
+            "torture seed {} ({} nodes, heartbeat {} ms, {} hogs): {} kills, {} stops, {} restarts, {} messages in {:.0} s",
+            plan.seed, plan.nodes, plan.heartbeat_ms, plan.hogs, out.kills, out.stops, out.restarts, out.messages, out.secs
+        );
+        println!(
+            "  failover after SIGKILL of the coordinator: {}",
+            pct(&out.crash_ms)
+        );
+        println!(
+            "  failover after SIGSTOP of the coordinator: {}",
+            pct(&out.hang_ms)
+        );
+        for (k, n) in v["violations"].as_object().into_iter().flatten() {
+            println!("  {k:<17} {n}");
+        }
+        for e in &out.verdict.examples {
+            println!("  e.g. {e}");
+        }
+    }
+    if out.verdict.total() > 0 {
+        anyhow::bail!("{} violation(s) with seed {}", out.verdict.total(), plan.seed);
+    }
+    Ok(())
 }
 
 async fn all(report: &Report, quick: bool) -> anyhow::Result<()> {

@@ -238,7 +238,14 @@ fn json_line(event: &Event) -> Option<String> {
         }
         Event::Waiting { reason } => json!({"event": "waiting", "reason": reason, "t": t}),
         Event::Config { seq, voters, plugins } => {
-            json!({"event": "config", "seq": seq, "voters": voters, "plugins": plugins, "t": t})
+            let mut v = json!({"event": "config", "seq": seq, "t": t});
+            if let Some(ids) = voters {
+                v["voters"] = json!(ids);
+            }
+            if let Some(names) = plugins {
+                v["plugins"] = json!(names);
+            }
+            v
         }
         Event::Unreachable { id, name, reason } => {
             json!({"event": "unreachable", "id": id, "name": name, "reason": reason, "t": t})

@@ -197,11 +197,12 @@ pub enum Event {
         reason: String,
         seq: u64,
     },
-    /// A delivered change of the voters or of the plugin set (names).
+    /// A delivered change of the voters (member ids) or of the plugin set
+    /// (plugin names), as the entry says.
     Config {
         seq: u64,
-        voters: Vec<String>,
-        plugins: Vec<String>,
+        voters: Option<Vec<u64>>,
+        plugins: Option<Vec<String>>,
     },
     /// A new coordinator reign, as seen from this node.
     Role {
@@ -637,16 +638,16 @@ impl Core {
                 reason: reason.clone(),
                 seq: *seq,
             }),
-            Entry::Voters { seq, .. } | Entry::Plugins { seq, .. } => {
-                // `state` already includes this entry (applied first).
-                let voters = self.state.voters.iter().map(|v| self.name_of(*v)).collect();
-                let plugins = self.state.plugins.iter().map(|p| p.name.clone()).collect();
-                self.emit(Event::Config {
-                    seq: *seq,
-                    voters,
-                    plugins,
-                });
-            }
+            Entry::Voters { seq, set, .. } => self.emit(Event::Config {
+                seq: *seq,
+                voters: Some(set.clone()),
+                plugins: None,
+            }),
+            Entry::Plugins { seq, set, .. } => self.emit(Event::Config {
+                seq: *seq,
+                voters: None,
+                plugins: Some(set.iter().map(|p| p.name.clone()).collect()),
+            }),
         }
     }
 
