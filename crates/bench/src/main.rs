@@ -90,6 +90,9 @@ enum Cmd {
         /// Type a line into a random node this often.
         #[arg(long, default_value_t = 5)]
         type_every_ms: u64,
+        /// Keep each process's diagnostics in DIR (NAME.GENERATION.log).
+        #[arg(long, value_name = "DIR")]
+        logs: Option<std::path::PathBuf>,
     },
     /// Every scenario with its defaults.
     All,
@@ -150,6 +153,7 @@ async fn main() {
             hogs,
             hog_secs,
             type_every_ms,
+            logs,
         } => {
             let plan = torture::Plan {
                 seed,
@@ -160,6 +164,7 @@ async fn main() {
                 hogs,
                 hog_secs,
                 type_every_ms,
+                logs,
             };
             torture_cmd(&report, plan).await
         }

@@ -34,6 +34,8 @@ pub struct Plan {
     pub hog_secs: u64,
     /// A line is typed into a random running node this often.
     pub type_every_ms: u64,
+    /// Keep each process's diagnostics (`RUST_LOG=info`) in this directory.
+    pub logs: Option<std::path::PathBuf>,
 }
 
 /// A small seedable generator (splitmix64): the same seed, the same plan.
@@ -144,7 +146,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
     let mut hist = History::default();
     let addrs: Vec<String> = slots.iter().map(|s| s.addr.clone()).collect();
     for i in 0..slots.len() {
-        spawn(&mut slots, i, &addrs, plan.heartbeat_ms, i == 0, &tx)?;
+        spawn(&mut slots, i, &addrs, &plan, i == 0, &tx)?;
         // Join one at a time, so the voters grow in a known order.
         let (p, want) = ((i, 0u32), "ready");
         wait_event(&mut rx, &mut hist, Duration::from_secs(10), |q, v| {
@@ -225,7 +227,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
             if slots[i].restart_at.is_some_and(|t| now >= t) {
                 slots[i].restart_at = None;
                 restarts += 1;
-                spawn(&mut slots, i, &addrs, plan.heartbeat_ms, false, &tx)?;
+                spawn(&mut slots, i, &addrs, &plan, false, &tx)?;
             }
             // A process that exited on its own is restarted too.
             if let Some(c) = slots[i].child.as_mut() {
@@ -325,7 +327,7 @@ fn spawn(
     slots: &mut [Slot],
     i: usize,
     addrs: &[String],
-    hb: u64,
+    plan: &Plan,
     create: bool,
     tx: &mpsc::UnboundedSender<(Proc, Instant, Value)>,
 ) -> anyhow::Result<()> {
@@ -343,11 +345,18 @@ fn spawn(
         "--events",
         "json",
     ])
-    .args(["--heartbeat-ms", &hb.to_string()])
+    .args(["--heartbeat-ms", &plan.heartbeat_ms.to_string()])
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())
     .stderr(Stdio::null())
     .kill_on_drop(true);
+    if let Some(dir) = &plan.logs {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join(format!("{}.{}.log", slots[i].name, inc));
+        let file =
+            std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        cmd.stderr(file).env("RUST_LOG", "p2p_node=info");
+    }
     if !create {
         let others: Vec<&str> = addrs
             .iter()

@@ -38,6 +38,13 @@ pub(super) struct Coord {
     gone_reason: BTreeMap<u64, String>,
     /// Last commit point and stable change sent to peers.
     commit_sent: (u64, u64),
+    /// Welcomes to send at the end of the batch: every newcomer of a batch
+    /// (a join storm) shares one encoded state snapshot.
+    welcomes: Vec<PendingWelcome>,
+    /// The encoded `state` frames and the seq they describe.
+    state_cache: Option<(u64, Vec<bytes::Bytes>)>,
+    /// What the last review of the voters looked at (see `maintain_voters`).
+    last_review: Option<(usize, usize, usize, u64, usize)>,
     /// Messages waiting for room in the window, in arrival order.
     backlog: VecDeque<Submission>,
     backlog_bytes: usize,
@@ -74,6 +81,9 @@ impl Coord {
             commit_sent: (0, 0),
             backlog: VecDeque::new(),
             backlog_bytes: 0,
+            last_review: None,
+            welcomes: Vec::new(),
+            state_cache: None,
             waiting: None,
         }
     }
@@ -108,6 +118,15 @@ impl Coord {
     pub(super) fn waiting_reason(&self) -> Option<String> {
         self.waiting.clone()
     }
+}
+
+/// A member admitted in this batch, welcomed at its end.
+struct PendingWelcome {
+    conn: ConnId,
+    id: u64,
+    peer: bool,
+    /// What a returning member delivered (None for a newcomer).
+    returning_base: Option<u64>,
 }
 
 /// A message on its way to the log.
@@ -269,16 +288,67 @@ impl Core {
         self.propose(|epoch, seq| Entry::Joined { epoch, seq, member });
     }
 
-    /// Sends `welcome`, the state, and the entries the member needs, then
-    /// adds it to its broadcast group. A peer far behind gets its history
-    /// in chunks as it acknowledges them; a client gets at most
-    /// `catch_up_bytes` of it (an older hole is reported to it as such).
+    /// Admits a member's connection now and welcomes it at the end of the
+    /// batch (`flush_welcomes`).
     fn welcome(&mut self, conn: ConnId, id: u64, name: String, peer: bool, returning_base: Option<u64>) {
+        let now = self.now;
+        let Some(c) = self.coord() else { return };
+        c.links.insert(
+            conn,
+            Link {
+                id,
+                name,
+                peer,
+                last_heard: now,
+                catch_up: None,
+            },
+        );
+        c.by_member.insert(id, conn);
+        c.welcomes.push(PendingWelcome {
+            conn,
+            id,
+            peer,
+            returning_base,
+        });
+    }
+
+    /// Sends each admitted member `welcome`, the state, and the entries it
+    /// needs, then adds it to its broadcast group. A peer far behind gets
+    /// its history in chunks as it acknowledges them; a client gets at most
+    /// `catch_up_bytes` of it (an older hole is reported to it as such).
+    fn flush_welcomes(&mut self) {
+        let at = self.state_at;
+        let Some(c) = self.coord() else { return };
+        if c.welcomes.is_empty() {
+            return;
+        }
+        let welcomes = std::mem::take(&mut c.welcomes);
+        let cached = matches!(&c.state_cache, Some((a, _)) if *a == at);
+        if !cached {
+            let frames = self.state.to_frames(at).iter().map(p2p_proto::encode).collect();
+            if let Some(c) = self.coord() {
+                c.state_cache = Some((at, frames));
+            }
+        }
+        let state: Vec<bytes::Bytes> = match &self.role {
+            State::Coordinator(c) => c.state_cache.as_ref().map(|(_, f)| f.clone()).unwrap_or_default(),
+            _ => return,
+        };
+        for w in welcomes {
+            let linked = matches!(&self.role, State::Coordinator(c) if c.links.contains_key(&w.conn));
+            if linked {
+                self.send_welcome(&w, &state);
+            }
+        }
+    }
+
+    fn send_welcome(&mut self, w: &PendingWelcome, state: &[bytes::Bytes]) {
+        let (conn, peer) = (w.conn, w.peer);
         let commit = self.log.commit();
-        let mut base = match returning_base {
+        let mut base = match w.returning_base {
             Some(b) if self.log.holds_after(b.min(commit)) => b.min(commit),
             Some(_) => self.log.base(),
-            None => commit.saturating_sub(self.cfg.replay as u64).max(self.log.base()),
+            None => self.history_base(commit),
         };
         if !peer {
             // Keep the newest entries that fit.
@@ -297,7 +367,7 @@ impl Core {
             }
         }
         let welcome = Frame::Welcome {
-            member_id: id,
+            member_id: w.id,
             epoch: self.epoch,
             coordinator: self.me.id,
             base,
@@ -307,22 +377,8 @@ impl Core {
             chat_id: self.state.chat_id.clone(),
         };
         self.send(conn, &welcome);
-        for f in self.state.to_frames(self.state_at) {
-            self.send(conn, &f);
-        }
-        let now = self.now;
-        let Some(c) = self.coord() else { return };
-        c.links.insert(
-            conn,
-            Link {
-                id,
-                name,
-                peer,
-                last_heard: now,
-                catch_up: None,
-            },
-        );
-        c.by_member.insert(id, conn);
+        self.out
+            .extend(state.iter().map(|f| Output::Send(conn, f.clone())));
         if peer {
             self.send_chunk(conn, base + 1);
         } else {
@@ -330,6 +386,27 @@ impl Core {
             self.out.extend(frames.into_iter().map(|f| Output::Send(conn, f)));
             self.out.push(Output::Attach(conn, Group::Clients));
         }
+    }
+
+    /// Where a newcomer's history starts: just before the last `replay`
+    /// messages (other entries in between come along).
+    fn history_base(&self, commit: u64) -> u64 {
+        let want = self.cfg.replay;
+        if want == 0 {
+            return commit;
+        }
+        let mut found = 0;
+        let mut seq = commit;
+        while seq > self.log.base() {
+            if matches!(self.log.entry_at(seq), Some(Entry::Chat(_))) {
+                found += 1;
+                if found == want {
+                    return seq - 1;
+                }
+            }
+            seq -= 1;
+        }
+        self.log.base()
     }
 
     /// Sends a catching-up peer the entries from `from`, at most
@@ -624,6 +701,7 @@ impl Core {
             }
         }
         self.maintain_voters();
+        self.flush_welcomes();
         let commit = self.log.commit();
         let Some(c) = self.coord() else { return };
         let stable = c.effective_through;
@@ -726,6 +804,19 @@ impl Core {
             }
             c.effective_through = pending_at;
         }
+        // The rest walks every member: only when something it looks at
+        // changed (members, acknowledging peers, deaths, voters).
+        let look = (
+            c.links.len(),
+            c.acked.len(),
+            self.dead.len(),
+            self.tip.voters_seq,
+            self.tip.members.len(),
+        );
+        if c.last_review == Some(look) {
+            return;
+        }
+        c.last_review = Some(look);
         let current = self.tip.voters.clone();
         let mut next: Vec<u64> = current
             .iter()

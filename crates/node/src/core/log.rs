@@ -234,6 +234,11 @@ impl Log {
 
     #[cfg(test)]
     pub fn entry(&self, seq: u64) -> Option<&Entry> {
+        self.entry_at(seq)
+    }
+
+    /// The held entry at `seq`.
+    pub fn entry_at(&self, seq: u64) -> Option<&Entry> {
         self.get(seq).map(|h| &h.entry)
     }
 

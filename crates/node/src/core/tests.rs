@@ -214,6 +214,62 @@ fn killing_coordinator_and_successor_hands_over_to_the_next() {
     assert_eq!(assert_agree(&sim, &[2, 3, 4]).len(), 2);
 }
 
+/// Failover issue, mechanism 3: votes buffered in a hung successor's
+/// socket must not let it coordinate an epoch another node coordinates.
+#[test]
+fn a_hung_successor_that_wakes_to_stale_votes_never_shares_an_epoch() {
+    let mut sim = cluster(5);
+    sim.say(4);
+    run_for(&mut sim, HB);
+    // The successor hangs just before the coordinator dies: the others'
+    // votes for it wait in its socket, they give up and elect the next.
+    sim.pause(1);
+    sim.kill(0);
+    assert!(settle(&mut sim, 20 * HB, |s| s.coordinators() == vec![2]));
+    sim.say(3);
+    run_for(&mut sim, 2 * HB);
+    sim.resume(1);
+    assert!(settle(&mut sim, 30 * HB, |s| s.coordinators() == vec![2]
+        && s.role(1) == Some(Role::Member)
+        && (1..5).all(|i| s.pending(i) == 0)));
+    sim.say(1);
+    run_for(&mut sim, 2 * HB);
+    assert_eq!(assert_agree(&sim, &[1, 2, 3, 4]).len(), 3);
+}
+
+/// Failover issue, mechanism 4: coordinator and successor killed while an
+/// earlier-joined voter hangs; the chat must not split into two.
+#[test]
+fn coordinator_and_successor_killed_while_a_voter_hangs_never_split() {
+    let mut sim = cluster(5);
+    sim.say(4);
+    run_for(&mut sim, HB);
+    sim.pause(1);
+    sim.kill(0);
+    sim.kill(2);
+    // n3 and n4 are two of five, with n1 only hung: not a quorum. They wait.
+    run_for(&mut sim, 20 * HB);
+    assert!(
+        sim.coordinators().is_empty(),
+        "a minority took over: {:?}",
+        sim.coordinators()
+    );
+    let text = sim.say(4).unwrap();
+    run_for(&mut sim, 5 * HB);
+    assert!(
+        !sim.texts(4).iter().any(|t| t.ends_with(&text)),
+        "a minority delivered"
+    );
+    // n1 wakes: three of five, one chat.
+    sim.resume(1);
+    assert!(settle(&mut sim, 40 * HB, |s| s.coordinators().len() == 1
+        && (3..5).all(|i| s.pending(i) == 0)));
+    let seq = assert_agree(&sim, &[1, 3, 4]);
+    assert_eq!(seq.iter().filter(|t| t.ends_with(&text)).count(), 1);
+    let epochs: Vec<u64> = [1, 3, 4].iter().map(|i| sim.nodes[*i].core().epoch()).collect();
+    assert!(epochs.windows(2).all(|w| w[0] == w[1]), "one chat: {epochs:?}");
+}
+
 #[test]
 fn lines_typed_before_the_welcome_arrive_in_order_once() {
     let mut sim = cluster(2);
