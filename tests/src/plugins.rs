@@ -197,6 +197,14 @@ fn wrong_abi_missing_file_and_bad_names_are_refused_without_stopping_the_node() 
     assert!(err.contains("plugin name"), "{err}");
 }
 
+fn coordinator_epoch(rows: &[Value]) -> u64 {
+    rows.iter()
+        .filter(|r| r["role"] == "coordinator")
+        .filter_map(|r| r["epoch"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
 #[test]
 fn attach_detach_at_runtime_and_bots_survive_failovers_with_one_transcript() {
     let extra = "plugins:\n  - name: echo\n  - name: logger\n    config: { path: transcript.jsonl }\n";
@@ -235,12 +243,13 @@ fn attach_detach_at_runtime_and_bots_survive_failovers_with_one_transcript() {
 
     // Several failovers under traffic; the bots keep working on each new coordinator.
     for round in 0..2 {
+        let before = coordinator_epoch(&c.ps());
         c.ok(&["kill", "--coordinator"]);
         c.ok(&["say", "dave", &format!("!echo round {round}")]);
         c.ok(&["say", "dave", "spam after failover"]);
-        c.wait_ps(&format!("epoch {}", round + 2), |rows| {
-            rows.iter()
-                .any(|r| r["role"] == "coordinator" && r["epoch"] == round + 2)
+        // A later epoch (a loaded machine may see more than one election).
+        c.wait_ps(&format!("a coordinator after epoch {before}"), |rows| {
+            coordinator_epoch(rows) > before
         });
     }
     let logs = wait_until("echoes after the failovers", || {

@@ -120,6 +120,31 @@ pub async fn status(addr: &str) -> std::io::Result<NodeStatus> {
         .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out")))
 }
 
+/// Waits until every node at `addrs` reports the same voter set, in force,
+/// holding every node (up to the 7 voters a chat has), or until `limit`.
+/// Returns whether it settled.
+pub async fn wait_settled(addrs: &[String], limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    let want = addrs.len().min(7);
+    while Instant::now() < end {
+        let mut sets = Vec::new();
+        for a in addrs {
+            let reply = coordinator_request(a, &Frame::StatusRequest { log: false }).await;
+            if let Ok(Frame::Status {
+                voters, stable: true, ..
+            }) = reply
+            {
+                sets.push(voters);
+            }
+        }
+        if sets.len() == addrs.len() && sets.windows(2).all(|w| w[0] == w[1]) && sets[0].len() >= want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
 /// How long `check` waits for messages in flight to reach every node.
 const SETTLE: Duration = Duration::from_secs(5);
 

@@ -188,8 +188,8 @@ pub fn log_line(line: &str) -> Option<String> {
 /// The `ps` table.
 pub fn ps_table(rows: &[Value]) -> String {
     let mut out = format!(
-        "{:<12} {:>7}  {:<21} {:<10} {:<11} {:>5} {:>8} {:>8}\n",
-        "NAME", "PID", "ADDRESS", "STATE", "ROLE", "EPOCH", "RESTARTS", "UPTIME"
+        "{:<12} {:>7}  {:<21} {:<10} {:<11} {:>5} {:>5} {:>8} {:>8}\n",
+        "NAME", "PID", "ADDRESS", "STATE", "ROLE", "VOTER", "EPOCH", "RESTARTS", "UPTIME"
     );
     for r in rows {
         let uptime = r["uptime_ms"]
@@ -197,7 +197,7 @@ pub fn ps_table(rows: &[Value]) -> String {
             .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
             .unwrap_or_else(|| "-".into());
         out.push_str(&format!(
-            "{:<12} {:>7}  {:<21} {:<10} {:<11} {:>5} {:>8} {:>8}\n",
+            "{:<12} {:>7}  {:<21} {:<10} {:<11} {:>5} {:>5} {:>8} {:>8}\n",
             r["name"].as_str().unwrap_or(""),
             r["pid"]
                 .as_u64()
@@ -206,6 +206,7 @@ pub fn ps_table(rows: &[Value]) -> String {
             r["addr"].as_str().unwrap_or(""),
             r["state"].as_str().unwrap_or(""),
             r["role"].as_str().unwrap_or("-"),
+            if r["voter"] == true { "yes" } else { "-" },
             r["epoch"].to_string(),
             r["restarts"].to_string(),
             uptime

@@ -42,10 +42,26 @@ pub enum CtlEvent {
 
 /// Messages to the actor.
 pub enum SupMsg {
-    Line { idx: usize, gen: u64, line: String },
-    Exited { idx: usize, gen: u64, info: ExitInfo },
-    RestartDue { idx: usize, gen: u64 },
-    GraceOver { idx: usize, gen: u64 },
+    Line {
+        idx: usize,
+        gen: u64,
+        line: String,
+    },
+    Exited {
+        idx: usize,
+        gen: u64,
+        info: ExitInfo,
+    },
+    RestartDue {
+        idx: usize,
+        gen: u64,
+    },
+    GraceOver {
+        idx: usize,
+        gen: u64,
+    },
+    /// Every node reports the same voter set, in force (or time ran out).
+    Settled,
     Request(Request, oneshot::Sender<Response>),
 }
 
@@ -87,6 +103,8 @@ struct Slot {
     /// Start again as soon as it exits (`p2pctl restart`).
     restart_after_exit: bool,
     last_exit: Option<String>,
+    /// The node's member id in the chat (from its `ready` event).
+    id: Option<u64>,
 }
 
 /// A cheap handle to the running supervisor.
@@ -120,6 +138,9 @@ pub struct Supervisor {
     events: broadcast::Sender<CtlEvent>,
     /// Current coordinator as (epoch, node name).
     coordinator: Option<(u64, String)>,
+    /// The chat's voters (member ids) as of the newest change seen, and
+    /// that change's seq.
+    voters: (u64, Vec<u64>),
     /// When `p2pctl kill` hit the coordinator of which epoch.
     coordinator_killed: Option<(u64, Instant)>,
     /// Initial start: index of the next node to spawn (None when done).
@@ -150,6 +171,7 @@ impl Supervisor {
                 user_down: None,
                 restart_after_exit: false,
                 last_exit: None,
+                id: None,
             })
             .collect();
         Supervisor {
@@ -160,6 +182,7 @@ impl Supervisor {
             rx,
             events,
             coordinator: None,
+            voters: (0, Vec::new()),
             coordinator_killed: None,
             starting: None,
             start_deadline: Instant::now(),
@@ -340,6 +363,9 @@ impl Supervisor {
                     }
                 }
             }
+            SupMsg::Settled => self.emit(CtlEvent::AllReady {
+                nodes: self.slots.len(),
+            }),
             SupMsg::Request(req, reply) => self.on_request(req, reply),
         }
     }
@@ -354,8 +380,22 @@ impl Supervisor {
         });
         match kind.as_str() {
             "listening" => self.slots[idx].addr = v["addr"].as_str().map(str::to_string),
+            "config" => {
+                // The newest voter set any node delivered.
+                if let (Some(seq), Some(ids)) = (v["seq"].as_u64(), v["voters"].as_array()) {
+                    if seq > self.voters.0 {
+                        self.voters = (seq, ids.iter().filter_map(Value::as_u64).collect());
+                    }
+                }
+            }
             "ready" => {
                 let epoch = v["epoch"].as_u64().unwrap_or(0);
+                self.slots[idx].id = v["id"].as_u64();
+                if v["created"] == true {
+                    if let Some(id) = v["id"].as_u64() {
+                        self.voters = (0, vec![id]);
+                    }
+                }
                 let coord = v["coordinator"].as_str().unwrap_or("").to_string();
                 let slot = &mut self.slots[idx];
                 slot.state = NodeState::Running;
@@ -369,8 +409,13 @@ impl Supervisor {
                         self.spawn(next, false);
                     } else {
                         self.starting = None;
-                        self.emit(CtlEvent::AllReady {
-                            nodes: self.slots.len(),
+                        // Ready once the newcomers are voters: a node that
+                        // joined a moment ago cannot take over yet.
+                        let addrs: Vec<String> = self.slots.iter().filter_map(|s| s.addr.clone()).collect();
+                        let tx = self.tx.clone();
+                        tokio::spawn(async move {
+                            crate::check::wait_settled(&addrs, std::time::Duration::from_secs(10)).await;
+                            let _ = tx.send(SupMsg::Settled).await;
                         });
                     }
                 }
@@ -635,6 +680,7 @@ impl Supervisor {
                     "role": s.role.clone().filter(|_| s.pid.is_some()),
                     "epoch": s.epoch,
                     "restarts": s.restarts,
+                    "voter": s.pid.is_some() && s.id.is_some_and(|id| self.voters.1.contains(&id)),
                     "uptime_ms": s.started.map(|t| t.elapsed().as_millis() as u64),
                     "last_exit": s.last_exit,
                 })

@@ -253,11 +253,31 @@ impl Core {
                 self.proven_dead(m.id);
             }
             if !self.dead.contains(&m.id) {
-                let name = m.name;
+                let now = self.now;
+                let c = self.coord().expect("coordinator");
+                if !c.by_member.contains_key(&m.id) && m.addr.is_some() {
+                    // Its connection is gone: find out now whether its
+                    // process is; the newcomer (a restart, most likely)
+                    // retries in a moment.
+                    c.unreachable.entry(m.id).or_insert(now);
+                    c.next_probe = now;
+                    self.probe_unreachable();
+                    return self.refuse(
+                        conn,
+                        ErrorCode::Electing,
+                        format!(
+                            "a member named {} was cut off a moment ago; retry in a moment",
+                            m.name
+                        ),
+                    );
+                }
                 return self.refuse(
                     conn,
                     ErrorCode::NameTaken,
-                    format!("the name {name} is already taken in this chat; choose another name"),
+                    format!(
+                        "the name {} is already taken in this chat; choose another name",
+                        m.name
+                    ),
                 );
             }
         }

@@ -620,7 +620,7 @@ fn random_crashes_pauses_and_restarts_keep_every_guarantee_and_converge() {
             live: true,
             slow_net: false,
         },
-        120,
+        400,
     );
 }
 
@@ -633,7 +633,7 @@ fn random_faults_on_a_slow_network_never_fork_the_chat() {
             live: false,
             slow_net: true,
         },
-        120,
+        400,
     );
 }
 
@@ -646,7 +646,7 @@ fn random_faults_on_three_nodes_with_quorum_loss_never_fork() {
             live: false,
             slow_net: false,
         },
-        120,
+        400,
     );
 }
 
