@@ -12,6 +12,9 @@ use super::hooks::{Decision, HookMessage};
 use super::state::{is_quorum, MAX_VOTERS};
 use super::{ConnId, Core, Event, Group, Hello, Millis, Output, PluginChange, State, MAX_BACKLOG_BYTES};
 
+/// Bytes of broadcast between two pings in a burst (see `broadcast`).
+const PING_EVERY_BYTES: usize = 32 * 1024;
+
 /// Bot posts may trigger bot posts this many levels deep, no more.
 const MAX_BOT_DEPTH: u32 = 3;
 
@@ -43,6 +46,8 @@ pub(super) struct Coord {
     welcomes: Vec<PendingWelcome>,
     /// The encoded `state` frames and the seq they describe.
     state_cache: Option<(u64, Vec<bytes::Bytes>)>,
+    /// Bytes broadcast to peers and to clients since their last ping.
+    since_ping: [usize; 2],
     /// What the last review of the voters looked at (see `maintain_voters`).
     last_review: Option<(usize, usize, usize, u64, usize)>,
     /// Messages waiting for room in the window, in arrival order.
@@ -82,6 +87,7 @@ impl Coord {
             backlog: VecDeque::new(),
             backlog_bytes: 0,
             last_review: None,
+            since_ping: [0; 2],
             welcomes: Vec::new(),
             state_cache: None,
             waiting: None,
@@ -538,7 +544,7 @@ impl Core {
     fn propose(&mut self, make: impl FnOnce(u64, u64) -> Entry) {
         let entry = make(self.epoch, self.log.last() + 1);
         let frame = p2p_proto::encode_entry(&entry);
-        self.out.push(Output::Broadcast(Group::Peers, frame.clone()));
+        self.broadcast(Group::Peers, frame.clone());
         self.tip.apply(&entry);
         if let Err(e) = self.log.append_encoded(entry, frame) {
             tracing::error!(?e, "a proposed entry did not follow the log");
@@ -579,6 +585,24 @@ impl Core {
             return;
         }
         self.sequence_now(s);
+    }
+
+    /// Sends `frame` to a broadcast group, with a ping after every
+    /// [`PING_EVERY_BYTES`] of it: pings are also spaced in bytes, not only
+    /// in time, so a member reading a burst as fast as it can meets one
+    /// (and answers it) well within the detection timeout.
+    fn broadcast(&mut self, group: Group, frame: bytes::Bytes) {
+        let len = frame.len();
+        self.out.push(Output::Broadcast(group, frame));
+        let Some(c) = self.coord() else { return };
+        let i = usize::from(group == Group::Clients);
+        c.since_ping[i] += len;
+        if c.since_ping[i] >= PING_EVERY_BYTES {
+            c.since_ping[i] = 0;
+            c.nonce += 1;
+            let ping = encode(&Frame::Ping { nonce: c.nonce });
+            self.out.push(Output::Broadcast(group, ping));
+        }
     }
 
     /// Sequences what waits in the backlog while the window has room.
@@ -636,7 +660,7 @@ impl Core {
             bot: s.bot,
         };
         let frame = p2p_proto::encode_chat(&chat);
-        self.out.push(Output::Broadcast(Group::Peers, frame.clone()));
+        self.broadcast(Group::Peers, frame.clone());
         let entry = Entry::Chat(chat);
         self.tip.apply(&entry);
         if let Err(e) = self.log.append_encoded(entry, frame) {
@@ -738,7 +762,7 @@ impl Core {
     fn coord_apply(&mut self) {
         let done = self.apply_committed();
         for (entry, frame) in done {
-            self.out.push(Output::Broadcast(Group::Clients, frame));
+            self.broadcast(Group::Clients, frame);
             if !self.hooks.active() {
                 continue;
             }
