@@ -74,9 +74,9 @@ fn a_join_storm_of_500_clients_drops_no_peer_and_elects_nobody() {
 /// reading a burst as fast as it can was taken for dead.
 #[test]
 fn a_slow_reader_draining_a_burst_is_not_taken_for_dead() {
-    // A 20 ms heartbeat: the burst takes far longer than three of them to
-    // drain at the reader's pace.
-    let mut a = Node::join("alice", &["--history", "0", "--heartbeat-ms", "20"]);
+    // The burst takes far longer than three heartbeats (300 ms) to drain at
+    // the reader's pace.
+    let mut a = Node::join("alice", &["--history", "0"]);
     let mut slow = Raw::hello(&a.addr, "slowpoke");
     a.wait_event("slowpoke joined", |e| {
         e["event"] == "joined" && e["name"] == "slowpoke"
@@ -86,8 +86,9 @@ fn a_slow_reader_draining_a_burst_is_not_taken_for_dead() {
     for i in 0..N {
         a.say(&format!("{i} {text}"));
     }
-    // Read about 1.5 MB/s (32 KiB every 20 ms), answering pings as they
-    // come up in the stream, until every message is in.
+    // Read about 1.5 MB/s (32 KiB every 20 ms; a member must read 256 KiB
+    // per three heartbeats), answering pings as they come up in the
+    // stream, until every message is in.
     slow.stream.set_nonblocking(true).unwrap();
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 32 * 1024];

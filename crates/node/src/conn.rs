@@ -213,6 +213,11 @@ async fn write_loop(
         }
         // Only now is it in the kernel: direct writes may resume after it.
         queued.fetch_sub(batch.len(), Ordering::AcqRel);
+        // A burst (a welcome with a large state) must not leave every
+        // member holding a buffer of its size for the rest of its life.
+        if batch.capacity() > 64 * 1024 {
+            batch = Vec::new();
+        }
         if close {
             // Dropping the last handle on the write half shuts it down.
             return;

@@ -12,8 +12,9 @@ use super::hooks::{Decision, HookMessage};
 use super::state::{is_quorum, MAX_VOTERS};
 use super::{ConnId, Core, Event, Group, Hello, Millis, Output, PluginChange, State, MAX_BACKLOG_BYTES};
 
-/// Bytes of broadcast between two pings in a burst (see `broadcast`).
-const PING_EVERY_BYTES: usize = 32 * 1024;
+/// Bytes of broadcast between two pings in a burst (see `broadcast`): a
+/// member must read at least this much per three heartbeats to be alive.
+const PING_EVERY_BYTES: usize = 256 * 1024;
 
 /// Bot posts may trigger bot posts this many levels deep, no more.
 const MAX_BOT_DEPTH: u32 = 3;
@@ -44,8 +45,9 @@ pub(super) struct Coord {
     /// Welcomes to send at the end of the batch: every newcomer of a batch
     /// (a join storm) shares one encoded state snapshot.
     welcomes: Vec<PendingWelcome>,
-    /// The encoded `state` frames and the seq they describe.
-    state_cache: Option<(u64, Vec<bytes::Bytes>)>,
+    /// The encoded `state` frames for peers (with sender records) and for
+    /// clients (without), and the seq they describe.
+    state_cache: Option<(u64, Vec<bytes::Bytes>, Vec<bytes::Bytes>)>,
     /// Bytes broadcast to peers and to clients since their last ping.
     since_ping: [usize; 2],
     /// What the last review of the voters looked at (see `maintain_voters`).
@@ -349,21 +351,26 @@ impl Core {
             return;
         }
         let welcomes = std::mem::take(&mut c.welcomes);
-        let cached = matches!(&c.state_cache, Some((a, _)) if *a == at);
+        let cached = matches!(&c.state_cache, Some((a, _, _)) if *a == at);
         if !cached {
-            let frames = self.state.to_frames(at).iter().map(p2p_proto::encode).collect();
+            let encode = |frames: Vec<Frame>| frames.iter().map(p2p_proto::encode).collect();
+            let peers = encode(self.state.to_frames(at, true));
+            let clients = encode(self.state.to_frames(at, false));
             if let Some(c) = self.coord() {
-                c.state_cache = Some((at, frames));
+                c.state_cache = Some((at, peers, clients));
             }
         }
-        let state: Vec<bytes::Bytes> = match &self.role {
-            State::Coordinator(c) => c.state_cache.as_ref().map(|(_, f)| f.clone()).unwrap_or_default(),
+        let (peers, clients): (Vec<bytes::Bytes>, Vec<bytes::Bytes>) = match &self.role {
+            State::Coordinator(c) => match &c.state_cache {
+                Some((_, p, cl)) => (p.clone(), cl.clone()),
+                None => return,
+            },
             _ => return,
         };
         for w in welcomes {
             let linked = matches!(&self.role, State::Coordinator(c) if c.links.contains_key(&w.conn));
             if linked {
-                self.send_welcome(&w, &state);
+                self.send_welcome(&w, if w.peer { &peers } else { &clients });
             }
         }
     }
@@ -589,8 +596,9 @@ impl Core {
 
     /// Sends `frame` to a broadcast group, with a ping after every
     /// [`PING_EVERY_BYTES`] of it: pings are also spaced in bytes, not only
-    /// in time, so a member reading a burst as fast as it can meets one
-    /// (and answers it) well within the detection timeout.
+    /// in time, so a member reading a burst (queued behind data, perhaps in
+    /// its own socket buffer, where only it can see) meets one and answers
+    /// it while it reads.
     fn broadcast(&mut self, group: Group, frame: bytes::Bytes) {
         let len = frame.len();
         self.out.push(Output::Broadcast(group, frame));
@@ -760,12 +768,13 @@ impl Core {
     /// Delivers committed entries here and to clients, and lets plugins see
     /// them.
     fn coord_apply(&mut self) {
-        let done = self.apply_committed();
-        for (entry, frame) in done {
+        let hooks = self.hooks.active();
+        let done = self.apply_committed(hooks);
+        for (frame, entry) in done {
             self.broadcast(Group::Clients, frame);
-            if !self.hooks.active() {
+            let Some(entry) = entry.filter(|_| hooks) else {
                 continue;
-            }
+            };
             let posts = match &entry {
                 Entry::Chat(c) => self.hooks.on_delivered(&hook_message(c), false),
                 Entry::Joined { member, .. } => self.hooks.on_join(member.id, &member.name),

@@ -42,7 +42,7 @@ pub(super) struct Uplink {
     /// Our messages sent on this connection (highest client_seq) and the
     /// bytes of them not yet delivered: at most [`SEND_WINDOW`] in flight.
     sent_upto: u64,
-    in_flight: usize,
+    pub(super) in_flight: usize,
 }
 
 /// Most bytes of our own messages sent and not yet delivered; the rest
@@ -267,7 +267,7 @@ impl Core {
                 if matches!(self.role, State::Member(_)) {
                     self.stable = self.stable.max(stable);
                     self.log.set_commit(seq);
-                    self.apply_committed();
+                    self.apply_committed(false);
                     self.pump();
                 }
             }
@@ -497,7 +497,7 @@ impl Core {
         if !self.log.holds_after(from.saturating_sub(1)) {
             // We do not hold `from` any more: send our state and what follows.
             let at = self.state_at.max(self.log.base());
-            for frame in self.state.to_frames(self.state_at) {
+            for frame in self.state.to_frames(self.state_at, true) {
                 self.send(conn, &frame);
             }
             return self.send_entries(conn, at + 1, to);

@@ -582,14 +582,45 @@ impl Core {
     }
 
     /// Delivers every committed entry held: events, state, plugins, and
-    /// acknowledgement of our own messages. Returns the entries delivered.
-    fn apply_committed(&mut self) -> Vec<(Entry, Bytes)> {
+    /// acknowledgement of our own messages. Returns the frames delivered,
+    /// with the entries too when `with_entries` (plugins need them).
+    fn apply_committed(&mut self, with_entries: bool) -> Vec<(Bytes, Option<Entry>)> {
         let mut done = Vec::new();
-        while let Some((entry, frame)) = self.log.next_to_apply() {
-            let (entry, frame) = (entry.clone(), frame.clone());
+        loop {
+            let Some((entry, frame)) = self.log.next_to_apply() else {
+                break;
+            };
             let seq = entry.seq();
+            let frame = frame.clone();
+            if let Entry::Chat(chat) = entry {
+                // The hot path: no clone unless someone needs one. Only
+                // disjoint fields are touched while `entry` borrows the log.
+                if seq > self.state_at {
+                    self.state.apply(entry);
+                    self.state_at = seq;
+                }
+                if chat.from_id == self.me.id && chat.from_id != 0 && chat.client_seq > 0 {
+                    let at = self.pending.partition_point(|(cs, _)| *cs < chat.client_seq);
+                    if self.pending.get(at).is_some_and(|(cs, _)| *cs == chat.client_seq) {
+                        let (_, text) = self.pending.remove(at);
+                        if let State::Member(u) = &mut self.role {
+                            u.in_flight = u.in_flight.saturating_sub(text.len());
+                        }
+                    }
+                }
+                if self.cfg.message_events {
+                    self.out.push(Output::Event(Event::Message {
+                        chat: chat.clone(),
+                        replay: false,
+                    }));
+                }
+                let kept = with_entries.then(|| entry.clone());
+                self.log.mark_applied(seq);
+                done.push((frame, kept));
+                continue;
+            }
+            let entry = entry.clone();
             self.log.mark_applied(seq);
-            let replay = false;
             if seq > self.state_at {
                 self.state.apply(&entry);
                 self.state_at = seq;
@@ -597,8 +628,8 @@ impl Core {
                     self.sync_plugins();
                 }
             }
-            self.deliver_event(&entry, replay);
-            done.push((entry, frame));
+            self.deliver_event(&entry, false);
+            done.push((frame, Some(entry)));
         }
         done
     }

@@ -173,18 +173,22 @@ impl ChatState {
         }
     }
 
-    /// The state as `state` frames: members and sender records in chunks
-    /// that each fit the frame limit; the last one has `last: true`.
-    pub fn to_frames(&self, at: u64) -> Vec<Frame> {
-        let seen: Vec<Seen> = self
-            .seen
-            .iter()
-            .map(|(id, s)| Seen {
-                id: *id,
-                session: s.session,
-                client_seq: s.client_seq,
-            })
-            .collect();
+    /// The state as `state` frames: members and (with `seen`, for peers,
+    /// which may coordinate one day) sender records, in chunks that each
+    /// fit the frame limit; the last one has `last: true`.
+    pub fn to_frames(&self, at: u64, seen: bool) -> Vec<Frame> {
+        let seen: Vec<Seen> = if !seen {
+            Vec::new()
+        } else {
+            self.seen
+                .iter()
+                .map(|(id, s)| Seen {
+                    id: *id,
+                    session: s.session,
+                    client_seq: s.client_seq,
+                })
+                .collect()
+        };
         let member_chunks: Vec<&[MemberInfo]> =
             self.members.chunks(limits::STATE_MEMBERS_PER_FRAME).collect();
         let seen_chunks: Vec<&[Seen]> = seen.chunks(limits::STATE_SEEN_PER_FRAME).collect();
@@ -373,7 +377,12 @@ mod tests {
             seq: 999,
             set: vec![1, 2],
         });
-        let frames = s.to_frames(999);
+        assert_eq!(
+            s.to_frames(999, false).len(),
+            2,
+            "members alone need two frames too"
+        );
+        let frames = s.to_frames(999, true);
         assert_eq!(frames.len(), 2);
         let mut loader = StateLoader::default();
         let mut got = None;
