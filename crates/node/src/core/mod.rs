@@ -586,10 +586,7 @@ impl Core {
     /// with the entries too when `with_entries` (plugins need them).
     fn apply_committed(&mut self, with_entries: bool) -> Vec<(Bytes, Option<Entry>)> {
         let mut done = Vec::new();
-        loop {
-            let Some((entry, frame)) = self.log.next_to_apply() else {
-                break;
-            };
+        while let Some((entry, frame)) = self.log.next_to_apply() {
             let seq = entry.seq();
             let frame = frame.clone();
             if let Entry::Chat(chat) = entry {
