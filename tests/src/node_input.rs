@@ -88,6 +88,7 @@ fn rss_kib(pid: nix::unistd::Pid) -> u64 {
 
 #[test]
 fn a_member_that_never_reads_is_cut_off_and_others_carry_on() {
+    let _heavy = crate::util::heavy();
     // A member that never reads also never answers pings; a long heartbeat
     // lets the queue limit, not the heartbeat, catch it here.
     const QUEUE: u64 = 1 << 20;

@@ -14,6 +14,13 @@ use nix::unistd::Pid;
 use p2p_proto::{encode, read_frame_sync, Frame};
 use serde_json::Value;
 
+/// Tests that load the machine on purpose (floods, storms, torture) take
+/// this lock, so they do not overlap each other and starve the rest.
+pub fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: Mutex<()> = Mutex::new(());
+    HEAVY.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// How long any single wait in a test may take before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(15);
 
@@ -40,6 +47,7 @@ pub fn bin_dir() -> &'static Path {
                 "p2p-plugin-logger",
                 "p2p-plugin-test-panic",
                 "p2p-plugin-test-oldabi",
+                "p2p-bench",
             ] {
                 cmd.args(["-p", p]);
             }
