@@ -41,6 +41,9 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A plugin could not be attached (missing, wrong ABI, bad config…).
     PluginRefused,
+    /// The connection did not prove it holds the chat key, or a resume did
+    /// not prove it is the member it names.
+    Unauthenticated,
     /// A code from a newer peer that this version does not know.
     #[serde(other)]
     Unknown,
@@ -67,6 +70,7 @@ impl ErrorCode {
             ErrorCode::TooManyMembers => "too_many_members",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::PluginRefused => "plugin_refused",
+            ErrorCode::Unauthenticated => "unauthenticated",
             ErrorCode::Unknown => "unknown",
         }
     }

@@ -223,6 +223,23 @@ pub struct Seen {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Frame {
+    // ---- proving the chat key (before anything else) ----
+    /// Client → node, first on every connection of a keyed chat.
+    Auth {
+        version: u32,
+        nonce: String,
+    },
+    /// Node → client: its nonce and its proof of the key.
+    AuthReply {
+        nonce: String,
+        proof: String,
+    },
+    /// Client → node: the client's proof of the key. Everything after is
+    /// sealed (docs/PROTOCOL.md, section 2).
+    AuthProof {
+        proof: String,
+    },
+
     // ---- handshake (client → any node) ----
     /// Opens a member connection.
     Hello {
@@ -446,6 +463,9 @@ impl Frame {
     /// The `type` names this version knows, for telling "unknown type" from
     /// "bad fields" in a frame that failed to parse.
     pub const TYPES: &'static [&'static str] = &[
+        "auth",
+        "auth_reply",
+        "auth_proof",
         "hello",
         "status_request",
         "post",
@@ -487,6 +507,9 @@ impl Frame {
     /// The wire name of this frame (its `type`).
     pub fn kind(&self) -> &'static str {
         match self {
+            Frame::Auth { .. } => "auth",
+            Frame::AuthReply { .. } => "auth_reply",
+            Frame::AuthProof { .. } => "auth_proof",
             Frame::Hello { .. } => "hello",
             Frame::StatusRequest { .. } => "status_request",
             Frame::Post { .. } => "post",

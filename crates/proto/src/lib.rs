@@ -6,6 +6,7 @@ mod codec;
 mod error;
 mod frame;
 pub mod limits;
+pub mod secure;
 
 pub use codec::{decode_body, encode, encode_chat, encode_entry, read_frame_sync, split_frame};
 pub use error::{ErrorCode, ProtoError};

@@ -1,0 +1,582 @@
+//! The trust boundary on the wire: the chat key, the mutual handshake that
+//! proves both ends hold it, and sealed records. No sockets here: callers
+//! feed bytes in and send what comes out (docs/PROTOCOL.md, section 2, is
+//! the byte-by-byte description, with test vectors).
+//!
+//! Primitives, all from well-kept RustCrypto crates: HMAC-SHA256 for the
+//! proofs, HKDF-SHA256 for key derivation, ChaCha20-Poly1305 for records.
+//!
+//! - Handshake: client nonce `nc` → server nonce `ns` and proof
+//!   `HMAC(Ka, "p2pchat server" ‖ nc ‖ ns)` → client proof
+//!   `HMAC(Ka, "p2pchat client" ‖ nc ‖ ns)`. Fresh nonces on both sides,
+//!   so a recorded handshake replayed in either direction fails.
+//! - Link records (one frame each): per-direction keys from
+//!   `HKDF(salt = nc ‖ ns, ikm = key)`, nonce = a counter per direction.
+//! - Group records (a broadcast batch, sealed once for every member): key
+//!   `HKDF(ikm = key, info = "group" ‖ epoch)`, explicit nonce; one
+//!   coordinator per epoch, so a key and nonce are never reused.
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
+use hkdf::Hkdf;
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+/// Bytes of the chat key.
+pub const KEY_LEN: usize = 32;
+/// Bytes of a handshake nonce.
+pub const NONCE_LEN: usize = 32;
+/// A link record: kind byte, then the sealed frame body.
+pub const LINK: u8 = 0;
+/// A group record: kind byte, epoch, nonce, then the sealed frames.
+pub const GROUP: u8 = 1;
+/// What sealing adds to a record (kind, epoch, nonce, tag) at most.
+pub const RECORD_OVERHEAD: usize = 1 + 8 + 12 + 16;
+
+/// Why a key or a record was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SecureError {
+    /// The key text is not 64 hex digits.
+    #[error("a chat key is 64 hexadecimal digits (32 bytes); {0}")]
+    BadKey(String),
+    /// A proof did not verify: the other end holds another key.
+    #[error("the other end does not hold this chat's key")]
+    WrongKey,
+    /// A record did not open (altered, replayed, out of order, wrong key).
+    #[error("a record failed to authenticate")]
+    BadRecord,
+    /// A handshake field is malformed.
+    #[error("malformed handshake: {0}")]
+    BadHandshake(String),
+}
+
+/// The chat's secret. Every connection proves it holds it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ChatKey([u8; KEY_LEN]);
+
+impl std::fmt::Debug for ChatKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ChatKey(id {})", self.id())
+    }
+}
+
+impl ChatKey {
+    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> ChatKey {
+        ChatKey(bytes)
+    }
+
+    /// A new random key (from the operating system's generator).
+    pub fn generate() -> ChatKey {
+        ChatKey(random_bytes())
+    }
+
+    /// Parses the key file's text: 64 hex digits (surrounding whitespace
+    /// allowed).
+    ///
+    /// # Errors
+    /// [`SecureError::BadKey`] naming what is wrong.
+    pub fn from_hex(text: &str) -> Result<ChatKey, SecureError> {
+        let t = text.trim();
+        if t.len() != 2 * KEY_LEN {
+            return Err(SecureError::BadKey(format!("found {} characters", t.len())));
+        }
+        let bytes = from_hex(t)
+            .ok_or_else(|| SecureError::BadKey("found a character that is not a hex digit".into()))?;
+        let mut k = [0u8; KEY_LEN];
+        k.copy_from_slice(&bytes);
+        Ok(ChatKey(k))
+    }
+
+    pub fn to_hex(&self) -> String {
+        to_hex(&self.0)
+    }
+
+    /// A short public identifier of the key (for messages: "this chat
+    /// uses key 1a2b3c4d"); reveals nothing of the key.
+    pub fn id(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(b"p2pchat key id");
+        h.update(self.0);
+        to_hex(&h.finalize()[..4])
+    }
+
+    fn derive(&self, salt: &[u8], info: &[u8]) -> [u8; 32] {
+        let hk = Hkdf::<Sha256>::new(Some(salt), &self.0);
+        let mut out = [0u8; 32];
+        hk.expand(info, &mut out)
+            .expect("32 bytes is a valid HKDF output length");
+        out
+    }
+
+    fn auth_key(&self) -> [u8; 32] {
+        self.derive(b"p2pchat v2", b"auth")
+    }
+
+    fn proof(&self, label: &[u8], nc: &[u8; NONCE_LEN], ns: &[u8; NONCE_LEN]) -> [u8; 32] {
+        let mut m =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.auth_key()).expect("HMAC takes any key length");
+        m.update(label);
+        m.update(nc);
+        m.update(ns);
+        m.finalize().into_bytes().into()
+    }
+
+    fn verify(&self, label: &[u8], nc: &[u8; NONCE_LEN], ns: &[u8; NONCE_LEN], proof: &[u8]) -> bool {
+        let mut m =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.auth_key()).expect("HMAC takes any key length");
+        m.update(label);
+        m.update(nc);
+        m.update(ns);
+        m.verify_slice(proof).is_ok() // constant time
+    }
+
+    /// The key sealing a broadcast batch of `epoch`.
+    pub fn group_key(&self, epoch: u64) -> GroupKey {
+        let mut info = b"group".to_vec();
+        info.extend_from_slice(&epoch.to_be_bytes());
+        GroupKey {
+            epoch,
+            cipher: ChaCha20Poly1305::new(Key::from_slice(&self.derive(b"p2pchat v2", &info))),
+        }
+    }
+}
+
+/// The server's answer to a client's nonce.
+pub struct ServerHello {
+    pub nonce: [u8; NONCE_LEN],
+    pub proof: [u8; 32],
+}
+
+/// The server's side of a handshake, between its answer and the client's
+/// proof.
+pub struct ServerHandshake {
+    key: ChatKey,
+    nc: [u8; NONCE_LEN],
+    ns: [u8; NONCE_LEN],
+}
+
+impl ServerHandshake {
+    /// Answers a client's nonce with our nonce and our proof.
+    pub fn answer(key: &ChatKey, client_nonce: [u8; NONCE_LEN]) -> (ServerHandshake, ServerHello) {
+        Self::answer_with(key, client_nonce, random_bytes())
+    }
+
+    /// [`ServerHandshake::answer`] with a chosen nonce (test vectors).
+    pub fn answer_with(
+        key: &ChatKey,
+        nc: [u8; NONCE_LEN],
+        ns: [u8; NONCE_LEN],
+    ) -> (ServerHandshake, ServerHello) {
+        let proof = key.proof(b"p2pchat server", &nc, &ns);
+        (
+            ServerHandshake {
+                key: key.clone(),
+                nc,
+                ns,
+            },
+            ServerHello { nonce: ns, proof },
+        )
+    }
+
+    /// Checks the client's proof; on success the link is ready.
+    ///
+    /// # Errors
+    /// [`SecureError::WrongKey`] if the client does not hold the key.
+    pub fn finish(self, client_proof: &[u8]) -> Result<Link, SecureError> {
+        if !self
+            .key
+            .verify(b"p2pchat client", &self.nc, &self.ns, client_proof)
+        {
+            return Err(SecureError::WrongKey);
+        }
+        Ok(Link::new(&self.key, &self.nc, &self.ns, false))
+    }
+}
+
+/// The client's side of a handshake.
+pub struct ClientHandshake {
+    key: ChatKey,
+    nc: [u8; NONCE_LEN],
+}
+
+impl ClientHandshake {
+    /// Starts a handshake; send the returned nonce.
+    pub fn start(key: &ChatKey) -> (ClientHandshake, [u8; NONCE_LEN]) {
+        Self::start_with(key, random_bytes())
+    }
+
+    /// [`ClientHandshake::start`] with a chosen nonce (test vectors).
+    pub fn start_with(key: &ChatKey, nc: [u8; NONCE_LEN]) -> (ClientHandshake, [u8; NONCE_LEN]) {
+        (ClientHandshake { key: key.clone(), nc }, nc)
+    }
+
+    /// Checks the server's proof; returns our proof to send and the link.
+    ///
+    /// # Errors
+    /// [`SecureError::WrongKey`] if the server does not hold the key.
+    pub fn finish(
+        self,
+        server_nonce: [u8; NONCE_LEN],
+        server_proof: &[u8],
+    ) -> Result<([u8; 32], Link), SecureError> {
+        if !self
+            .key
+            .verify(b"p2pchat server", &self.nc, &server_nonce, server_proof)
+        {
+            return Err(SecureError::WrongKey);
+        }
+        let proof = self.key.proof(b"p2pchat client", &self.nc, &server_nonce);
+        Ok((proof, Link::new(&self.key, &self.nc, &server_nonce, true)))
+    }
+}
+
+/// An authenticated connection's ciphers: one per direction, nonces
+/// counting up from 0, plus the chat key for group records.
+pub struct Link {
+    pub send: Sealer,
+    pub recv: Opener,
+}
+
+impl Link {
+    fn new(key: &ChatKey, nc: &[u8; NONCE_LEN], ns: &[u8; NONCE_LEN], client: bool) -> Link {
+        let mut salt = nc.to_vec();
+        salt.extend_from_slice(ns);
+        let hk = Hkdf::<Sha256>::new(Some(&salt), &key.0);
+        let mut okm = [0u8; 64];
+        hk.expand(b"p2pchat v2 link", &mut okm)
+            .expect("64 bytes is a valid HKDF output length");
+        let c2s = ChaCha20Poly1305::new(Key::from_slice(&okm[..32]));
+        let s2c = ChaCha20Poly1305::new(Key::from_slice(&okm[32..]));
+        let (send, recv) = if client { (c2s, s2c) } else { (s2c, c2s) };
+        Link {
+            send: Sealer {
+                cipher: send,
+                counter: 0,
+            },
+            recv: Opener {
+                cipher: recv,
+                counter: 0,
+                key: key.clone(),
+                group: None,
+            },
+        }
+    }
+}
+
+fn counter_nonce(counter: u64) -> [u8; 12] {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&counter.to_be_bytes());
+    n
+}
+
+/// Seals this side's link records.
+pub struct Sealer {
+    cipher: ChaCha20Poly1305,
+    counter: u64,
+}
+
+impl Sealer {
+    /// One link record for one frame body (without the length prefix).
+    pub fn seal(&mut self, body: &[u8]) -> Vec<u8> {
+        let nonce = counter_nonce(self.counter);
+        self.counter += 1;
+        let ct = self
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: body,
+                    aad: &[LINK],
+                },
+            )
+            .expect("ChaCha20-Poly1305 seals any length we use");
+        let mut rec = Vec::with_capacity(1 + ct.len());
+        rec.push(LINK);
+        rec.extend_from_slice(&ct);
+        rec
+    }
+}
+
+/// Opens the other side's records.
+pub struct Opener {
+    cipher: ChaCha20Poly1305,
+    counter: u64,
+    key: ChatKey,
+    /// The group key of the last epoch seen.
+    group: Option<GroupKey>,
+}
+
+/// What a record held.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Opened {
+    /// One frame body.
+    Frame(Vec<u8>),
+    /// Length-prefixed frames (a broadcast batch).
+    Frames(Vec<u8>),
+}
+
+impl Opener {
+    /// Opens one record (its bytes after the length prefix).
+    ///
+    /// # Errors
+    /// [`SecureError::BadRecord`] if it does not authenticate.
+    pub fn open(&mut self, record: &[u8]) -> Result<Opened, SecureError> {
+        match record.split_first() {
+            Some((&LINK, ct)) => {
+                let nonce = counter_nonce(self.counter);
+                let body = self
+                    .cipher
+                    .decrypt(
+                        Nonce::from_slice(&nonce),
+                        Payload {
+                            msg: ct,
+                            aad: &[LINK],
+                        },
+                    )
+                    .map_err(|_| SecureError::BadRecord)?;
+                self.counter += 1;
+                Ok(Opened::Frame(body))
+            }
+            Some((&GROUP, rest)) if rest.len() >= 8 + 12 + 16 => {
+                let epoch = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
+                if self.group.as_ref().is_none_or(|g| g.epoch != epoch) {
+                    self.group = Some(self.key.group_key(epoch));
+                }
+                let g = self.group.as_ref().expect("set above");
+                g.open(&rest[8..20], &rest[20..]).map(Opened::Frames)
+            }
+            _ => Err(SecureError::BadRecord),
+        }
+    }
+}
+
+/// The key of one epoch's broadcasts.
+pub struct GroupKey {
+    epoch: u64,
+    cipher: ChaCha20Poly1305,
+}
+
+impl GroupKey {
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// One group record: `frames` (length-prefixed frames) sealed under
+    /// `nonce`, which must never repeat for this epoch.
+    pub fn seal(&self, nonce: [u8; 12], frames: &[u8]) -> Vec<u8> {
+        let mut aad = [0u8; 9];
+        aad[0] = GROUP;
+        aad[1..].copy_from_slice(&self.epoch.to_be_bytes());
+        let ct = self
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: frames,
+                    aad: &aad,
+                },
+            )
+            .expect("ChaCha20-Poly1305 seals any length we use");
+        let mut rec = Vec::with_capacity(RECORD_OVERHEAD + frames.len());
+        rec.push(GROUP);
+        rec.extend_from_slice(&self.epoch.to_be_bytes());
+        rec.extend_from_slice(&nonce);
+        rec.extend_from_slice(&ct);
+        rec
+    }
+
+    fn open(&self, nonce: &[u8], ct: &[u8]) -> Result<Vec<u8>, SecureError> {
+        let mut aad = [0u8; 9];
+        aad[0] = GROUP;
+        aad[1..].copy_from_slice(&self.epoch.to_be_bytes());
+        self.cipher
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: &aad })
+            .map_err(|_| SecureError::BadRecord)
+    }
+}
+
+/// A one-way hash of a process's secret session: the chat keeps and shows
+/// only this, so nobody can come back as another member.
+pub fn session_id(secret: u64) -> u64 {
+    let mut h = Sha256::new();
+    h.update(b"p2pchat session");
+    h.update(secret.to_be_bytes());
+    let d = h.finalize();
+    u64::from_be_bytes(d[..8].try_into().expect("8 bytes")) | 1
+}
+
+/// Random bytes from the operating system's generator.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    use std::io::Read;
+    let mut buf = [0u8; N];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .is_ok()
+    {
+        return buf;
+    }
+    // No /dev/urandom: mix several std-seeded hashes (not for long-term
+    // keys; Linux always has /dev/urandom).
+    for chunk in buf.chunks_mut(8) {
+        let v = crate::random_u64().to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+    buf
+}
+
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Parses a hex nonce of [`NONCE_LEN`] bytes.
+///
+/// # Errors
+/// [`SecureError::BadHandshake`] when it is not 64 hex digits.
+pub fn nonce_from_hex(text: &str) -> Result<[u8; NONCE_LEN], SecureError> {
+    let v = from_hex(text).filter(|v| v.len() == NONCE_LEN);
+    let v = v.ok_or_else(|| SecureError::BadHandshake("a nonce is 64 hex digits".into()))?;
+    let mut n = [0u8; NONCE_LEN];
+    n.copy_from_slice(&v);
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> ChatKey {
+        ChatKey::from_bytes([b; KEY_LEN])
+    }
+
+    fn pair(k1: &ChatKey, k2: &ChatKey) -> Result<(Link, Link), SecureError> {
+        let (c, nc) = ClientHandshake::start(k1);
+        let (s, hello) = ServerHandshake::answer(k2, nc);
+        let (proof, client) = c.finish(hello.nonce, &hello.proof)?;
+        let server = s.finish(&proof)?;
+        Ok((client, server))
+    }
+
+    #[test]
+    fn both_ends_prove_the_key_and_talk() {
+        let (mut c, mut s) = pair(&key(7), &key(7)).unwrap();
+        for i in 0..3 {
+            let rec = c.send.seal(format!("hello {i}").as_bytes());
+            assert_eq!(
+                s.recv.open(&rec).unwrap(),
+                Opened::Frame(format!("hello {i}").into_bytes())
+            );
+        }
+        let rec = s.send.seal(b"back");
+        assert_eq!(c.recv.open(&rec).unwrap(), Opened::Frame(b"back".to_vec()));
+    }
+
+    #[test]
+    fn another_key_fails_on_both_sides() {
+        // The client finds out from the server's proof.
+        assert!(matches!(pair(&key(1), &key(2)), Err(SecureError::WrongKey)));
+        // The server finds out from the client's proof.
+        let (_, nc) = ClientHandshake::start(&key(1));
+        let (s, hello) = ServerHandshake::answer(&key(2), nc);
+        let forged = key(1).proof(b"p2pchat client", &nc, &hello.nonce);
+        assert_eq!(s.finish(&forged).err(), Some(SecureError::WrongKey));
+    }
+
+    #[test]
+    fn a_replayed_handshake_or_record_is_refused() {
+        let k = key(9);
+        let (c, nc) = ClientHandshake::start(&k);
+        let (s, hello) = ServerHandshake::answer(&k, nc);
+        let (proof, mut client) = c.finish(hello.nonce, &hello.proof).unwrap();
+        let mut server = s.finish(&proof).unwrap();
+        // The same client nonce and proof against a new server nonce fail.
+        let (s2, _) = ServerHandshake::answer(&k, nc);
+        assert_eq!(s2.finish(&proof).err(), Some(SecureError::WrongKey));
+        // A record replayed, reordered or altered does not open.
+        let r1 = client.send.seal(b"one");
+        let r2 = client.send.seal(b"two");
+        assert!(server.recv.open(&r2).is_err(), "out of order");
+        let mut srv = server;
+        assert!(srv.recv.open(&r1).is_ok());
+        assert!(srv.recv.open(&r1).is_err(), "replayed");
+        let mut bad = client.send.seal(b"three");
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(srv.recv.open(&bad).is_err(), "altered");
+    }
+
+    #[test]
+    fn a_group_record_opens_for_every_member_of_the_chat_only() {
+        let k = key(3);
+        let g = k.group_key(5);
+        let rec = g.seal([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], b"\x00\x00\x00\x02{}");
+        let (_, mut a) = pair(&k, &k).unwrap();
+        let (_, mut b) = pair(&k, &k).unwrap();
+        for s in [&mut a, &mut b] {
+            assert_eq!(
+                s.recv.open(&rec).unwrap(),
+                Opened::Frames(b"\x00\x00\x00\x02{}".to_vec())
+            );
+        }
+        let other = key(4);
+        let (_, mut o) = pair(&other, &other).unwrap();
+        assert!(o.recv.open(&rec).is_err());
+        // The epoch is authenticated: a record moved to another epoch fails.
+        let mut moved = rec.clone();
+        moved[8] ^= 1;
+        assert!(a.recv.open(&moved).is_err());
+    }
+
+    #[test]
+    fn keys_parse_from_hex_and_say_what_is_wrong() {
+        let k = ChatKey::generate();
+        assert_eq!(ChatKey::from_hex(&format!(" {}\n", k.to_hex())).unwrap(), k);
+        assert!(ChatKey::from_hex("abc")
+            .unwrap_err()
+            .to_string()
+            .contains("found 3 characters"));
+        assert!(ChatKey::from_hex(&"g".repeat(64)).is_err());
+        assert_eq!(k.id().len(), 8);
+        assert_ne!(session_id(1), session_id(2));
+    }
+
+    /// The vectors printed in docs/PROTOCOL.md, section 2.
+    #[test]
+    fn test_vectors() {
+        let k = ChatKey::from_bytes(core::array::from_fn(|i| i as u8));
+        let nc = [0x11; NONCE_LEN];
+        let ns = [0x22; NONCE_LEN];
+        let (c, _) = ClientHandshake::start_with(&k, nc);
+        let (s, hello) = ServerHandshake::answer_with(&k, nc, ns);
+        let (proof, mut client) = c.finish(ns, &hello.proof).unwrap();
+        let _server = s.finish(&proof).unwrap();
+        // Computed independently (Python: hmac, hashlib, cryptography).
+        assert_eq!(k.id(), "66de623c");
+        assert_eq!(
+            to_hex(&hello.proof),
+            "1868400e7d92ab7f3a6dbee60e39b657819215c2eb1dc3f619877a4338c549a5"
+        );
+        assert_eq!(
+            to_hex(&proof),
+            "cd8b6515be2e780e5983fcca65bd4bbf967cc5df5b8d56ec3652362a8fc47831"
+        );
+        assert_eq!(
+            to_hex(&client.send.seal(b"{}")),
+            "00fe8dabea3022608aa15a7d7b00db7e2cfe11"
+        );
+        assert_eq!(
+            to_hex(&k.group_key(1).seal([0; 12], b"{}")),
+            "01000000000000000100000000000000000000000070dad5fe75938d487e1aaef2640eb3e92367"
+        );
+        assert_eq!(session_id(42), 13622300530942496755);
+    }
+}
