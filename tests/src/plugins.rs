@@ -226,6 +226,13 @@ fn attach_detach_at_runtime_and_bots_survive_failovers_with_one_transcript() {
     let out = c.ctl(&["say", "carol", "buy", "spam"]);
     assert!(out.status.success());
     c.ok(&["say", "carol", "no problem here"]);
+    // carol's messages are handled in order: once the second is delivered,
+    // the first has been judged.
+    wait_until("carol's second message delivered", || {
+        c.ok(&["logs", "dave"])
+            .contains("carol: no problem here")
+            .then_some(())
+    });
     let listed = c.ok(&["plugins", "--json"]);
     let plugins: Vec<Value> = serde_json::from_str(&listed).unwrap();
     let m = plugins.iter().find(|p| p["name"] == "moderation").unwrap();
@@ -236,9 +243,28 @@ fn attach_detach_at_runtime_and_bots_survive_failovers_with_one_transcript() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("plugin name"));
     let out = c.ctl(&["attach", "moderation", "--config", "{colour: red}"]);
+    assert!(!out.status.success(), "a bad configuration is refused: {out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("unknown field"),
         "{out:?}"
+    );
+    // ... and changes nothing: the same set, moderation still dropping.
+    let again: Vec<Value> = serde_json::from_str(&c.ok(&["plugins", "--json"])).unwrap();
+    let names = |v: &[Value]| {
+        v.iter()
+            .map(|p| p["name"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(names(&again), names(&plugins));
+    c.ok(&["say", "carol", "more", "spam"]);
+    c.ok(&["say", "carol", "still fine"]);
+    let logs = wait_until("carol's next message delivered", || {
+        let l = c.ok(&["logs", "dave"]);
+        l.contains("carol: still fine").then_some(l)
+    });
+    assert!(
+        !logs.contains("carol: more spam"),
+        "the refused attach changed the rules: {logs}"
     );
 
     // Several failovers under traffic; the bots keep working on each new coordinator.
@@ -247,14 +273,18 @@ fn attach_detach_at_runtime_and_bots_survive_failovers_with_one_transcript() {
         c.ok(&["kill", "--coordinator"]);
         c.ok(&["say", "dave", &format!("!echo round {round}")]);
         c.ok(&["say", "dave", "spam after failover"]);
+        c.ok(&["say", "dave", &format!("round {round} over")]);
         // A later epoch (a loaded machine may see more than one election).
         c.wait_ps(&format!("a coordinator after epoch {before}"), |rows| {
             coordinator_epoch(rows) > before
         });
     }
-    let logs = wait_until("echoes after the failovers", || {
+    // dave's messages are handled in order: once "round 1 over" is
+    // delivered, both spams have been judged.
+    let logs = wait_until("echoes and both rounds after the failovers", || {
         let l = c.ok(&["logs", "dave"]);
-        (l.contains("echo: round 0") && l.contains("echo: round 1")).then_some(l)
+        (l.contains("echo: round 0") && l.contains("echo: round 1") && l.contains("dave: round 1 over"))
+            .then_some(l)
     });
     assert!(
         !logs.contains("dave: spam after failover"),
