@@ -14,8 +14,9 @@ print("client_proof", hmac.new(ka, b"p2pchat client" + nc + ns, hashlib.sha256).
 lk = hkdf(nc + ns, key, b"p2pchat v2 link", 64)
 ct = ChaCha20Poly1305(lk[:32]).encrypt(b"\x00"*12, b"{}", b"\x00")
 print("link_record", (b"\x00" + ct).hex())
-gk = hkdf(b"p2pchat v2", key, b"group" + (1).to_bytes(8, "big"), 32)
-aad = b"\x01" + (1).to_bytes(8, "big")
-ct = ChaCha20Poly1305(gk).encrypt(b"\x00"*12, b"{}", aad)
-print("group_record", (aad + b"\x00"*12 + ct).hex())
+term = b"\x33"*16
+gk = hkdf(b"p2pchat v2", key, b"group" + (1).to_bytes(8, "big") + term, 32)
+header = b"\x01" + (1).to_bytes(8, "big") + term + (2).to_bytes(8, "big")
+ct = ChaCha20Poly1305(gk).encrypt(b"\x00"*4 + (2).to_bytes(8, "big"), b"{}", header)
+print("group_record", (header + ct).hex())
 print("session_id_42", int.from_bytes(hashlib.sha256(b"p2pchat session" + (42).to_bytes(8, "big")).digest()[:8], "big") | 1)

@@ -4,11 +4,9 @@
 //! alive; a client cut off and re-admitted keeps its id (nothing twice);
 //! and a short seeded torture run ends with no violation.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use p2p_proto::{decode_body, encode, Frame};
+use p2p_proto::Frame;
 
 use crate::util::{wait_voters, Node, Raw, DEADLINE};
 
@@ -24,8 +22,9 @@ fn a_join_storm_of_500_clients_drops_no_peer_and_elects_nobody() {
     let b = Node::join("bob", &["--join", &a.addr]);
     let c = Node::join("carol", &["--join", &a.addr]);
     wait_voters(&[&a, &b, &c]);
-    // Four threads open 125 connections each and say hello as fast as they
-    // can, then keep every connection open (and silent) until the end.
+    // Four threads open 125 connections each, prove the key and say hello
+    // as fast as they can, then keep every connection open (and silent)
+    // until the end.
     let addr = a.addr.clone();
     let threads: Vec<_> = (0..4)
         .map(|t| {
@@ -33,7 +32,7 @@ fn a_join_storm_of_500_clients_drops_no_peer_and_elects_nobody() {
             std::thread::spawn(move || {
                 let mut held = Vec::new();
                 for i in 0..125 {
-                    let mut s = TcpStream::connect(&addr).expect("connecting");
+                    let mut s = Raw::connect(&addr);
                     let hello = Frame::Hello {
                         version: p2p_proto::PROTOCOL_VERSION,
                         name: format!("storm{t}-{i}"),
@@ -41,14 +40,14 @@ fn a_join_storm_of_500_clients_drops_no_peer_and_elects_nobody() {
                         addr: None,
                         resume: None,
                     };
-                    s.write_all(&encode(&hello)).expect("hello");
+                    s.send(&hello);
                     held.push(s);
                 }
                 held
             })
         })
         .collect();
-    let held: Vec<TcpStream> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let held: Vec<Raw> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
     a.wait_events("500 joined", 500, |e| {
         e["event"] == "joined" && e["name"].as_str().is_some_and(|n| n.starts_with("storm"))
     });
@@ -105,9 +104,6 @@ fn a_slow_reader_draining_a_burst_is_not_taken_for_dead() {
                            // they come up in the stream, until every message is in.
     let reader = std::thread::spawn(move || {
         let mut slow = slow;
-        slow.stream.set_nonblocking(true).unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = vec![0u8; 64 * 1024];
         let mut got = 0;
         let mut first: Option<Instant> = None;
         let start = Instant::now();
@@ -116,18 +112,13 @@ fn a_slow_reader_draining_a_burst_is_not_taken_for_dead() {
                 start.elapsed() < 2 * DEADLINE,
                 "slowpoke read {got} of {N} messages"
             );
-            match slow.stream.read(&mut chunk) {
-                Ok(0) => panic!("the coordinator cut slowpoke off after {got} of {N} messages"),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("slowpoke's connection failed after {got} messages: {e}"),
-            }
-            while buf.len() >= 4 {
-                let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-                if buf.len() < 4 + len {
-                    break;
-                }
-                match decode_body(&buf[4..4 + len]).expect("valid frame") {
+            // At most 32 KiB per call.
+            let frames = match slow.read_ready() {
+                Ok(f) => f,
+                Err(e) => panic!("the coordinator cut slowpoke off after {got} of {N} messages: {e}"),
+            };
+            for f in frames {
+                match f {
                     Frame::Chat(_) => {
                         got += 1;
                         first.get_or_insert_with(Instant::now);
@@ -135,7 +126,6 @@ fn a_slow_reader_draining_a_burst_is_not_taken_for_dead() {
                     Frame::Ping { nonce } => slow.send(&Frame::Pong { nonce }),
                     _ => {}
                 }
-                buf.drain(..4 + len);
             }
             std::thread::sleep(Duration::from_millis(20)); // the slow reader's pace
         }

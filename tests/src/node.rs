@@ -75,8 +75,13 @@ fn sender_cannot_spoof_from() {
 fn human_output_is_plain_lines() {
     use std::io::{BufRead, BufReader, Write};
     use std::process::{Command, Stdio};
+    // In a directory of its own: the node starting a chat creates its key
+    // file there and says so.
+    let dir = std::env::temp_dir().join(format!("p2p-human-{}", p2p_proto::random_u64()));
+    std::fs::create_dir_all(&dir).unwrap();
     let mut child = Command::new(crate::util::bin("p2pnode"))
         .args(["--name", "alice", "--listen", "127.0.0.1:0"])
+        .current_dir(&dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -92,7 +97,13 @@ fn human_output_is_plain_lines() {
         .collect();
     let status = crate::util::wait_until("alice to exit", || child.try_wait().ok().flatten());
     assert!(status.success());
-    assert!(lines[0].starts_with("* started a new chat as alice"), "{lines:?}");
+    assert!(
+        lines[0].starts_with("* created the chat key p2pchat.key (id "),
+        "{lines:?}"
+    );
+    assert!(lines[1].starts_with("* started a new chat as alice"), "{lines:?}");
+    let key = p2p_proto::secure::read_key_file(&dir.join("p2pchat.key")).expect("a private key file");
+    assert!(lines[0].contains(&key.id()), "{lines:?}");
     assert!(lines.contains(&"alice: hello there".to_string()), "{lines:?}");
     assert!(
         lines
@@ -100,6 +111,7 @@ fn human_output_is_plain_lines() {
             .any(|l| l.starts_with("* members: alice (coordinator)")),
         "{lines:?}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

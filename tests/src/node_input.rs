@@ -21,6 +21,21 @@ fn bad_input_gets_an_error_and_disturbs_nobody() {
     let mut b = Node::join("bob", &["--join", &a.addr]);
     b.wait_event("ready", |e| e["event"] == "ready");
 
+    // Before the key is proven, anything but the handshake gets
+    // `unauthenticated` and a close: random bytes, a 4 GiB prefix, a
+    // frame of the right shape.
+    let outsider: [&[u8]; 3] = [
+        &[0x9e, 0x13, 0x77, 0x01, 0xff, 0x00, 0x42],
+        &[0xff, 0xff, 0xff, 0xff],
+        &p2p_proto::encode(&Frame::StatusRequest { log: false }),
+    ];
+    for bytes in outsider {
+        let mut raw = Raw::plain(&a.addr);
+        raw.send_raw(bytes);
+        expect_error(&mut raw, ErrorCode::Unauthenticated);
+    }
+
+    // Inside an authenticated connection, framing is still checked.
     // Random bytes: read as a length prefix far over the limit.
     let mut raw = Raw::connect(&a.addr);
     raw.send_raw(&[0x9e, 0x13, 0x77, 0x01, 0xff, 0x00, 0x42]);
@@ -31,11 +46,22 @@ fn bad_input_gets_an_error_and_disturbs_nobody() {
     raw.send_raw(&[0xff, 0xff, 0xff, 0xff]);
     expect_error(&mut raw, ErrorCode::FrameTooLarge);
 
-    // A frame just over the limit.
+    // A record just over the limit, and a sealed frame just over it.
     let mut raw = Raw::connect(&a.addr);
-    let len = (p2p_proto::limits::MAX_FRAME_LEN + 1) as u32;
+    let len = (p2p_proto::net::MAX_RECORD_LEN + 1) as u32;
     raw.send_raw(&len.to_be_bytes());
     expect_error(&mut raw, ErrorCode::FrameTooLarge);
+    let mut raw = Raw::connect(&a.addr);
+    raw.send_body(&vec![b' '; p2p_proto::limits::MAX_FRAME_LEN + 1]);
+    expect_error(&mut raw, ErrorCode::FrameTooLarge);
+
+    // A record that does not authenticate (altered, or sealed under
+    // another key): the connection is closed, nothing is read from it.
+    let mut raw = Raw::connect(&a.addr);
+    raw.send_raw(&[
+        0, 0, 0, 20, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19,
+    ]);
+    wait_until("the node to close the connection", || raw.closed().then_some(()));
 
     let cases: [(&[u8], ErrorCode); 4] = [
         (b"{not json", ErrorCode::BadJson),
@@ -57,7 +83,10 @@ fn bad_input_gets_an_error_and_disturbs_nobody() {
     });
     expect_error(&mut raw, ErrorCode::UnexpectedFrame);
 
-    // Connects and never says hello: dropped after the handshake timeout.
+    // Connects and never says anything: dropped after the handshake
+    // timeout, whether it proved the key or not.
+    let mut silent = Raw::plain(&a.addr);
+    expect_error(&mut silent, ErrorCode::HandshakeTimeout);
     let mut silent = Raw::connect(&a.addr);
     expect_error(&mut silent, ErrorCode::HandshakeTimeout);
 

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use p2p_proto::{encode, read_frame_sync, Frame};
+use std::collections::VecDeque;
+
+use p2p_proto::secure::{self, ChatKey, ClientHandshake, Link, Opened};
+use p2p_proto::{encode, Frame};
 use serde_json::Value;
 
 /// Tests that load the machine on purpose (floods, storms, torture) take
@@ -122,12 +125,22 @@ impl Node {
 
     /// Starts without waiting for anything.
     pub fn spawn(name: &str, extra: &[&str]) -> Node {
+        let keyed = !extra.iter().any(|a| *a == "--key-file" || *a == "--insecure");
+        let key_args: Vec<&str> = if keyed {
+            vec!["--key-file", key_file().to_str().expect("a UTF-8 temporary path")]
+        } else {
+            Vec::new()
+        };
         let mut child = Command::new(bin("p2pnode"))
             .args(["--name", name, "--listen", "127.0.0.1:0", "--events", "json"])
             .args(extra)
+            .args(key_args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(match std::env::var("P2P_TEST_STDERR") {
+                Ok(d) => Stdio::from(std::fs::File::create(format!("{d}/{name}.log")).unwrap()),
+                Err(_) => Stdio::piped(),
+            })
             .spawn()
             .expect("spawning p2pnode");
         let out = Arc::new((Mutex::new(Captured::default()), Condvar::new()));
@@ -149,11 +162,13 @@ impl Node {
             cv.notify_all();
         });
         let err = Arc::new(Mutex::new(String::new()));
-        let mut stderr = child.stderr.take().expect("stderr");
+        let stderr = child.stderr.take();
         let err2 = err.clone();
         let err_thread = std::thread::spawn(move || {
             let mut buf = String::new();
-            let _ = stderr.read_to_string(&mut buf);
+            if let Some(mut stderr) = stderr {
+                let _ = stderr.read_to_string(&mut buf);
+            }
             err2.lock().unwrap().push_str(&buf);
         });
         Node {
@@ -370,35 +385,193 @@ pub fn wait_voters(nodes: &[&Node]) {
     });
 }
 
-/// A hand-driven protocol client over a plain socket.
+/// The chat key every test node uses unless told otherwise: a key file
+/// (0600) next to the built binaries, created on first use.
+pub fn key_file() -> &'static Path {
+    static FILE: OnceLock<PathBuf> = OnceLock::new();
+    FILE.get_or_init(|| {
+        let path = bin_dir().join("p2p-tests-chat.key");
+        if p2p_proto::secure::read_key_file(&path).is_err() {
+            let _ = std::fs::remove_file(&path);
+            p2p_proto::secure::create_key_file(&path).expect("creating the test chat key");
+        }
+        path
+    })
+}
+
+/// The key in [`key_file`].
+pub fn chat_key() -> ChatKey {
+    p2p_proto::secure::read_key_file(key_file()).expect("reading the test chat key")
+}
+
+/// A hand-driven protocol client: by default it proves the test chat key
+/// and seals its frames, written from docs/PROTOCOL.md alone (a second
+/// implementation of the handshake and records, beside the node's).
 pub struct Raw {
     pub stream: TcpStream,
+    link: Option<Link>,
+    /// Bytes read but not yet a whole record.
+    buf: Vec<u8>,
+    /// Frames opened from a batch and not yet returned.
+    pending: VecDeque<Frame>,
+}
+
+/// How a handshake attempt ended.
+pub enum Handshake {
+    Done(Raw),
+    /// The node refused: its plain error frame.
+    Refused(Frame),
 }
 
 impl Raw {
+    /// Connects and proves the test chat key.
     pub fn connect(addr: &str) -> Raw {
-        let stream = TcpStream::connect(addr).expect("connecting to the node");
-        stream.set_read_timeout(Some(DEADLINE)).unwrap();
-        Raw { stream }
+        match Raw::connect_with(addr, &chat_key()) {
+            Handshake::Done(raw) => raw,
+            Handshake::Refused(f) => panic!("the node at {addr} refused the test key: {f:?}"),
+        }
     }
 
+    /// Connects without proving anything: what an outsider can do.
+    pub fn plain(addr: &str) -> Raw {
+        let stream = TcpStream::connect(addr).expect("connecting to the node");
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        Raw {
+            stream,
+            link: None,
+            buf: Vec::new(),
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Connects and runs the handshake with `key`.
+    pub fn connect_with(addr: &str, key: &ChatKey) -> Handshake {
+        let mut raw = Raw::plain(addr);
+        let (hs, nc) = ClientHandshake::start(key);
+        raw.send(&Frame::Auth {
+            version: p2p_proto::PROTOCOL_VERSION,
+            nonce: secure::to_hex(&nc),
+        });
+        let (ns, proof) = match raw.read().expect("the node's answer to auth") {
+            Frame::AuthReply { nonce, proof } => (nonce, proof),
+            other => return Handshake::Refused(other),
+        };
+        let ns = secure::nonce_from_hex(&ns).expect("a 32-byte server nonce");
+        let proof = secure::from_hex(&proof).expect("a hex proof");
+        let Ok((mine, link)) = hs.finish(ns, &proof) else {
+            panic!("the node's proof does not verify under the key we hold");
+        };
+        raw.send(&Frame::AuthProof {
+            proof: secure::to_hex(&mine),
+        });
+        raw.link = Some(link);
+        Handshake::Done(raw)
+    }
+
+    /// Bytes straight onto the wire (no sealing).
     pub fn send_raw(&mut self, bytes: &[u8]) {
         let _ = self.stream.write_all(bytes);
     }
 
+    /// Sends a frame (sealed once the handshake is done).
     pub fn send(&mut self, frame: &Frame) {
-        self.send_raw(&encode(frame));
+        self.send_body(&encode(frame)[4..]);
     }
 
-    /// Sends a frame whose body is `body` exactly.
+    /// Sends a frame whose body is `body` exactly (sealed once the
+    /// handshake is done).
     pub fn send_body(&mut self, body: &[u8]) {
-        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
-        bytes.extend_from_slice(body);
+        let record = match &mut self.link {
+            Some(l) => l.send.seal(body),
+            None => body.to_vec(),
+        };
+        let mut bytes = (record.len() as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&record);
         self.send_raw(&bytes);
     }
 
+    /// Takes one whole record out of `buf`, if there is one.
+    fn take_record(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len > p2p_proto::net::MAX_RECORD_LEN {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "record over the limit",
+            ));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let record = self.buf[4..4 + len].to_vec();
+        self.buf.drain(..4 + len);
+        Ok(Some(record))
+    }
+
+    /// Opens a record into frames (queued in `pending`).
+    fn open(&mut self, record: &[u8]) -> std::io::Result<()> {
+        let bad = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let bodies = match &mut self.link {
+            None => vec![record.to_vec()],
+            Some(l) => match l.recv.open(record).map_err(|e| bad(e.to_string()))? {
+                Opened::Frame(body) => vec![body],
+                Opened::Frames(mut all) => {
+                    let mut out = Vec::new();
+                    while !all.is_empty() {
+                        let len = u32::from_be_bytes([all[0], all[1], all[2], all[3]]) as usize;
+                        out.push(all[4..4 + len].to_vec());
+                        all.drain(..4 + len);
+                    }
+                    out
+                }
+            },
+        };
+        for b in bodies {
+            self.pending
+                .push_back(p2p_proto::decode_body(&b).map_err(|e| bad(e.to_string()))?);
+        }
+        Ok(())
+    }
+
     pub fn read(&mut self) -> std::io::Result<Frame> {
-        read_frame_sync(&mut self.stream)
+        loop {
+            if let Some(f) = self.pending.pop_front() {
+                return Ok(f);
+            }
+            if let Some(record) = self.take_record()? {
+                self.open(&record)?;
+                continue;
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk)? {
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// Reads whatever the socket holds now without waiting; returns the
+    /// whole frames it completes (for clients that read at their own pace).
+    pub fn read_ready(&mut self) -> std::io::Result<Vec<Frame>> {
+        self.stream.set_nonblocking(true)?;
+        let mut chunk = [0u8; 32 * 1024];
+        let r = match self.stream.read(&mut chunk) {
+            Ok(0) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(e) => Err(e),
+        };
+        self.stream.set_nonblocking(false)?;
+        r?;
+        while let Some(record) = self.take_record()? {
+            self.open(&record)?;
+        }
+        Ok(self.pending.drain(..).collect())
     }
 
     /// Reads frames until one matches, skipping pings and the like.
@@ -430,8 +603,8 @@ impl Raw {
         }
     }
 
-    /// Joins as a client (no server of its own) and reads up to the end
-    /// of the welcome's state.
+    /// Joins as a client (no server of its own), proving the test key,
+    /// and reads up to the end of the welcome's state.
     pub fn hello(addr: &str, name: &str) -> Raw {
         let mut raw = Raw::connect(addr);
         raw.send(&Frame::Hello {

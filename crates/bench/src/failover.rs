@@ -92,18 +92,19 @@ async fn once(rep: usize, signal: Signal, hb: u64) -> anyhow::Result<f64> {
     // Every node a voter of a settled voter set (a node that joined a
     // moment ago cannot take over yet).
     let addrs: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
-    settled_voters(&addrs).await?;
+    settled_voters(&addrs, &nodes[0].key).await?;
     let talker = nodes[4].addr.clone();
+    let key = nodes[4].key.clone();
     // Steady traffic through the last node; remember what was acknowledged.
     let acked = Arc::new(Mutex::new(Vec::<String>::new()));
     let running = Arc::new(AtomicBool::new(true));
     let traffic = {
-        let (acked, running, talker) = (acked.clone(), running.clone(), talker.clone());
+        let (acked, running, talker, key) = (acked.clone(), running.clone(), talker.clone(), key.clone());
         tokio::spawn(async move {
             let mut i = 0;
             while running.load(Ordering::Relaxed) {
                 let text = format!("r{rep}-{i}");
-                if post(&talker, &text).await.is_ok() {
+                if post(&talker, &text, &key).await.is_ok() {
                     if let Ok(mut a) = acked.lock() {
                         a.push(text);
                     }
@@ -123,7 +124,7 @@ async fn once(rep: usize, signal: Signal, hb: u64) -> anyhow::Result<f64> {
     let probe = format!("probe-{rep}");
     let t0 = Instant::now();
     kill(victim, signal)?;
-    post(&talker, &probe).await.context("posting the probe")?;
+    post(&talker, &probe, &key).await.context("posting the probe")?;
     let survivors = &seen[1..];
     wait_for("the probe on every survivor", Duration::from_secs(10), || {
         survivors
@@ -182,7 +183,7 @@ async fn once(rep: usize, signal: Signal, hb: u64) -> anyhow::Result<f64> {
 }
 
 /// Waits until every node reports the same voters, all of them, in force.
-async fn settled_voters(addrs: &[String]) -> anyhow::Result<()> {
+async fn settled_voters(addrs: &[String], key: &crate::nodes::Key) -> anyhow::Result<()> {
     let end = Instant::now() + Duration::from_secs(10);
     loop {
         let mut sets = Vec::new();
@@ -191,7 +192,8 @@ async fn settled_voters(addrs: &[String]) -> anyhow::Result<()> {
             if let Ok(p2p_proto::Frame::Status {
                 id, voters, stable, ..
             }) =
-                p2p_ctl::check::coordinator_request(a, &p2p_proto::Frame::StatusRequest { log: false }).await
+                p2p_ctl::check::coordinator_request(a, &p2p_proto::Frame::StatusRequest { log: false }, key)
+                    .await
             {
                 if stable {
                     sets.push(voters);

@@ -12,7 +12,7 @@ use p2p_proto::{encode, Frame};
 use tokio::sync::mpsc;
 
 use crate::client::{self, micros, Counts};
-use crate::nodes;
+use crate::nodes::{self, Key};
 use crate::report::{percentiles, Pct};
 
 /// Messages a publisher may have in flight (sent, own copy not back yet):
@@ -40,6 +40,7 @@ struct Joined {
 
 async fn members(
     addr: &str,
+    key: &Key,
     n: usize,
     stop: u64,
     times: Option<Arc<Mutex<Vec<Vec<u64>>>>>,
@@ -47,7 +48,7 @@ async fn members(
 ) -> anyhow::Result<Vec<Joined>> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let m = client::join(addr, &format!("m{i}")).await?;
+        let m = client::join(addr, &format!("m{i}"), key).await?;
         let counts = Arc::new(Counts::default());
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(client::write_loop(m.write, rx));
@@ -93,7 +94,14 @@ fn say(text: &str, client_seq: u64) -> Vec<u8> {
 }
 
 /// Runs the throughput part against a coordinator at `addr`.
-pub async fn throughput(addr: &str, n: usize, size: usize, m: u64, p: usize) -> anyhow::Result<Throughput> {
+pub async fn throughput(
+    addr: &str,
+    key: &Key,
+    n: usize,
+    size: usize,
+    m: u64,
+    p: usize,
+) -> anyhow::Result<Throughput> {
     if p == 0 || p > n {
         bail!("publishers must be between 1 and the member count");
     }
@@ -105,7 +113,7 @@ pub async fn throughput(addr: &str, n: usize, size: usize, m: u64, p: usize) -> 
         .map(|_| (1..=per).map(|cs| say(&text, cs)).collect())
         .collect();
     let base = Instant::now();
-    let joined = members(addr, n, m, None, base).await?;
+    let joined = members(addr, key, n, m, None, base).await?;
     let start = Instant::now();
     let mut pubs = Vec::new();
     let win = window(size);
@@ -160,10 +168,17 @@ pub async fn throughput(addr: &str, n: usize, size: usize, m: u64, p: usize) -> 
 
 /// Low-rate latency: one publisher sends `count` messages at `rate` per
 /// second; for each, the time until the last member has it. Microseconds.
-pub async fn latency(addr: &str, n: usize, size: usize, count: u64, rate: u64) -> anyhow::Result<Pct> {
+pub async fn latency(
+    addr: &str,
+    key: &Key,
+    n: usize,
+    size: usize,
+    count: u64,
+    rate: u64,
+) -> anyhow::Result<Pct> {
     let base = Instant::now();
     let times = Arc::new(Mutex::new(Vec::new()));
-    let joined = members(addr, n, count, Some(times.clone()), base).await?;
+    let joined = members(addr, key, n, count, Some(times.clone()), base).await?;
     let text = "x".repeat(size);
     let mut sent_at = Vec::with_capacity(count as usize);
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));

@@ -50,6 +50,10 @@ enum Cmd {
         /// start it with --history 0 --events none) instead of starting one.
         #[arg(long)]
         connect: Option<String>,
+        /// The chat key of the node given with --connect (without it, the
+        /// node must run --insecure).
+        #[arg(long, requires = "connect")]
+        key_file: Option<std::path::PathBuf>,
     },
     /// Joins of many members: view completion time, RSS per member, broadcast rate.
     Members {
@@ -109,10 +113,18 @@ async fn main() {
             messages,
             publishers,
             connect: Some(addr),
+            key_file,
         } => {
             let m = messages.unwrap_or(200_000);
+            let key = match key_file.map(|f| p2p_proto::secure::read_key_file(&f)).transpose() {
+                Ok(k) => k.map(std::sync::Arc::new),
+                Err(e) => {
+                    eprintln!("p2pbench: {e}");
+                    std::process::exit(2);
+                }
+            };
             for n in members {
-                match fanout::throughput(&addr, n, size, m, publishers).await {
+                match fanout::throughput(&addr, &key, n, size, m, publishers).await {
                     Ok(t) => println!(
                         "fanout N={n} against {addr}: {:.0} deliveries/s",
                         t.deliveries_per_s
@@ -128,6 +140,7 @@ async fn main() {
             messages,
             publishers,
             connect: None,
+            ..
         } => {
             fanout_cmd(
                 &report,
@@ -170,6 +183,7 @@ async fn main() {
         }
         Cmd::All => all(&report, args.quick).await,
     };
+    nodes::remove_bench_key();
     if let Err(e) = result {
         eprintln!("p2pbench: {e:#}");
         std::process::exit(1);
@@ -253,10 +267,10 @@ async fn throughput_median(
     for _ in 0..runs {
         let coord = fanout::coordinator(extra).await?;
         let before = coord.cpu_ns();
-        let t = fanout::throughput(&coord.addr, n, size, m, p).await?;
+        let t = fanout::throughput(&coord.addr, &coord.key, n, size, m, p).await?;
         let used = coord.cpu_ns().saturating_sub(before);
-        if !extra.is_empty() {
-            check_plugins_active(&coord.addr, m).await?;
+        if extra.iter().any(|a| a == "--plugin") {
+            check_plugins_active(&coord.addr, &coord.key, m).await?;
         }
         d.push(t.deliveries_per_s);
         pubs.push(t.publishes_per_s);
@@ -273,10 +287,11 @@ async fn throughput_median(
 
 /// Fails unless every plugin of the coordinator is active and was called
 /// for every message (a quarantined or refused bot would fake a fast run).
-async fn check_plugins_active(addr: &str, messages: u64) -> anyhow::Result<()> {
-    let status = p2p_ctl::check::coordinator_request(addr, &p2p_proto::Frame::StatusRequest { log: false })
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot read the coordinator's plugin status: {e}"))?;
+async fn check_plugins_active(addr: &str, key: &nodes::Key, messages: u64) -> anyhow::Result<()> {
+    let status =
+        p2p_ctl::check::coordinator_request(addr, &p2p_proto::Frame::StatusRequest { log: false }, key)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the coordinator's plugin status: {e}"))?;
     let p2p_proto::Frame::Status { plugins, .. } = status else {
         anyhow::bail!("unexpected answer to a status request");
     };
@@ -302,20 +317,42 @@ async fn fanout_cmd(
     p: usize,
     quick: bool,
 ) -> anyhow::Result<()> {
+    let insecure = vec!["--insecure".to_string()];
     for &n in members {
-        let t = throughput_median(&[], n, size, m, p, reps(quick)).await?;
-        let coord = fanout::coordinator(&[]).await?;
+        // Keyed (the default) and plaintext, interleaved so drift in the
+        // machine hits both alike.
+        let (mut keyed, mut plain, mut cpu_k, mut cpu_p) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut publishes = Vec::new();
+        for _ in 0..reps(quick) {
+            let k = throughput_median(&[], n, size, m, p, 1).await?;
+            let q = throughput_median(&insecure, n, size, m, p, 1).await?;
+            keyed.push(k.deliveries_per_s);
+            publishes.push(k.publishes_per_s);
+            cpu_k.push(k.cpu_us_per_msg);
+            plain.push(q.deliveries_per_s);
+            cpu_p.push(q.cpu_us_per_msg);
+        }
+        let (t, t_plain) = (median(keyed), median(plain));
+        let (c, c_plain) = (median(cpu_k), median(cpu_p));
+        let ratio = t / t_plain;
         let count = if quick { 500 } else { 2000 };
-        let lat = fanout::latency(&coord.addr, n, size, count, 1000).await?;
+        let coord = fanout::coordinator(&[]).await?;
+        let lat = fanout::latency(&coord.addr, &coord.key, n, size, count, 1000).await?;
+        drop(coord);
+        let coord = fanout::coordinator(&insecure).await?;
+        let lat_plain = fanout::latency(&coord.addr, &coord.key, n, size, count, 1000).await?;
         report.emit(
             "fanout",
             json!({"members": n, "size": size, "messages": m, "publishers": p, "runs": reps(quick), "latency_messages": count, "latency_rate": 1000}),
-            json!({"deliveries_per_s": t.deliveries_per_s, "publishes_per_s": t.publishes_per_s, "seconds": t.seconds,
-                   "coordinator_cpu_us_per_msg": t.cpu_us_per_msg,
-                   "latency_us": {"p50": lat.p50, "p99": lat.p99, "p999": lat.p999, "max": lat.max}}),
+            json!({"deliveries_per_s": t, "publishes_per_s": median(publishes),
+                   "coordinator_cpu_us_per_msg": c,
+                   "latency_us": {"p50": lat.p50, "p99": lat.p99, "p999": lat.p999, "max": lat.max},
+                   "insecure": {"deliveries_per_s": t_plain, "coordinator_cpu_us_per_msg": c_plain,
+                                "latency_us": {"p50": lat_plain.p50, "p99": lat_plain.p99, "p999": lat_plain.p999, "max": lat_plain.max}},
+                   "keyed_over_insecure": ratio}),
             format!(
-                "fanout  N={n:<4} S={size} P={p}: {:>12.0} deliveries/s {:>10.0} publishes/s | latency p50 {:.0} µs p99 {:.0} µs p99.9 {:.0} µs max {:.0} µs",
-                t.deliveries_per_s, t.publishes_per_s, lat.p50, lat.p99, lat.p999, lat.max
+                "fanout  N={n:<4} S={size} P={p}: {t:>12.0} deliveries/s keyed, {t_plain:>12.0} --insecure ({ratio:.2}x); coordinator {c:.2} vs {c_plain:.2} µs/msg | latency p50 {:.0} µs p99 {:.0} µs p99.9 {:.0} µs (insecure p50 {:.0} p99 {:.0})",
+                lat.p50, lat.p99, lat.p999, lat_plain.p50, lat_plain.p99
             ),
         );
     }
@@ -369,6 +406,16 @@ async fn plugins_cmd(report: &Report, members: &[usize], quick: bool) -> anyhow:
 async fn members_cmd(report: &Report, count: usize, quick: bool) -> anyhow::Result<()> {
     let messages = if quick { 200 } else { 1000 };
     let r = members::run(count, messages).await?;
+    let hs = members::handshake_cost(if quick { 200 } else { 1000 }).await?;
+    report.emit(
+        "handshake",
+        json!({"connections": hs.connections}),
+        json!({"keyed_us": hs.keyed_us, "insecure_us": hs.insecure_us, "handshake_us": hs.keyed_us - hs.insecure_us}),
+        format!(
+            "handshake: connect + one status round trip {:.0} µs keyed, {:.0} µs --insecure: the key handshake costs {:.0} µs per connection",
+            hs.keyed_us, hs.insecure_us, hs.keyed_us - hs.insecure_us
+        ),
+    );
     report.emit(
         "members",
         json!({"members": count, "broadcast_messages": messages, "size": 64}),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use p2p_proto::net::Client;
 use p2p_proto::{encode, Frame};
 use tokio::sync::mpsc;
 
@@ -41,9 +42,10 @@ pub async fn run(count: usize, messages: u64) -> anyhow::Result<MembersResult> {
             .iter()
             .map(|i| {
                 let addr = coord.addr.clone();
+                let key = coord.key.clone();
                 let name = format!("m{i}");
                 tokio::spawn(async move {
-                    let m = client::join(&addr, &name).await?;
+                    let m = client::join(&addr, &name, &key).await?;
                     let counts = Arc::new(Counts::default());
                     let (tx, rx) = mpsc::unbounded_channel();
                     tokio::spawn(client::write_loop(m.write, rx));
@@ -108,5 +110,40 @@ pub async fn run(count: usize, messages: u64) -> anyhow::Result<MembersResult> {
         rss_before_kib: rss_before,
         rss_after_kib: rss_after,
         deliveries_per_s: (messages * count as u64) as f64 / secs,
+    })
+}
+
+pub struct HandshakeCost {
+    pub connections: usize,
+    /// Mean microseconds for connect + handshake + one status round trip.
+    pub keyed_us: f64,
+    /// The same without a key.
+    pub insecure_us: f64,
+}
+
+/// What the chat-key handshake adds to a connection: `n` sequential
+/// connections with one status round trip each, against a keyed node and
+/// an `--insecure` one, interleaved.
+pub async fn handshake_cost(n: usize) -> anyhow::Result<HandshakeCost> {
+    let keyed = nodes::start("keyed", &[], false).await?;
+    let plain = nodes::start("plain", &["--insecure".into()], false).await?;
+    let (mut tk, mut tp) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..n {
+        for (node, total) in [(&keyed, &mut tk), (&plain, &mut tp)] {
+            let t = Instant::now();
+            let mut c = Client::connect(&node.addr, node.key.as_deref(), Duration::from_secs(5)).await?;
+            c.send(&Frame::StatusRequest { log: false }).await?;
+            match c.recv().await? {
+                Frame::Status { .. } => {}
+                other => bail!("expected a status answer, got {}", other.kind()),
+            }
+            *total += t.elapsed();
+        }
+    }
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+    Ok(HandshakeCost {
+        connections: n,
+        keyed_us: per(tk),
+        insecure_us: per(tp),
     })
 }

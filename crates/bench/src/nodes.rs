@@ -8,6 +8,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+pub use p2p_ctl::check::Key;
+
 /// `p2pnode` next to this executable (or `$P2PNODE_BIN`).
 pub fn node_bin() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("P2PNODE_BIN") {
@@ -28,10 +30,42 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The key every keyed node of this benchmark process shares: a fresh
+/// key file (0600) in a temporary directory, created on first use.
+pub fn bench_key() -> anyhow::Result<(PathBuf, Key)> {
+    static KEY: std::sync::OnceLock<(PathBuf, Key)> = std::sync::OnceLock::new();
+    if let Some(k) = KEY.get() {
+        return Ok(k.clone());
+    }
+    let dir = std::env::temp_dir().join(format!("p2pbench-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("chat.key");
+    let _ = std::fs::remove_file(&path);
+    let key = p2p_proto::secure::create_key_file(&path)?;
+    Ok(KEY.get_or_init(|| (path, Some(std::sync::Arc::new(key)))).clone())
+}
+
+/// Removes the benchmark key's directory (at exit).
+pub fn remove_bench_key() {
+    let _ =
+        std::fs::remove_dir_all(std::env::temp_dir().join(format!("p2pbench-key-{}", std::process::id())));
+}
+
+/// The arguments that key a node like `key` (`--insecure` for none).
+pub fn key_args(insecure: bool) -> anyhow::Result<(Vec<String>, Key)> {
+    if insecure {
+        return Ok((vec!["--insecure".into()], None));
+    }
+    let (path, key) = bench_key()?;
+    Ok((vec!["--key-file".into(), path.display().to_string()], key))
+}
+
 /// A node process; killed when dropped.
 pub struct NodeProc {
     pub child: Child,
     pub addr: String,
+    /// The key to talk to it with (None: it runs `--insecure`).
+    pub key: Key,
     /// JSON event lines (when started with events), else nothing.
     pub events: Option<mpsc::UnboundedReceiver<serde_json::Value>>,
 }
@@ -70,16 +104,19 @@ impl NodeProc {
     }
 }
 
-/// Starts a node on a free port. With `events`, its JSON events are
+/// Starts a node on a free port, keyed with the benchmark key unless
+/// `extra` holds `--insecure`. With `events`, its JSON events are
 /// forwarded; otherwise it prints nothing (`--events none`). Waits until
 /// its port accepts connections.
 pub async fn start(name: &str, extra: &[String], events: bool) -> anyhow::Result<NodeProc> {
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
+    let (key_args, key) = key_args(extra.iter().any(|a| a == "--insecure"))?;
     let mut cmd = Command::new(node_bin()?);
     cmd.args(["--name", name, "--listen", &addr, "--headless", "--history", "0"])
         .args(["--events", if events { "json" } else { "none" }])
         .args(extra)
+        .args(key_args.iter().filter(|a| *a != "--insecure"))
         .stdin(Stdio::null())
         .stdout(if events { Stdio::piped() } else { Stdio::null() })
         .stderr(Stdio::inherit())
@@ -109,7 +146,12 @@ pub async fn start(name: &str, extra: &[String], events: bool) -> anyhow::Result
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    Ok(NodeProc { child, addr, events })
+    Ok(NodeProc {
+        child,
+        addr,
+        key,
+        events,
+    })
 }
 
 /// Raises the open-file limit to the hard limit (1,000 members need more

@@ -346,6 +346,7 @@ fn spawn(
         "json",
     ])
     .args(["--heartbeat-ms", &plan.heartbeat_ms.to_string()])
+    .args(crate::nodes::key_args(false)?.0)
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())
     .stderr(Stdio::null())
@@ -466,7 +467,8 @@ async fn allowed(slots: &[Slot], hist: &History, target: usize) -> bool {
 }
 
 async fn status(addr: &str) -> anyhow::Result<p2p_proto::Frame> {
-    p2p_ctl::check::coordinator_request(addr, &p2p_proto::Frame::StatusRequest { log: false })
+    let key = crate::nodes::bench_key()?.1;
+    p2p_ctl::check::coordinator_request(addr, &p2p_proto::Frame::StatusRequest { log: false }, &key)
         .await
         .map_err(anyhow::Error::msg)
 }

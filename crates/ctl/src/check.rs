@@ -3,46 +3,44 @@
 
 use std::time::{Duration, Instant};
 
-use p2p_proto::{decode_body, encode, limits::MAX_FRAME_LEN, DigestRow, Frame};
+use p2p_proto::net::{Client, ConnectError};
+use p2p_proto::secure::ChatKey;
+use p2p_proto::{DigestRow, Frame};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::control::Response;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(2);
 
-async fn read_frame(s: &mut TcpStream) -> std::io::Result<Frame> {
-    let mut prefix = [0u8; 4];
-    s.read_exact(&mut prefix).await?;
-    let len = u32::from_be_bytes(prefix) as usize;
-    if len > MAX_FRAME_LEN {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "frame over the limit",
-        ));
-    }
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).await?;
-    decode_body(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+/// The chat key a tool proves when it talks to the nodes (None: the
+/// cluster runs `--insecure`).
+pub type Key = Option<std::sync::Arc<ChatKey>>;
+
+async fn connect(addr: &str, key: &Key) -> std::io::Result<Client> {
+    Client::connect(addr, key.as_deref(), IO_TIMEOUT)
+        .await
+        .map_err(|e| match e {
+            ConnectError::Io { error, .. } => error,
+            other => std::io::Error::other(other.to_string()),
+        })
 }
 
 /// Asks the node at `addr` to post `text` as its own user.
 ///
 /// # Errors
-/// If the node cannot be reached in time.
-pub async fn post(addr: &str, text: &str) -> std::io::Result<()> {
+/// If the node cannot be reached in time, or refuses the text.
+pub async fn post(addr: &str, text: &str, key: &Key) -> std::io::Result<()> {
     p2p_proto::limits::check_text(text)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let attempt = async {
-        let mut s = TcpStream::connect(addr).await?;
-        let post = Frame::Post {
+        let mut c = connect(addr, key).await?;
+        c.send(&Frame::Post {
             text: text.to_string(),
-        };
-        s.write_all(&encode(&post)).await?;
+        })
+        .await?;
         // The node answers once the message is queued, so says sent one
         // after another keep their order.
-        match read_frame(&mut s).await? {
+        match c.recv().await? {
             Frame::Error { message, .. } => Err(std::io::Error::other(message)),
             _ => Ok(()),
         }
@@ -57,13 +55,13 @@ pub async fn post(addr: &str, text: &str) -> std::io::Result<()> {
 ///
 /// # Errors
 /// The node's refusal (e.g. a plugin that cannot load) or an I/O failure.
-pub async fn coordinator_request(addr: &str, frame: &Frame) -> Result<Frame, String> {
+pub async fn coordinator_request(addr: &str, frame: &Frame, key: &Key) -> Result<Frame, String> {
     let mut target = addr.to_string();
     for _ in 0..2 {
         let attempt = async {
-            let mut s = TcpStream::connect(&target).await?;
-            s.write_all(&encode(frame)).await?;
-            read_frame(&mut s).await
+            let mut c = connect(&target, key).await?;
+            c.send(frame).await?;
+            c.recv().await
         };
         let reply = tokio::time::timeout(IO_TIMEOUT, attempt)
             .await
@@ -91,12 +89,12 @@ pub struct NodeStatus {
 ///
 /// # Errors
 /// If the node cannot be reached or answers nonsense.
-pub async fn status(addr: &str) -> std::io::Result<NodeStatus> {
+pub async fn status(addr: &str, key: &Key) -> std::io::Result<NodeStatus> {
     let attempt = async {
-        let mut s = TcpStream::connect(addr).await?;
-        s.write_all(&encode(&Frame::StatusRequest { log: true })).await?;
+        let mut c = connect(addr, key).await?;
+        c.send(&Frame::StatusRequest { log: true }).await?;
         loop {
-            match read_frame(&mut s).await? {
+            match c.recv().await? {
                 Frame::Status {
                     name,
                     last_seq,
@@ -123,13 +121,13 @@ pub async fn status(addr: &str) -> std::io::Result<NodeStatus> {
 /// Waits until every node at `addrs` reports the same voter set, in force,
 /// holding every node (up to the 7 voters a chat has), or until `limit`.
 /// Returns whether it settled.
-pub async fn wait_settled(addrs: &[String], limit: Duration) -> bool {
+pub async fn wait_settled(addrs: &[String], limit: Duration, key: &Key) -> bool {
     let end = Instant::now() + limit;
     let want = addrs.len().min(7);
     while Instant::now() < end {
         let mut sets = Vec::new();
         for a in addrs {
-            let reply = coordinator_request(a, &Frame::StatusRequest { log: false }).await;
+            let reply = coordinator_request(a, &Frame::StatusRequest { log: false }, key).await;
             if let Ok(Frame::Status {
                 voters, stable: true, ..
             }) = reply
@@ -152,7 +150,7 @@ const SETTLE: Duration = Duration::from_secs(5);
 /// no gaps, no duplicates. Waits up to [`SETTLE`] for entries in flight.
 /// A node that does not answer (stopped, hung) is reported by name: it is
 /// never silently left out.
-pub async fn check(nodes: Vec<(String, String)>) -> Response {
+pub async fn check(nodes: Vec<(String, String)>, key: &Key) -> Response {
     if nodes.is_empty() {
         return Response::err("no running node to check");
     }
@@ -161,7 +159,7 @@ pub async fn check(nodes: Vec<(String, String)>) -> Response {
         let mut statuses = Vec::new();
         let mut unreachable = Vec::new();
         for (name, addr) in &nodes {
-            match status(addr).await {
+            match status(addr, key).await {
                 Ok(s) => statuses.push(s),
                 Err(e) => unreachable.push(format!("{name} at {addr} ({e})")),
             }

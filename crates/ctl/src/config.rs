@@ -115,6 +115,8 @@ struct RawCluster {
     nodes: Vec<NodeSpec>,
     #[serde(default)]
     plugins: Vec<PluginSpec>,
+    #[serde(default)]
+    insecure: bool,
 }
 
 /// A checked cluster description.
@@ -132,6 +134,9 @@ pub struct Cluster {
     pub file: PathBuf,
     /// `.p2pctl/<name>/` next to the file.
     pub state_dir: PathBuf,
+    /// Run the nodes without a chat key (`insecure: true`): for
+    /// measurements only. Otherwise the key is `<state_dir>/chat.key`.
+    pub insecure: bool,
 }
 
 /// A cluster file that cannot be used, with the sentence to show.
@@ -307,6 +312,7 @@ impl Cluster {
             plugins: raw.plugins,
             file: file.to_path_buf(),
             state_dir,
+            insecure: raw.insecure,
         })
     }
 

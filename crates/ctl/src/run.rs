@@ -124,7 +124,19 @@ pub async fn start(
         // Each run starts fresh logs.
         let _ = std::fs::remove_file(state_dir.join("logs").join(format!("{}.log", n.name)));
     }
-    let sup = Supervisor::new(cluster, node_bin);
+    let key_file = state_dir.join("chat.key");
+    let key = if cluster.insecure {
+        None
+    } else {
+        let key = match p2p_proto::secure::read_key_file(&key_file) {
+            Ok(k) => k,
+            Err(p2p_proto::secure::KeyFileError::Missing(_)) => p2p_proto::secure::create_key_file(&key_file)
+                .with_context(|| format!("cannot create the cluster's chat key {}", key_file.display()))?,
+            Err(e) => return Err(e.into()),
+        };
+        Some(std::sync::Arc::new(key))
+    };
+    let sup = Supervisor::new(cluster, node_bin, key, key_file);
     let handle = sup.handle();
     let events = handle.subscribe();
     let serve = tokio::spawn(control::serve(listener, handle.clone()));

@@ -148,10 +148,13 @@ pub struct Supervisor {
     start_deadline: Instant,
     /// `down` requests waiting for every node to stop.
     stopping: Vec<oneshot::Sender<Response>>,
+    /// The chat key and its file (handed to every node).
+    key: crate::check::Key,
+    key_file: PathBuf,
 }
 
 impl Supervisor {
-    pub fn new(cluster: Cluster, node_bin: PathBuf) -> Supervisor {
+    pub fn new(cluster: Cluster, node_bin: PathBuf, key: crate::check::Key, key_file: PathBuf) -> Supervisor {
         let (tx, rx) = mpsc::channel(4096);
         let (events, _) = broadcast::channel(4096);
         let slots = cluster
@@ -175,6 +178,8 @@ impl Supervisor {
             })
             .collect();
         Supervisor {
+            key,
+            key_file,
             cluster,
             node_bin,
             slots,
@@ -265,6 +270,12 @@ impl Supervisor {
             "--heartbeat-ms".into(),
             self.cluster.heartbeat_ms.to_string(),
         ];
+        if self.key.is_some() {
+            args.push("--key-file".into());
+            args.push(self.key_file.display().to_string());
+        } else {
+            args.push("--insecure".into());
+        }
         for p in &self.cluster.plugins {
             args.push("--plugin".into());
             args.push(format!("{}:{}", p.name, p.config_json()));
@@ -413,8 +424,10 @@ impl Supervisor {
                         // joined a moment ago cannot take over yet.
                         let addrs: Vec<String> = self.slots.iter().filter_map(|s| s.addr.clone()).collect();
                         let tx = self.tx.clone();
+                        let key = self.key.clone();
                         tokio::spawn(async move {
-                            crate::check::wait_settled(&addrs, std::time::Duration::from_secs(10)).await;
+                            crate::check::wait_settled(&addrs, std::time::Duration::from_secs(10), &key)
+                                .await;
                             let _ = tx.send(SupMsg::Settled).await;
                         });
                     }
@@ -589,8 +602,9 @@ impl Supervisor {
             Request::Say { node, text } => match self.find(&node) {
                 Ok(i) => match self.slots[i].addr.clone().filter(|_| self.slots[i].pid.is_some()) {
                     Some(addr) => {
+                        let key = self.key.clone();
                         tokio::spawn(async move {
-                            let r = crate::check::post(&addr, &text).await;
+                            let r = crate::check::post(&addr, &text, &key).await;
                             let _ = reply.send(match r {
                                 Ok(()) => Response::ok(json!({"node": node})),
                                 Err(e) => Response::err(format!("cannot reach node {node} at {addr}: {e}")),
@@ -611,8 +625,9 @@ impl Supervisor {
                     .filter(|s| s.pid.is_some() && s.state == NodeState::Running)
                     .filter_map(|s| s.addr.clone().map(|a| (s.name.clone(), a)))
                     .collect();
+                let key = self.key.clone();
                 tokio::spawn(async move {
-                    let _ = reply.send(crate::check::check(nodes).await);
+                    let _ = reply.send(crate::check::check(nodes, &key).await);
                 });
                 return;
             }
@@ -655,8 +670,9 @@ impl Supervisor {
             let _ = reply.send(Response::err("no node is running"));
             return;
         };
+        let key = self.key.clone();
         tokio::spawn(async move {
-            let resp = match crate::check::coordinator_request(&addr, &frame).await {
+            let resp = match crate::check::coordinator_request(&addr, &frame, &key).await {
                 Ok(p2p_proto::Frame::Status { name, plugins, .. }) => {
                     Response::ok(json!({"coordinator": name, "plugins": plugins}))
                 }

@@ -1,16 +1,20 @@
-//! One TCP connection: a reader task that turns bytes into frames for the
-//! actor, and an output path bounded in bytes. When nothing is queued the
-//! actor writes straight to the socket (no task wakeup, no copy); what the
-//! socket does not take at once is queued for a writer task, which
+//! One TCP connection: the handshake proving the chat key (in a keyed
+//! chat), a reader task that opens records and turns them into frames for
+//! the actor, and an output path bounded in bytes. When nothing is queued
+//! the actor writes straight to the socket (no task wakeup, no copy); what
+//! the socket does not take at once is queued for a writer task, which
 //! coalesces everything queued into as few writes as possible.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use p2p_proto::net::{self, HandshakeError};
+use p2p_proto::secure::{self, ChatKey, Opened, Opener, Sealer};
 use p2p_proto::{decode_body, encode, limits::MAX_FRAME_LEN, ErrorCode, Frame};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -19,6 +23,19 @@ use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::task::TaskTracker;
 
 use crate::core::{ConnId, Input};
+
+/// The chat key, when the chat has one (`None`: `--insecure`, no
+/// handshake, plain frames).
+pub type Security = Option<Arc<ChatKey>>;
+
+/// Which end of the handshake we are.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Side {
+    /// We accepted the connection.
+    Server,
+    /// We dialled.
+    Client,
+}
 
 /// What the connection tasks tell the actor.
 pub enum Msg {
@@ -54,6 +71,10 @@ pub struct Writer {
     drained: Arc<AtomicU64>,
     half: Arc<OwnedWriteHalf>,
     limit: usize,
+    /// Held while bytes are handed on, so pushes from two tasks (the
+    /// actor, and a reader refusing a bad frame) never interleave; holds
+    /// the link sealer in keyed chats, so records go out in sealing order.
+    sealer: Arc<Mutex<Option<Sealer>>>,
     reader: AbortHandle,
     writer: AbortHandle,
 }
@@ -68,6 +89,33 @@ impl Writer {
     /// [`Overflow`] with the queued byte count if the limit would be passed;
     /// nothing is queued then.
     pub fn push(&self, frame: Bytes) -> Result<(), Overflow> {
+        let mut sealer = self
+            .sealer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let frame = match sealer.as_mut() {
+            Some(s) => prefixed(&s.seal(&frame[4..])),
+            None => frame,
+        };
+        self.hand_on(frame)
+    }
+
+    /// Queues bytes that are already records (a group record sealed once
+    /// for every member, or plain frames without a key).
+    ///
+    /// # Errors
+    /// As [`Writer::push`].
+    pub fn push_record(&self, frame: Bytes) -> Result<(), Overflow> {
+        let _order = self
+            .sealer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.hand_on(frame)
+    }
+
+    /// Writes what the socket takes now and queues the rest (the caller
+    /// holds the order lock).
+    fn hand_on(&self, frame: Bytes) -> Result<(), Overflow> {
         let queued = self.queued.load(Ordering::Acquire);
         let rest = if queued == 0 {
             match self.half.try_write(&frame) {
@@ -122,10 +170,14 @@ impl Writer {
     }
 }
 
-/// Starts the tasks for a connected stream: registers its writer with the
-/// actor first, then starts reading, so no frame can arrive before the
-/// actor can answer it.
-pub async fn start(
+/// Starts a connected stream: in a keyed chat, first the handshake (in
+/// its own task, within the handshake time limit; a peer that does not
+/// prove the key is answered `unauthenticated` and never reaches the
+/// actor), then registers its writer with the actor, then starts reading,
+/// so no frame can arrive before the actor can answer it. A dial whose
+/// peer holds another key is reported as [`Input::WrongKey`].
+#[allow(clippy::too_many_arguments)]
+pub fn start(
     stream: TcpStream,
     conn: ConnId,
     first: Option<Bytes>,
@@ -133,20 +185,81 @@ pub async fn start(
     limits: ConnLimits,
     tracker: &TaskTracker,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    security: Security,
+    side: Side,
 ) {
-    let _ = stream.set_nodelay(true);
+    let tracker2 = tracker.clone();
+    tracker.spawn(async move {
+        let mut stream = stream;
+        let _ = stream.set_nodelay(true);
+        let link = match &security {
+            None => None,
+            Some(key) => {
+                match tokio::time::timeout(limits.handshake, handshake(&mut stream, key, side)).await {
+                    Ok(Ok(link)) => Some(link),
+                    Ok(Err(e)) => {
+                        tracing::debug!(conn, ?side, error = %e, "handshake failed");
+                        if side == Side::Client {
+                            let input = match e {
+                                HandshakeError::WrongKey(m) => Input::WrongKey(conn, m),
+                                HandshakeError::Other(m) => Input::Closed(conn, Some(m)),
+                            };
+                            let _ = actor.send(Msg::Input(input)).await;
+                        }
+                        return;
+                    }
+                    Err(_) => {
+                        if side == Side::Server {
+                            let ms = limits.handshake.as_millis();
+                            let err = Frame::error(
+                                ErrorCode::HandshakeTimeout,
+                                format!("no handshake within {ms} ms of connecting"),
+                            );
+                            let _ = stream.write_all(&encode(&err)).await;
+                        } else {
+                            let m = "the node did not complete the handshake in time".to_string();
+                            let _ = actor.send(Msg::Input(Input::Closed(conn, Some(m)))).await;
+                        }
+                        return;
+                    }
+                }
+            }
+        };
+        register(stream, conn, first, actor, limits, &tracker2, permit, link).await;
+    });
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn register(
+    stream: TcpStream,
+    conn: ConnId,
+    first: Option<Bytes>,
+    actor: mpsc::Sender<Msg>,
+    limits: ConnLimits,
+    tracker: &TaskTracker,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    link: Option<secure::Link>,
+) {
     let (read, write) = stream.into_split();
     let half = Arc::new(write);
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
     let drained = Arc::new(AtomicU64::new(0));
     let writer_task = tracker.spawn(write_loop(half.clone(), rx, queued.clone(), drained.clone()));
+    let (sealer, opener) = match link {
+        Some(l) => (Some(l.send), Some(l.recv)),
+        None => (None, None),
+    };
+    let sealer = Arc::new(Mutex::new(sealer));
     // The reader starts only after registration; a oneshot holds it back.
     let (go_tx, go_rx) = tokio::sync::oneshot::channel::<Writer>();
     let actor2 = actor.clone();
+    // The first frame (hello, a request) is due within the handshake time
+    // too, key or not.
+    let first_within = Some(limits.handshake);
     let reader_task = tokio::spawn(async move {
         let Ok(writer) = go_rx.await else { return };
-        read_loop(conn, read, actor2, writer, limits.handshake).await;
+        read_loop(conn, read, actor2, writer, first_within, opener).await;
         drop(permit);
     });
     let writer = Writer {
@@ -155,6 +268,7 @@ pub async fn start(
         drained,
         half,
         limit: limits.queue_bytes,
+        sealer,
         reader: reader_task.abort_handle(),
         writer: writer_task.abort_handle(),
     };
@@ -166,6 +280,44 @@ pub async fn start(
         return;
     }
     let _ = go_tx.send(writer);
+}
+
+/// Proves the chat key on a new connection.
+async fn handshake(
+    stream: &mut TcpStream,
+    key: &ChatKey,
+    side: Side,
+) -> Result<secure::Link, HandshakeError> {
+    match side {
+        Side::Client => net::client_handshake(stream, key).await,
+        Side::Server => net::server_handshake(stream, key).await,
+    }
+}
+
+/// A connection that carries one frame and closes (an announcement):
+/// handshake, the frame (sealed), shutdown.
+pub async fn send_once(addr: &str, frame: Bytes, security: &Security) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    let _ = s.set_nodelay(true);
+    let bytes = match security {
+        Some(key) => {
+            let mut link = handshake(&mut s, key, Side::Client)
+                .await
+                .map_err(std::io::Error::other)?;
+            prefixed(&link.send.seal(&frame[4..]))
+        }
+        None => frame,
+    };
+    s.write_all(&bytes).await?;
+    s.shutdown().await
+}
+
+/// A record with its 4-byte length prefix.
+pub fn prefixed(record: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(4 + record.len());
+    out.extend_from_slice(&(record.len() as u32).to_be_bytes());
+    out.extend_from_slice(record);
+    Bytes::from(out)
 }
 
 async fn write_loop(
@@ -230,22 +382,30 @@ async fn read_loop(
     half: OwnedReadHalf,
     actor: mpsc::Sender<Msg>,
     writer: Writer,
-    handshake: Duration,
+    first_within: Option<Duration>,
+    mut opener: Option<Opener>,
 ) {
+    // A record holds one frame, or a batch of whole frames of at most one
+    // largest frame and its prefix.
+    let max = if opener.is_some() {
+        net::MAX_RECORD_LEN
+    } else {
+        MAX_FRAME_LEN
+    };
     let codec = LengthDelimitedCodec::builder()
         .length_field_length(4)
-        .max_frame_length(MAX_FRAME_LEN)
+        .max_frame_length(max)
         .new_codec();
     // Start small: most connections carry little (memory per member counts
     // when a coordinator holds thousands); the buffer grows with the load.
-    let mut frames = FramedRead::with_capacity(half, codec, 512);
-    let mut first = true;
+    let mut records = FramedRead::with_capacity(half, codec, 512);
+    let mut first = first_within;
     let reason = loop {
-        let next = if first {
-            match tokio::time::timeout(handshake, frames.next()).await {
+        let next = match first.take() {
+            Some(limit) => match tokio::time::timeout(limit, records.next()).await {
                 Ok(next) => next,
                 Err(_) => {
-                    let ms = handshake.as_millis();
+                    let ms = limit.as_millis();
                     refuse(
                         &writer,
                         ErrorCode::HandshakeTimeout,
@@ -253,11 +413,10 @@ async fn read_loop(
                     );
                     break Some("disconnected (handshake timeout)".to_string());
                 }
-            }
-        } else {
-            frames.next().await
+            },
+            None => records.next().await,
         };
-        match next {
+        let record = match next {
             None => break None,
             Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
                 refuse(
@@ -268,9 +427,26 @@ async fn read_loop(
                 break Some(format!("disconnected (protocol error: {e})"));
             }
             Some(Err(e)) => break Some(format!("disconnected ({e})")),
-            Some(Ok(body)) => match decode_body(&body) {
+            Some(Ok(record)) => record,
+        };
+        let bodies = match opener.as_mut() {
+            None => vec![record.freeze()],
+            Some(o) => match o.open(&record) {
+                Ok(Opened::Frame(body)) => vec![Bytes::from(body)],
+                Ok(Opened::Frames(buf)) => match split_frames(Bytes::from(buf)) {
+                    Some(v) => v,
+                    None => break Some("disconnected (a sealed batch held a malformed frame)".into()),
+                },
+                Err(_) => {
+                    tracing::debug!(conn, "a record failed to authenticate");
+                    break Some("disconnected (a record failed to authenticate)".into());
+                }
+            },
+        };
+        let mut stop = None;
+        for body in bodies {
+            match decode_body(&body) {
                 Ok(frame) => {
-                    first = false;
                     if actor.send(Msg::Input(Input::Frame(conn, frame))).await.is_err() {
                         return;
                     }
@@ -278,18 +454,37 @@ async fn read_loop(
                 Err(e) => {
                     tracing::debug!(conn, error = %e, "bad frame");
                     refuse(&writer, e.code(), e.to_string());
-                    break Some(format!("disconnected (protocol error: {e})"));
+                    stop = Some(format!("disconnected (protocol error: {e})"));
+                    break;
                 }
-            },
+            }
+        }
+        if stop.is_some() {
+            break stop;
         }
     };
     let _ = actor.send(Msg::Input(Input::Closed(conn, reason))).await;
 }
 
-/// Best-effort error frame, then close.
+/// Splits length-prefixed frames; None if the lengths do not add up.
+fn split_frames(mut buf: Bytes) -> Option<Vec<Bytes>> {
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        if buf.len() < 4 {
+            return None;
+        }
+        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if len > MAX_FRAME_LEN || buf.len() < 4 + len {
+            return None;
+        }
+        let frame = buf.split_to(4 + len);
+        out.push(frame.slice(4..));
+    }
+    Some(out)
+}
+
+/// Best-effort error frame (sealed in a keyed chat), then close.
 fn refuse(writer: &Writer, code: ErrorCode, message: String) {
-    let _ = writer
-        .tx
-        .send(WriteMsg::Frame(encode(&Frame::error(code, message))));
+    let _ = writer.push(encode(&Frame::error(code, message)));
     let _ = writer.tx.send(WriteMsg::Close);
 }

@@ -87,6 +87,26 @@ impl Sink {
         }
     }
 
+    /// Which key guards the chat (`None`: `--insecure`), and whether this
+    /// node just created its key file.
+    pub fn key(&self, key: Option<(&str, &std::path::Path, bool)>) {
+        let line = match (self.format, key) {
+            (EventFormat::None, _) => return,
+            (EventFormat::Json, Some((id, path, created))) => json!({
+                "event": "key", "id": id, "path": path.display().to_string(), "created": created, "t": now_ms()
+            })
+            .to_string(),
+            (EventFormat::Json, None) => json!({"event": "key", "id": null, "t": now_ms()}).to_string(),
+            (_, Some((id, path, true))) => format!(
+                "* created the chat key {} (id {id}); nodes joining this chat need a copy: --key-file",
+                path.display()
+            ),
+            (_, Some((id, path, false))) => format!("* chat key {id} ({}): traffic is encrypted", path.display()),
+            (_, None) => "* --insecure: no chat key, anyone who can reach this port can join and read".to_string(),
+        };
+        self.line(line);
+    }
+
     pub fn emit(&self, event: &Event, me: &str) {
         let line = match self.format {
             EventFormat::None => return,

@@ -10,13 +10,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::task::TaskTracker;
 
-use crate::conn::{self, ConnLimits, Msg, Writer};
+use p2p_proto::limits::MAX_FRAME_LEN;
+use p2p_proto::secure::{self, GroupKey};
+
+use crate::conn::{self, ConnLimits, Msg, Security, Side, Writer};
 use crate::core::{ConnId, Core, CoreConfig, Group, Input, Output};
 use crate::output::Sink;
 
@@ -32,6 +35,8 @@ pub struct NodeConfig {
     pub read_stdin: bool,
     /// Where plugins are looked up by name (`lib<name>.so`).
     pub plugin_dir: std::path::PathBuf,
+    /// The chat key every connection must prove (None: `--insecure`).
+    pub security: Security,
 }
 
 impl NodeConfig {
@@ -42,6 +47,7 @@ impl NodeConfig {
             queue_bytes: 8 * 1024 * 1024,
             read_stdin: false,
             plugin_dir: default_plugin_dir(),
+            security: None,
         }
     }
 }
@@ -94,6 +100,7 @@ pub async fn run(
         limits,
         tracker.clone(),
         cfg.core.max_members + 256,
+        cfg.security.clone(),
     ));
     let stdin = cfg.read_stdin.then(|| tokio::spawn(stdin_loop(tx.clone())));
 
@@ -113,6 +120,8 @@ pub async fn run(
         tx: tx.clone(),
         dial_limits,
         tracker: tracker.clone(),
+        security: cfg.security.clone(),
+        group_key: None,
         sink,
         name,
         exit: None,
@@ -192,6 +201,10 @@ struct Driver {
     tx: mpsc::Sender<Msg>,
     dial_limits: ConnLimits,
     tracker: TaskTracker,
+    security: Security,
+    /// This term's broadcast key and the next record number (keyed chats;
+    /// a new epoch starts a new term with a fresh random id).
+    group_key: Option<(GroupKey, u64)>,
     sink: Sink,
     name: String,
     exit: Option<i32>,
@@ -246,8 +259,12 @@ impl Driver {
         if run.is_empty() {
             return;
         }
-        for (target, members) in [(Group::Peers, &self.peers), (Group::Clients, &self.clients)] {
-            if members.is_empty() {
+        for target in [Group::Peers, Group::Clients] {
+            let empty = match target {
+                Group::Peers => self.peers.is_empty(),
+                _ => self.clients.is_empty(),
+            };
+            if empty {
                 continue;
             }
             let mine: Vec<&Bytes> = run
@@ -255,20 +272,35 @@ impl Driver {
                 .filter(|(g, _)| *g == target || *g == Group::All)
                 .map(|(_, b)| b)
                 .collect();
-            let bytes = match mine.len() {
-                0 => continue,
-                1 => mine[0].clone(),
-                _ => {
-                    let mut joined = bytes::BytesMut::with_capacity(mine.iter().map(|b| b.len()).sum());
-                    for b in mine {
-                        joined.extend_from_slice(b);
+            let records = match &self.security {
+                None => vec![concat(&mine)],
+                Some(key) => {
+                    let epoch = self.core.epoch();
+                    if self.group_key.as_ref().is_none_or(|(g, _)| g.epoch() != epoch) {
+                        self.group_key = Some((key.group_key(epoch, secure::random_bytes()), 0));
                     }
-                    joined.freeze()
+                    let (g, counter) = self.group_key.as_mut().expect("set above");
+                    // Sealed once for every member of the group, in records
+                    // that each fit a member's read limit.
+                    chunks(&mine, MAX_FRAME_LEN + 4)
+                        .into_iter()
+                        .map(|frames| {
+                            *counter += 1;
+                            conn::prefixed(&g.seal(*counter, &concat(&frames)))
+                        })
+                        .collect()
                 }
             };
+            let members = match target {
+                Group::Peers => &self.peers,
+                _ => &self.clients,
+            };
             for (conn, w) in members {
-                if let Err(conn::Overflow(n)) = w.push(bytes.clone()) {
-                    overflowed.push((*conn, n));
+                for record in &records {
+                    if let Err(conn::Overflow(n)) = w.push_record(record.clone()) {
+                        overflowed.push((*conn, n));
+                        break;
+                    }
                 }
             }
         }
@@ -316,7 +348,7 @@ impl Driver {
                     }
                     Output::Dial { conn, addr, hello } => self.dial(conn, addr, hello),
                     Output::Notify { addr, frame } => {
-                        tokio::spawn(notify(addr, frame));
+                        tokio::spawn(notify(addr, frame, self.security.clone()));
                     }
                     Output::Event(e) => self.sink.emit(&e, &self.name),
                     Output::Exit(code) => {
@@ -344,9 +376,22 @@ impl Driver {
         let tx = self.tx.clone();
         let limits = self.dial_limits;
         let tracker = self.tracker.clone();
+        let security = self.security.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(limits.handshake, TcpStream::connect(&addr)).await {
-                Ok(Ok(stream)) => conn::start(stream, conn, Some(hello), tx, limits, &tracker, None).await,
+                Ok(Ok(stream)) => {
+                    conn::start(
+                        stream,
+                        conn,
+                        Some(hello),
+                        tx,
+                        limits,
+                        &tracker,
+                        None,
+                        security,
+                        Side::Client,
+                    );
+                }
                 Ok(Err(e)) => {
                     tracing::debug!(%addr, error = %e, "dial failed");
                     let input = if e.kind() == std::io::ErrorKind::ConnectionRefused {
@@ -369,14 +414,44 @@ impl Driver {
     }
 }
 
-/// Connects, sends one frame, closes. Failures are expected (the target is
-/// often dead) and only logged.
-async fn notify(addr: String, frame: Bytes) {
-    let attempt = async {
-        let mut s = TcpStream::connect(&addr).await?;
-        s.write_all(&frame).await?;
-        s.shutdown().await
-    };
+/// Concatenates frames (one copy; none for a single frame).
+fn concat(frames: &[&Bytes]) -> Bytes {
+    match frames {
+        [one] => (*one).clone(),
+        _ => {
+            let mut joined = bytes::BytesMut::with_capacity(frames.iter().map(|b| b.len()).sum());
+            for b in frames {
+                joined.extend_from_slice(b);
+            }
+            joined.freeze()
+        }
+    }
+}
+
+/// Splits frames into runs of at most `limit` bytes (a frame longer than
+/// that travels alone).
+fn chunks<'a>(frames: &[&'a Bytes], limit: usize) -> Vec<Vec<&'a Bytes>> {
+    let mut out: Vec<Vec<&Bytes>> = Vec::new();
+    let mut size = 0;
+    for f in frames {
+        match out.last_mut() {
+            Some(run) if size + f.len() <= limit => {
+                run.push(f);
+                size += f.len();
+            }
+            _ => {
+                out.push(vec![f]);
+                size = f.len();
+            }
+        }
+    }
+    out
+}
+
+/// Connects, proves the key, sends one frame, closes. Failures are
+/// expected (the target is often dead) and only logged.
+async fn notify(addr: String, frame: Bytes, security: Security) {
+    let attempt = conn::send_once(&addr, frame, &security);
     if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(1), attempt).await {
         tracing::debug!(%addr, error = %e, "announcement not delivered");
     }
@@ -388,6 +463,7 @@ async fn accept_loop(
     limits: ConnLimits,
     tracker: TaskTracker,
     max_conns: usize,
+    security: Security,
 ) {
     let next_id = Arc::new(AtomicU64::new(1));
     let permits = Arc::new(Semaphore::new(max_conns));
@@ -407,7 +483,17 @@ async fn accept_loop(
         };
         let conn = next_id.fetch_add(1, Ordering::Relaxed);
         tracing::trace!(conn, %peer, "accepted");
-        conn::start(stream, conn, None, tx.clone(), limits, &tracker, Some(permit)).await;
+        conn::start(
+            stream,
+            conn,
+            None,
+            tx.clone(),
+            limits,
+            &tracker,
+            Some(permit),
+            security.clone(),
+            Side::Server,
+        );
     }
 }
 

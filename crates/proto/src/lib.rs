@@ -6,6 +6,8 @@ mod codec;
 mod error;
 mod frame;
 pub mod limits;
+#[cfg(feature = "net")]
+pub mod net;
 pub mod secure;
 
 pub use codec::{decode_body, encode, encode_chat, encode_entry, read_frame_sync, split_frame};

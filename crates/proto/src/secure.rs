@@ -28,10 +28,14 @@ pub const KEY_LEN: usize = 32;
 pub const NONCE_LEN: usize = 32;
 /// A link record: kind byte, then the sealed frame body.
 pub const LINK: u8 = 0;
-/// A group record: kind byte, epoch, nonce, then the sealed frames.
+/// A group record: kind byte, epoch, term, counter, then the sealed frames.
 pub const GROUP: u8 = 1;
-/// What sealing adds to a record (kind, epoch, nonce, tag) at most.
-pub const RECORD_OVERHEAD: usize = 1 + 8 + 12 + 16;
+/// Bytes of a coordinator term's random id in group records.
+pub const TERM_LEN: usize = 16;
+/// A group record's header: kind, epoch, term, counter.
+pub const GROUP_HEADER: usize = 1 + 8 + TERM_LEN + 8;
+/// What sealing adds to a record (a group record's header and tag) at most.
+pub const RECORD_OVERHEAD: usize = GROUP_HEADER + 16;
 
 /// Why a key or a record was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -130,12 +134,17 @@ impl ChatKey {
         m.verify_slice(proof).is_ok() // constant time
     }
 
-    /// The key sealing a broadcast batch of `epoch`.
-    pub fn group_key(&self, epoch: u64) -> GroupKey {
+    /// The key sealing the broadcast batches of one coordinator's term:
+    /// `epoch` and a random `term` chosen when it took office (so two
+    /// processes that ever believed themselves coordinator of the same
+    /// epoch, or two chats sharing a key, never share a key and nonce).
+    pub fn group_key(&self, epoch: u64, term: [u8; TERM_LEN]) -> GroupKey {
         let mut info = b"group".to_vec();
         info.extend_from_slice(&epoch.to_be_bytes());
+        info.extend_from_slice(&term);
         GroupKey {
             epoch,
+            term,
             cipher: ChaCha20Poly1305::new(Key::from_slice(&self.derive(b"p2pchat v2", &info))),
         }
     }
@@ -258,6 +267,7 @@ impl Link {
                 counter: 0,
                 key: key.clone(),
                 group: None,
+                last_group: None,
             },
         }
     }
@@ -302,8 +312,10 @@ pub struct Opener {
     cipher: ChaCha20Poly1305,
     counter: u64,
     key: ChatKey,
-    /// The group key of the last epoch seen.
+    /// The group key of the last term seen.
     group: Option<GroupKey>,
+    /// The last group record opened: (epoch, term, counter).
+    last_group: Option<(u64, [u8; TERM_LEN], u64)>,
 }
 
 /// What a record held.
@@ -337,22 +349,41 @@ impl Opener {
                 self.counter += 1;
                 Ok(Opened::Frame(body))
             }
-            Some((&GROUP, rest)) if rest.len() >= 8 + 12 + 16 => {
-                let epoch = u64::from_be_bytes(rest[..8].try_into().expect("8 bytes"));
-                if self.group.as_ref().is_none_or(|g| g.epoch != epoch) {
-                    self.group = Some(self.key.group_key(epoch));
+            Some((&GROUP, _)) if record.len() >= RECORD_OVERHEAD => {
+                let epoch = u64::from_be_bytes(record[1..9].try_into().expect("8 bytes"));
+                let term: [u8; TERM_LEN] = record[9..9 + TERM_LEN].try_into().expect("16 bytes");
+                let counter =
+                    u64::from_be_bytes(record[9 + TERM_LEN..GROUP_HEADER].try_into().expect("8 bytes"));
+                // One connection hears one coordinator: its epoch never goes
+                // back, one epoch has one term, and counters only go up (a
+                // replayed or reordered batch is refused).
+                if let Some((e, t, c)) = self.last_group {
+                    let fresh = epoch > e || (epoch == e && term == t && counter > c);
+                    if !fresh {
+                        return Err(SecureError::BadRecord);
+                    }
+                }
+                if self
+                    .group
+                    .as_ref()
+                    .is_none_or(|g| g.epoch != epoch || g.term != term)
+                {
+                    self.group = Some(self.key.group_key(epoch, term));
                 }
                 let g = self.group.as_ref().expect("set above");
-                g.open(&rest[8..20], &rest[20..]).map(Opened::Frames)
+                let frames = g.open(&record[..GROUP_HEADER], &record[GROUP_HEADER..])?;
+                self.last_group = Some((epoch, term, counter));
+                Ok(Opened::Frames(frames))
             }
             _ => Err(SecureError::BadRecord),
         }
     }
 }
 
-/// The key of one epoch's broadcasts.
+/// The key of one coordinator term's broadcasts.
 pub struct GroupKey {
     epoch: u64,
+    term: [u8; TERM_LEN],
     cipher: ChaCha20Poly1305,
 }
 
@@ -361,36 +392,35 @@ impl GroupKey {
         self.epoch
     }
 
-    /// One group record: `frames` (length-prefixed frames) sealed under
-    /// `nonce`, which must never repeat for this epoch.
-    pub fn seal(&self, nonce: [u8; 12], frames: &[u8]) -> Vec<u8> {
-        let mut aad = [0u8; 9];
-        aad[0] = GROUP;
-        aad[1..].copy_from_slice(&self.epoch.to_be_bytes());
-        let ct = self
-            .cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: frames,
-                    aad: &aad,
-                },
-            )
-            .expect("ChaCha20-Poly1305 seals any length we use");
+    /// One group record: `frames` (length-prefixed frames) sealed as
+    /// number `counter` of this term, which must never repeat.
+    pub fn seal(&self, counter: u64, frames: &[u8]) -> Vec<u8> {
         let mut rec = Vec::with_capacity(RECORD_OVERHEAD + frames.len());
         rec.push(GROUP);
         rec.extend_from_slice(&self.epoch.to_be_bytes());
-        rec.extend_from_slice(&nonce);
+        rec.extend_from_slice(&self.term);
+        rec.extend_from_slice(&counter.to_be_bytes());
+        let ct = self
+            .cipher
+            .encrypt(
+                Nonce::from_slice(&counter_nonce(counter)),
+                Payload {
+                    msg: frames,
+                    aad: &rec,
+                },
+            )
+            .expect("ChaCha20-Poly1305 seals any length we use");
         rec.extend_from_slice(&ct);
         rec
     }
 
-    fn open(&self, nonce: &[u8], ct: &[u8]) -> Result<Vec<u8>, SecureError> {
-        let mut aad = [0u8; 9];
-        aad[0] = GROUP;
-        aad[1..].copy_from_slice(&self.epoch.to_be_bytes());
+    fn open(&self, header: &[u8], ct: &[u8]) -> Result<Vec<u8>, SecureError> {
+        let counter = u64::from_be_bytes(header[GROUP_HEADER - 8..].try_into().expect("8 bytes"));
         self.cipher
-            .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad: &aad })
+            .decrypt(
+                Nonce::from_slice(&counter_nonce(counter)),
+                Payload { msg: ct, aad: header },
+            )
             .map_err(|_| SecureError::BadRecord)
     }
 }
@@ -448,6 +478,71 @@ pub fn nonce_from_hex(text: &str) -> Result<[u8; NONCE_LEN], SecureError> {
     let mut n = [0u8; NONCE_LEN];
     n.copy_from_slice(&v);
     Ok(n)
+}
+
+/// The key file a node uses when none is named.
+pub const DEFAULT_KEY_FILE: &str = "p2pchat.key";
+
+/// Why a key file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("no chat key at {0}: every node of a chat needs a copy of its key file (copy it from the node that started the chat, or pass --key-file)")]
+    Missing(String),
+    #[error("cannot read the chat key {path}: {error}")]
+    Io { path: String, error: std::io::Error },
+    #[error("{path}: {error}")]
+    Bad { path: String, error: SecureError },
+    #[error("the chat key {path} can be read by other users (mode {mode:o}); run: chmod 600 {path}")]
+    Exposed { path: String, mode: u32 },
+}
+
+/// Reads a key file: 64 hex digits, readable by its owner only.
+///
+/// # Errors
+/// [`KeyFileError`] naming the file and the fix.
+pub fn read_key_file(path: &std::path::Path) -> Result<ChatKey, KeyFileError> {
+    let shown = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(KeyFileError::Missing(shown)),
+        Err(error) => return Err(KeyFileError::Io { path: shown, error }),
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(KeyFileError::Exposed { path: shown, mode });
+            }
+        }
+    }
+    ChatKey::from_hex(&text).map_err(|error| KeyFileError::Bad { path: shown, error })
+}
+
+/// Creates a key file holding a new random key, readable by its owner
+/// only; fails if the file exists (never overwrites a chat's key).
+///
+/// # Errors
+/// [`KeyFileError::Io`] if the file cannot be created.
+pub fn create_key_file(path: &std::path::Path) -> Result<ChatKey, KeyFileError> {
+    use std::io::Write;
+    let key = ChatKey::generate();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let io = |error| KeyFileError::Io {
+        path: path.display().to_string(),
+        error,
+    };
+    let mut f = opts.open(path).map_err(io)?;
+    writeln!(f, "{}", key.to_hex()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    Ok(key)
 }
 
 #[cfg(test)]
@@ -517,8 +612,8 @@ mod tests {
     #[test]
     fn a_group_record_opens_for_every_member_of_the_chat_only() {
         let k = key(3);
-        let g = k.group_key(5);
-        let rec = g.seal([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], b"\x00\x00\x00\x02{}");
+        let g = k.group_key(5, [7; TERM_LEN]);
+        let rec = g.seal(1, b"\x00\x00\x00\x02{}");
         let (_, mut a) = pair(&k, &k).unwrap();
         let (_, mut b) = pair(&k, &k).unwrap();
         for s in [&mut a, &mut b] {
@@ -530,10 +625,51 @@ mod tests {
         let other = key(4);
         let (_, mut o) = pair(&other, &other).unwrap();
         assert!(o.recv.open(&rec).is_err());
-        // The epoch is authenticated: a record moved to another epoch fails.
-        let mut moved = rec.clone();
-        moved[8] ^= 1;
-        assert!(a.recv.open(&moved).is_err());
+        // The header is authenticated: a record moved to another epoch,
+        // term or counter fails.
+        for at in [8, 9, GROUP_HEADER - 1] {
+            let mut moved = rec.clone();
+            moved[at] ^= 1;
+            let (_, mut fresh) = pair(&k, &k).unwrap();
+            assert!(fresh.recv.open(&moved).is_err(), "byte {at} altered");
+        }
+        // Replayed or reordered batches are refused; later ones open.
+        assert!(a.recv.open(&rec).is_err(), "replayed");
+        assert!(a.recv.open(&g.seal(0, b"")).is_err(), "older counter");
+        assert!(a.recv.open(&g.seal(2, b"")).is_ok());
+        // Another term of the same epoch on one connection is a forgery;
+        // a later epoch is a new coordinator.
+        assert!(a.recv.open(&k.group_key(5, [8; TERM_LEN]).seal(3, b"")).is_err());
+        assert!(a.recv.open(&k.group_key(4, [7; TERM_LEN]).seal(9, b"")).is_err());
+        assert!(a.recv.open(&k.group_key(6, [1; TERM_LEN]).seal(0, b"")).is_ok());
+    }
+
+    #[test]
+    fn key_files_are_created_private_and_read_back() {
+        let dir = std::env::temp_dir().join(format!("p2pchat-key-{}", crate::random_u64()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("k");
+        assert!(matches!(read_key_file(&path), Err(KeyFileError::Missing(_))));
+        let k = create_key_file(&path).unwrap();
+        assert_eq!(read_key_file(&path).unwrap(), k);
+        // Never overwritten.
+        assert!(create_key_file(&path).is_err());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let e = read_key_file(&path).unwrap_err().to_string();
+            assert!(e.contains("chmod 600"), "{e}");
+        }
+        std::fs::write(dir.join("bad"), "xyz").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.join("bad"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
+        let e = read_key_file(&dir.join("bad")).unwrap_err().to_string();
+        assert!(e.contains("64 hexadecimal digits") && e.contains("bad"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -574,8 +710,8 @@ mod tests {
             "00fe8dabea3022608aa15a7d7b00db7e2cfe11"
         );
         assert_eq!(
-            to_hex(&k.group_key(1).seal([0; 12], b"{}")),
-            "01000000000000000100000000000000000000000070dad5fe75938d487e1aaef2640eb3e92367"
+            to_hex(&k.group_key(1, [0x33; TERM_LEN]).seal(2, b"{}")),
+            "0100000000000000013333333333333333333333333333333300000000000000029da9df5d5fbc8294d6030a1649daaaaa935e"
         );
         assert_eq!(session_id(42), 13622300530942496755);
     }

@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use p2p_node::core::CoreConfig;
 use p2p_node::{run, EventFormat, NodeConfig, Sink};
+use p2p_proto::secure::{self, ChatKey};
 
 /// One peer of a p2pchat group chat: start a chat, or join one through any
 /// member. Lines typed on stdin are chat messages; /who lists members,
@@ -60,6 +61,14 @@ struct Args {
     /// directory of this executable.
     #[arg(long)]
     plugin_dir: Option<std::path::PathBuf>,
+    /// The chat key (64 hex digits, mode 0600). A node that starts a chat
+    /// creates it if missing; joiners need a copy. [default: ./p2pchat.key]
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
+    key_file: Option<std::path::PathBuf>,
+    /// No key, no encryption: anyone who can reach the port can join, read
+    /// and disrupt the chat (for measurements and trusted loopback only).
+    #[arg(long)]
+    insecure: bool,
     /// Bytes that may wait unread for one member before it is disconnected.
     #[arg(long, default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(65_536..=1 << 30))]
     queue_limit_bytes: u64,
@@ -118,6 +127,16 @@ async fn serve(args: Args) -> anyhow::Result<i32> {
         None => local.to_string(),
     };
     p2p_proto::limits::check_addr(&advertise).map_err(|e| anyhow::anyhow!("--advertise: {e}"))?;
+    let starts = args.join.iter().all(|j| j.trim().is_empty()) || args.create_if_alone;
+    let key = if args.insecure {
+        None
+    } else {
+        let path = args
+            .key_file
+            .clone()
+            .unwrap_or_else(|| secure::DEFAULT_KEY_FILE.into());
+        Some(load_key(&path, starts)?)
+    };
     let mut core = CoreConfig::new(args.name, advertise);
     core.session = p2p_proto::random_u64();
     core.chat_id = format!("{:016x}{:016x}", p2p_proto::random_u64(), p2p_proto::random_u64());
@@ -143,7 +162,25 @@ async fn serve(args: Args) -> anyhow::Result<i32> {
     if let Some(dir) = args.plugin_dir {
         cfg.plugin_dir = dir;
     }
-    run(listener, cfg, Sink::stdout(args.events), shutdown_signal()).await
+    let sink = Sink::stdout(args.events);
+    match &key {
+        Some((k, path, created)) => sink.key(Some((&k.id(), path, *created))),
+        None => sink.key(None),
+    }
+    cfg.security = key.map(|(k, _, _)| std::sync::Arc::new(k));
+    run(listener, cfg, sink, shutdown_signal()).await
+}
+
+/// Reads the chat key; a node starting a chat creates it when missing.
+fn load_key(path: &std::path::Path, starts: bool) -> anyhow::Result<(ChatKey, std::path::PathBuf, bool)> {
+    match secure::read_key_file(path) {
+        Ok(k) => Ok((k, path.to_path_buf(), false)),
+        Err(secure::KeyFileError::Missing(_)) if starts => {
+            let k = secure::create_key_file(path)?;
+            Ok((k, path.to_path_buf(), true))
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

@@ -231,7 +231,7 @@ impl Core {
             } => self.cand_hello(Hello {
                 conn,
                 name,
-                session,
+                session: p2p_proto::secure::session_id(session),
                 addr,
                 resume,
             }),

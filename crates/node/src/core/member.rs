@@ -600,6 +600,7 @@ impl Core {
                 | ErrorCode::BadName
                 | ErrorCode::VersionMismatch
                 | ErrorCode::TooManyMembers
+                | ErrorCode::Unauthenticated
         );
         self.close(conn);
         if fatal && matches!(self.role, State::Joining(_)) {

@@ -22,7 +22,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use p2p_proto::{
@@ -56,8 +56,9 @@ pub struct CoreConfig {
     pub name: String,
     /// Our own listening address, as peers should dial it.
     pub addr: String,
-    /// Random per process: identifies this process to the chat across
-    /// re-admissions (the driver draws it; simulations choose it).
+    /// Random per process and secret: proves this process to the chat
+    /// across re-admissions (the driver draws it; simulations choose it).
+    /// The chat knows only its public id (`secure::session_id`).
     pub session: u64,
     /// The chat id to use if this node starts a chat.
     pub chat_id: String,
@@ -121,6 +122,10 @@ pub enum Input {
     /// A dial was refused: nothing listens at that address. This is proof
     /// that the process we knew there is gone.
     Refused(ConnId),
+    /// A dial reached a node that holds another chat key (or none): not a
+    /// node of this chat, so the one we knew there is gone too. The text
+    /// says what the other end said.
+    WrongKey(ConnId, String),
     /// Time passed (the `now` given to [`Core::handle`] is what counts).
     Tick,
     /// Output queued on these connections drained since the last tick: the
@@ -311,6 +316,9 @@ pub struct Core {
     hooks: Box<dyn Hooks>,
     /// The plugin set the hooks hold now.
     hooks_set: Vec<PluginRef>,
+    /// Announcements being checked: the probe connection, and what was
+    /// announced. Nobody steps down on hearsay.
+    announced: BTreeMap<ConnId, (u64, MemberInfo)>,
 }
 
 impl Core {
@@ -328,7 +336,7 @@ impl Core {
                 id: 0,
                 name: cfg.name.clone(),
                 addr: Some(cfg.addr.clone()),
-                session: cfg.session,
+                session: p2p_proto::secure::session_id(cfg.session),
             },
             epoch: 0,
             coordinator: 0,
@@ -351,6 +359,7 @@ impl Core {
             out: Vec::new(),
             hooks,
             hooks_set: Vec::new(),
+            announced: BTreeMap::new(),
             cfg,
         };
         if core.cfg.join.is_empty() {
@@ -368,6 +377,7 @@ impl Core {
             Input::Frame(conn, frame) => self.on_frame(conn, frame),
             Input::Closed(conn, reason) => self.on_closed(conn, reason, false),
             Input::Refused(conn) => self.on_closed(conn, None, true),
+            Input::WrongKey(conn, why) => self.on_wrong_key(conn, why),
             Input::Tick => self.on_tick(),
             Input::Progress(conns) => self.on_progress(&conns),
             Input::User(line) => self.on_user(line),
@@ -465,7 +475,7 @@ impl Core {
         Frame::Hello {
             version: PROTOCOL_VERSION,
             name: self.me.name.clone(),
-            session: self.me.session,
+            session: self.cfg.session,
             addr: self.me.addr.clone(),
             resume,
         }
@@ -709,6 +719,10 @@ impl Core {
     // ---- inputs common to every role ----
 
     fn on_frame(&mut self, conn: ConnId, frame: Frame) {
+        if let Some((epoch, coordinator)) = self.announced.remove(&conn) {
+            self.close(conn);
+            return self.announce_checked(epoch, coordinator, frame);
+        }
         match &self.role {
             State::Coordinator(c) if c.owns(conn) => return self.coord_frame(conn, frame),
             State::Candidate(c) if c.owns(conn) => return self.cand_frame(conn, frame),
@@ -738,10 +752,12 @@ impl Core {
                 if let Some(Err(e)) = addr.as_deref().map(limits::check_addr) {
                     return self.refuse(conn, ErrorCode::BadField, e);
                 }
+                // The chat only ever keeps and shows the session's public
+                // id: coming back as a member proves the secret behind it.
                 let hello = Hello {
                     conn,
                     name,
-                    session,
+                    session: p2p_proto::secure::session_id(session),
                     addr,
                     resume,
                 };
@@ -783,6 +799,12 @@ impl Core {
                 self.close(conn);
                 self.on_announce(epoch, coordinator);
             }
+            // A keyed node's handshake reaching a node without a key.
+            Frame::Auth { .. } => self.refuse(
+                conn,
+                ErrorCode::Unauthenticated,
+                "this node runs without a chat key (--insecure); start every node of a chat the same way",
+            ),
             other => self.refuse(
                 conn,
                 ErrorCode::UnexpectedFrame,
@@ -808,6 +830,10 @@ impl Core {
     }
 
     fn on_closed(&mut self, conn: ConnId, reason: Option<String>, refused: bool) {
+        if self.announced.remove(&conn).is_some() {
+            tracing::info!("an announced coordinator could not be reached; ignoring the announcement");
+            return;
+        }
         match &self.role {
             State::Coordinator(c) if c.owns(conn) => return self.coord_closed(conn, reason, refused),
             State::Candidate(c) if c.owns(conn) => return self.cand_closed(conn, refused),
@@ -816,6 +842,23 @@ impl Core {
         if self.is_uplink(conn) {
             self.uplink_closed(conn, reason, refused);
         }
+    }
+
+    /// A dial found a node of another chat. Joining, that ends the attempt
+    /// with a clear error; later, it proves the member we knew there gone.
+    fn on_wrong_key(&mut self, conn: ConnId, why: String) {
+        if let State::Joining(j) = &self.role {
+            if j.conn == Some(conn) {
+                self.emit(Event::Error {
+                    code: Some(ErrorCode::Unauthenticated),
+                    message: format!("could not join: {why}"),
+                });
+                self.role = State::Stopped;
+                self.out.push(Output::Exit(2));
+                return;
+            }
+        }
+        self.on_closed(conn, Some(why), true);
     }
 
     fn on_tick(&mut self) {
@@ -954,12 +997,13 @@ impl Core {
         }
     }
 
-    /// A coordinator told us about its reign. We follow it only by
-    /// connecting to it (it must welcome us), so a false announcement costs
-    /// at most a reconnection.
+    /// A node told us it coordinates a later epoch. Nothing changes until
+    /// we have reached it ourselves and it confirmed (a probe), so a false
+    /// announcement costs one connection, not a step-down.
     fn on_announce(&mut self, epoch: u64, coordinator: MemberInfo) {
         if coordinator.session == self.me.session
             || epoch <= self.epoch.max(self.bound_epoch.saturating_sub(1))
+            || self.announced.len() >= MAX_ANNOUNCE_CHECKS
         {
             return;
         }
@@ -969,6 +1013,28 @@ impl Core {
         if limits::check_addr(&addr).is_err() {
             return;
         }
+        let conn = self.dial(&addr, &Frame::Probe {});
+        self.announced.insert(conn, (epoch, coordinator));
+    }
+
+    /// The announced coordinator answered our probe: follow it if it is
+    /// what was announced (the same process, coordinating that epoch).
+    fn announce_checked(&mut self, epoch: u64, coordinator: MemberInfo, reply: Frame) {
+        let confirmed = matches!(
+            reply,
+            Frame::ProbeReply { session, role: Role::Coordinator, epoch: e, .. }
+                if session == coordinator.session && e == epoch
+        );
+        if !confirmed {
+            tracing::info!(epoch, name = %coordinator.name, "an announcement was not confirmed; ignoring it");
+            return;
+        }
+        if epoch <= self.epoch.max(self.bound_epoch.saturating_sub(1)) {
+            return;
+        }
+        let Some(addr) = coordinator.addr.clone() else {
+            return;
+        };
         self.note_epoch(epoch);
         let why = format!(
             "{} announced itself coordinator of epoch {epoch}",
@@ -982,6 +1048,9 @@ impl Core {
         }
     }
 }
+
+/// Announcements checked at once (a flood of them costs nothing more).
+const MAX_ANNOUNCE_CHECKS: usize = 4;
 
 /// A `hello` that passed the basic checks.
 struct Hello {

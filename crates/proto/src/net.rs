@@ -1,0 +1,390 @@
+//! Sockets (feature `net`): the chat-key handshake over any tokio stream,
+//! and a small client connection that seals what it sends and opens what
+//! it reads. Nodes use the handshake; `p2pctl`, `p2pbench` and tools use
+//! [`Client`].
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use crate::limits::MAX_FRAME_LEN;
+use crate::secure::{self, ChatKey, ClientHandshake, Link, Opened, Opener, Sealer, ServerHandshake};
+use crate::{decode_body, encode, ErrorCode, Frame, PROTOCOL_VERSION};
+
+/// Why a handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The other end holds another chat key, none, or speaks something
+    /// else: retrying will not help.
+    #[error("{0}")]
+    WrongKey(String),
+    /// The connection failed or was closed during the handshake.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Longest handshake frame accepted (they are a few hundred bytes).
+const MAX_HANDSHAKE_FRAME: usize = 4096;
+
+/// Longest record a sealed connection accepts: one largest frame with its
+/// prefix, plus a group record's header and tag.
+pub const MAX_RECORD_LEN: usize = MAX_FRAME_LEN + 4 + secure::RECORD_OVERHEAD;
+
+async fn read_plain<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Frame, HandshakeError> {
+    let lost =
+        |e: std::io::Error| HandshakeError::Other(format!("connection lost during the handshake: {e}"));
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).await.map_err(lost)?;
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_HANDSHAKE_FRAME {
+        return Err(HandshakeError::WrongKey(
+            "the other end did not start with the chat-key handshake (is it a p2pchat node of this version?)"
+                .into(),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await.map_err(lost)?;
+    decode_body(&body)
+        .map_err(|e| HandshakeError::WrongKey(format!("the other end did not follow the handshake: {e}")))
+}
+
+/// The dialling side: sends `auth`, checks the server's proof, proves the
+/// key in turn.
+///
+/// # Errors
+/// [`HandshakeError::WrongKey`] when the server holds another key (its
+/// refusal's message is passed on), [`HandshakeError::Other`] on I/O.
+pub async fn client_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    key: &ChatKey,
+) -> Result<Link, HandshakeError> {
+    let io = |e: std::io::Error| HandshakeError::Other(format!("connection lost during the handshake: {e}"));
+    let (hs, nc) = ClientHandshake::start(key);
+    let auth = Frame::Auth {
+        version: PROTOCOL_VERSION,
+        nonce: secure::to_hex(&nc),
+    };
+    stream.write_all(&encode(&auth)).await.map_err(io)?;
+    let (ns, proof) = match read_plain(stream).await? {
+        Frame::AuthReply { nonce, proof } => (nonce, proof),
+        Frame::Error { code, message } => {
+            return Err(match code {
+                ErrorCode::Unauthenticated | ErrorCode::VersionMismatch => HandshakeError::WrongKey(message),
+                _ => HandshakeError::Other(message),
+            })
+        }
+        other => {
+            return Err(HandshakeError::WrongKey(format!(
+                "the other end answered the handshake with {}",
+                other.kind()
+            )))
+        }
+    };
+    let ns = secure::nonce_from_hex(&ns).map_err(|e| HandshakeError::WrongKey(e.to_string()))?;
+    let proof = secure::from_hex(&proof).unwrap_or_default();
+    let (mine, link) = hs.finish(ns, &proof).map_err(|_| {
+        HandshakeError::WrongKey(format!(
+            "the node there uses another chat key (ours is {}); check --key-file",
+            key.id()
+        ))
+    })?;
+    let proof = Frame::AuthProof {
+        proof: secure::to_hex(&mine),
+    };
+    stream.write_all(&encode(&proof)).await.map_err(io)?;
+    Ok(link)
+}
+
+/// The accepting side: answers `auth` with our nonce and proof, then
+/// checks the client's proof. Whatever fails is answered with a plain
+/// `unauthenticated` (or `version_mismatch`) error before the caller
+/// closes.
+///
+/// # Errors
+/// [`HandshakeError::WrongKey`] naming what the client did wrong.
+pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    key: &ChatKey,
+) -> Result<Link, HandshakeError> {
+    let io = |e: std::io::Error| HandshakeError::Other(format!("connection lost during the handshake: {e}"));
+    let nc = match read_plain(stream).await {
+        Ok(Frame::Auth { version, nonce }) if version == PROTOCOL_VERSION => nonce,
+        Ok(Frame::Auth { version, .. }) => {
+            let m = format!(
+                "protocol version {version} is not supported; this node speaks version {PROTOCOL_VERSION}"
+            );
+            return Err(refuse_plain(stream, ErrorCode::VersionMismatch, m).await);
+        }
+        Ok(other) => {
+            let m = format!(
+                "this chat is keyed: a connection must first prove it holds the chat key (an auth frame), not send {}",
+                other.kind()
+            );
+            return Err(refuse_plain(stream, ErrorCode::Unauthenticated, m).await);
+        }
+        Err(HandshakeError::Other(m)) => return Err(HandshakeError::Other(m)),
+        Err(e) => return Err(refuse_plain(stream, ErrorCode::Unauthenticated, e.to_string()).await),
+    };
+    let Ok(nc) = secure::nonce_from_hex(&nc) else {
+        let m = "the auth nonce is not 64 hex digits".to_string();
+        return Err(refuse_plain(stream, ErrorCode::Unauthenticated, m).await);
+    };
+    let (hs, hello) = ServerHandshake::answer(key, nc);
+    let reply = Frame::AuthReply {
+        nonce: secure::to_hex(&hello.nonce),
+        proof: secure::to_hex(&hello.proof),
+    };
+    stream.write_all(&encode(&reply)).await.map_err(io)?;
+    let proof = match read_plain(stream).await {
+        Ok(Frame::AuthProof { proof }) => secure::from_hex(&proof).unwrap_or_default(),
+        Ok(other) => {
+            let m = format!("expected the auth proof, got {}", other.kind());
+            return Err(refuse_plain(stream, ErrorCode::Unauthenticated, m).await);
+        }
+        Err(HandshakeError::Other(m)) => return Err(HandshakeError::Other(m)),
+        Err(e) => return Err(refuse_plain(stream, ErrorCode::Unauthenticated, e.to_string()).await),
+    };
+    match hs.finish(&proof) {
+        Ok(link) => Ok(link),
+        Err(_) => {
+            let m = format!(
+                "this chat uses another key (this node's is {}); check --key-file",
+                key.id()
+            );
+            Err(refuse_plain(stream, ErrorCode::Unauthenticated, m).await)
+        }
+    }
+}
+
+/// Answers a failed handshake with a plain error frame (the other end
+/// holds no link key to open a sealed one).
+async fn refuse_plain<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    code: ErrorCode,
+    message: String,
+) -> HandshakeError {
+    let _ = stream
+        .write_all(&encode(&Frame::error(code, message.clone())))
+        .await;
+    HandshakeError::WrongKey(message)
+}
+
+/// Why a [`Client`] could not connect.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot connect to {addr}: {error}")]
+    Io { addr: String, error: std::io::Error },
+    #[error("{addr}: {error}")]
+    Handshake { addr: String, error: HandshakeError },
+    #[error("{addr} did not answer within {ms} ms")]
+    Timeout { addr: String, ms: u128 },
+}
+
+/// A connection to a node, as a member, observer or tool: sealed in a
+/// keyed chat, plain with `--insecure`.
+pub struct Client {
+    pub read: ClientRead,
+    pub write: ClientWrite,
+}
+
+/// The reading half of a [`Client`].
+pub struct ClientRead {
+    half: OwnedReadHalf,
+    opener: Option<Opener>,
+    buf: BytesMut,
+    /// Frame bodies opened from a batch and not yet returned.
+    pending: VecDeque<Bytes>,
+}
+
+/// The writing half of a [`Client`].
+pub struct ClientWrite {
+    half: OwnedWriteHalf,
+    sealer: Option<Sealer>,
+}
+
+impl Client {
+    /// Connects to `addr` and, with a key, proves it, all within `limit`.
+    ///
+    /// # Errors
+    /// [`ConnectError`] naming the address and what went wrong.
+    pub async fn connect(addr: &str, key: Option<&ChatKey>, limit: Duration) -> Result<Client, ConnectError> {
+        let attempt = async {
+            let mut stream = TcpStream::connect(addr).await.map_err(|error| ConnectError::Io {
+                addr: addr.to_string(),
+                error,
+            })?;
+            let _ = stream.set_nodelay(true);
+            let link =
+                match key {
+                    Some(k) => Some(client_handshake(&mut stream, k).await.map_err(|error| {
+                        ConnectError::Handshake {
+                            addr: addr.to_string(),
+                            error,
+                        }
+                    })?),
+                    None => None,
+                };
+            Ok(Client::new(stream, link))
+        };
+        tokio::time::timeout(limit, attempt).await.unwrap_or_else(|_| {
+            Err(ConnectError::Timeout {
+                addr: addr.to_string(),
+                ms: limit.as_millis(),
+            })
+        })
+    }
+
+    /// Wraps a stream that completed the handshake (`link`) or needs none.
+    pub fn new(stream: TcpStream, link: Option<Link>) -> Client {
+        let (read, write) = stream.into_split();
+        let (sealer, opener) = match link {
+            Some(l) => (Some(l.send), Some(l.recv)),
+            None => (None, None),
+        };
+        Client {
+            read: ClientRead {
+                half: read,
+                opener,
+                buf: BytesMut::with_capacity(16 * 1024),
+                pending: VecDeque::new(),
+            },
+            write: ClientWrite { half: write, sealer },
+        }
+    }
+
+    pub async fn send(&mut self, frame: &Frame) -> std::io::Result<()> {
+        self.write.send(frame).await
+    }
+
+    pub async fn recv(&mut self) -> std::io::Result<Frame> {
+        self.read.recv().await
+    }
+}
+
+impl ClientWrite {
+    /// Sends one frame.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub async fn send(&mut self, frame: &Frame) -> std::io::Result<()> {
+        let bytes = encode(frame);
+        self.send_encoded(&bytes).await
+    }
+
+    /// Sends an encoded frame (its 4-byte prefix, then its body).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub async fn send_encoded(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        let mut out = Vec::new();
+        self.seal_into(frame, &mut out);
+        self.half.write_all(&out).await
+    }
+
+    /// Appends what goes on the wire for an encoded frame to `out` (sealed
+    /// in a keyed chat), so callers can batch several into one write.
+    pub fn seal_into(&mut self, frame: &[u8], out: &mut Vec<u8>) {
+        match &mut self.sealer {
+            Some(s) => {
+                let rec = s.seal(&frame[4..]);
+                out.extend_from_slice(&(rec.len() as u32).to_be_bytes());
+                out.extend_from_slice(&rec);
+            }
+            None => out.extend_from_slice(frame),
+        }
+    }
+
+    /// Writes bytes prepared by [`ClientWrite::seal_into`].
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub async fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.half.write_all(bytes).await
+    }
+
+    /// Closes the sending direction.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub async fn shutdown(&mut self) -> std::io::Result<()> {
+        self.half.shutdown().await
+    }
+}
+
+impl ClientRead {
+    /// The next frame.
+    ///
+    /// # Errors
+    /// I/O errors; a record that fails to authenticate or a malformed
+    /// frame as `InvalidData`.
+    pub async fn recv(&mut self) -> std::io::Result<Frame> {
+        let body = self.recv_body().await?;
+        decode_body(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    /// The next frame's body, undecoded (for callers that only look at
+    /// its first bytes).
+    ///
+    /// # Errors
+    /// As [`ClientRead::recv`].
+    pub async fn recv_body(&mut self) -> std::io::Result<Bytes> {
+        loop {
+            if let Some(b) = self.pending.pop_front() {
+                return Ok(b);
+            }
+            let record = self.next_record().await?;
+            let Some(opener) = &mut self.opener else {
+                return Ok(record);
+            };
+            let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+            match opener.open(&record).map_err(|e| bad(&e.to_string()))? {
+                Opened::Frame(body) => return Ok(Bytes::from(body)),
+                Opened::Frames(frames) => {
+                    let mut all = Bytes::from(frames);
+                    while !all.is_empty() {
+                        if all.len() < 4 {
+                            return Err(bad("a sealed batch ends inside a frame prefix"));
+                        }
+                        let len = u32::from_be_bytes([all[0], all[1], all[2], all[3]]) as usize;
+                        if len > MAX_FRAME_LEN || all.len() < 4 + len {
+                            return Err(bad("a sealed batch holds a malformed frame"));
+                        }
+                        let f = all.split_to(4 + len);
+                        self.pending.push_back(f.slice(4..));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn next_record(&mut self) -> std::io::Result<Bytes> {
+        let max = if self.opener.is_some() {
+            MAX_RECORD_LEN
+        } else {
+            MAX_FRAME_LEN
+        };
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+                if len > max {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("the node sent a record of {len} bytes, over the limit of {max}"),
+                    ));
+                }
+                if self.buf.len() >= 4 + len {
+                    self.buf.advance(4);
+                    return Ok(self.buf.split_to(len).freeze());
+                }
+                self.buf.reserve(4 + len - self.buf.len());
+            }
+            if self.half.read_buf(&mut self.buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+}
