@@ -166,6 +166,40 @@ pub async fn throughput(
     })
 }
 
+/// A fixed load below what the members can read: one publisher sends
+/// `count` messages at `rate` per second (in 1 ms slices). Returns when
+/// every member has every message. The caller reads the coordinator's
+/// CPU time around it: at the same load, keyed and plaintext runs batch
+/// alike, so the difference is what the key costs the node.
+pub async fn paced(
+    addr: &str,
+    key: &Key,
+    n: usize,
+    size: usize,
+    count: u64,
+    rate: u64,
+) -> anyhow::Result<()> {
+    let joined = members(addr, key, n, count, None, Instant::now()).await?;
+    let text = "x".repeat(size);
+    let per_tick = (rate / 1000).max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut cs = 0;
+    while cs < count {
+        tick.tick().await;
+        let mut batch = Vec::new();
+        for _ in 0..per_tick.min(count - cs) {
+            cs += 1;
+            batch.extend_from_slice(&say(&text, cs));
+        }
+        let _ = joined[0].tx.send(batch);
+    }
+    for j in joined {
+        j.done.await??;
+    }
+    Ok(())
+}
+
 /// Low-rate latency: one publisher sends `count` messages at `rate` per
 /// second; for each, the time until the last member has it. Microseconds.
 pub async fn latency(
