@@ -39,6 +39,7 @@ fn a_join_storm_of_500_clients_drops_no_peer_and_elects_nobody() {
                         session: p2p_proto::random_u64(),
                         addr: None,
                         resume: None,
+                        sign_key: None,
                     };
                     s.send(&hello);
                     held.push(s);
@@ -162,6 +163,7 @@ fn a_client_cut_off_and_readmitted_keeps_its_id_and_is_never_a_voter() {
         session,
         addr: None,
         resume,
+        sign_key: None,
     };
     let mut c = Raw::connect(&a.addr);
     c.send(&hello(None));

@@ -414,6 +414,7 @@ fn observers_get_status_without_joining() {
         session: 1,
         addr: None,
         resume: None,
+        sign_key: None,
     });
     let err = raw.read_until("error", |f| matches!(f, Frame::Error { .. }));
     assert!(

@@ -613,6 +613,7 @@ impl Raw {
             session: p2p_proto::random_u64(),
             addr: None,
             resume: None,
+            sign_key: None,
         });
         raw.read_until("welcome", |f| matches!(f, Frame::Welcome { .. }));
         raw.read_until("the welcome's state", |f| {

@@ -45,6 +45,7 @@ pub async fn join(addr: &str, name: &str, key: &Key) -> anyhow::Result<Member> {
         session: p2p_proto::random_u64(),
         addr: None,
         resume: None,
+        sign_key: None,
     };
     c.send(&hello).await?;
     match c.recv().await? {

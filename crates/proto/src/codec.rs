@@ -185,6 +185,7 @@ mod tests {
             session: 7,
             addr: None,
             resume: None,
+            sign_key: None,
         });
         roundtrip(Frame::error(ErrorCode::NameTaken, "taken"));
     }
@@ -233,6 +234,7 @@ mod tests {
                 name: "b".into(),
                 addr: Some("127.0.0.1:1".into()),
                 session: 5,
+                sign_key: None,
             },
         };
         assert_eq!(encode_entry(&e), encode(&e.clone().into_frame()));

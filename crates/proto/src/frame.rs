@@ -22,9 +22,30 @@ pub struct MemberInfo {
     pub addr: Option<String>,
     /// The member's process session (random per process): a member that is
     /// cut off and comes back with the same session keeps its id, so its
-    /// acknowledgements and de-duplication survive re-admission.
+    /// acknowledgements and de-duplication survive re-admission. This is
+    /// the public id of the session: the secret behind it never leaves
+    /// the member's process.
     #[serde(default)]
     pub session: u64,
+    /// The member's public signing key (64 hex digits): a peer that
+    /// coordinates signs its log with it. Absent for clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sign_key: Option<String>,
+}
+
+/// A coordinator's signature over the chain hash of its log through
+/// `seq` (docs/PROTOCOL.md, section 2.5).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seal {
+    /// The signer's epoch.
+    pub epoch: u64,
+    pub seq: u64,
+    /// The chain hash through `seq`, 64 hex digits.
+    pub hash: String,
+    /// Ed25519 signature, 128 hex digits.
+    pub sig: String,
+    /// The signer's member id.
+    pub signer: u64,
 }
 
 /// One sequenced chat message, as delivered to every member.
@@ -82,7 +103,75 @@ pub enum Entry {
     },
 }
 
+/// Appends a length-prefixed string (the canonical encoding's unit).
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_opt(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => {
+            out.push(1);
+            put_str(out, s);
+        }
+        None => out.push(0),
+    }
+}
+
 impl Entry {
+    /// The bytes the log's chain hash covers: a kind byte, then every field
+    /// in a fixed order, integers as 8 bytes big-endian, strings with a
+    /// 4-byte length (docs/PROTOCOL.md, section 2.5). Independent of JSON.
+    pub fn canonical(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96);
+        let (kind, epoch, seq) = match self {
+            Entry::Chat(c) => (1u8, c.epoch, c.seq),
+            Entry::Joined { epoch, seq, .. } => (2, *epoch, *seq),
+            Entry::Left { epoch, seq, .. } => (3, *epoch, *seq),
+            Entry::Voters { epoch, seq, .. } => (4, *epoch, *seq),
+            Entry::Plugins { epoch, seq, .. } => (5, *epoch, *seq),
+        };
+        out.push(kind);
+        out.extend_from_slice(&epoch.to_be_bytes());
+        out.extend_from_slice(&seq.to_be_bytes());
+        match self {
+            Entry::Chat(c) => {
+                put_str(&mut out, &c.from);
+                out.extend_from_slice(&c.from_id.to_be_bytes());
+                out.extend_from_slice(&c.client_seq.to_be_bytes());
+                put_str(&mut out, &c.text);
+                put_opt(&mut out, c.bot.as_deref());
+            }
+            Entry::Joined { member, .. } => {
+                out.extend_from_slice(&member.id.to_be_bytes());
+                put_str(&mut out, &member.name);
+                put_opt(&mut out, member.addr.as_deref());
+                out.extend_from_slice(&member.session.to_be_bytes());
+                put_opt(&mut out, member.sign_key.as_deref());
+            }
+            Entry::Left { id, name, reason, .. } => {
+                out.extend_from_slice(&id.to_be_bytes());
+                put_str(&mut out, name);
+                put_str(&mut out, reason);
+            }
+            Entry::Voters { set, .. } => {
+                out.extend_from_slice(&(set.len() as u32).to_be_bytes());
+                for id in set {
+                    out.extend_from_slice(&id.to_be_bytes());
+                }
+            }
+            Entry::Plugins { set, .. } => {
+                out.extend_from_slice(&(set.len() as u32).to_be_bytes());
+                for p in set {
+                    put_str(&mut out, &p.name);
+                    put_str(&mut out, &p.config);
+                }
+            }
+        }
+        out
+    }
+
     pub fn seq(&self) -> u64 {
         match self {
             Entry::Chat(c) => c.seq,
@@ -253,6 +342,9 @@ pub enum Frame {
         addr: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resume: Option<Resume>,
+        /// Public signing key; required with `addr`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sign_key: Option<String>,
     },
     /// Opens an observer connection: asks for the node's status, no join.
     StatusRequest {
@@ -300,6 +392,9 @@ pub enum Frame {
         heartbeat_ms: u64,
         /// Random identity of the chat, fixed when it was started.
         chat_id: String,
+        /// The chain hash through `base` (64 hex digits).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        chain: Option<String>,
     },
     /// Part of the chat's state as of seq `at`: members and sender records
     /// (split over several frames when large; the final one has `last`).
@@ -404,9 +499,16 @@ pub enum Frame {
     Ack {
         seq: u64,
     },
-    /// Entries the coordinator asked for with `sync_request`.
+    /// Entries the coordinator asked for with `sync_request`; the last
+    /// (empty) one carries the sender's latest seal.
     Sync {
         entries: Vec<Entry>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seal: Option<Seal>,
+        /// With a snapshot (`state` frames before): the chain hash where
+        /// the snapshot stands.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        chain: Option<String>,
     },
 
     // ---- coordinator → member: log entries ----
@@ -446,6 +548,10 @@ pub enum Frame {
     Ping {
         nonce: u64,
     },
+    /// The coordinator's signature over its log through `seq` (after each
+    /// batch of entries, to peers). A peer acknowledges only what a seal
+    /// covers, so it can prove every entry it helped commit.
+    Seal(Seal),
     /// Asks a voter for the entries in `from..=to` it holds.
     SyncRequest {
         from: u64,
@@ -492,6 +598,7 @@ impl Frame {
         "plugins",
         "commit",
         "ping",
+        "seal",
         "sync_request",
         "rejected",
     ];
@@ -536,6 +643,7 @@ impl Frame {
             Frame::Plugins { .. } => "plugins",
             Frame::Commit { .. } => "commit",
             Frame::Ping { .. } => "ping",
+            Frame::Seal(_) => "seal",
             Frame::SyncRequest { .. } => "sync_request",
             Frame::Rejected { .. } => "rejected",
         }

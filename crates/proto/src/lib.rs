@@ -13,7 +13,7 @@ pub mod secure;
 pub use codec::{decode_body, encode, encode_chat, encode_entry, read_frame_sync, split_frame};
 pub use error::{ErrorCode, ProtoError};
 pub use frame::{
-    Chat, DigestRow, Entry, Frame, MemberInfo, PluginRef, PluginState, PluginStatus, Resume, Role, Seen,
+    Chat, DigestRow, Entry, Frame, MemberInfo, PluginRef, PluginState, PluginStatus, Resume, Role, Seal, Seen,
 };
 
 /// Protocol version carried in every `hello`; a node refuses any other.

@@ -480,6 +480,92 @@ pub fn nonce_from_hex(text: &str) -> Result<[u8; NONCE_LEN], SecureError> {
     Ok(n)
 }
 
+// ---- the signed log (docs/PROTOCOL.md, section 2.5) ----
+
+/// A process's signing key (Ed25519): coordinators sign their log with it.
+/// Random per process; its public half travels in `hello` and in the
+/// member list.
+pub struct SignKey(ed25519_dalek::SigningKey);
+
+impl SignKey {
+    /// The key of a 32-byte seed (random in a node; chosen in tests).
+    pub fn from_seed(seed: [u8; 32]) -> SignKey {
+        SignKey(ed25519_dalek::SigningKey::from_bytes(&seed))
+    }
+
+    /// The public key as 64 hex digits.
+    pub fn public_hex(&self) -> String {
+        to_hex(self.0.verifying_key().as_bytes())
+    }
+
+    /// Signs the seal of a log prefix.
+    pub fn seal(&self, chat_id: &str, epoch: u64, seq: u64, hash: &[u8; 32]) -> String {
+        use ed25519_dalek::Signer;
+        to_hex(&self.0.sign(&seal_message(chat_id, epoch, seq, hash)).to_bytes())
+    }
+}
+
+/// What a seal signs: a domain label, the chat, the signer's epoch, and
+/// the chain hash of the log through `seq`.
+pub fn seal_message(chat_id: &str, epoch: u64, seq: u64, hash: &[u8; 32]) -> Vec<u8> {
+    let mut m = b"p2pchat seal\0".to_vec();
+    m.extend_from_slice(&(chat_id.len() as u32).to_be_bytes());
+    m.extend_from_slice(chat_id.as_bytes());
+    m.extend_from_slice(&epoch.to_be_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(hash);
+    m
+}
+
+/// Checks a seal's signature under a public key (both hex).
+pub fn verify_seal(
+    public_hex: &str,
+    chat_id: &str,
+    epoch: u64,
+    seq: u64,
+    hash: &[u8; 32],
+    sig_hex: &str,
+) -> bool {
+    let Some(pk) = from_hex(public_hex).and_then(|b| <[u8; 32]>::try_from(b).ok()) else {
+        return false;
+    };
+    let Some(sig) = from_hex(sig_hex).and_then(|b| <[u8; 64]>::try_from(b).ok()) else {
+        return false;
+    };
+    let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&pk) else {
+        return false;
+    };
+    let sig = ed25519_dalek::Signature::from_bytes(&sig);
+    key.verify_strict(&seal_message(chat_id, epoch, seq, hash), &sig)
+        .is_ok()
+}
+
+/// Whether `text` is a well-formed public signing key (64 hex digits of a
+/// valid Ed25519 point).
+pub fn valid_public_key(text: &str) -> bool {
+    from_hex(text)
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .is_some_and(|pk| ed25519_dalek::VerifyingKey::from_bytes(&pk).is_ok())
+}
+
+/// The chain hash before the first entry of a chat.
+pub const CHAIN_START: [u8; 32] = [0; 32];
+
+/// The chain hash through an entry: SHA-256 of a label, the hash through
+/// the entry before, and the entry's canonical bytes.
+pub fn chain_next(prev: &[u8; 32], entry: &crate::Entry) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"p2pchat chain\0");
+    h.update(prev);
+    h.update(entry.canonical());
+    h.finalize().into()
+}
+
+/// Parses a 64-hex-digit hash.
+pub fn hash_from_hex(text: &str) -> Option<[u8; 32]> {
+    from_hex(text).and_then(|b| <[u8; 32]>::try_from(b).ok())
+}
+
 /// The key file a node uses when none is named.
 pub const DEFAULT_KEY_FILE: &str = "p2pchat.key";
 

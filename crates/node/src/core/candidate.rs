@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use p2p_proto::{Entry, ErrorCode, Frame, MemberInfo, Resume, Role};
 
-use super::log::AppendError;
 use super::state::{is_quorum, StateLoader};
 use super::{ConnId, Core, Event, Hello, Millis, State};
 
@@ -44,13 +43,26 @@ pub(super) struct Resumer {
     pub(super) addr: Option<String>,
     pub(super) session: u64,
     pub(super) resume: Resume,
+    pub(super) sign_key: Option<String>,
 }
 
+/// Pulling the best log from a voter. Nothing is adopted until its seal
+/// checks out: what arrives is held aside.
 struct Recovery {
     voter: u64,
     conn: ConnId,
     loader: Option<StateLoader>,
+    /// A snapshot (the voter no longer holds `from`) and where it stands.
+    snapshot: Option<(super::state::ChatState, u64)>,
+    /// The chain hash where the snapshot stands.
+    chain: Option<[u8; 32]>,
+    entries: Vec<Entry>,
+    bytes: usize,
 }
+
+/// Most bytes of entries a recovery takes from one voter (a node holds at
+/// most this much history).
+const MAX_RECOVERY_BYTES: usize = super::log::DEFAULT_CAP_BYTES + p2p_proto::limits::MAX_SYNC_BYTES;
 
 impl Candidate {
     pub(super) fn new(
@@ -137,6 +149,7 @@ impl Core {
             addr: h.addr,
             session: h.session,
             resume: r.clone(),
+            sign_key: h.sign_key,
         };
         let my_vote = self.voted;
         let Some(c) = self.cand() else { return };
@@ -223,18 +236,17 @@ impl Core {
         }
         match frame {
             Frame::Hello {
+                version,
                 name,
                 session,
                 addr,
                 resume,
-                ..
-            } => self.cand_hello(Hello {
-                conn,
-                name,
-                session: p2p_proto::secure::session_id(session),
-                addr,
-                resume,
-            }),
+                sign_key,
+            } => {
+                if let Some(h) = self.checked_hello(conn, version, name, session, addr, resume, sign_key) {
+                    self.cand_hello(h);
+                }
+            }
             Frame::Leave {} => {
                 let c = self.cand().expect("candidate");
                 c.held.remove(&conn);
@@ -425,9 +437,11 @@ impl Core {
         s
     }
 
-    /// A quorum voted: adopt the most up-to-date log among the voters.
+    /// A quorum voted: adopt the most up-to-date log among the voters
+    /// (each reports what it can prove: its latest seal).
     fn start_recovery(&mut self) {
         let mine = (self.log.log_epoch(), self.log.last());
+        let from = self.log.applied() + 1;
         let Some(c) = self.cand() else { return };
         c.waiting = None;
         let best = c
@@ -441,11 +455,11 @@ impl Core {
                     voter: id,
                     conn,
                     loader: None,
+                    snapshot: None,
+                    chain: None,
+                    entries: Vec::new(),
+                    bytes: 0,
                 });
-                // Our undelivered entries may not be the chosen ones.
-                let from = self.log.applied() + 1;
-                self.log.truncate_after(self.log.applied());
-                self.rebuild_tip();
                 tracing::info!(voter = id, from, to = pos.1, "pulling the most up-to-date log");
                 self.send(conn, &Frame::SyncRequest { from, to: pos.1 });
             }
@@ -484,36 +498,126 @@ impl Core {
                     Ok(None) => {}
                     Ok(Some(state)) => {
                         r.loader = None;
-                        tracing::warn!(
-                            at,
-                            "the best log starts after ours: taking its state (a hole here)"
-                        );
-                        self.log.reset(at, at > self.log.applied());
-                        self.install_state(state, at);
+                        r.snapshot = Some((state, at));
                     }
                     Err(e) => self.recovery_failed(conn, &e),
                 }
             }
-            Frame::Sync { entries } => {
+            Frame::Sync { entries, seal, chain } => {
+                let Some(c) = self.cand() else { return };
+                let Some(r) = &mut c.recovery else { return };
+                if let Some(h) = chain.as_deref().and_then(p2p_proto::secure::hash_from_hex) {
+                    r.chain = Some(h);
+                }
                 if entries.is_empty() {
-                    return self.take_over();
+                    return self.finish_recovery(conn, seal);
                 }
                 for e in entries {
-                    let seq = e.seq();
                     if p2p_proto::limits::check_name(entry_name(&e)).is_err() {
                         return self.recovery_failed(conn, "invalid entry");
                     }
-                    match self.append_entry(e) {
-                        Ok(()) | Err(AppendError::Duplicate) => {}
-                        Err(AppendError::Gap { expected }) => {
-                            return self
-                                .recovery_failed(conn, &format!("entry {seq} where {expected} was due"));
-                        }
-                    }
+                    r.bytes += e.canonical().len();
+                    r.entries.push(e);
+                }
+                if r.bytes > MAX_RECOVERY_BYTES {
+                    self.recovery_failed(conn, "the voter sent more entries than a log holds");
                 }
             }
             _ => {}
         }
+    }
+
+    /// Everything is in: adopt the entries the voter's seal proves (those
+    /// past it were never acknowledged, so never committed), or drop the
+    /// voter's vote if the seal does not check out.
+    fn finish_recovery(&mut self, conn: ConnId, seal: Option<p2p_proto::Seal>) {
+        let Some(c) = self.cand() else { return };
+        let Some(r) = c.recovery.take() else { return };
+        let applied = self.log.applied();
+        let (start, mut chain) = match &r.snapshot {
+            Some((_, at)) => (*at, r.chain),
+            None => (applied, self.log.chain_at(applied)),
+        };
+        let Some(seal) = seal.filter(|s| s.seq > applied) else {
+            if r.snapshot.is_some() {
+                return self.recovery_failed(conn, "a snapshot without a seal");
+            }
+            // Nothing provable beyond what we delivered.
+            return self.take_over();
+        };
+        if let Err(why) = self.seal_trusted(&seal, r.voter) {
+            return self.recovery_failed(conn, &why);
+        }
+        // The entries must follow on from where we (or the snapshot) stand,
+        // and hash up to the seal.
+        let mut upto = start;
+        for e in &r.entries {
+            if upto >= seal.seq {
+                break;
+            }
+            if e.seq() != upto + 1 {
+                return self.recovery_failed(conn, &format!("entry {} where {} was due", e.seq(), upto + 1));
+            }
+            chain = chain.map(|h| p2p_proto::secure::chain_next(&h, e));
+            upto = e.seq();
+        }
+        let theirs = p2p_proto::secure::hash_from_hex(&seal.hash);
+        if upto != seal.seq || chain.is_none() || chain != theirs {
+            return self.recovery_failed(conn, "the entries do not match the voter's seal");
+        }
+        // Proven: adopt.
+        tracing::info!(voter = r.voter, upto, "adopting the voter's log through its seal");
+        match r.snapshot {
+            Some((state, at)) => {
+                tracing::warn!(
+                    at,
+                    "the best log starts after ours: taking its state (a hole here)"
+                );
+                self.log.reset(at, at > applied);
+                if let Some(h) = r.chain {
+                    self.log.set_base_chain(h);
+                }
+                self.install_state(state, at);
+            }
+            None => self.log.truncate_after(applied),
+        }
+        self.rebuild_tip();
+        for e in r.entries.into_iter().take_while(|e| e.seq() <= seal.seq) {
+            if let Err(e) = self.append_entry(e) {
+                tracing::error!(?e, "a proven entry did not follow the log");
+            }
+        }
+        self.take_over();
+    }
+
+    /// Whether a voter's seal is signed by a coordinator we may believe:
+    /// the one we know coordinated that epoch, or, for an epoch we did not
+    /// see, any member we already knew with a signing key other than the
+    /// voter itself (nobody vouches for its own history).
+    fn seal_trusted(&self, seal: &p2p_proto::Seal, voter: u64) -> Result<(), String> {
+        let known = self.coordinators.get(&seal.epoch).copied();
+        let allowed = match known {
+            Some(id) => id == seal.signer,
+            None => seal.signer != voter,
+        };
+        if !allowed {
+            return Err(format!(
+                "seal of epoch {} signed by member {}, who did not coordinate it as far as we know",
+                seal.epoch, seal.signer
+            ));
+        }
+        let Some(key) = self.state.member(seal.signer).and_then(|m| m.sign_key.clone()) else {
+            return Err(format!(
+                "seal signed by member {}, whose key we do not know",
+                seal.signer
+            ));
+        };
+        let hash = p2p_proto::secure::hash_from_hex(&seal.hash).ok_or("a seal hash is not 64 hex digits")?;
+        if !p2p_proto::secure::verify_seal(&key, &self.state.chat_id, seal.epoch, seal.seq, &hash, &seal.sig)
+        {
+            return Err("a seal's signature does not verify".into());
+        }
+        Ok(())
     }
 
     fn recovery_failed(&mut self, conn: ConnId, why: &str) {
@@ -570,11 +674,13 @@ impl Core {
         self.coordinator = self.me.id;
         self.log.set_log_epoch(epoch);
         self.note_epoch(epoch);
-        // Whatever a voter delivered is committed.
+        self.know_coordinator(epoch, self.me.id);
+        // Whatever a voter delivered and can prove is committed, and in
+        // the log we chose (it is at least as far as every voter's proof).
         let known = c
             .votes
             .values()
-            .map(|r| r.resume.commit)
+            .map(|r| r.resume.commit.min(r.resume.last_seq))
             .max()
             .unwrap_or(0)
             .min(self.log.last());

@@ -56,6 +56,8 @@ pub(super) struct Coord {
     backlog: VecDeque<Submission>,
     backlog_bytes: usize,
     waiting: Option<String>,
+    /// The latest seal made (re-sent to peers catching up to that point).
+    sealed: Option<p2p_proto::Seal>,
 }
 
 /// One admitted member's connection.
@@ -93,6 +95,7 @@ impl Coord {
             welcomes: Vec::new(),
             state_cache: None,
             waiting: None,
+            sealed: None,
         }
     }
 
@@ -223,6 +226,7 @@ impl Core {
                 min_epoch: 0,
                 dead: Vec::new(),
             }),
+            sign_key: h.sign_key,
         };
         self.coord_admit_resumer(r);
     }
@@ -310,6 +314,7 @@ impl Core {
             name: r.name.clone(),
             addr: r.addr.clone(),
             session: r.session,
+            sign_key: r.sign_key.clone(),
         };
         let base = returning.then_some(r.resume.commit);
         self.welcome(conn, id, r.name, r.addr.is_some(), base);
@@ -408,6 +413,7 @@ impl Core {
             stable: self.stable,
             heartbeat_ms: self.cfg.heartbeat_ms,
             chat_id: self.state.chat_id.clone(),
+            chain: self.log.chain_at(base).map(|c| p2p_proto::secure::to_hex(&c)),
         };
         self.send(conn, &welcome);
         self.out
@@ -458,6 +464,14 @@ impl Core {
         }
         let frames = self.log.frames(from, upto);
         self.out.extend(frames.into_iter().map(|f| Output::Send(conn, f)));
+        // The peer acknowledges only what a seal covers.
+        let seal = match self.coord().and_then(|c| c.sealed.clone()) {
+            Some(s) if s.seq == upto => Some(s),
+            _ => self.make_seal(upto),
+        };
+        if let Some(seal) = seal {
+            self.send(conn, &Frame::Seal(seal));
+        }
         let commit = Frame::Commit {
             seq: self.log.commit(),
             stable: self.stable,
@@ -753,6 +767,12 @@ impl Core {
             }
         }
         self.maintain_voters();
+        // One signature per batch vouches for everything sequenced so far.
+        let last = self.log.last();
+        if let Some(seal) = self.seal_through(last) {
+            self.out
+                .push(Output::Broadcast(Group::Peers, encode(&Frame::Seal(seal))));
+        }
         self.flush_welcomes();
         let commit = self.log.commit();
         let Some(c) = self.coord() else { return };
@@ -763,6 +783,35 @@ impl Core {
             let frame = encode(&Frame::Commit { seq: commit, stable });
             self.out.push(Output::Broadcast(Group::Peers, frame));
         }
+    }
+
+    /// A seal through `seq` if it is past the last one made (remembered).
+    /// Made only when some peer is there to use it.
+    fn seal_through(&mut self, seq: u64) -> Option<p2p_proto::Seal> {
+        let newer = match self.coord() {
+            Some(c) => c.sealed.as_ref().is_none_or(|s| s.seq < seq) && c.links.values().any(|l| l.peer),
+            None => false,
+        };
+        if !newer {
+            return None;
+        }
+        let seal = self.make_seal(seq)?;
+        if let Some(c) = self.coord() {
+            c.sealed = Some(seal.clone());
+        }
+        Some(seal)
+    }
+
+    /// Signs the chain hash of our log through `seq`.
+    fn make_seal(&self, seq: u64) -> Option<p2p_proto::Seal> {
+        let hash = self.log.chain_at(seq)?;
+        Some(p2p_proto::Seal {
+            epoch: self.epoch,
+            seq,
+            hash: p2p_proto::secure::to_hex(&hash),
+            sig: self.signer.seal(&self.state.chat_id, self.epoch, seq, &hash),
+            signer: self.me.id,
+        })
     }
 
     /// Delivers committed entries here and to clients, and lets plugins see
@@ -1091,6 +1140,9 @@ impl Core {
             return;
         };
         tracing::info!(why, "stepping down");
+        // Our own log is ours to vouch for: as a voter we can prove it.
+        self.sealed = self.make_seal(self.log.last());
+        self.seal_ahead = None;
         for conn in c.conns() {
             if let Some((_, addr)) = &to {
                 self.send(

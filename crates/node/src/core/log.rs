@@ -10,10 +10,12 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use p2p_proto::{encode_entry, Entry};
 
-/// One held entry and its frame, encoded once.
+/// One held entry, its frame (encoded once), and the chain hash through
+/// it (None when the chain before it is unknown).
 struct Held {
     entry: Entry,
     frame: Bytes,
+    chain: Option<[u8; 32]>,
 }
 
 /// Most bytes of history a node holds (16 MiB).
@@ -23,6 +25,9 @@ pub struct Log {
     entries: VecDeque<Held>,
     /// The seq just before the first held entry.
     base: u64,
+    /// The chain hash through `base` (None: unknown, e.g. after a hole
+    /// until a welcome says it).
+    base_chain: Option<[u8; 32]>,
     last: u64,
     /// Epoch of the coordinator whose log this is (the epoch this node last
     /// accepted a `welcome` for, or coordinates). With `last` it says how
@@ -57,6 +62,7 @@ impl Log {
         Log {
             entries: VecDeque::with_capacity(cap.min(1024)),
             base: 0,
+            base_chain: Some(p2p_proto::secure::CHAIN_START),
             last: 0,
             log_epoch: 0,
             commit: 0,
@@ -141,8 +147,32 @@ impl Log {
         if entry.seq() > self.commit {
             self.tentative_bytes += frame.len();
         }
-        self.entries.push_back(Held { entry, frame });
+        let prev = match self.entries.back() {
+            Some(h) => h.chain,
+            None => self.base_chain,
+        };
+        let chain = prev.map(|p| p2p_proto::secure::chain_next(&p, &entry));
+        self.entries.push_back(Held { entry, frame, chain });
         self.evict();
+    }
+
+    /// The chain hash through `seq`, if known and `seq` is `base` or held.
+    pub fn chain_at(&self, seq: u64) -> Option<[u8; 32]> {
+        if seq == self.base {
+            return self.base_chain;
+        }
+        self.get(seq).and_then(|h| h.chain)
+    }
+
+    /// Sets the chain hash through `base` (from a welcome), recomputing the
+    /// held entries' chain.
+    pub fn set_base_chain(&mut self, chain: [u8; 32]) {
+        self.base_chain = Some(chain);
+        let mut prev = chain;
+        for h in &mut self.entries {
+            prev = p2p_proto::secure::chain_next(&prev, &h.entry);
+            h.chain = Some(prev);
+        }
     }
 
     /// Forgets delivered entries beyond the caps.
@@ -155,6 +185,7 @@ impl Log {
             if let Some(old) = self.entries.pop_front() {
                 self.bytes -= old.frame.len();
                 self.base = old.entry.seq();
+                self.base_chain = old.chain;
             }
         }
     }
@@ -190,6 +221,8 @@ impl Log {
     /// is `base + 1`. `hole` says whether entries this node should have
     /// delivered were skipped (a real gap, counted in status).
     pub fn reset(&mut self, base: u64, hole: bool) {
+        // Known only if `base` is where we stand (a welcome may say it).
+        self.base_chain = self.chain_at(base);
         self.entries.clear();
         self.bytes = 0;
         self.tentative_bytes = 0;

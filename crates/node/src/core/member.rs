@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use p2p_proto::{limits, Entry, ErrorCode, Frame, MemberInfo, Role};
+use p2p_proto::{limits, Entry, ErrorCode, Frame, MemberInfo, Role, Seal};
 
 use super::log::AppendError;
 use super::state::StateLoader;
@@ -213,17 +213,21 @@ impl Core {
                 stable,
                 heartbeat_ms,
                 chat_id,
+                chain,
             } => {
                 self.stable = self.stable.max(stable);
                 self.on_welcome(
                     conn,
-                    member_id,
-                    epoch,
-                    coordinator,
-                    base,
-                    commit,
-                    heartbeat_ms,
-                    chat_id,
+                    Welcomed {
+                        member_id,
+                        epoch,
+                        coordinator,
+                        base,
+                        commit,
+                        heartbeat_ms,
+                        chat_id,
+                        chain: chain.as_deref().and_then(p2p_proto::secure::hash_from_hex),
+                    },
                 )
             }
             Frame::State {
@@ -272,6 +276,7 @@ impl Core {
                 }
             }
             Frame::Ping { nonce } => self.send(conn, &Frame::Pong { nonce }),
+            Frame::Seal(seal) => self.on_seal(conn, seal),
             Frame::SyncRequest { from, to } => self.answer_sync(conn, from, to),
             Frame::Revote { epoch } => self.on_revote(conn, epoch),
             Frame::Rejected { client_seq, reason } => {
@@ -333,19 +338,72 @@ impl Core {
         }
     }
 
+    /// The coordinator sealed its log through `seal.seq`: if we hold the
+    /// same entries (the chain hashes agree) we may acknowledge them, and
+    /// can prove them to a later coordinator.
+    fn on_seal(&mut self, conn: ConnId, seal: Seal) {
+        if !matches!(self.role, State::Member(_))
+            || seal.signer != self.coordinator
+            || seal.epoch != self.epoch
+        {
+            return;
+        }
+        if seal.seq > self.log.last() {
+            self.seal_ahead = Some(seal);
+            return;
+        }
+        self.check_seal(conn, seal);
+    }
+
+    fn check_seal(&mut self, conn: ConnId, seal: Seal) {
+        if self
+            .sealed
+            .as_ref()
+            .is_some_and(|s| (s.epoch, s.seq) >= (seal.epoch, seal.seq))
+        {
+            return;
+        }
+        let theirs = p2p_proto::secure::hash_from_hex(&seal.hash);
+        match self.log.chain_at(seal.seq) {
+            // Our chain is unknown (a hole): we cannot vouch for anything.
+            None => {}
+            Some(mine) if Some(mine) == theirs => self.sealed = Some(seal),
+            Some(_) => self.resync(conn, "our log differs from the coordinator's seal"),
+        }
+    }
+
+    /// What we can prove we hold: (epoch, seq) of our latest seal (the
+    /// coordinator's own log when we coordinate).
+    pub(super) fn provable(&self) -> (u64, u64) {
+        if matches!(self.role, State::Coordinator(_)) {
+            return (self.log.log_epoch(), self.log.last());
+        }
+        match &self.sealed {
+            Some(s) if s.seq <= self.log.last() => (s.epoch, s.seq),
+            _ => (0, 0),
+        }
+    }
+
+    /// Remembers who coordinated (or was our choice for) an epoch.
+    pub(super) fn know_coordinator(&mut self, epoch: u64, id: u64) {
+        self.coordinators.insert(epoch, id);
+        while self.coordinators.len() > 64 {
+            self.coordinators.pop_first();
+        }
+    }
+
     /// Admitted (or re-admitted) by a coordinator.
-    #[allow(clippy::too_many_arguments)]
-    fn on_welcome(
-        &mut self,
-        conn: ConnId,
-        member_id: u64,
-        epoch: u64,
-        coordinator: u64,
-        base: u64,
-        commit: u64,
-        heartbeat_ms: u64,
-        chat_id: String,
-    ) {
+    fn on_welcome(&mut self, conn: ConnId, w: Welcomed) {
+        let Welcomed {
+            member_id,
+            epoch,
+            coordinator,
+            base,
+            commit,
+            heartbeat_ms,
+            chat_id,
+            chain,
+        } = w;
         let from_vote_target = matches!(&self.role, State::Electing(e) if e.conn() == Some(conn));
         if from_vote_target && epoch < self.bound_epoch {
             // The one we voted for coordinates an older epoch: it will not
@@ -403,7 +461,24 @@ impl Core {
         } else {
             self.log.truncate_after(base);
         }
+        match (chain, self.log.chain_at(base)) {
+            (Some(c), None) if self.log.base() == base => self.log.set_base_chain(c),
+            (Some(c), Some(mine)) if c != mine => {
+                tracing::warn!(
+                    base,
+                    "our log up to the welcome's base differs from the coordinator's"
+                );
+            }
+            _ => {}
+        }
+        // A seal still proves what we kept of the old log (up to `base`
+        // or what we delivered, which the new coordinator's log shares).
+        if self.sealed.as_ref().is_some_and(|s| s.seq > self.log.last()) {
+            self.sealed = None;
+        }
+        self.seal_ahead = None;
         self.log.set_log_epoch(epoch);
+        self.know_coordinator(epoch, coordinator);
         self.log.set_commit(commit);
         let (since, lost) = match &prev {
             State::Electing(e) => (Some(e.since), e.lost.as_ref().map(|l| (l.id, self.epoch))),
@@ -480,52 +555,85 @@ impl Core {
         }
     }
 
-    /// End of a batch: acknowledge what we hold (peers only).
+    /// End of a batch: acknowledge what we hold and a seal covers (peers
+    /// only).
     pub(super) fn member_end_batch(&mut self) {
         let last = self.log.last();
+        let State::Member(u) = &self.role else { return };
+        let conn = u.conn;
+        if let Some(s) = self.seal_ahead.take() {
+            if s.seq <= last {
+                self.check_seal(conn, s);
+            } else {
+                self.seal_ahead = Some(s);
+            }
+        }
+        let sealed = match &self.sealed {
+            Some(s) if s.epoch == self.epoch => s.seq.min(last),
+            _ => return,
+        };
         let State::Member(u) = &mut self.role else { return };
-        if u.loading.is_none() && last > u.acked && self.me.addr.is_some() {
-            u.acked = last;
-            let conn = u.conn;
-            self.send(conn, &Frame::Ack { seq: last });
+        if u.loading.is_none() && sealed > u.acked && self.me.addr.is_some() {
+            u.acked = sealed;
+            self.send(conn, &Frame::Ack { seq: sealed });
         }
     }
 
     /// The new coordinator (we voted for it) asks for entries we hold.
+    /// Sends what we can prove of `from..=to`: entries up to our seal,
+    /// then an empty `sync` carrying the seal.
     fn answer_sync(&mut self, conn: ConnId, from: u64, to: u64) {
-        let to = to.min(self.log.last());
+        let to = to.min(self.provable().1);
         if !self.log.holds_after(from.saturating_sub(1)) {
-            // We do not hold `from` any more: send our state and what follows.
-            let at = self.state_at.max(self.log.base());
+            // We do not hold `from` any more: send our state, the chain
+            // hash where it stands, and what follows.
+            let at = self.state_at;
+            if at < self.log.base() || self.log.chain_at(at).is_none() {
+                return self.send(
+                    conn,
+                    &Frame::Sync {
+                        entries: Vec::new(),
+                        seal: None,
+                        chain: None,
+                    },
+                );
+            }
             for frame in self.state.to_frames(self.state_at, true) {
                 self.send(conn, &frame);
             }
-            return self.send_entries(conn, at + 1, to);
+            let chain = self.log.chain_at(at).map(|c| p2p_proto::secure::to_hex(&c));
+            return self.send_entries(conn, at + 1, to, chain);
         }
-        self.send_entries(conn, from, to);
+        self.send_entries(conn, from, to, None);
     }
 
-    /// Sends held entries in `from..=to` as `sync` frames, then an empty one.
-    pub(super) fn send_entries(&mut self, conn: ConnId, from: u64, to: u64) {
+    /// Sends held entries in `from..=to` as `sync` frames (the first with
+    /// `chain`), then an empty one with our seal.
+    fn send_entries(&mut self, conn: ConnId, from: u64, to: u64, chain: Option<String>) {
         let mut chunk = Vec::new();
         let mut size = 0;
         let mut frames = Vec::new();
         for (entry, len) in self.log.sized_range(from, to) {
             if size + len > limits::MAX_SYNC_BYTES && !chunk.is_empty() {
-                frames.push(Frame::Sync {
-                    entries: std::mem::take(&mut chunk),
-                });
+                frames.push(std::mem::take(&mut chunk));
                 size = 0;
             }
             size += len;
             chunk.push(entry.clone());
         }
         if !chunk.is_empty() {
-            frames.push(Frame::Sync { entries: chunk });
+            frames.push(chunk);
         }
-        frames.push(Frame::Sync { entries: Vec::new() });
-        for f in frames {
-            self.send(conn, &f);
+        frames.push(Vec::new());
+        let seal = self.sealed.clone();
+        let n = frames.len();
+        for (i, entries) in frames.into_iter().enumerate() {
+            let frame = Frame::Sync {
+                entries,
+                seal: if i + 1 == n { seal.clone() } else { None },
+                chain: if i == 0 { chain.clone() } else { None },
+            };
+            self.send(conn, &frame);
         }
     }
 
@@ -589,6 +697,7 @@ impl Core {
 
     fn cast_vote(&mut self, epoch: u64, candidate: u64) {
         self.voted = (epoch, candidate);
+        self.know_coordinator(epoch, candidate);
         self.bound_epoch = self.bound_epoch.max(epoch);
         self.note_epoch(epoch);
     }
@@ -1011,4 +1120,17 @@ fn prev_conn(state: &State) -> Option<ConnId> {
         State::Joining(j) => j.conn,
         _ => None,
     }
+}
+
+/// What a `welcome` said.
+struct Welcomed {
+    member_id: u64,
+    epoch: u64,
+    coordinator: u64,
+    base: u64,
+    commit: u64,
+    heartbeat_ms: u64,
+    chat_id: String,
+    /// The chain hash through `base`.
+    chain: Option<[u8; 32]>,
 }

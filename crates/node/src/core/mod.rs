@@ -25,8 +25,10 @@ mod tests;
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
+use p2p_proto::secure::SignKey;
 use p2p_proto::{
-    encode, limits, Chat, Entry, ErrorCode, Frame, MemberInfo, PluginRef, Resume, Role, PROTOCOL_VERSION,
+    encode, limits, Chat, Entry, ErrorCode, Frame, MemberInfo, PluginRef, Resume, Role, Seal,
+    PROTOCOL_VERSION,
 };
 
 use self::candidate::Candidate;
@@ -86,6 +88,8 @@ pub struct CoreConfig {
     /// The plugin set a chat started by this node begins with (a joiner
     /// takes the chat's set instead).
     pub plugins: Vec<PluginRef>,
+    /// Seed of this process's signing key (random; simulations choose it).
+    pub sign_seed: [u8; 32],
 }
 
 impl CoreConfig {
@@ -106,6 +110,7 @@ impl CoreConfig {
             catch_up_bytes: 1 << 20,
             message_events: true,
             plugins: Vec::new(),
+            sign_seed: p2p_proto::secure::random_bytes(),
         }
     }
 }
@@ -287,6 +292,16 @@ pub struct Core {
     bound_epoch: u64,
     /// Our latest vote: (epoch, candidate). One vote per epoch.
     voted: (u64, u64),
+    /// Signs our log when we coordinate.
+    signer: SignKey,
+    /// The latest seal of the coordinator we follow that covers what we
+    /// hold: we acknowledge, and vouch for in a `sync`, nothing past it.
+    sealed: Option<Seal>,
+    /// A seal for entries not here yet (checked when they arrive).
+    seal_ahead: Option<Seal>,
+    /// Who coordinated recent epochs, as we know first-hand (we followed
+    /// it, voted for it, or were it): epoch → member id.
+    coordinators: BTreeMap<u64, u64>,
     /// Highest epoch heard of anywhere.
     max_epoch: u64,
     /// Seq of the last voter-set change known to be in force (from the
@@ -337,7 +352,12 @@ impl Core {
                 name: cfg.name.clone(),
                 addr: Some(cfg.addr.clone()),
                 session: p2p_proto::secure::session_id(cfg.session),
+                sign_key: Some(SignKey::from_seed(cfg.sign_seed).public_hex()),
             },
+            signer: SignKey::from_seed(cfg.sign_seed),
+            sealed: None,
+            seal_ahead: None,
+            coordinators: BTreeMap::new(),
             epoch: 0,
             coordinator: 0,
             bound_epoch: 0,
@@ -478,17 +498,20 @@ impl Core {
             session: self.cfg.session,
             addr: self.me.addr.clone(),
             resume,
+            sign_key: self.me.sign_key.clone(),
         }
     }
 
     /// What we report when reconnecting (with a vote for `vote`, if any).
     fn resume(&self, vote: Option<u64>) -> Resume {
+        // What we can prove: a new coordinator takes no more from us.
+        let (log_epoch, last_seq) = self.provable();
         Resume {
             member_id: self.me.id,
             epoch: self.epoch,
             commit: self.log.applied(),
-            log_epoch: self.log.log_epoch(),
-            last_seq: self.log.last(),
+            log_epoch,
+            last_seq,
             vote,
             min_epoch: self.bound_epoch,
             dead: self.dead.iter().copied().collect(),
@@ -738,30 +761,11 @@ impl Core {
                 session,
                 addr,
                 resume,
+                sign_key,
             } => {
-                if version != PROTOCOL_VERSION {
-                    return self.refuse(
-                        conn,
-                        ErrorCode::VersionMismatch,
-                        format!("protocol version {version} is not supported; this node speaks version {PROTOCOL_VERSION}"),
-                    );
+                if let Some(hello) = self.checked_hello(conn, version, name, session, addr, resume, sign_key) {
+                    self.on_hello(hello);
                 }
-                if let Err(e) = limits::check_name(&name) {
-                    return self.refuse(conn, ErrorCode::BadName, e);
-                }
-                if let Some(Err(e)) = addr.as_deref().map(limits::check_addr) {
-                    return self.refuse(conn, ErrorCode::BadField, e);
-                }
-                // The chat only ever keeps and shows the session's public
-                // id: coming back as a member proves the secret behind it.
-                let hello = Hello {
-                    conn,
-                    name,
-                    session: p2p_proto::secure::session_id(session),
-                    addr,
-                    resume,
-                };
-                self.on_hello(hello);
             }
             Frame::StatusRequest { log } => {
                 let status = self.status(log);
@@ -814,6 +818,59 @@ impl Core {
                 ),
             ),
         }
+    }
+
+    /// Validates a `hello` (refusing it with the reason if it is bad).
+    #[allow(clippy::too_many_arguments)]
+    fn checked_hello(
+        &mut self,
+        conn: ConnId,
+        version: u32,
+        name: String,
+        session: u64,
+        addr: Option<String>,
+        resume: Option<Resume>,
+        sign_key: Option<String>,
+    ) -> Option<Hello> {
+        if version != PROTOCOL_VERSION {
+            self.refuse(
+                conn,
+                ErrorCode::VersionMismatch,
+                format!("protocol version {version} is not supported; this node speaks version {PROTOCOL_VERSION}"),
+            );
+            return None;
+        }
+        if let Err(e) = limits::check_name(&name) {
+            self.refuse(conn, ErrorCode::BadName, e);
+            return None;
+        }
+        if let Some(Err(e)) = addr.as_deref().map(limits::check_addr) {
+            self.refuse(conn, ErrorCode::BadField, e);
+            return None;
+        }
+        // A peer may coordinate one day: it must have a signing key.
+        let sign_key = match (&addr, sign_key) {
+            (None, _) => None,
+            (Some(_), Some(k)) if p2p_proto::secure::valid_public_key(&k) => Some(k),
+            (Some(_), _) => {
+                self.refuse(
+                    conn,
+                    ErrorCode::BadField,
+                    "a hello with addr needs sign_key: an Ed25519 public key, 64 hex digits",
+                );
+                return None;
+            }
+        };
+        // The chat only ever keeps and shows the session's public id:
+        // coming back as a member proves the secret behind it.
+        Some(Hello {
+            conn,
+            name,
+            session: p2p_proto::secure::session_id(session),
+            addr,
+            resume,
+            sign_key,
+        })
     }
 
     fn on_hello(&mut self, h: Hello) {
@@ -1056,9 +1113,11 @@ const MAX_ANNOUNCE_CHECKS: usize = 4;
 struct Hello {
     conn: ConnId,
     name: String,
+    /// The session's public id.
     session: u64,
     addr: Option<String>,
     resume: Option<Resume>,
+    sign_key: Option<String>,
 }
 
 /// A change to the chat's plugin set asked by an observer.

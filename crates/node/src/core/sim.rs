@@ -179,6 +179,9 @@ impl Sim {
             .session_base
             .wrapping_add(((idx as u64) << 20) + u64::from(node.inc));
         cfg.chat_id = format!("{:032x}", self.session_base);
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&cfg.session.to_be_bytes());
+        cfg.sign_seed = seed;
         cfg.join = join;
         cfg.replay = 20;
         cfg.keep = 1 << 20;

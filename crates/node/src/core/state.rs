@@ -359,6 +359,7 @@ mod tests {
             name: format!("m{id}"),
             addr: Some(format!("127.0.0.1:{}", 7000 + id)),
             session: 100 + id,
+            sign_key: None,
         }
     }
 
