@@ -40,8 +40,12 @@ fn moderation_masks_drops_and_limits_and_the_logger_never_sees_dropped_text() {
     let dir = temp("moderation");
     let log = dir.join("t.jsonl");
     let moderation = r#"moderation:{"banned":["spam"],"action":"mask","max_length":20,"rate":{"messages":2,"per_ms":60000}}"#;
-    let logger = format!(r#"logger:{{"path":"{}"}}"#, log.display());
-    let a = Node::join("alice", &["--plugin", moderation, "--plugin", &logger]);
+    let logger = r#"logger:{"path":"t.jsonl"}"#;
+    let data = dir.to_str().unwrap();
+    let a = Node::join(
+        "alice",
+        &["--plugin", moderation, "--plugin", logger, "--data-dir", data],
+    );
     let mut b = Node::join("bob", &["--join", &a.addr]);
     b.say("some SPAM here");
     b.say("this one is far too long to pass");
@@ -138,7 +142,7 @@ fn wrong_abi_missing_file_and_bad_names_are_refused_without_stopping_the_node() 
     });
     let old = refused[0]["detail"].as_str().unwrap();
     assert!(
-        old.contains("libtest_oldabi") && old.contains("version 99") && old.contains("version 1"),
+        old.contains("libtest_oldabi") && old.contains("version 99") && old.contains("version 2"),
         "{old}"
     );
     assert!(
@@ -304,7 +308,7 @@ fn attach_detach_at_runtime_and_bots_survive_failovers_with_one_transcript() {
         .map(|v| v.as_u64().unwrap())
         .collect();
     // The transcript holds exactly the agreed messages: no gap, no duplicate.
-    let t = transcript(&c.state_dir().join("transcript.jsonl"));
+    let t = transcript(&c.state_dir().join("data").join("transcript.jsonl"));
     let seqs: Vec<u64> = t
         .iter()
         .filter(|l| l["type"] == "message")

@@ -126,11 +126,21 @@ impl Node {
     /// Starts without waiting for anything.
     pub fn spawn(name: &str, extra: &[&str]) -> Node {
         let keyed = !extra.iter().any(|a| *a == "--key-file" || *a == "--insecure");
-        let key_args: Vec<&str> = if keyed {
+        let mut key_args: Vec<&str> = if keyed {
             vec!["--key-file", key_file().to_str().expect("a UTF-8 temporary path")]
         } else {
             Vec::new()
         };
+        // Plugins write under the build directory, never in the source tree.
+        static DATA: OnceLock<String> = OnceLock::new();
+        let data = DATA.get_or_init(|| {
+            let d = bin_dir().join("p2p-tests-data");
+            d.to_str().expect("a UTF-8 build path").to_string()
+        });
+        if !extra.contains(&"--data-dir") {
+            key_args.push("--data-dir");
+            key_args.push(data);
+        }
         let mut child = Command::new(bin("p2pnode"))
             .args(["--name", name, "--listen", "127.0.0.1:0", "--events", "json"])
             .args(extra)

@@ -383,15 +383,14 @@ async fn plugins_cmd(report: &Report, members: &[usize], quick: bool) -> anyhow:
     std::fs::create_dir_all(&dir)?;
     let transcript = dir.join("transcript.jsonl");
     let with: Vec<String> = vec![
+        "--data-dir".into(),
+        dir.display().to_string(),
         "--plugin".into(),
         "echo".into(),
         "--plugin".into(),
         r#"moderation:{"banned":["spam","scam"],"action":"mask","max_length":1000}"#.into(),
         "--plugin".into(),
-        format!(
-            r#"logger:{{"path":"{}","flush":"interval","flush_interval_ms":1000}}"#,
-            transcript.display()
-        ),
+        r#"logger:{"path":"transcript.jsonl","flush":"interval","flush_interval_ms":1000}"#.into(),
     ];
     for &n in members {
         // Interleaved pairs, so drift in the machine hits both sides alike.

@@ -144,7 +144,7 @@ pub async fn demo(cluster: Cluster, pace: Duration) -> anyhow::Result<i32> {
     ));
     let started = Instant::now();
     // A fresh transcript for this run (the logger opens it when it loads).
-    let _ = std::fs::remove_file(state_dir.join("transcript.jsonl"));
+    let _ = std::fs::remove_file(state_dir.join("data").join("transcript.jsonl"));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         tokio::select! {
@@ -373,7 +373,7 @@ async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> a
         check["messages"]
     );
     if has("logger") {
-        let transcript = story.state_dir.join("transcript.jsonl");
+        let transcript = story.state_dir.join("data").join("transcript.jsonl");
         let text = std::fs::read_to_string(&transcript).unwrap_or_default();
         let seqs: Vec<u64> = text
             .lines()

@@ -52,8 +52,8 @@ pub fn spawn(
     tx: mpsc::Sender<SupMsg>,
 ) -> std::io::Result<u32> {
     let mut cmd = Command::new(bin);
-    // Relative paths in plugin configs (the logger's transcript) resolve
-    // in the cluster's state directory.
+    // Nodes run in the cluster's state directory (plugins write only in
+    // its data/ directory, given with --data-dir).
     cmd.args(args)
         .current_dir(cwd)
         .stdin(Stdio::null())

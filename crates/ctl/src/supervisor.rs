@@ -270,6 +270,10 @@ impl Supervisor {
             "--heartbeat-ms".into(),
             self.cluster.heartbeat_ms.to_string(),
         ];
+        // One data directory for the cluster: the logger's transcript is
+        // the same file whichever node coordinates.
+        args.push("--data-dir".into());
+        args.push(self.cluster.state_dir.join("data").display().to_string());
         if self.key.is_some() {
             args.push("--key-file".into());
             args.push(self.key_file.display().to_string());

@@ -48,6 +48,9 @@ struct CallState {
 struct Ctx {
     name: String,
     call: Mutex<CallState>,
+    /// The data directory as handed to the plugin (`HostApi::data_dir`
+    /// points into it).
+    data_dir: String,
 }
 
 fn ctx<'a>(p: *mut c_void) -> &'a Ctx {
@@ -131,6 +134,8 @@ struct Refused {
 /// The host: the loaded plugins in calling order.
 pub struct PluginHost {
     dir: PathBuf,
+    /// Where plugins may write (created when a plugin is first loaded).
+    data_dir: PathBuf,
     loaded: Vec<Loaded>,
     refused: Vec<Refused>,
     reports: Vec<HookReport>,
@@ -147,9 +152,10 @@ pub fn plugin_path(dir: &Path, name: &str) -> PathBuf {
 }
 
 impl PluginHost {
-    pub fn new(dir: PathBuf) -> PluginHost {
+    pub fn new(dir: PathBuf, data_dir: PathBuf) -> PluginHost {
         PluginHost {
             dir,
+            data_dir,
             loaded: Vec::new(),
             refused: Vec::new(),
             reports: Vec::new(),
@@ -238,9 +244,24 @@ impl PluginHost {
                 path.display()
             ));
         }
+        std::fs::create_dir_all(&self.data_dir).map_err(|e| {
+            format!(
+                "plugin {}: cannot create the data directory {}: {e}",
+                p.name,
+                self.data_dir.display()
+            )
+        })?;
+        let data_dir = self.data_dir.canonicalize().map_err(|e| {
+            format!(
+                "plugin {}: the data directory {}: {e}",
+                p.name,
+                self.data_dir.display()
+            )
+        })?;
         let ctx = Box::new(Ctx {
             name: p.name.clone(),
             call: Mutex::new(CallState::default()),
+            data_dir: data_dir.to_string_lossy().into_owned(),
         });
         let api = Box::new(HostApi {
             ctx: &*ctx as *const Ctx as *mut c_void,
@@ -248,6 +269,7 @@ impl PluginHost {
             verdict: cb_verdict,
             error: cb_error,
             log: cb_log,
+            data_dir: Str::from_str(&ctx.data_dir),
         });
         let config = if p.config.trim().is_empty() {
             "{}".to_string()

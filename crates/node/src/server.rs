@@ -37,6 +37,8 @@ pub struct NodeConfig {
     pub plugin_dir: std::path::PathBuf,
     /// The chat key every connection must prove (None: `--insecure`).
     pub security: Security,
+    /// The only directory plugins may write in.
+    pub data_dir: std::path::PathBuf,
 }
 
 impl NodeConfig {
@@ -48,6 +50,7 @@ impl NodeConfig {
             read_stdin: false,
             plugin_dir: default_plugin_dir(),
             security: None,
+            data_dir: "p2pchat-data".into(),
         }
     }
 }
@@ -111,7 +114,10 @@ pub async fn run(
         core: Core::with_hooks(
             cfg.core.clone(),
             now(),
-            Box::new(crate::plugins::PluginHost::new(cfg.plugin_dir.clone())),
+            Box::new(crate::plugins::PluginHost::new(
+                cfg.plugin_dir.clone(),
+                cfg.data_dir.clone(),
+            )),
         ),
         writers: HashMap::new(),
         peers: Vec::new(),

@@ -15,7 +15,7 @@
 use std::ffi::c_void;
 
 /// Version of this ABI. A host refuses a descriptor with another version.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// The symbol every plugin exports: `extern "C" fn() -> *const Descriptor`.
 pub const ENTRY_SYMBOL: &str = "p2pchat_plugin_entry";
@@ -133,6 +133,9 @@ pub struct HostApi {
     pub error: extern "C" fn(ctx: *mut c_void, message: Str),
     /// Writes to the node's diagnostics.
     pub log: extern "C" fn(ctx: *mut c_void, level: u32, message: Str),
+    /// The only directory a plugin may write in: an absolute path that
+    /// exists, valid as long as this `HostApi` (version 2).
+    pub data_dir: Str,
 }
 
 /// The plugin's entry points. Every function returns an `RC_*` code except

@@ -131,6 +131,87 @@ impl Host {
         let Some(api) = self.api() else { return };
         (api.error)(api.ctx, Str::from_str(message));
     }
+
+    /// The node's data directory: the only place a plugin writes.
+    pub fn data_dir(&self) -> Option<std::path::PathBuf> {
+        let api = self.api()?;
+        if api.data_dir.len == 0 {
+            return None;
+        }
+        // SAFETY: the host keeps the string valid as long as the HostApi.
+        let dir = unsafe { api.data_dir.to_str_lossy() }.into_owned();
+        Some(dir.into())
+    }
+
+    /// Where a file named in a plugin's configuration may be written:
+    /// `relative` inside the data directory, and only there. Absolute
+    /// paths, `..`, and symbolic links that lead out are refused, with a
+    /// sentence saying why.
+    ///
+    /// # Errors
+    /// When the path would leave the data directory, or there is none.
+    pub fn confined_path(&self, relative: &str) -> Result<std::path::PathBuf, String> {
+        let dir = self
+            .data_dir()
+            .ok_or("this node gives plugins no data directory to write in")?;
+        confine(&dir, relative)
+    }
+}
+
+/// [`Host::confined_path`] against a given directory.
+///
+/// # Errors
+/// As [`Host::confined_path`].
+pub fn confine(dir: &std::path::Path, relative: &str) -> Result<std::path::PathBuf, String> {
+    use std::path::Component;
+    let rel = std::path::Path::new(relative);
+    if relative.is_empty() || relative.len() > 255 {
+        return Err(format!("path {relative:?} must be 1 to 255 bytes"));
+    }
+    for c in rel.components() {
+        match c {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => {
+                return Err(format!(
+                    "path {relative:?} must not contain '..': files stay in the node's data directory"
+                ))
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!(
+                    "path {relative:?} must be relative to the node's data directory ({}), not absolute",
+                    dir.display()
+                ))
+            }
+        }
+    }
+    let root = dir
+        .canonicalize()
+        .map_err(|e| format!("the data directory {} cannot be used: {e}", dir.display()))?;
+    let full = root.join(rel);
+    let parent = full.parent().unwrap_or(&root);
+    let real_parent = parent.canonicalize().map_err(|e| {
+        format!(
+            "path {relative:?}: the directory {} does not exist: {e}",
+            parent.display()
+        )
+    })?;
+    if !real_parent.starts_with(&root) {
+        return Err(format!(
+            "path {relative:?} leads out of the data directory {} through a symbolic link",
+            root.display()
+        ));
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(&full) {
+        if meta.file_type().is_symlink() {
+            return Err(format!(
+                "path {relative:?} is a symbolic link; plugins write only to plain files"
+            ));
+        }
+        if !meta.is_file() {
+            return Err(format!("path {relative:?} is not a plain file"));
+        }
+    }
+    Ok(full)
 }
 
 /// A bot. Every method but `load` has a default that does nothing.
@@ -424,4 +505,37 @@ macro_rules! export_plugin {
             &DESCRIPTOR
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::confine;
+
+    #[test]
+    fn plugin_files_stay_in_the_data_directory() {
+        let root = std::env::temp_dir().join(format!("p2p-confine-{}", std::process::id()));
+        let data = root.join("data");
+        std::fs::create_dir_all(data.join("sub")).unwrap();
+        let real = data.canonicalize().unwrap();
+        assert_eq!(confine(&data, "t.jsonl").unwrap(), real.join("t.jsonl"));
+        assert_eq!(confine(&data, "sub/t.jsonl").unwrap(), real.join("sub/t.jsonl"));
+        for (bad, why) in [
+            ("/etc/passwd", "not absolute"),
+            ("../escape", "'..'"),
+            ("sub/../../escape", "'..'"),
+            ("", "1 to 255"),
+            ("nodir/t.jsonl", "does not exist"),
+        ] {
+            let e = confine(&data, bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        // Symbolic links that lead out are refused, as a file or a directory.
+        std::os::unix::fs::symlink("/tmp", data.join("out")).unwrap();
+        std::os::unix::fs::symlink(root.join("victim"), data.join("link.jsonl")).unwrap();
+        let e = confine(&data, "out/t.jsonl").unwrap_err();
+        assert!(e.contains("symbolic link"), "{e}");
+        let e = confine(&data, "link.jsonl").unwrap_err();
+        assert!(e.contains("symbolic link"), "{e}");
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }

@@ -26,9 +26,9 @@ enum Flush {
 #[derive(Deserialize, Debug)]
 #[serde(crate = "p2p_plugin_api::serde", deny_unknown_fields)]
 struct Config {
-    /// The transcript file (relative paths are relative to the node's
-    /// working directory).
-    path: PathBuf,
+    /// The transcript file, relative to the node's data directory (it
+    /// never writes anywhere else).
+    path: String,
     #[serde(default)]
     flush: Flush,
     #[serde(default = "default_interval")]
@@ -44,6 +44,8 @@ fn default_interval() -> u64 {
 
 struct Logger {
     cfg: Config,
+    /// The transcript inside the data directory.
+    path: PathBuf,
     out: BufWriter<File>,
     /// Last seq in the transcript, once known.
     last_seq: Option<u64>,
@@ -118,9 +120,9 @@ impl Logger {
     /// node may have written since we last did).
     fn resync(&mut self, host: &Host) {
         self.flush();
-        match last_seq_in(&self.cfg.path) {
+        match last_seq_in(&self.path) {
             Ok(seq) => self.last_seq = seq,
-            Err(e) => host.log_warn(&format!("cannot read {}: {e}", self.cfg.path.display())),
+            Err(e) => host.log_warn(&format!("cannot read {}: {e}", self.path.display())),
         }
     }
 }
@@ -129,18 +131,22 @@ impl Plugin for Logger {
     const NAME: &'static str = "logger";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
 
-    fn load(config: &str, _host: &Host) -> Result<Self, String> {
+    fn load(config: &str, host: &Host) -> Result<Self, String> {
         let cfg: Config = json::from_str(config).map_err(|e| format!("invalid logger config: {e}"))?;
         if cfg.flush_interval_ms == 0 {
             return Err("invalid logger config: flush_interval_ms must be positive".into());
         }
+        let path = host
+            .confined_path(&cfg.path)
+            .map_err(|e| format!("invalid logger config: {e}"))?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&cfg.path)
-            .map_err(|e| format!("cannot open the transcript {}: {e}", cfg.path.display()))?;
+            .open(&path)
+            .map_err(|e| format!("cannot open the transcript {}: {e}", path.display()))?;
         Ok(Logger {
             cfg,
+            path,
             out: BufWriter::new(file),
             last_seq: None,
             replaying: false,

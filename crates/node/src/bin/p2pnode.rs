@@ -61,6 +61,10 @@ struct Args {
     /// directory of this executable.
     #[arg(long)]
     plugin_dir: Option<std::path::PathBuf>,
+    /// The only directory plugins may write in (the logger's transcript
+    /// path is relative to it); created when a plugin loads.
+    #[arg(long, value_name = "DIR", default_value = "p2pchat-data")]
+    data_dir: std::path::PathBuf,
     /// The chat key (64 hex digits, mode 0600). A node that starts a chat
     /// creates it if missing; joiners need a copy. [default: ./p2pchat.key]
     #[arg(long, value_name = "FILE", conflicts_with = "insecure")]
@@ -151,8 +155,8 @@ async fn serve(args: Args) -> anyhow::Result<i32> {
             None => (spec.clone(), "{}".to_string()),
         };
         p2p_node::core::check_plugin_name(&name).map_err(|e| anyhow::anyhow!("--plugin {spec}: {e}"))?;
-        serde_json::from_str::<serde_json::Value>(&config)
-            .map_err(|e| anyhow::anyhow!("--plugin {spec}: the configuration is not valid JSON: {e}"))?;
+        p2p_node::core::check_plugin_config(&name, &config)
+            .map_err(|e| anyhow::anyhow!("--plugin {spec}: {e}"))?;
         core.plugins.push(p2p_proto::PluginRef { name, config });
     }
     let mut cfg = NodeConfig::new(core);
@@ -162,6 +166,7 @@ async fn serve(args: Args) -> anyhow::Result<i32> {
     if let Some(dir) = args.plugin_dir {
         cfg.plugin_dir = dir;
     }
+    cfg.data_dir = args.data_dir;
     let sink = Sink::stdout(args.events);
     match &key {
         Some((k, path, created)) => sink.key(Some((&k.id(), path, *created))),

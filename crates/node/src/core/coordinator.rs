@@ -1173,17 +1173,8 @@ impl Core {
                 if let Err(e) = super::check_plugin_name(&p.name) {
                     return self.refuse(conn, ErrorCode::PluginRefused, e);
                 }
-                if p.config.len() > limits::MAX_PLUGIN_CONFIG {
-                    return self.refuse(
-                        conn,
-                        ErrorCode::PluginRefused,
-                        format!(
-                            "plugin {} configuration is {} bytes; the limit is {}",
-                            p.name,
-                            p.config.len(),
-                            limits::MAX_PLUGIN_CONFIG
-                        ),
-                    );
+                if let Err(e) = super::check_plugin_config(&p.name, &p.config) {
+                    return self.refuse(conn, ErrorCode::PluginRefused, e);
                 }
                 let full = set.len() >= limits::MAX_PLUGINS;
                 match set.iter_mut().find(|x| x.name == p.name) {

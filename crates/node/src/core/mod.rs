@@ -1126,6 +1126,34 @@ enum PluginChange {
     Detach(String),
 }
 
+/// A plugin configuration: a JSON object of at most
+/// [`limits::MAX_PLUGIN_CONFIG`] bytes (`null`, arrays and the like are
+/// refused; each plugin checks its own fields).
+pub fn check_plugin_config(name: &str, config: &str) -> Result<(), String> {
+    if config.len() > limits::MAX_PLUGIN_CONFIG {
+        return Err(format!(
+            "plugin {name} configuration is {} bytes; the limit is {}",
+            config.len(),
+            limits::MAX_PLUGIN_CONFIG
+        ));
+    }
+    match serde_json::from_str::<serde_json::Value>(config) {
+        Ok(serde_json::Value::Object(_)) => Ok(()),
+        Ok(other) => Err(format!(
+            "plugin {name} configuration must be a JSON object ({{...}}), not {}",
+            match other {
+                serde_json::Value::Null => "null",
+                serde_json::Value::Bool(_) => "a boolean",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::Object(_) => "an object",
+            }
+        )),
+        Err(e) => Err(format!("plugin {name} configuration is not valid JSON: {e}")),
+    }
+}
+
 /// Plugin names travel the network and become file names: `[a-z0-9_-]`.
 pub fn check_plugin_name(name: &str) -> Result<(), String> {
     if name.is_empty()
