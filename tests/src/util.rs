@@ -431,6 +431,8 @@ pub enum Handshake {
     Done(Raw),
     /// The node refused: its plain error frame.
     Refused(Frame),
+    /// The node's proof does not verify under our key: it holds another.
+    WrongNode,
 }
 
 impl Raw {
@@ -439,6 +441,7 @@ impl Raw {
         match Raw::connect_with(addr, &chat_key()) {
             Handshake::Done(raw) => raw,
             Handshake::Refused(f) => panic!("the node at {addr} refused the test key: {f:?}"),
+            Handshake::WrongNode => panic!("the node at {addr} does not hold the test key"),
         }
     }
 
@@ -469,13 +472,50 @@ impl Raw {
         let ns = secure::nonce_from_hex(&ns).expect("a 32-byte server nonce");
         let proof = secure::from_hex(&proof).expect("a hex proof");
         let Ok((mine, link)) = hs.finish(ns, &proof) else {
-            panic!("the node's proof does not verify under the key we hold");
+            return Handshake::WrongNode;
         };
         raw.send(&Frame::AuthProof {
             proof: secure::to_hex(&mine),
         });
         raw.link = Some(link);
         Handshake::Done(raw)
+    }
+
+    /// Runs the client side of the handshake with nonce `nonce` and then
+    /// sends `proof` whatever the node answered (a forged or replayed
+    /// proof); returns the node's answer to it.
+    pub fn send_proof(addr: &str, nonce: [u8; 32], proof: &str) -> Frame {
+        let mut raw = Raw::plain(addr);
+        raw.send(&Frame::Auth {
+            version: p2p_proto::PROTOCOL_VERSION,
+            nonce: secure::to_hex(&nonce),
+        });
+        let reply = raw.read().expect("the node's answer to auth");
+        assert!(matches!(reply, Frame::AuthReply { .. }), "{reply:?}");
+        raw.send(&Frame::AuthProof { proof: proof.into() });
+        let answer = raw.read().expect("the node's answer to our proof");
+        wait_until("the node to close the connection", || raw.closed().then_some(()));
+        answer
+    }
+
+    /// A genuine handshake, recorded: the client nonce and the proof sent
+    /// (what an eavesdropper sees).
+    pub fn recorded_handshake(addr: &str) -> ([u8; 32], String) {
+        let key = chat_key();
+        let mut raw = Raw::plain(addr);
+        let (hs, nc) = ClientHandshake::start(&key);
+        raw.send(&Frame::Auth {
+            version: p2p_proto::PROTOCOL_VERSION,
+            nonce: secure::to_hex(&nc),
+        });
+        let Ok(Frame::AuthReply { nonce, proof }) = raw.read() else {
+            panic!("no auth reply")
+        };
+        let ns = secure::nonce_from_hex(&nonce).unwrap();
+        let (mine, _) = hs.finish(ns, &secure::from_hex(&proof).unwrap()).expect("the test key");
+        let mine = secure::to_hex(&mine);
+        raw.send(&Frame::AuthProof { proof: mine.clone() });
+        (nc, mine)
     }
 
     /// Bytes straight onto the wire (no sealing).
