@@ -26,7 +26,10 @@ fn rss_kib(node: &Node) -> u64 {
     std::fs::read_to_string(format!("/proc/{}/status", node.pid()))
         .unwrap()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").parse().unwrap()))
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .map(|v| v.trim().trim_end_matches(" kB").parse().unwrap())
+        })
         .unwrap()
 }
 
@@ -71,7 +74,11 @@ fn member_id(node: &Node, name: &str) -> u64 {
     let Frame::Status { members, .. } = node.status() else {
         unreachable!()
     };
-    members.iter().find(|m| m.name == name).map(|m| m.id).expect("a member of that name")
+    members
+        .iter()
+        .find(|m| m.name == name)
+        .map(|m| m.id)
+        .expect("a member of that name")
 }
 
 /// Case 1 and the interop cases: without the key, every frame — the
@@ -92,7 +99,9 @@ fn without_the_key_nothing_gets_in() {
             name: "logger".into(),
             config: format!(r#"{{"path":"{}"}}"#, target.display()),
         },
-        Frame::Post { text: "outsider".into() },
+        Frame::Post {
+            text: "outsider".into(),
+        },
         Frame::StatusRequest { log: true },
         Frame::Say {
             text: "outsider".into(),
@@ -124,7 +133,13 @@ fn without_the_key_nothing_gets_in() {
     let (nonce, proof) = Raw::recorded_handshake(&a.addr);
     let replayed = Raw::send_proof(&a.addr, nonce, &proof);
     assert!(
-        matches!(replayed, Frame::Error { code: ErrorCode::Unauthenticated, .. }),
+        matches!(
+            replayed,
+            Frame::Error {
+                code: ErrorCode::Unauthenticated,
+                ..
+            }
+        ),
         "{replayed:?}"
     );
     // A keyed node refuses to join a chat it cannot prove itself to.
@@ -134,7 +149,8 @@ fn without_the_key_nothing_gets_in() {
     secure::create_key_file(&key).unwrap();
     let mut carol = Node::spawn("carol", &["--join", &a.addr, "--key-file", key.to_str().unwrap()]);
     assert_eq!(carol.wait_exit().code(), Some(2));
-    assert!(carol.has_event(|e| e["event"] == "error" && e["message"].as_str().unwrap().contains("another chat key")));
+    assert!(carol
+        .has_event(|e| e["event"] == "error" && e["message"].as_str().unwrap().contains("another chat key")));
     let _ = std::fs::remove_dir_all(&dir);
 
     // Nothing changed: alice coordinates epoch 1, bob is still bob, no
@@ -175,7 +191,9 @@ fn an_unconfirmed_announcement_changes_nothing() {
         for addr in [&refused, &silent_addr] {
             let mut raw = Raw::connect(&target.addr);
             raw.send(&announce(addr));
-            wait_until("the node to close the announcement", || raw.closed().then_some(()));
+            wait_until("the node to close the announcement", || {
+                raw.closed().then_some(())
+            });
         }
     }
     // Chat flows at once and for the next second, with no new epoch.
@@ -212,7 +230,15 @@ fn nobody_can_come_back_as_someone_else() {
     let bob_public = members.iter().find(|m| m.id == bob_id).unwrap().session;
     for session in [p2p_proto::random_u64(), bob_public] {
         let mut raw = Raw::connect(&a.addr);
-        let Frame::Hello { version, name, addr, resume, sign_key, .. } = hello("bob", Some(resume_as(bob_id))) else {
+        let Frame::Hello {
+            version,
+            name,
+            addr,
+            resume,
+            sign_key,
+            ..
+        } = hello("bob", Some(resume_as(bob_id)))
+        else {
             unreachable!()
         };
         raw.send(&Frame::Hello {
@@ -228,7 +254,8 @@ fn nobody_can_come_back_as_someone_else() {
     // Another name with bob's id: admitted as someone new.
     let mut raw = Raw::connect(&a.addr);
     raw.send(&hello("mallory", Some(resume_as(bob_id))));
-    let Frame::Welcome { member_id, .. } = raw.read_until("welcome", |f| matches!(f, Frame::Welcome { .. })) else {
+    let Frame::Welcome { member_id, .. } = raw.read_until("welcome", |f| matches!(f, Frame::Welcome { .. }))
+    else {
         unreachable!()
     };
     assert_ne!(member_id, bob_id);
@@ -237,7 +264,10 @@ fn nobody_can_come_back_as_someone_else() {
         client_seq: 1_000_000,
     });
     let m = a.wait_message("i am bob");
-    assert_eq!((m["from"].as_str(), m["from_id"].as_u64()), (Some("mallory"), Some(member_id)));
+    assert_eq!(
+        (m["from"].as_str(), m["from_id"].as_u64()),
+        (Some("mallory"), Some(member_id))
+    );
     // bob was never cut off, and his next message (client_seq 1, far
     // below mallory's) is delivered.
     b.say("the real bob");
@@ -258,9 +288,17 @@ fn plugins_and_fields_are_bounded_and_confined() {
     let a = Node::join("alice", &["--data-dir", data.to_str().unwrap()]);
     let outside = std::env::temp_dir().join(format!("p2p-evil-{}", p2p_proto::random_u64()));
     let refused: Vec<(String, String, &str)> = vec![
-        ("logger".into(), format!(r#"{{"path":"{}"}}"#, outside.display()), "not absolute"),
+        (
+            "logger".into(),
+            format!(r#"{{"path":"{}"}}"#, outside.display()),
+            "not absolute",
+        ),
         ("logger".into(), r#"{"path":"../../evil.jsonl"}"#.into(), "'..'"),
-        ("logger".into(), r#"{"path":"out/evil.jsonl"}"#.into(), "symbolic link"),
+        (
+            "logger".into(),
+            r#"{"path":"out/evil.jsonl"}"#.into(),
+            "symbolic link",
+        ),
         ("moderation".into(), "null".into(), "JSON object"),
         ("moderation".into(), "[1,2]".into(), "JSON object"),
         (
@@ -425,7 +463,12 @@ fn a_member_cannot_forge_history_in_a_sync() {
     let mut b = b;
     b.say("before the fall");
     a.wait_message("before the fall");
-    m.follow(|m| m.chain.keys().last().is_some_and(|s| *s >= a.entry_seqs().last().copied().unwrap_or(0)));
+    m.follow(|m| {
+        m.chain
+            .keys()
+            .last()
+            .is_some_and(|s| *s >= a.entry_seqs().last().copied().unwrap_or(0))
+    });
     // Dave hangs and alice dies: bob cannot win without mallory's vote.
     d.signal(Signal::SIGSTOP);
     a.signal(Signal::SIGKILL);
@@ -513,7 +556,9 @@ fn a_member_cannot_forge_history_in_a_sync() {
     // Dave returns: bob wins with carol and dave; the chat goes on;
     // nobody delivered the forgeries.
     d.signal(Signal::SIGCONT);
-    b.wait_event("bob coordinates", |e| e["event"] == "role" && e["role"] == "coordinator");
+    b.wait_event("bob coordinates", |e| {
+        e["event"] == "role" && e["role"] == "coordinator"
+    });
     b.say("after the fall");
     for n in [&b, &c, &d] {
         n.wait_message("after the fall");

@@ -512,7 +512,9 @@ impl Raw {
             panic!("no auth reply")
         };
         let ns = secure::nonce_from_hex(&nonce).unwrap();
-        let (mine, _) = hs.finish(ns, &secure::from_hex(&proof).unwrap()).expect("the test key");
+        let (mine, _) = hs
+            .finish(ns, &secure::from_hex(&proof).unwrap())
+            .expect("the test key");
         let mine = secure::to_hex(&mine);
         raw.send(&Frame::AuthProof { proof: mine.clone() });
         (nc, mine)

@@ -587,7 +587,7 @@ impl Hooks for PluginHost {
             .iter()
             .map(|p| PluginStatus {
                 name: p.name.clone(),
-                version: p.version.clone(),
+                version: clip(&p.version, MAX_REPORTED_VERSION),
                 state: if p.quarantined.is_some() {
                     PluginState::Quarantined
                 } else {
@@ -596,7 +596,7 @@ impl Hooks for PluginHost {
                 calls: p.calls,
                 drops: p.drops,
                 time_us: (p.time.as_micros() as u64).saturating_mul(TIME_SAMPLE),
-                error: p.quarantined.clone(),
+                error: p.quarantined.as_deref().map(|e| clip(e, MAX_REPORTED_ERROR)),
             })
             .collect();
         out.extend(self.refused.iter().map(|r| PluginStatus {
@@ -606,7 +606,7 @@ impl Hooks for PluginHost {
             calls: 0,
             drops: 0,
             time_us: 0,
-            error: Some(r.error.clone()),
+            error: Some(clip(&r.error, MAX_REPORTED_ERROR)),
         }));
         out
     }
@@ -614,4 +614,22 @@ impl Hooks for PluginHost {
     fn active(&self) -> bool {
         self.loaded.iter().any(|p| p.quarantined.is_none())
     }
+}
+
+/// Longest plugin version a `status` answer repeats (a plugin's own string).
+const MAX_REPORTED_VERSION: usize = 64;
+/// Longest plugin error a `status` answer repeats (a plugin's own words).
+const MAX_REPORTED_ERROR: usize = 512;
+
+/// `text` cut to at most `max` bytes on a character boundary, marked with
+/// an ellipsis when cut.
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max - 3;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
 }

@@ -16,15 +16,11 @@ pub const MAX_SYNC_BYTES: usize = 160 * 1024;
 pub const MAX_MEMBERS: usize = 2000;
 /// Longest member address (`host:port`) in bytes.
 pub const MAX_ADDR_LEN: usize = 255;
-/// Most members listed in one `state` frame (a welcome splits the member
-/// list over several); at the longest name and address this stays under
-/// 160 KiB.
-pub const STATE_MEMBERS_PER_FRAME: usize = 400;
-/// Most sender records in one `state` frame.
-pub const STATE_SEEN_PER_FRAME: usize = 2000;
-/// Most members listed in a `status` answer (the count is always exact).
+/// Most members listed in a `status` answer (fewer when their names and
+/// addresses are long: the answer always fits [`MAX_FRAME_LEN`]).
 pub const STATUS_MEMBERS: usize = 300;
-/// Most digest rows in a `status` answer with `log: true` (the newest).
+/// Most digest rows in a `status` answer with `log: true` (the newest; fewer
+/// when the frame limit requires).
 pub const STATUS_LOG_ROWS: usize = 4000;
 /// Most plugins attached to one chat.
 pub const MAX_PLUGINS: usize = 8;

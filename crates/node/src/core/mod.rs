@@ -1029,29 +1029,60 @@ impl Core {
             State::Coordinator(c) => c.waiting_reason(),
             _ => None,
         };
-        Frame::Status {
+        let mut frame = Frame::Status {
             name: self.me.name.clone(),
             id: self.me.id,
             role: self.role(),
             epoch: self.epoch,
             coordinator: (self.coordinator != 0).then(|| self.coordinator_name()),
-            members: self
-                .state
-                .members
-                .iter()
-                .take(limits::STATUS_MEMBERS)
-                .cloned()
-                .collect(),
+            members: Vec::new(),
             voters: self.state.voters.clone(),
             stable: self.state.voters_seq <= self.stable,
             last_seq: self.log.applied(),
             first_seq: self.log.first_held(),
             gaps: self.log.gaps(),
             chat_id: self.state.chat_id.clone(),
-            log: with_log.then(|| self.log.digest(limits::STATUS_LOG_ROWS)),
+            log: with_log.then(Vec::new),
             plugins: self.hooks.status(),
             waiting,
+        };
+        // Whatever the members' names and addresses, the answer fits the
+        // frame limit: members take at most 2/5 of the room left by the
+        // fixed fields, the newest log rows the rest.
+        let room = STATUS_BUDGET.saturating_sub(state::encoded_len(&frame));
+        let mut used = 0;
+        let listed: Vec<MemberInfo> = self
+            .state
+            .members
+            .iter()
+            .take(limits::STATUS_MEMBERS)
+            .take_while(|m| {
+                used += state::encoded_len(m);
+                used <= room * 2 / 5
+            })
+            .cloned()
+            .collect();
+        let used: usize = listed.iter().map(state::encoded_len).sum();
+        if let Frame::Status { members, log, .. } = &mut frame {
+            *members = listed;
+            if with_log {
+                let mut rows = self.log.digest(limits::STATUS_LOG_ROWS);
+                let mut left = room.saturating_sub(used);
+                let keep = rows
+                    .iter()
+                    .rev()
+                    .take_while(|r| {
+                        let cost = state::encoded_len(r);
+                        let fits = cost <= left;
+                        left = left.saturating_sub(cost);
+                        fits
+                    })
+                    .count();
+                rows.drain(..rows.len() - keep);
+                *log = Some(rows);
+            }
         }
+        frame
     }
 
     /// A node told us it coordinates a later epoch. Nothing changes until
@@ -1107,6 +1138,10 @@ impl Core {
 }
 
 /// Announcements checked at once (a flood of them costs nothing more).
+/// Bytes a `status` answer may take (the frame limit less room for the
+/// encoding around its parts).
+const STATUS_BUDGET: usize = limits::MAX_FRAME_LEN - 1024;
+
 const MAX_ANNOUNCE_CHECKS: usize = 4;
 
 /// A `hello` that passed the basic checks.

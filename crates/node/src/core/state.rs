@@ -174,8 +174,10 @@ impl ChatState {
     }
 
     /// The state as `state` frames: members and (with `seen`, for peers,
-    /// which may coordinate one day) sender records, in chunks that each
-    /// fit the frame limit; the last one has `last: true`.
+    /// which may coordinate one day) sender records, packed by encoded size
+    /// so every frame stays under [`limits::MAX_FRAME_LEN`] whatever the
+    /// names, addresses and plugin configs (the first frame also carries
+    /// the voters and the plugin set); the last one has `last: true`.
     pub fn to_frames(&self, at: u64, seen: bool) -> Vec<Frame> {
         let seen: Vec<Seen> = if !seen {
             Vec::new()
@@ -189,24 +191,56 @@ impl ChatState {
                 })
                 .collect()
         };
-        let member_chunks: Vec<&[MemberInfo]> =
-            self.members.chunks(limits::STATE_MEMBERS_PER_FRAME).collect();
-        let seen_chunks: Vec<&[Seen]> = seen.chunks(limits::STATE_SEEN_PER_FRAME).collect();
-        let n = member_chunks.len().max(seen_chunks.len()).max(1);
-        (0..n)
-            .map(|i| Frame::State {
-                at,
-                last: i + 1 == n,
-                members: member_chunks.get(i).map(|c| c.to_vec()).unwrap_or_default(),
-                seen: seen_chunks.get(i).map(|c| c.to_vec()).unwrap_or_default(),
-                voters: (i == 0).then(|| self.voters.clone()),
-                prev_voters: (i == 0).then(|| self.prev_voters.clone()),
-                voters_seq: (i == 0).then_some(self.voters_seq),
-                next_id: (i == 0).then_some(self.next_id),
-                plugins: (i == 0).then(|| self.plugins.clone()),
-            })
-            .collect()
+        // Frame 0 carries the voters and plugins; members, then sender
+        // records, fill each frame up to the budget.
+        let header = |i: usize, last: bool, members, seen| Frame::State {
+            at,
+            last,
+            members,
+            seen,
+            voters: (i == 0).then(|| self.voters.clone()),
+            prev_voters: (i == 0).then(|| self.prev_voters.clone()),
+            voters_seq: (i == 0).then_some(self.voters_seq),
+            next_id: (i == 0).then_some(self.next_id),
+            plugins: (i == 0).then(|| self.plugins.clone()),
+        };
+        let mut frames = Vec::new();
+        let (mut members, mut records) = (Vec::new(), Vec::new());
+        let mut used = encoded_len(&header(0, false, Vec::new(), Vec::new()));
+        let mut items = self.members.iter().map(Ok).chain(seen.iter().map(Err));
+        for item in items.by_ref() {
+            let cost = match item {
+                Ok(m) => encoded_len(m),
+                Err(s) => encoded_len(s),
+            };
+            if used + cost > STATE_FRAME_BUDGET && !(members.is_empty() && records.is_empty()) {
+                let i = frames.len();
+                frames.push(header(
+                    i,
+                    false,
+                    std::mem::take(&mut members),
+                    std::mem::take(&mut records),
+                ));
+                used = encoded_len(&header(i + 1, false, Vec::new(), Vec::new()));
+            }
+            used += cost;
+            match item {
+                Ok(m) => members.push(m.clone()),
+                Err(s) => records.push(s.clone()),
+            }
+        }
+        frames.push(header(frames.len(), true, members, records));
+        frames
     }
+}
+
+/// Bytes a `state` frame may take: the frame limit less room for the
+/// encoding's own overhead around it (the type tag, `at`, `last`).
+const STATE_FRAME_BUDGET: usize = limits::MAX_FRAME_LEN - 1024;
+
+/// Bytes one value adds to a JSON frame (its encoding and a comma).
+pub(super) fn encoded_len<T: serde::Serialize>(value: &T) -> usize {
+    serde_json::to_vec(value).map_or(usize::MAX / 4, |b| b.len() + 1)
 }
 
 /// Collects `state` frames until the last one.
@@ -287,7 +321,7 @@ impl StateLoader {
         state.chat_id = chat_id.to_string();
         state.members.sort_by_key(|m| m.id);
         state.members.dedup_by_key(|m| m.id);
-        state.next_id = state.next_id.max(state.max_id() + 1);
+        state.next_id = state.next_id.max(state.max_id().saturating_add(1));
         if state.members.len() > limits::MAX_MEMBERS || state.voters.is_empty() {
             return Err("the state has no voters or too many members".into());
         }
@@ -363,33 +397,66 @@ mod tests {
         }
     }
 
-    #[test]
-    fn state_round_trips_through_chunked_frames() {
-        let mut s = ChatState::new_chat("c".into(), member(1), vec![]);
-        for id in 2..=(limits::STATE_MEMBERS_PER_FRAME as u64 + 5) {
-            s.apply(&Entry::Joined {
-                epoch: 1,
-                seq: id,
-                member: member(id),
-            });
+    /// A member with every field at its longest.
+    fn big_member(id: u64) -> MemberInfo {
+        let name = format!("{id:0>32}");
+        let port = ":65535";
+        let host = format!("h{id}-{}", "x".repeat(limits::MAX_ADDR_LEN));
+        MemberInfo {
+            // Twenty digits, as long as an id gets.
+            id: 10_000_000_000_000_000_000 + id,
+            name,
+            addr: Some(format!("{}{port}", &host[..limits::MAX_ADDR_LEN - port.len()])),
+            session: u64::MAX - id,
+            sign_key: Some("f".repeat(64)),
         }
-        s.apply(&Entry::Voters {
-            epoch: 1,
-            seq: 999,
-            set: vec![1, 2],
-        });
-        assert_eq!(
-            s.to_frames(999, false).len(),
-            2,
-            "members alone need two frames too"
-        );
-        let frames = s.to_frames(999, true);
-        assert_eq!(frames.len(), 2);
+    }
+
+    #[test]
+    fn state_round_trips_through_frames_packed_under_the_limit() {
+        let small = ChatState::new_chat("c".into(), member(1), vec![]);
+        assert_eq!(small.to_frames(1, true).len(), 1, "a small chat needs one frame");
+
+        // The largest state the limits allow: every member, sender record,
+        // voter and plugin at its longest.
+        let plugins: Vec<PluginRef> = (0..limits::MAX_PLUGINS)
+            .map(|i| PluginRef {
+                name: format!("{i:_>32}"),
+                // Quotes double when the JSON text is escaped into a string.
+                config: format!(
+                    "{{\"k\":\"{}\"}}",
+                    "\\\"".repeat(limits::MAX_PLUGIN_CONFIG / 2 - 8)
+                ),
+            })
+            .collect();
+        let mut s = ChatState::new_chat("c".into(), big_member(0), plugins);
+        for i in 1..limits::MAX_MEMBERS as u64 {
+            let member = big_member(i);
+            s.seen.insert(
+                member.id,
+                SeenRec {
+                    session: u64::MAX,
+                    client_seq: u64::MAX,
+                    touched: 0,
+                },
+            );
+            s.members.push(member);
+        }
+        s.members.sort_by_key(|m| m.id);
+        s.voters = s.members.iter().map(|m| m.id).collect();
+        s.prev_voters = s.voters.clone();
+        s.next_id = s.max_id() + 1;
+        let frames = s.to_frames(u64::MAX, true);
+        assert!(frames.len() > 1 && frames.len() <= MAX_STATE_FRAMES);
         let mut loader = StateLoader::default();
         let mut got = None;
         for f in frames {
             let encoded = p2p_proto::encode(&f);
-            assert!(encoded.len() < limits::MAX_FRAME_LEN);
+            assert!(
+                encoded.len() <= limits::MAX_FRAME_LEN,
+                "a state frame of {} bytes",
+                encoded.len()
+            );
             let Frame::State {
                 last,
                 members,
@@ -426,7 +493,13 @@ mod tests {
         for r in want.seen.values_mut() {
             r.touched = 0;
         }
-        assert_eq!(got, want);
+        assert!(
+            got == want,
+            "the state changed on the way: {} members, next id {}, {} plugins",
+            got.members.len(),
+            got.next_id,
+            got.plugins.len()
+        );
     }
 
     #[test]

@@ -666,3 +666,41 @@ fn a_seed_replays_exactly() {
 }
 
 use std::collections::BTreeMap;
+
+#[test]
+fn a_status_answer_fits_the_frame_limit_at_the_largest_chat() {
+    let mut sim = cluster(1);
+    for _ in 0..limits::STATUS_LOG_ROWS + 100 {
+        sim.say(0);
+    }
+    run_for(&mut sim, HB);
+    let core = sim.nodes[0].core.as_mut().expect("running");
+    let last = core.log.applied();
+    assert!(last > limits::STATUS_LOG_ROWS as u64);
+    // Every member at its longest name and address.
+    for i in 1..limits::MAX_MEMBERS as u64 {
+        let host = "h".repeat(limits::MAX_ADDR_LEN - 6);
+        core.state.members.push(MemberInfo {
+            id: 10_000_000_000_000_000_000 + i,
+            name: format!("{i:0>32}"),
+            addr: Some(format!("{host}:65535")),
+            session: u64::MAX,
+            sign_key: Some("f".repeat(64)),
+        });
+        core.state.voters.push(10_000_000_000_000_000_000 + i);
+    }
+    for with_log in [false, true] {
+        let frame = core.status(with_log);
+        let len = p2p_proto::encode(&frame).len();
+        assert!(len <= limits::MAX_FRAME_LEN, "a status of {len} bytes");
+        let Frame::Status { members, log, .. } = frame else {
+            panic!("not a status: {frame:?}");
+        };
+        assert!(members.len() > 10, "only {} members listed", members.len());
+        if with_log {
+            let rows = log.expect("asked for the log");
+            assert!(rows.len() > 100, "only {} rows", rows.len());
+            assert_eq!(rows.last().map(|r| r.0), Some(last), "the newest row is kept");
+        }
+    }
+}
