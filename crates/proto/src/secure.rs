@@ -1,6 +1,6 @@
 //! The trust boundary on the wire: the chat key, the mutual handshake that
 //! proves both ends hold it, and sealed records. No sockets here: callers
-//! feed bytes in and send what comes out (docs/PROTOCOL.md, section 2, is
+//! feed bytes in and send what comes out (docs/PROTOCOL.md, sections 2.2 and 2.3, are
 //! the byte-by-byte description, with test vectors).
 //!
 //! Primitives, all from well-kept RustCrypto crates: HMAC-SHA256 for the
@@ -13,8 +13,9 @@
 //! - Link records (one frame each): per-direction keys from
 //!   `HKDF(salt = nc ‖ ns, ikm = key)`, nonce = a counter per direction.
 //! - Group records (a broadcast batch, sealed once for every member): key
-//!   `HKDF(ikm = key, info = "group" ‖ epoch)`, explicit nonce; one
-//!   coordinator per epoch, so a key and nonce are never reused.
+//!   `HKDF(ikm = key, info = "group" ‖ epoch ‖ term)` with a random `term`
+//!   per coordinator term, explicit counter nonce, so a key and nonce are
+//!   never reused even by two processes that believed they led one epoch.
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
@@ -480,7 +481,7 @@ pub fn nonce_from_hex(text: &str) -> Result<[u8; NONCE_LEN], SecureError> {
     Ok(n)
 }
 
-// ---- the signed log (docs/PROTOCOL.md, section 2.5) ----
+// ---- the signed log (docs/PROTOCOL.md, section 3.1) ----
 
 /// A process's signing key (Ed25519): coordinators sign their log with it.
 /// Random per process; its public half travels in `hello` and in the

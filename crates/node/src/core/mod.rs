@@ -1137,11 +1137,11 @@ impl Core {
     }
 }
 
-/// Announcements checked at once (a flood of them costs nothing more).
 /// Bytes a `status` answer may take (the frame limit less room for the
 /// encoding around its parts).
 const STATUS_BUDGET: usize = limits::MAX_FRAME_LEN - 1024;
 
+/// Announcements checked at once (a flood of them costs nothing more).
 const MAX_ANNOUNCE_CHECKS: usize = 4;
 
 /// A `hello` that passed the basic checks.
