@@ -449,3 +449,42 @@ fn foreground_up_streams_events_and_ctrl_c_stops_everything() {
     );
     assert!(text.contains("stopped"), "{text}");
 }
+
+/// The story `cargo xtask demo` runs, with the cluster file named relative
+/// to where p2pctl starts (as a newcomer runs it): every step, the key
+/// shown and a stranger refused, agreement, the transcript, teardown.
+#[test]
+fn the_demo_story_runs_from_a_relative_cluster_file() {
+    let extra =
+        "plugins:\n  - name: echo\n  - name: logger\n    config: { path: transcript.jsonl, flush: every }\n";
+    let c = TestCluster::new(&["alice", "bob", "carol", "dave"], extra);
+    let out = Command::new(bin("p2pctl"))
+        .current_dir(&c.dir)
+        .args(["-f", "cluster.yaml", "demo", "--pace-ms", "0"])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running p2pctl demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "chat key ./.p2pctl/",
+        "is turned away: ",
+        "uses another chat key",
+        "bob | ★ coordinator (epoch 2)",
+        "still echoing after the failover [bot]",
+        "was dropped by the rate limit",
+        "check: all 4 nodes agree on",
+        "holds every agreed message",
+        "nothing left running",
+    ] {
+        assert!(stdout.contains(want), "the demo never said {want:?}:\n{stdout}");
+    }
+    let key = c.state_dir().join("chat.key");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "the chat key is readable by others");
+    assert!(c.supervisor_pid().is_none_or(|p| !alive(p)));
+}

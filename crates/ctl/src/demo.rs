@@ -34,6 +34,8 @@ struct Story {
     /// Plugins the cluster file attaches.
     plugins: Vec<String>,
     state_dir: std::path::PathBuf,
+    /// The cluster has a chat key (not `insecure: true`).
+    keyed: bool,
     /// Pause before each step, so a person can follow (never inside a
     /// measurement).
     pace: Duration,
@@ -128,6 +130,7 @@ pub async fn demo(cluster: Cluster, pace: Duration) -> anyhow::Result<i32> {
     let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
     let plugins: Vec<String> = cluster.plugins.iter().map(|p| p.name.clone()).collect();
     let state_dir = cluster.state_dir.clone();
+    let keyed = !cluster.insecure;
     if names.len() < 3 {
         bail!(
             "the demo needs at least 3 nodes; {} lists {}",
@@ -164,6 +167,7 @@ pub async fn demo(cluster: Cluster, pace: Duration) -> anyhow::Result<i32> {
         seen: Seen::default(),
         plugins,
         state_dir,
+        keyed,
         pace,
     };
     let result = story_steps(&mut story, &names, started).await;
@@ -181,6 +185,32 @@ pub async fn demo(cluster: Cluster, pace: Duration) -> anyhow::Result<i32> {
         }
         Err(e) => Err(e.context("the demo failed")),
     }
+}
+
+/// Says where the chat key is, and shows a client with another key being
+/// turned away.
+async fn show_the_key(story: &Story, ps: &Value) -> anyhow::Result<()> {
+    let path = story.state_dir.join("chat.key");
+    let key = p2p_proto::secure::read_key_file(&path)?;
+    println!(
+        "chat key {} (id {}): every connection proves it both ways, then everything is encrypted",
+        path.display(),
+        key.id()
+    );
+    let addr = ps
+        .as_array()
+        .and_then(|rows| rows.first())
+        .and_then(|r| r["addr"].as_str())
+        .context("no node address in ps")?;
+    let stranger = p2p_proto::secure::ChatKey::generate();
+    match p2p_proto::net::Client::connect(addr, Some(&stranger), Duration::from_secs(3)).await {
+        Ok(_) => bail!("a client with another key got into {addr}"),
+        Err(e) => println!(
+            "a client with another key (id {}) is turned away: {e}",
+            stranger.id()
+        ),
+    }
+    Ok(())
 }
 
 async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> anyhow::Result<()> {
@@ -203,6 +233,10 @@ async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> a
         "{}",
         crate::display::ps_table(ps.as_array().map(Vec::as_slice).unwrap_or(&[]))
     );
+
+    if story.keyed {
+        show_the_key(story, &ps).await?;
+    }
 
     story.pause().await;
     step("Chatting: every node delivers every message in the same order");

@@ -111,9 +111,22 @@ pub async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Running> {
     ensure_not_running(&cluster).await?;
+    let mut cluster = cluster;
+    std::fs::create_dir_all(cluster.state_dir.join("logs")).with_context(|| {
+        format!(
+            "cannot create the state directory {}",
+            cluster.state_dir.display()
+        )
+    })?;
+    // Nodes run in the state directory: every path they are given (key
+    // file, data directory) must not depend on where p2pctl was started.
+    cluster.state_dir = std::fs::canonicalize(&cluster.state_dir).with_context(|| {
+        format!(
+            "cannot resolve the state directory {}",
+            cluster.state_dir.display()
+        )
+    })?;
     let state_dir = cluster.state_dir.clone();
-    std::fs::create_dir_all(state_dir.join("logs"))
-        .with_context(|| format!("cannot create the state directory {}", state_dir.display()))?;
     let sock = control::socket_path(&state_dir);
     let _ = std::fs::remove_file(&sock); // stale: nobody answered on it
     let listener = UnixListener::bind(&sock)
