@@ -491,8 +491,7 @@ fn a_member_cannot_forge_history_in_a_sync() {
             dead: vec![alice_id],
         };
         raw.send(&m.hello(Some(resume.clone())));
-        loop {
-            let Ok(f) = raw.read() else { break };
+        while let Ok(f) = raw.read() {
             match f {
                 Frame::Revote { epoch } => raw.send(&m.hello(Some(Resume {
                     vote: Some(epoch),

@@ -2,6 +2,7 @@
 //! `p2pctl`) processes over real sockets on 127.0.0.1.
 
 mod ctl;
+mod dashboard;
 mod hostile;
 mod liveness;
 mod node;

@@ -124,6 +124,25 @@ fn a_panicking_plugin_is_quarantined_and_chat_goes_on() {
     );
 }
 
+/// A plugin that reports an error (not a panic) is quarantined with its
+/// own words, and the chat goes on.
+#[test]
+fn a_plugin_reporting_failure_is_quarantined_with_its_reason() {
+    let mut a = Node::join("alice", &["--plugin", "test_panic"]);
+    a.say("please fail now");
+    let q = a.wait_event("quarantine", |e| {
+        e["event"] == "plugin" && e["state"] == "quarantined"
+    });
+    assert_eq!(q["name"], "test_panic");
+    assert!(
+        q["detail"].as_str().unwrap_or_default().contains("asked to fail"),
+        "{q}"
+    );
+    a.wait_message("please fail now");
+    a.say("after the failure");
+    a.wait_message("after the failure");
+}
+
 #[test]
 fn wrong_abi_missing_file_and_bad_names_are_refused_without_stopping_the_node() {
     let mut a = Node::join(
@@ -142,7 +161,7 @@ fn wrong_abi_missing_file_and_bad_names_are_refused_without_stopping_the_node() 
     });
     let old = refused[0]["detail"].as_str().unwrap();
     assert!(
-        old.contains("libtest_oldabi") && old.contains("version 99") && old.contains("version 2"),
+        old.contains("libtest_oldabi") && old.contains("version 99") && old.contains("version 3"),
         "{old}"
     );
     assert!(
@@ -336,4 +355,65 @@ fn hung_coordinator_with_plugins_hands_them_over() {
     a.signal(Signal::SIGCONT);
     a.wait_message("from bob's reign");
     a.say("/quit");
+}
+
+/// `down` then `up` starts a new chat (nodes keep no state): the logger
+/// gives it its own section of the same transcript instead of skipping
+/// every seq the previous chat already used.
+#[test]
+fn a_new_chat_after_down_and_up_gets_its_own_section_of_the_transcript() {
+    let extra = "plugins:\n  - name: logger\n    config: { path: transcript.jsonl }\n";
+    let c = TestCluster::new(&["alice", "bob"], extra);
+    let path = c.state_dir().join("data").join("transcript.jsonl");
+    let messages = || -> Vec<(String, u64, String)> {
+        transcript(&path)
+            .iter()
+            .filter(|l| l["type"] == "message")
+            .map(|l| {
+                (
+                    l["chat"].as_str().unwrap_or_default().to_string(),
+                    l["seq"].as_u64().unwrap_or(0),
+                    l["text"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    };
+    c.up();
+    for i in 0..3 {
+        c.ok(&["say", "bob", &format!("first chat {i}")]);
+    }
+    wait_until("the first chat's 3 lines", || {
+        (messages().len() == 3).then_some(())
+    });
+    c.ok(&["down"]);
+    c.up();
+    for i in 0..2 {
+        c.ok(&["say", "bob", &format!("second chat {i}")]);
+    }
+    let lines = wait_until("the second chat's 2 lines", || {
+        let m = messages();
+        (m.len() >= 5).then_some(m)
+    });
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    let (first, second) = lines.split_at(3);
+    assert!(first
+        .iter()
+        .all(|l| l.0 == first[0].0 && l.2.starts_with("first chat")));
+    assert!(second
+        .iter()
+        .all(|l| l.0 == second[0].0 && l.2.starts_with("second chat")));
+    assert_ne!(first[0].0, second[0].0, "two chats, two ids");
+    assert_eq!(first[0].0.len(), 32, "a chat id: {lines:?}");
+    let check: Value = serde_json::from_str(&c.ok(&["check", "--json"])).unwrap();
+    let agreed: Vec<u64> = check["message_seqs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    let logged: Vec<u64> = second.iter().map(|l| l.1).collect();
+    assert_eq!(
+        logged, agreed,
+        "the second section is exactly the chat p2pctl check sees"
+    );
 }

@@ -12,3 +12,4 @@ pub mod logs;
 pub mod proc;
 pub mod run;
 pub mod supervisor;
+pub mod watch;

@@ -259,6 +259,30 @@ pub async fn up_foreground(cluster: Cluster, quiet: bool) -> anyhow::Result<i32>
     Ok(if ok { 0 } else { 1 })
 }
 
+/// `p2pctl up` on a terminal: the supervisor runs here, the dashboard
+/// shows it; quitting the dashboard stops the cluster.
+///
+/// # Errors
+/// As [`start`], or if the terminal cannot be set up.
+pub async fn up_dashboard(cluster: Cluster) -> anyhow::Result<i32> {
+    let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    let n = names.len();
+    let view = cluster.clone();
+    let mut running = start(cluster, node_bin()?, signals()).await?;
+    let mut display = Display::new(&names);
+    if !wait_ready(&mut running, &mut display, n, false).await {
+        running.finish().await;
+        return Ok(1);
+    }
+    // The dashboard talks to this very supervisor over its socket; events
+    // for the stream display are not needed meanwhile.
+    let shown = crate::watch::watch(&view, crate::watch::Owner::Foreground).await;
+    let _ = crate::control::call(&view.state_dir, &view.name, &crate::control::Request::Down).await;
+    while running.next_event().await.is_some() {}
+    running.finish().await;
+    shown
+}
+
 /// `p2pctl up -d`: starts a background supervisor and waits until every
 /// node is running.
 ///

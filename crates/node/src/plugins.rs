@@ -51,6 +51,8 @@ struct Ctx {
     /// The data directory as handed to the plugin (`HostApi::data_dir`
     /// points into it).
     data_dir: String,
+    /// The chat's id as handed to the plugin (`HostApi::chat_id`).
+    chat_id: String,
 }
 
 fn ctx<'a>(p: *mut c_void) -> &'a Ctx {
@@ -136,6 +138,8 @@ pub struct PluginHost {
     dir: PathBuf,
     /// Where plugins may write (created when a plugin is first loaded).
     data_dir: PathBuf,
+    /// The chat the loaded plugins serve.
+    chat_id: String,
     loaded: Vec<Loaded>,
     refused: Vec<Refused>,
     reports: Vec<HookReport>,
@@ -156,6 +160,7 @@ impl PluginHost {
         PluginHost {
             dir,
             data_dir,
+            chat_id: String::new(),
             loaded: Vec::new(),
             refused: Vec::new(),
             reports: Vec::new(),
@@ -262,6 +267,7 @@ impl PluginHost {
             name: p.name.clone(),
             call: Mutex::new(CallState::default()),
             data_dir: data_dir.to_string_lossy().into_owned(),
+            chat_id: self.chat_id.clone(),
         });
         let api = Box::new(HostApi {
             ctx: &*ctx as *const Ctx as *mut c_void,
@@ -270,6 +276,7 @@ impl PluginHost {
             error: cb_error,
             log: cb_log,
             data_dir: Str::from_str(&ctx.data_dir),
+            chat_id: Str::from_str(&ctx.chat_id),
         });
         let config = if p.config.trim().is_empty() {
             "{}".to_string()
@@ -416,12 +423,15 @@ fn message_in(m: &HookMessage, flags: u32) -> MessageIn {
 }
 
 impl Hooks for PluginHost {
-    fn set_plugins(&mut self, set: &[PluginRef]) -> Vec<HookReport> {
+    fn set_plugins(&mut self, chat_id: &str, set: &[PluginRef]) -> Vec<HookReport> {
         let mut reports = Vec::new();
-        // Unload what left the set or changed configuration.
+        // Unload what left the set or changed configuration (everything,
+        // for another chat).
+        let same_chat = self.chat_id == chat_id;
+        self.chat_id = chat_id.to_string();
         let mut keep = Vec::new();
         for p in self.loaded.drain(..) {
-            if set.iter().any(|s| s.name == p.name && s.config == p.config) {
+            if same_chat && set.iter().any(|s| s.name == p.name && s.config == p.config) {
                 keep.push(p);
             } else {
                 reports.push(HookReport {

@@ -15,7 +15,7 @@
 use std::ffi::c_void;
 
 /// Version of this ABI. A host refuses a descriptor with another version.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// The symbol every plugin exports: `extern "C" fn() -> *const Descriptor`.
 pub const ENTRY_SYMBOL: &str = "p2pchat_plugin_entry";
@@ -136,6 +136,10 @@ pub struct HostApi {
     /// The only directory a plugin may write in: an absolute path that
     /// exists, valid as long as this `HostApi` (version 2).
     pub data_dir: Str,
+    /// The chat's identity (32 hex digits, fixed when the chat started),
+    /// valid as long as this `HostApi` (version 3). A plugin that keeps
+    /// state across runs keeps it per chat.
+    pub chat_id: Str,
 }
 
 /// The plugin's entry points. Every function returns an `RC_*` code except

@@ -127,6 +127,16 @@ impl Host {
         }
     }
 
+    /// Reports that this plugin can no longer do its job (a full disk, a
+    /// lost file): the node quarantines it with `reason`, shows that in
+    /// `p2pctl plugins` and its events, and stops calling it. The chat goes
+    /// on. Effective when called from a hook (`on_message`,
+    /// `on_delivered`, …).
+    pub fn fail(&self, reason: &str) {
+        self.error(reason);
+        FAILED.with(|d| d.set(true));
+    }
+
     fn error(&self, message: &str) {
         let Some(api) = self.api() else { return };
         (api.error)(api.ctx, Str::from_str(message));
@@ -141,6 +151,16 @@ impl Host {
         // SAFETY: the host keeps the string valid as long as the HostApi.
         let dir = unsafe { api.data_dir.to_str_lossy() }.into_owned();
         Some(dir.into())
+    }
+
+    /// The identity of the chat this plugin serves (fixed when the chat
+    /// started; a new chat after `p2pctl down` and `up` has a new one).
+    pub fn chat_id(&self) -> String {
+        match self.api() {
+            // SAFETY: the host keeps the string valid as long as the HostApi.
+            Some(api) => unsafe { api.chat_id.to_str_lossy() }.into_owned(),
+            None => String::new(),
+        }
     }
 
     /// Where a file named in a plugin's configuration may be written:
@@ -259,15 +279,24 @@ thread_local! {
     static DEFAULTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+thread_local! {
+    /// Set by [`Host::fail`] during a hook: the shim returns `RC_ERROR`.
+    static FAILED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 fn defaulted() {
     DEFAULTED.with(|d| d.set(true));
 }
 
-/// Runs a hook; `RC_UNIMPLEMENTED` if it was a default method.
+/// Runs a hook; `RC_UNIMPLEMENTED` if it was a default method, `RC_ERROR`
+/// if it called [`Host::fail`].
 fn hook(f: impl FnOnce()) -> i32 {
     DEFAULTED.with(|d| d.set(false));
+    FAILED.with(|d| d.set(false));
     f();
-    if DEFAULTED.with(|d| d.get()) {
+    if FAILED.with(|d| d.replace(false)) {
+        abi::RC_ERROR
+    } else if DEFAULTED.with(|d| d.get()) {
         abi::RC_UNIMPLEMENTED
     } else {
         abi::RC_OK

@@ -1,9 +1,13 @@
-//! The logger bot: one JSON line per delivered message (epoch, seq, from,
-//! text, time) and one per verdict of another bot (rule, action, member;
-//! never the dropped text), appended to a file. After a failover the new
-//! coordinator's logger reads where the transcript stands (the last seq in
-//! the file) and continues it from the replayed history: no gap, no
-//! duplicate.
+//! The logger bot: one JSON line per delivered message (chat, epoch, seq,
+//! from, text, time) and one per verdict of another bot (rule, action,
+//! member; never the dropped text), appended to a file. After a failover
+//! the new coordinator's logger reads where the transcript stands (the last
+//! message line of this chat in the file) and continues it from the
+//! replayed history: no gap, no duplicate. A new chat (another chat id,
+//! e.g. after `p2pctl down` and `up`) starts a new section of the same
+//! file from its first message. A line it cannot write quarantines the
+//! logger with the reason (`p2pctl plugins` shows it): the transcript never
+//! silently skips a message.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
@@ -47,7 +51,9 @@ struct Logger {
     /// The transcript inside the data directory.
     path: PathBuf,
     out: BufWriter<File>,
-    /// Last seq in the transcript, once known.
+    /// This chat's identity (every line carries it).
+    chat: String,
+    /// Last seq of this chat in the transcript, once known (0: none yet).
     last_seq: Option<u64>,
     /// Inside a run of replayed history (after a takeover).
     replaying: bool,
@@ -61,11 +67,12 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The seq of the last message line in the file's tail.
-fn last_seq_in(path: &PathBuf) -> std::io::Result<Option<u64>> {
+/// The seq of the last message line in the file's tail if it belongs to
+/// `chat`; 0 if the file ends with another chat's lines or holds none.
+fn last_seq_in(path: &PathBuf, chat: &str) -> std::io::Result<u64> {
     let mut f = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
     };
     let len = f.metadata()?.len();
@@ -73,10 +80,14 @@ fn last_seq_in(path: &PathBuf) -> std::io::Result<Option<u64>> {
     f.seek(SeekFrom::Start(start))?;
     let mut tail = String::new();
     f.read_to_string(&mut tail)?;
-    Ok(tail.lines().rev().find_map(|l| {
+    let last = tail.lines().rev().find_map(|l| {
         let v: json::Value = json::from_str(l).ok()?;
-        (v["type"] == "message").then(|| v["seq"].as_u64()).flatten()
-    }))
+        (v["type"] == "message").then_some(v)
+    });
+    Ok(match last {
+        Some(v) if v["chat"] == chat => v["seq"].as_u64().unwrap_or(0),
+        _ => 0,
+    })
 }
 
 /// One transcript line for a message, serialized without building a map.
@@ -85,6 +96,7 @@ fn last_seq_in(path: &PathBuf) -> std::io::Result<Option<u64>> {
 struct MessageLine<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
+    chat: &'a str,
     epoch: u64,
     seq: u64,
     from: &'a str,
@@ -96,34 +108,45 @@ struct MessageLine<'a> {
 }
 
 impl Logger {
-    fn write(&mut self, line: &impl Serialize) {
-        let _ = json::to_writer(&mut self.out, line);
-        let _ = self.out.write_all(b"\n");
+    /// Appends one line (flushing per the configuration).
+    ///
+    /// # Errors
+    /// What the file system said; the caller quarantines the logger.
+    fn write(&mut self, line: &impl Serialize) -> std::io::Result<()> {
+        json::to_writer(&mut self.out, line)?;
+        self.out.write_all(b"\n")?;
         let due = match self.cfg.flush {
             Flush::Every => true,
             Flush::Interval => self.last_flush.elapsed() >= Duration::from_millis(self.cfg.flush_interval_ms),
         };
         if due {
-            self.flush();
+            self.flush()?;
         }
+        Ok(())
     }
 
-    fn flush(&mut self) {
-        let _ = self.out.flush();
-        if self.cfg.fsync {
-            let _ = self.out.get_ref().sync_data();
-        }
+    fn flush(&mut self) -> std::io::Result<()> {
         self.last_flush = Instant::now();
+        self.out.flush()?;
+        if self.cfg.fsync {
+            self.out.get_ref().sync_data()?;
+        }
+        Ok(())
     }
 
     /// Learns where the transcript stands from the file itself (another
     /// node may have written since we last did).
-    fn resync(&mut self, host: &Host) {
-        self.flush();
-        match last_seq_in(&self.path) {
-            Ok(seq) => self.last_seq = seq,
-            Err(e) => host.log_warn(&format!("cannot read {}: {e}", self.path.display())),
-        }
+    fn resync(&mut self) -> std::io::Result<()> {
+        self.flush()?;
+        self.last_seq = Some(last_seq_in(&self.path, &self.chat)?);
+        Ok(())
+    }
+
+    fn fail(&self, host: &Host, what: &str, e: &std::io::Error) {
+        host.fail(&format!(
+            "cannot {what} the transcript {}: {e}",
+            self.path.display()
+        ));
     }
 }
 
@@ -148,6 +171,7 @@ impl Plugin for Logger {
             cfg,
             path,
             out: BufWriter::new(file),
+            chat: host.chat_id(),
             last_seq: None,
             replaying: false,
             last_flush: Instant::now(),
@@ -155,20 +179,21 @@ impl Plugin for Logger {
     }
 
     fn on_delivered(&mut self, msg: &Message, host: &Host) {
-        if msg.replay && !self.replaying {
-            self.replaying = true;
-            self.resync(host);
-        } else if !msg.replay {
-            self.replaying = false;
-        }
-        if self.last_seq.is_none() {
-            self.resync(host);
+        let fresh_replay = msg.replay && !self.replaying;
+        self.replaying = msg.replay;
+        if fresh_replay || self.last_seq.is_none() {
+            if let Err(e) = self.resync() {
+                return self.fail(host, "read", &e);
+            }
         }
         if self.last_seq.is_some_and(|s| msg.seq <= s) {
             return;
         }
-        self.write(&MessageLine {
+        // The line borrows the chat id while `write` needs the logger.
+        let chat = std::mem::take(&mut self.chat);
+        let written = self.write(&MessageLine {
             kind: "message",
+            chat: &chat,
             epoch: msg.epoch,
             seq: msg.seq,
             from: msg.from,
@@ -177,21 +202,104 @@ impl Plugin for Logger {
             time: now_ms(),
             bot: msg.bot,
         });
-        self.last_seq = Some(msg.seq);
+        self.chat = chat;
+        match written {
+            Ok(()) => self.last_seq = Some(msg.seq),
+            Err(e) => self.fail(host, "write", &e),
+        }
     }
 
-    fn on_verdict(&mut self, v: &VerdictSeen, _host: &Host) {
-        self.write(&json::json!({
-            "type": "verdict", "plugin": v.plugin, "rule": v.rule, "action": v.action,
-            "member": v.member, "member_id": v.member_id, "time": now_ms(),
-        }));
+    fn on_verdict(&mut self, v: &VerdictSeen, host: &Host) {
+        let line = json::json!({
+            "type": "verdict", "chat": self.chat, "plugin": v.plugin, "rule": v.rule,
+            "action": v.action, "member": v.member, "member_id": v.member_id, "time": now_ms(),
+        });
+        if let Err(e) = self.write(&line) {
+            self.fail(host, "write", &e);
+        }
     }
 }
 
 impl Drop for Logger {
     fn drop(&mut self) {
-        self.flush();
+        // Nobody to tell any more; the next logger reads where the file
+        // stands and writes what is missing.
+        let _ = self.flush();
     }
 }
 
 export_plugin!(Logger);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logger(out: File, path: PathBuf, chat: &str) -> Logger {
+        Logger {
+            cfg: json::from_str(r#"{"path":"t.jsonl"}"#).unwrap(),
+            path,
+            out: BufWriter::new(out),
+            chat: chat.into(),
+            last_seq: None,
+            replaying: false,
+            last_flush: Instant::now(),
+        }
+    }
+
+    fn message(seq: u64) -> Message<'static> {
+        Message {
+            epoch: 1,
+            seq,
+            from_id: 1,
+            from: "alice",
+            text: "hi",
+            replay: false,
+            bot: false,
+        }
+    }
+
+    #[test]
+    fn a_write_error_is_reported_not_swallowed() {
+        let Ok(full) = OpenOptions::new().write(true).open("/dev/full") else {
+            return; // not Linux: nothing to simulate a full disk with
+        };
+        let mut l = logger(full, PathBuf::from("/dev/full"), "c");
+        l.last_seq = Some(0);
+        assert!(l
+            .write(&MessageLine {
+                kind: "message",
+                chat: "c",
+                epoch: 1,
+                seq: 1,
+                from: "a",
+                from_id: 1,
+                text: "x",
+                time: 0,
+                bot: false,
+            })
+            .is_err());
+        l.on_delivered(&message(2), &Host::detached());
+        assert_eq!(l.last_seq, Some(0), "a line not written is not counted");
+    }
+
+    #[test]
+    fn the_transcript_position_is_per_chat() {
+        let dir = std::env::temp_dir().join(format!("p2p-logger-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.jsonl");
+        std::fs::write(
+            &path,
+            "{\"type\":\"message\",\"chat\":\"a\",\"seq\":7}\n{\"type\":\"verdict\",\"chat\":\"a\"}\n",
+        )
+        .unwrap();
+        assert_eq!(last_seq_in(&path, "a").unwrap(), 7);
+        assert_eq!(last_seq_in(&path, "b").unwrap(), 0, "another chat starts afresh");
+        assert_eq!(last_seq_in(&dir.join("none"), "a").unwrap(), 0);
+        let file = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut l = logger(file, path.clone(), "b");
+        l.on_delivered(&message(1), &Host::detached());
+        l.flush().unwrap();
+        assert_eq!(last_seq_in(&path, "b").unwrap(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

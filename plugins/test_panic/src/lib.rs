@@ -1,5 +1,7 @@
-//! A test bot that panics on any message containing "boom" (to check that
-//! the node quarantines it and the chat goes on). Not for real use.
+//! A test bot that panics on any message containing "boom", and reports a
+//! failure through the host (`Host::fail`) on one containing "fail" (to
+//! check that the node quarantines it either way and the chat goes on).
+//! Not for real use.
 
 use p2p_plugin_api::{export_plugin, Host, Message, Plugin, Verdict};
 
@@ -13,9 +15,12 @@ impl Plugin for Panicky {
         Ok(Panicky)
     }
 
-    fn on_message(&mut self, msg: &Message, _host: &Host) -> Verdict {
+    fn on_message(&mut self, msg: &Message, host: &Host) -> Verdict {
         if msg.text.contains("boom") {
             panic!("the test plugin was asked to blow up");
+        }
+        if msg.text.contains("fail") {
+            host.fail("the test plugin was asked to fail");
         }
         Verdict::Deliver
     }

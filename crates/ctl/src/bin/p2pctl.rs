@@ -42,13 +42,18 @@ struct FileArg {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Start every node and supervise them; Ctrl-C stops the cluster.
+    /// Start every node and supervise them; on a terminal the live
+    /// dashboard opens (q or Ctrl-C stops the cluster).
     Up {
         #[command(flatten)]
         f: FileArg,
         /// Return once all nodes are ready, leaving the supervisor in the background.
         #[arg(short, long)]
         detach: bool,
+        /// Print the event stream instead of opening the dashboard (the
+        /// default when stdout is not a terminal).
+        #[arg(long, conflicts_with = "detach")]
+        stream: bool,
         /// Internal: run as the background supervisor.
         #[arg(long, hide = true)]
         supervise: bool,
@@ -105,6 +110,13 @@ enum Cmd {
         node: String,
         #[arg(required = true, num_args = 1..)]
         text: Vec<String>,
+    },
+    /// Live dashboard of a running cluster: nodes, chat, failovers, bots;
+    /// keys to kill, stop, restart, say, attach and check. q leaves it
+    /// (the cluster keeps running).
+    Watch {
+        #[command(flatten)]
+        f: FileArg,
     },
     /// Show node logs, merged with name prefixes unless a node is named.
     Logs {
@@ -181,7 +193,8 @@ impl Cmd {
             | Cmd::Plugins { f, .. }
             | Cmd::Check { f, .. }
             | Cmd::Down { f }
-            | Cmd::Demo { f, .. } => f.file.as_ref(),
+            | Cmd::Demo { f, .. }
+            | Cmd::Watch { f } => f.file.as_ref(),
         }
     }
 }
@@ -240,7 +253,20 @@ async fn dispatch(args: Args) -> anyhow::Result<i32> {
         Cmd::Up { detach: true, .. } => run::up_detached(&Cluster::load(&file)?).await,
         // `--supervise` (the background half of `up -d`) runs the same
         // foreground supervisor; its output goes to supervisor.log.
-        Cmd::Up { .. } => run::up_foreground(Cluster::load(&file)?, false).await,
+        Cmd::Up { supervise: true, .. } => run::up_foreground(Cluster::load(&file)?, false).await,
+        Cmd::Up { stream, .. } => {
+            use std::io::IsTerminal;
+            let cluster = Cluster::load(&file)?;
+            if stream || !std::io::stdout().is_terminal() {
+                run::up_foreground(cluster, false).await
+            } else {
+                run::up_dashboard(cluster).await
+            }
+        }
+        Cmd::Watch { .. } => {
+            let cluster = Cluster::load_unbound(&file)?;
+            p2p_ctl::watch::watch(&cluster, p2p_ctl::watch::Owner::Attached).await
+        }
         Cmd::Demo { pace_ms, .. } => {
             demo::demo(Cluster::load(&file)?, std::time::Duration::from_millis(pace_ms)).await
         }

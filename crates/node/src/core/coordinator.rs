@@ -1203,7 +1203,7 @@ impl Core {
         // Load it here first: a plugin the coordinator cannot run is refused
         // before it enters the log.
         let previous = self.hooks_set.clone();
-        let reports = self.hooks.set_plugins(&set);
+        let reports = self.hooks.set_plugins(&self.state.chat_id, &set);
         self.hooks_set = set.clone();
         for r in &reports {
             self.emit(Event::Plugin {
@@ -1218,7 +1218,7 @@ impl Core {
                 .find(|r| r.plugin == p.name && r.state == super::hooks::PluginEvent::Refused)
             {
                 let detail = r.detail.clone();
-                let _ = self.hooks.set_plugins(&previous);
+                let _ = self.hooks.set_plugins(&self.state.chat_id, &previous);
                 self.hooks_set = previous;
                 return self.refuse(conn, ErrorCode::PluginRefused, detail);
             }

@@ -88,8 +88,9 @@ pub struct HookReport {
 
 /// The plugin chain, as the core uses it.
 pub trait Hooks: Send {
-    /// Makes the loaded set match `set` (load new ones, drop removed ones).
-    fn set_plugins(&mut self, set: &[PluginRef]) -> Vec<HookReport>;
+    /// Makes the loaded set match `set` (load new ones, drop removed ones)
+    /// for the chat `chat_id` (plugins see it; a new chat reloads them all).
+    fn set_plugins(&mut self, chat_id: &str, set: &[PluginRef]) -> Vec<HookReport>;
     /// Runs the chain before sequencing.
     fn on_message(&mut self, msg: &HookMessage) -> Outcome;
     /// Tells every plugin about a delivered message (`replay`: history
@@ -109,7 +110,7 @@ pub trait Hooks: Send {
 pub struct NoHooks;
 
 impl Hooks for NoHooks {
-    fn set_plugins(&mut self, set: &[PluginRef]) -> Vec<HookReport> {
+    fn set_plugins(&mut self, _chat_id: &str, set: &[PluginRef]) -> Vec<HookReport> {
         set.iter()
             .map(|p| HookReport {
                 plugin: p.name.clone(),

@@ -718,7 +718,7 @@ impl Core {
             return;
         }
         self.hooks_set = self.state.plugins.clone();
-        let reports = self.hooks.set_plugins(&self.hooks_set);
+        let reports = self.hooks.set_plugins(&self.state.chat_id, &self.hooks_set);
         for r in reports {
             self.emit(Event::Plugin {
                 name: r.plugin,

@@ -226,7 +226,7 @@ impl ChatState {
             used += cost;
             match item {
                 Ok(m) => members.push(m.clone()),
-                Err(s) => records.push(s.clone()),
+                Err(s) => records.push(*s),
             }
         }
         frames.push(header(frames.len(), true, members, records));
