@@ -14,6 +14,9 @@ print("client_proof", hmac.new(ka, b"p2pchat client" + nc + ns, hashlib.sha256).
 lk = hkdf(nc + ns, key, b"p2pchat v2 link", 64)
 ct = ChaCha20Poly1305(lk[:32]).encrypt(b"\x00"*12, b"{}", b"\x00")
 print("link_record", (b"\x00" + ct).hex())
+frames = b"\x00\x00\x00\x02{}\x00\x00\x00\x02{}"
+ct = ChaCha20Poly1305(lk[:32]).encrypt(b"\x00"*4 + (1).to_bytes(8, "big"), frames, b"\x02")
+print("second_client_record_batch", (b"\x02" + ct).hex())
 term = b"\x33"*16
 gk = hkdf(b"p2pchat v2", key, b"group" + (1).to_bytes(8, "big") + term, 32)
 header = b"\x01" + (1).to_bytes(8, "big") + term + (2).to_bytes(8, "big")

@@ -156,10 +156,45 @@ fn up_ps_down_leaves_no_process() {
         wait_until(&format!("pid {pid} to be gone"), || (!alive(pid)).then_some(()));
     }
     assert!(!c.state_dir().join("ctl.sock").exists());
+    // A shutdown is not a failover: the coordinator goes last, nobody
+    // elects a successor on the way out.
+    for node in ["alice", "bob", "carol"] {
+        let log = std::fs::read_to_string(c.state_dir().join("logs").join(format!("{node}.log"))).unwrap();
+        assert!(
+            !log.contains("\"electing\""),
+            "{node} elected during down:\n{log}"
+        );
+    }
     let out = c.ctl(&["ps"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no cluster") && err.contains("p2pctl up"), "{err}");
+    // Stopping what is not running is not an error.
+    let out = c.ok(&["down"]);
+    assert!(out.contains("nothing running"), "{out}");
+}
+
+/// A supervisor that no longer answers (stopped) gets a clear message
+/// within the time limit instead of a hang.
+#[test]
+fn a_stopped_supervisor_is_reported_not_waited_for() {
+    let c = TestCluster::new(&["alice"], "");
+    c.up();
+    let pid = Pid::from_raw(c.supervisor_pid().unwrap());
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let started = std::time::Instant::now();
+    let out = c.ctl(&["ps"]);
+    let took = started.elapsed();
+    kill(pid, Signal::SIGCONT).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no answer within") && err.contains("SIGSTOP"),
+        "{err}"
+    );
+    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
+    // And it answers again once continued.
+    assert_eq!(c.ps().len(), 1);
 }
 
 #[test]
@@ -399,6 +434,20 @@ fn each_bad_cluster_file_gets_its_own_clear_error() {
     );
     let err = validate_err("name: x\nnodes: [\n");
     assert!(err.contains("bad.yaml"), "{err}");
+    // Plugins are loaded before anything starts; each refusal points at
+    // its entry in the file.
+    let err = validate_err(
+        "name: x\nnodes:\n  - name: a\n    port: 0\nplugins:\n  - name: echo\n  - name: nosuchbot\n  - name: moderation\n    config: { banned: spam }\n",
+    );
+    assert!(
+        err.contains("bad.yaml:7: plugin nosuchbot cannot be loaded") && err.contains("no file at"),
+        "{err}"
+    );
+    assert!(
+        err.contains("bad.yaml:8: plugin moderation cannot be loaded") && err.contains("expected a sequence"),
+        "{err}"
+    );
+    assert!(!err.contains("plugin echo"), "{err}");
 }
 
 #[test]

@@ -91,17 +91,27 @@ fn human_output_is_plain_lines() {
     writeln!(stdin, "hello there").unwrap();
     writeln!(stdin, "/who").unwrap();
     writeln!(stdin, "/quit").unwrap();
-    let lines: Vec<String> = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .collect();
+    // Read in a thread: a node that never exits fails the deadline below
+    // instead of hanging the suite.
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
     let status = crate::util::wait_until("alice to exit", || child.try_wait().ok().flatten());
     assert!(status.success());
+    let lines = reader.join().unwrap();
     assert!(
         lines[0].starts_with("* created the chat key p2pchat.key (id "),
         "{lines:?}"
     );
-    assert!(lines[1].starts_with("* started a new chat as alice"), "{lines:?}");
+    assert!(
+        lines[1].starts_with("* alice listening on 127.0.0.1:") && lines[1].contains("--join 127.0.0.1:"),
+        "the port it picked is shown: {lines:?}"
+    );
+    assert!(lines[2].starts_with("* started a new chat as alice"), "{lines:?}");
     let key = p2p_proto::secure::read_key_file(&dir.join("p2pchat.key")).expect("a private key file");
     assert!(lines[0].contains(&key.id()), "{lines:?}");
     assert!(lines.contains(&"alice: hello there".to_string()), "{lines:?}");

@@ -117,14 +117,24 @@ pub async fn throughput(
     let start = Instant::now();
     let mut pubs = Vec::new();
     let win = window(size);
+    // Every member's count: the window follows the slowest reader, so no
+    // member falls a whole queue limit behind (the node would drop it).
+    let all: Vec<_> = joined.iter().map(|j| j.counts.clone()).collect();
     for (k, frames) in frames.into_iter().enumerate() {
-        let (tx, counts) = (joined[k].tx.clone(), joined[k].counts.clone());
+        let tx = joined[k].tx.clone();
+        let all = all.clone();
         let alive = joined[k].alive.clone();
         pubs.push(tokio::spawn(async move {
             let mut sent = 0u64;
+            let slowest = || {
+                all.iter()
+                    .map(|c| c.chats.load(Ordering::Relaxed))
+                    .min()
+                    .unwrap_or(0)
+            };
             for chunk in frames.chunks(256.min(win as usize)) {
-                // Bounded window: wait for our copies to come back.
-                while sent * p as u64 > counts.chats.load(Ordering::Relaxed) + win {
+                // Bounded window: wait for the slowest member's copies.
+                while sent * p as u64 > slowest() + win {
                     if !alive.load(Ordering::Relaxed) {
                         anyhow::bail!("the publisher's connection ended (see the node's messages above)");
                     }

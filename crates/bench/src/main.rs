@@ -19,6 +19,7 @@ use report::{percentiles, Report};
 
 #[derive(Parser)]
 #[command(
+    name = "p2pbench",
     version,
     about = "Benchmarks for p2pchat: fan-out, membership, failover, plugins"
 )]

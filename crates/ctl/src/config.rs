@@ -19,6 +19,17 @@ pub enum Policy {
     Always,
 }
 
+impl std::fmt::Display for Policy {
+    /// As written in the cluster file.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Policy::Never => "never",
+            Policy::OnFailure => "on-failure",
+            Policy::Always => "always",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Restart {
@@ -357,6 +368,67 @@ fn check_cluster_name(name: &str) -> Result<(), String> {
 
 /// The 1-based line of the `nth` (0-based) `key: value` in `text`, written
 /// either as `key: value` or `- key: value`, quoted or not.
+impl Cluster {
+    /// `FILE:LINE` of a plugin's entry (just `FILE` if it cannot be found).
+    pub fn plugin_location(&self, name: &str) -> String {
+        let shown = self.file.display().to_string();
+        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+        match find_line(&text, "name", name, 0) {
+            Some(l) => format!("{shown}:{l}"),
+            None => shown,
+        }
+    }
+
+    /// Loads every plugin of the file with `node_bin --check-plugins`, the
+    /// way a coordinator will, so a missing library or a bad configuration
+    /// is reported before anything starts, at its line in the file.
+    ///
+    /// # Errors
+    /// Each refusal, one per line, naming the plugin, its line and why.
+    pub fn check_plugins(&self, node_bin: &Path) -> Result<(), ConfigError> {
+        if self.plugins.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = std::process::Command::new(node_bin);
+        cmd.args(["--name", "check", "--check-plugins"]);
+        for p in &self.plugins {
+            cmd.arg("--plugin").arg(format!("{}:{}", p.name, p.config_json()));
+        }
+        let out = cmd.output().map_err(|e| {
+            ConfigError(format!(
+                "cannot run {} to check the plugins: {e}",
+                node_bin.display()
+            ))
+        })?;
+        let mut refused = Vec::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if v["state"] != "loaded" {
+                let name = v["plugin"].as_str().unwrap_or_default();
+                refused.push(format!(
+                    "{}: plugin {name} cannot be loaded: {}",
+                    self.plugin_location(name),
+                    v["detail"].as_str().unwrap_or("no reason given")
+                ));
+            }
+        }
+        if refused.is_empty() && !out.status.success() {
+            refused.push(format!(
+                "{} --check-plugins failed: {}",
+                node_bin.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        if refused.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(refused.join("\n")))
+        }
+    }
+}
+
 fn find_line(text: &str, key: &str, value: &str, nth: usize) -> Option<usize> {
     text.lines()
         .enumerate()

@@ -2,6 +2,7 @@
 //! supervisor, one JSON line each way (a stream of lines for `events`).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -156,6 +157,31 @@ pub async fn connect(state_dir: &Path, name: &str) -> Result<UnixStream, ClientE
 /// # Errors
 /// When no supervisor runs, or it hangs up without answering.
 pub async fn call(state_dir: &Path, name: &str, req: &Request) -> Result<Response, ClientError> {
+    // A supervisor that is stopped (SIGSTOP) or wedged still accepts
+    // connections (the kernel does): without a limit we would wait forever.
+    let limit = match req {
+        // These wait for nodes or for a failover on purpose.
+        Request::Check
+        | Request::Down
+        | Request::Say { .. }
+        | Request::Attach { .. }
+        | Request::Detach { .. } => Duration::from_secs(60),
+        _ => Duration::from_secs(10),
+    };
+    match tokio::time::timeout(limit, call_unlimited(state_dir, name, req)).await {
+        Ok(r) => r,
+        Err(_) => Err(ClientError::Broken {
+            name: name.to_string(),
+            detail: format!(
+                "no answer within {} s; is the supervisor stopped (SIGSTOP) or overloaded? Its pid is in {}",
+                limit.as_secs(),
+                state_dir.join("supervisor.pid").display()
+            ),
+        }),
+    }
+}
+
+async fn call_unlimited(state_dir: &Path, name: &str, req: &Request) -> Result<Response, ClientError> {
     let stream = connect(state_dir, name).await?;
     let (read, mut write) = stream.into_split();
     let broken = |detail: String| ClientError::Broken {

@@ -111,6 +111,7 @@ pub async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Running> {
     ensure_not_running(&cluster).await?;
+    cluster.check_plugins(&node_bin)?;
     let mut cluster = cluster;
     std::fs::create_dir_all(cluster.state_dir.join("logs")).with_context(|| {
         format!(
@@ -290,7 +291,7 @@ pub async fn up_dashboard(cluster: Cluster) -> anyhow::Result<i32> {
 /// If it cannot start, or start-up fails (with the supervisor's log tail).
 pub async fn up_detached(cluster: &Cluster) -> anyhow::Result<i32> {
     ensure_not_running(cluster).await?;
-    node_bin()?;
+    cluster.check_plugins(&node_bin()?)?;
     std::fs::create_dir_all(&cluster.state_dir)
         .with_context(|| format!("cannot create {}", cluster.state_dir.display()))?;
     let log_path = cluster.state_dir.join("supervisor.log");

@@ -148,6 +148,9 @@ pub struct Supervisor {
     start_deadline: Instant,
     /// `down` requests waiting for every node to stop.
     stopping: Vec<oneshot::Sender<Response>>,
+    /// During `down`: the coordinator, stopped once every other node is
+    /// gone (so the chat ends without electing a successor on the way out).
+    down_last: Option<usize>,
     /// The chat key and its file (handed to every node).
     key: crate::check::Key,
     key_file: PathBuf,
@@ -192,6 +195,7 @@ impl Supervisor {
             starting: None,
             start_deadline: Instant::now(),
             stopping: Vec::new(),
+            down_last: None,
         }
     }
 
@@ -231,6 +235,19 @@ impl Supervisor {
                     self.begin_down(None);
                 }
                 _ = ticker.tick() => self.check_start_deadline(),
+            }
+            if let Some(last) = self.down_last {
+                if self
+                    .slots
+                    .iter()
+                    .enumerate()
+                    .all(|(i, s)| i == last || s.pid.is_none())
+                {
+                    self.down_last = None;
+                    if self.slots[last].pid.is_some() {
+                        self.stop(last, false);
+                    }
+                }
             }
             if (!self.stopping.is_empty() || shut) && self.slots.iter().all(|s| s.pid.is_none()) {
                 for tx in self.stopping.drain(..) {
@@ -791,7 +808,17 @@ impl Supervisor {
 
     fn begin_down(&mut self, reply: Option<oneshot::Sender<Response>>) {
         self.starting = None;
+        // Members first, the coordinator last: each member leaves a live
+        // chat, and nobody is elected on the way out.
+        let coordinator = self
+            .coordinator
+            .as_ref()
+            .and_then(|(_, name)| self.slots.iter().position(|s| &s.name == name && s.pid.is_some()));
+        self.down_last = coordinator;
         for i in 0..self.slots.len() {
+            if Some(i) == coordinator {
+                continue;
+            }
             if self.slots[i].pid.is_some() {
                 self.stop(i, false);
             } else if self.slots[i].state == NodeState::Restarting {

@@ -12,4 +12,4 @@ pub mod plugins;
 mod server;
 
 pub use output::{EventFormat, Sink};
-pub use server::{run, NodeConfig};
+pub use server::{default_plugin_dir, run, NodeConfig};

@@ -80,10 +80,16 @@ impl Sink {
         }
     }
 
-    /// The node is listening (JSON only; human output starts with `Ready`).
+    /// The node is listening (so a human who let it pick a port knows
+    /// where others can join).
     pub fn listening(&self, name: &str, addr: &str) {
-        if self.format == EventFormat::Json {
-            self.line(json!({"event": "listening", "name": name, "addr": addr, "t": now_ms()}).to_string());
+        match self.format {
+            EventFormat::Json => self
+                .line(json!({"event": "listening", "name": name, "addr": addr, "t": now_ms()}).to_string()),
+            EventFormat::Human => self.line(format!(
+                "* {name} listening on {addr} (others join with --join {addr})"
+            )),
+            EventFormat::None => {}
         }
     }
 

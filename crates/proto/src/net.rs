@@ -298,6 +298,37 @@ impl ClientWrite {
         }
     }
 
+    /// Appends what goes on the wire for several encoded frames (each with
+    /// its prefix, back to back) to `out`: in a keyed chat, records that
+    /// each seal up to one largest frame's worth of them at once.
+    pub fn seal_batch_into(&mut self, mut frames: &[u8], out: &mut Vec<u8>) {
+        let Some(s) = &mut self.sealer else {
+            out.extend_from_slice(frames);
+            return;
+        };
+        while !frames.is_empty() {
+            // Whole frames, as many as fit one record.
+            let mut take = 0;
+            while take + 4 <= frames.len() {
+                let len = 4 + u32::from_be_bytes([
+                    frames[take],
+                    frames[take + 1],
+                    frames[take + 2],
+                    frames[take + 3],
+                ]) as usize;
+                if take > 0 && take + len > MAX_FRAME_LEN + 4 {
+                    break;
+                }
+                take = (take + len).min(frames.len());
+            }
+            let take = take.max(frames.len().min(4));
+            let rec = s.seal_batch(&frames[..take]);
+            out.extend_from_slice(&(rec.len() as u32).to_be_bytes());
+            out.extend_from_slice(&rec);
+            frames = &frames[take..];
+        }
+    }
+
     /// Writes bytes prepared by [`ClientWrite::seal_into`].
     ///
     /// # Errors

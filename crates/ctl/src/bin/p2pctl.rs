@@ -11,6 +11,7 @@ use p2p_ctl::{demo, logs, run};
 
 #[derive(Parser, Debug)]
 #[command(
+    name = "p2pctl",
     version,
     about = "Bring up, watch, break and repair a local p2pchat cluster",
     after_help = "\
@@ -173,6 +174,14 @@ enum Cmd {
         #[arg(long, default_value_t = 700)]
         pace_ms: u64,
     },
+    /// Print a shell completion script (e.g. `p2pctl completions bash >
+    /// ~/.local/share/bash-completion/completions/p2pctl`).
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff; `p2pctl man | man -l -`).
+    Man,
 }
 
 impl Cmd {
@@ -195,6 +204,7 @@ impl Cmd {
             | Cmd::Down { f }
             | Cmd::Demo { f, .. }
             | Cmd::Watch { f } => f.file.as_ref(),
+            Cmd::Completions { .. } | Cmd::Man => None,
         }
     }
 }
@@ -235,17 +245,33 @@ async fn call(cluster: &Cluster, req: Request) -> anyhow::Result<serde_json::Val
 }
 
 async fn dispatch(args: Args) -> anyhow::Result<i32> {
+    // These need no cluster file.
+    match &args.cmd {
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Args::command(), "p2pctl", &mut std::io::stdout());
+            return Ok(0);
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Args::command()).render(&mut std::io::stdout())?;
+            return Ok(0);
+        }
+        _ => {}
+    }
     let file = default_file(args.cmd.file().or(args.file.as_ref()).map(PathBuf::as_path))?;
     match args.cmd {
         Cmd::Validate { .. } => {
             let c = Cluster::load(&file)?;
+            c.check_plugins(&run::node_bin()?)?;
+            let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
             println!(
-                "{}: cluster {} is valid: {} nodes on {}, {} plugins, restart policy {:?}",
+                "{}: cluster {} is valid: {} on {}, {} (each loads), restart policy {}",
                 file.display(),
                 c.name,
-                c.nodes.len(),
+                plural(c.nodes.len(), "node"),
                 c.host,
-                c.plugins.len(),
+                plural(c.plugins.len(), "plugin"),
                 c.restart.policy
             );
             Ok(0)
@@ -428,9 +454,15 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
         }
         Cmd::Down { .. } => {
             let pid = std::fs::read_to_string(cluster.state_dir.join("supervisor.pid")).unwrap_or_default();
-            call(cluster, Request::Down)
-                .await
-                .context("while stopping the cluster")?;
+            match control::call(&cluster.state_dir, &cluster.name, &Request::Down).await {
+                Err(control::ClientError::NotRunning { .. }) => {
+                    println!("cluster {}: nothing running", cluster.name);
+                    return Ok(0);
+                }
+                Err(e) => return Err(anyhow::Error::new(e).context("while stopping the cluster")),
+                Ok(r) if !r.ok => bail!(r.error.unwrap_or_else(|| "the supervisor refused".into())),
+                Ok(_) => {}
+            }
             // Wait for the supervisor process itself to be gone.
             if let Ok(pid) = pid.trim().parse::<i32>() {
                 let pid = nix::unistd::Pid::from_raw(pid);

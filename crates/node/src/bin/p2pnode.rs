@@ -13,6 +13,7 @@ use p2p_proto::secure::{self, ChatKey};
 /// /quit leaves.
 #[derive(Parser, Debug)]
 #[command(
+    name = "p2pnode",
     version,
     after_help = "\
 Examples:
@@ -73,6 +74,12 @@ struct Args {
     /// and disrupt the chat (for measurements and trusted loopback only).
     #[arg(long)]
     insecure: bool,
+    /// Load each --plugin (in a scratch data directory), print one JSON line
+    /// per plugin (`{"plugin","state":"loaded"|"refused","detail"}`) and
+    /// exit: 0 if all load, 2 if not. Joins nothing (p2pctl validate uses
+    /// it).
+    #[arg(long)]
+    check_plugins: bool,
     /// Bytes that may wait unread for one member before it is disconnected.
     #[arg(long, default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(65_536..=1 << 30))]
     queue_limit_bytes: u64,
@@ -89,6 +96,9 @@ fn main() {
     if let Err(e) = p2p_proto::limits::check_name(&args.name) {
         eprintln!("p2pnode: invalid --name: {e}");
         std::process::exit(2);
+    }
+    if args.check_plugins {
+        std::process::exit(check_plugins(&args));
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -174,6 +184,54 @@ async fn serve(args: Args) -> anyhow::Result<i32> {
     }
     cfg.security = key.map(|(k, _, _)| std::sync::Arc::new(k));
     run(listener, cfg, sink, shutdown_signal()).await
+}
+
+/// `--check-plugins`: loads every `--plugin` the way a coordinator would,
+/// in a scratch data directory, and says what each did.
+fn check_plugins(args: &Args) -> i32 {
+    use p2p_node::core::hooks::{Hooks, PluginEvent};
+    let scratch = std::env::temp_dir().join(format!("p2pnode-check-{}", std::process::id()));
+    let plugin_dir = args
+        .plugin_dir
+        .clone()
+        .unwrap_or_else(p2p_node::default_plugin_dir);
+    let mut host = p2p_node::plugins::PluginHost::new(plugin_dir, scratch.clone());
+    let mut set = Vec::new();
+    let mut code = 0;
+    for spec in &args.plugins {
+        let (name, config) = match spec.split_once(':') {
+            Some((n, c)) => (n.to_string(), c.to_string()),
+            None => (spec.clone(), "{}".to_string()),
+        };
+        let checked = p2p_node::core::check_plugin_name(&name)
+            .and_then(|()| p2p_node::core::check_plugin_config(&name, &config));
+        match checked {
+            Ok(()) => set.push(p2p_proto::PluginRef { name, config }),
+            Err(detail) => {
+                println!(
+                    "{}",
+                    serde_json::json!({"plugin": name, "state": "refused", "detail": detail})
+                );
+                code = 2;
+            }
+        }
+    }
+    for r in host.set_plugins("check", &set) {
+        let state = match r.state {
+            PluginEvent::Loaded => "loaded",
+            _ => {
+                code = 2;
+                "refused"
+            }
+        };
+        println!(
+            "{}",
+            serde_json::json!({"plugin": r.plugin, "state": state, "detail": r.detail})
+        );
+    }
+    drop(host);
+    let _ = std::fs::remove_dir_all(&scratch);
+    code
 }
 
 /// Reads the chat key; a node starting a chat creates it when missing.
