@@ -537,3 +537,56 @@ fn the_demo_story_runs_from_a_relative_cluster_file() {
     assert_eq!(mode & 0o077, 0, "the chat key is readable by others");
     assert!(c.supervisor_pid().is_none_or(|p| !alive(p)));
 }
+
+/// Shell completions, the manual page and --version come from the same
+/// command definition, and name the binary as users type it.
+#[test]
+fn completions_man_page_and_version_name_p2pctl() {
+    let run = |args: &[&str]| {
+        let out = Command::new(bin("p2pctl")).args(args).output().expect("p2pctl");
+        assert!(out.status.success(), "p2pctl {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let bash = run(&["completions", "bash"]);
+    assert!(
+        bash.contains("_p2pctl") && bash.contains("watch") && bash.contains("--coordinator"),
+        "{bash}"
+    );
+    let man = run(&["man"]);
+    assert!(man.contains(".TH p2pctl") && man.contains("watch"), "{man}");
+    let version = run(&["--version"]);
+    assert!(version.starts_with("p2pctl "), "{version}");
+    let node = Command::new(bin("p2pnode")).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&node.stdout).starts_with("p2pnode "));
+}
+
+/// `plugin_dir` in the cluster file: bots built anywhere (say a debug
+/// build of your own) load from there; a wrong directory is refused at its
+/// line.
+#[test]
+fn plugins_load_from_the_plugin_dir_the_cluster_file_names() {
+    let c = TestCluster::new(&["alice"], "plugin_dir: mybots\nplugins:\n  - name: echo\n");
+    let lib = format!(
+        "{}echo{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    );
+    let err = String::from_utf8_lossy(&c.ctl(&["validate"]).stderr).into_owned();
+    assert!(
+        err.contains("cluster.yaml:7") && err.contains("plugin_dir \"mybots\" is not a directory"),
+        "{err}"
+    );
+    std::fs::create_dir_all(c.dir.join("mybots")).unwrap();
+    let err = String::from_utf8_lossy(&c.ctl(&["validate"]).stderr).into_owned();
+    assert!(
+        err.contains("plugin echo cannot be loaded") && err.contains("mybots"),
+        "{err}"
+    );
+    std::fs::copy(crate::util::bin_dir().join(&lib), c.dir.join("mybots").join(&lib)).unwrap();
+    let out = c.ok(&["validate"]);
+    assert!(out.contains("1 plugin (each loads)"), "{out}");
+    c.up();
+    let plugins: Vec<Value> = serde_json::from_str(&c.ok(&["plugins", "--json"])).unwrap();
+    assert_eq!(plugins[0]["name"], "echo");
+    assert_eq!(plugins[0]["state"], "active");
+}

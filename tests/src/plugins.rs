@@ -417,3 +417,70 @@ fn a_new_chat_after_down_and_up_gets_its_own_section_of_the_transcript() {
         "the second section is exactly the chat p2pctl check sees"
     );
 }
+
+/// A bot rebuilt in place is loaded anew on detach + attach (the loader
+/// would hand back the old code for the same path): the build identity
+/// changes, and the new library runs.
+#[test]
+fn a_rebuilt_bot_is_loaded_anew_with_its_build_shown() {
+    use crate::util::Raw;
+    use p2p_proto::Frame;
+    let dir = temp("rebuilt");
+    let lib = |d: &std::path::Path| {
+        d.join(format!(
+            "{}echo{}",
+            std::env::consts::DLL_PREFIX,
+            std::env::consts::DLL_SUFFIX
+        ))
+    };
+    std::fs::copy(lib(crate::util::bin_dir()), lib(&dir)).unwrap();
+    let plugin_dir = dir.display().to_string();
+    let mut a = Node::join("alice", &["--plugin-dir", &plugin_dir]);
+    let addr = a.addr.clone();
+    let change = |frame: Frame| {
+        let mut raw = Raw::connect(&addr);
+        raw.send(&frame);
+        let answer = raw.read().expect("an answer");
+        assert!(matches!(answer, Frame::Status { .. }), "{answer:?}");
+    };
+    let attach = || Frame::Attach {
+        name: "echo".into(),
+        config: "{}".into(),
+    };
+    change(attach());
+    let first = a.wait_event("echo loaded", |e| {
+        e["event"] == "plugin" && e["state"] == "loaded"
+    });
+    change(Frame::Detach { name: "echo".into() });
+    a.wait_event("echo detached", |e| {
+        e["event"] == "plugin" && e["state"] == "detached"
+    });
+    // "Rebuild": same code, different bytes (trailing data is ignored by
+    // the loader).
+    let mut bytes = std::fs::read(lib(&dir)).unwrap();
+    bytes.extend_from_slice(b"rebuilt");
+    std::fs::write(lib(&dir), bytes).unwrap();
+    change(attach());
+    let loaded = a.wait_events("echo loaded twice", 2, |e| {
+        e["event"] == "plugin" && e["state"] == "loaded"
+    });
+    let build = |e: &Value| {
+        let d = e["detail"].as_str().unwrap_or_default().to_string();
+        d.split("(build ")
+            .nth(1)
+            .map(|b| b.trim_end_matches(')').to_string())
+            .unwrap_or_default()
+    };
+    assert_eq!(build(&loaded[0]), build(&first));
+    assert_eq!(build(&first).len(), 12, "{first}");
+    assert_ne!(
+        build(&loaded[1]),
+        build(&first),
+        "the rebuilt file was not loaded: {loaded:?}"
+    );
+    a.say("!echo from the rebuilt bot");
+    a.wait_event("the rebuilt echo answers", |e| {
+        e["event"] == "message" && e["text"] == "from the rebuilt bot"
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}

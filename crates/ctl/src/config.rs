@@ -128,6 +128,8 @@ struct RawCluster {
     plugins: Vec<PluginSpec>,
     #[serde(default)]
     insecure: bool,
+    #[serde(default)]
+    plugin_dir: Option<String>,
 }
 
 /// A checked cluster description.
@@ -141,6 +143,9 @@ pub struct Cluster {
     pub restart: Restart,
     pub nodes: Vec<NodeSpec>,
     pub plugins: Vec<PluginSpec>,
+    /// Where nodes load plugin libraries from (absolute); `None`: next to
+    /// the p2pnode binary.
+    pub plugin_dir: Option<PathBuf>,
     /// The file it came from.
     pub file: PathBuf,
     /// `.p2pctl/<name>/` next to the file.
@@ -313,7 +318,23 @@ impl Cluster {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let state_dir = dir.join(".p2pctl").join(&raw.name);
+        let plugin_dir = match &raw.plugin_dir {
+            None => None,
+            Some(d) => {
+                let path = dir.join(d);
+                match std::fs::canonicalize(&path) {
+                    Ok(abs) if abs.is_dir() => Some(abs),
+                    _ => {
+                        return Err(ConfigError(format!(
+                            "{}: plugin_dir {d:?} is not a directory (relative paths start at the cluster file's directory; e.g. target/release after cargo build --release)",
+                            line("plugin_dir", d, 0)
+                        )))
+                    }
+                }
+            }
+        };
         Ok(Cluster {
+            plugin_dir,
             name: raw.name,
             host,
             heartbeat_ms: raw.heartbeat_ms,
@@ -391,6 +412,9 @@ impl Cluster {
         }
         let mut cmd = std::process::Command::new(node_bin);
         cmd.args(["--name", "check", "--check-plugins"]);
+        if let Some(dir) = &self.plugin_dir {
+            cmd.arg("--plugin-dir").arg(dir);
+        }
         for p in &self.plugins {
             cmd.arg("--plugin").arg(format!("{}:{}", p.name, p.config_json()));
         }

@@ -291,6 +291,10 @@ impl Supervisor {
         // the same file whichever node coordinates.
         args.push("--data-dir".into());
         args.push(self.cluster.state_dir.join("data").display().to_string());
+        if let Some(dir) = &self.cluster.plugin_dir {
+            args.push("--plugin-dir".into());
+            args.push(dir.display().to_string());
+        }
         if self.key.is_some() {
             args.push("--key-file".into());
             args.push(self.key_file.display().to_string());

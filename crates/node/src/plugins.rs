@@ -107,6 +107,8 @@ extern "C" fn cb_log(c: *mut c_void, level: u32, message: Str) {
 struct Loaded {
     name: String,
     version: String,
+    /// The library file's identity (see [`PluginStatus::build`]).
+    build: String,
     config: String,
     desc: &'static Descriptor,
     instance: *mut c_void,
@@ -140,6 +142,11 @@ pub struct PluginHost {
     data_dir: PathBuf,
     /// The chat the loaded plugins serve.
     chat_id: String,
+    /// Each library path mapped so far, with the build mapped there. The
+    /// dynamic loader hands back the first mapping of a path for as long as
+    /// the process lives (we never unmap), so a rebuilt file at the same
+    /// path is loaded from a private copy instead.
+    mapped: std::cell::RefCell<std::collections::HashMap<PathBuf, String>>,
     loaded: Vec<Loaded>,
     refused: Vec<Refused>,
     reports: Vec<HookReport>,
@@ -161,10 +168,39 @@ impl PluginHost {
             dir,
             data_dir,
             chat_id: String::new(),
+            mapped: Default::default(),
             loaded: Vec::new(),
             refused: Vec::new(),
             reports: Vec::new(),
         }
+    }
+
+    /// The build of the library at `path`, and where to load it from: the
+    /// path itself, unless an older build of it is already mapped there
+    /// (then a private copy named after the build).
+    fn current_build(&self, name: &str, path: &Path) -> Result<(String, PathBuf), String> {
+        use sha2::Digest;
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("plugin {name}: cannot read {}: {e}", path.display()))?;
+        let build: String = sha2::Sha256::digest(&bytes)[..6]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut mapped = self.mapped.borrow_mut();
+        let first = mapped.entry(path.to_path_buf()).or_insert_with(|| build.clone());
+        if *first == build {
+            return Ok((build, path.to_path_buf()));
+        }
+        let dir = std::env::temp_dir().join(format!("p2pnode-{}-plugins", std::process::id()));
+        let file = path
+            .file_name()
+            .map_or_else(|| name.into(), |f| f.to_string_lossy().into_owned());
+        let copy = dir.join(format!("{build}-{file}"));
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&copy, &bytes))
+            .map_err(|e| format!("plugin {name}: cannot stage the rebuilt {}: {e}", path.display()))?;
+        tracing::info!(plugin = name, %build, "loading a rebuilt library from a private copy");
+        Ok((build, copy))
     }
 
     /// Loads one plugin: checks the name, the file, the symbol, the ABI
@@ -179,10 +215,12 @@ impl PluginHost {
                 path.display()
             ));
         }
+        let (build, load_from) = self.current_build(&p.name, &path)?;
         // SAFETY: loading a library runs its initialisers; the file lives in
-        // the directory the operator chose for plugins, and its name comes
-        // from a validated plugin name, never from a path sent by a peer.
-        let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| {
+        // the directory the operator chose for plugins (or is our private
+        // copy of it), and its name comes from a validated plugin name,
+        // never from a path sent by a peer.
+        let lib = unsafe { libloading::Library::new(&load_from) }.map_err(|e| {
             format!(
                 "plugin {}: {} is not a loadable shared library: {e}",
                 p.name,
@@ -301,6 +339,7 @@ impl PluginHost {
         Ok(Loaded {
             name: p.name.clone(),
             version: dversion,
+            build,
             config: p.config.clone(),
             desc,
             instance,
@@ -454,7 +493,7 @@ impl Hooks for PluginHost {
                     reports.push(HookReport {
                         plugin: p.name.clone(),
                         state: PluginEvent::Loaded,
-                        detail: format!("version {}", p.version),
+                        detail: format!("version {} (build {})", p.version, p.build),
                     });
                     ordered.push(p);
                 }
@@ -598,6 +637,7 @@ impl Hooks for PluginHost {
             .map(|p| PluginStatus {
                 name: p.name.clone(),
                 version: clip(&p.version, MAX_REPORTED_VERSION),
+                build: p.build.clone(),
                 state: if p.quarantined.is_some() {
                     PluginState::Quarantined
                 } else {
@@ -612,6 +652,7 @@ impl Hooks for PluginHost {
         out.extend(self.refused.iter().map(|r| PluginStatus {
             name: r.name.clone(),
             version: String::new(),
+            build: String::new(),
             state: PluginState::Refused,
             calls: 0,
             drops: 0,

@@ -271,6 +271,10 @@ pub enum PluginState {
 pub struct PluginStatus {
     pub name: String,
     pub version: String,
+    /// Identity of the library file loaded (first 12 hex digits of its
+    /// SHA-256): tells a rebuilt bot from the old one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub build: String,
     pub state: PluginState,
     pub calls: u64,
     pub drops: u64,

@@ -403,14 +403,15 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
                 );
             } else {
                 println!(
-                    "{:<14} {:<9} {:<12} {:>8} {:>6} {:>10}",
-                    "NAME", "VERSION", "STATE", "CALLS", "DROPS", "TIME"
+                    "{:<14} {:<9} {:<13} {:<12} {:>8} {:>6} {:>10}",
+                    "NAME", "VERSION", "BUILD", "STATE", "CALLS", "DROPS", "TIME"
                 );
                 for p in list {
                     println!(
-                        "{:<14} {:<9} {:<12} {:>8} {:>6} {:>8}us{}",
+                        "{:<14} {:<9} {:<13} {:<12} {:>8} {:>6} {:>8}us{}",
                         p["name"].as_str().unwrap_or(""),
                         p["version"].as_str().unwrap_or(""),
+                        p["build"].as_str().unwrap_or("-"),
                         p["state"].as_str().unwrap_or(""),
                         p["calls"].to_string(),
                         p["drops"].to_string(),
