@@ -253,7 +253,11 @@ fn restarted_node_rejoins_and_chat_agrees() {
         let r = TestCluster::row(rows, "carol");
         r["state"] == "running" && r["pid"] != old
     });
-    c.ok(&["say", "bob", "hello", "after", "restart"]);
+    let out = c.ok(&["say", "bob", "hello", "after", "restart"]);
+    assert!(
+        out.starts_with("delivered at seq "),
+        "say reports the delivery: {out}"
+    );
     c.ok(&["say", "alice", "welcome back"]);
     let out = c.ok(&["check"]);
     assert!(out.contains("3 nodes agree on 2 messages"), "{out}");

@@ -152,6 +152,34 @@ pub async fn connect(state_dir: &Path, name: &str) -> Result<UnixStream, ClientE
         })
 }
 
+/// Subscribes to the supervisor's event stream: one JSON [`CtlEvent`] per
+/// line, until the supervisor stops.
+///
+/// [`CtlEvent`]: crate::supervisor::CtlEvent
+///
+/// # Errors
+/// When no supervisor runs.
+pub async fn subscribe(
+    state_dir: &Path,
+    name: &str,
+) -> Result<tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>, ClientError> {
+    let stream = connect(state_dir, name).await?;
+    let (read, mut write) = stream.into_split();
+    let line = format!(
+        "{}\n",
+        serde_json::to_string(&Request::Events).unwrap_or_default()
+    );
+    write
+        .write_all(line.as_bytes())
+        .await
+        .map_err(|e| ClientError::Broken {
+            name: name.to_string(),
+            detail: e.to_string(),
+        })?;
+    // The write half may go: the supervisor streams until we hang up.
+    Ok(BufReader::new(read).lines())
+}
+
 /// Sends one request and reads the answer.
 ///
 /// # Errors

@@ -567,7 +567,16 @@ impl Hooks for PluginHost {
                         self.notify_verdict(i, abi::ACTION_REWRITE, &rule, msg.from_id, msg.from);
                     }
                     Err(e) => {
-                        tracing::warn!(plugin = %self.loaded[i].name, error = %e, "ignoring an invalid rewrite")
+                        let plugin = self.loaded[i].name.clone();
+                        tracing::warn!(%plugin, error = %e, "ignoring an invalid rewrite");
+                        self.reports.push(HookReport {
+                            detail: format!(
+                                "rewrote {}'s message (rule {rule}) to an invalid text ({e}); the rewrite was ignored",
+                                msg.from
+                            ),
+                            plugin,
+                            state: PluginEvent::Ignored,
+                        });
                     }
                 },
                 _ => {}

@@ -1,6 +1,7 @@
 //! A test bot that panics on any message containing "boom", and reports a
 //! failure through the host (`Host::fail`) on one containing "fail" (to
-//! check that the node quarantines it either way and the chat goes on).
+//! check that the node quarantines it either way and the chat goes on), and
+//! rewrites one containing "empty" to nothing (an invalid rewrite).
 //! Not for real use.
 
 use p2p_plugin_api::{export_plugin, Host, Message, Plugin, Verdict};
@@ -21,6 +22,12 @@ impl Plugin for Panicky {
         }
         if msg.text.contains("fail") {
             host.fail("the test plugin was asked to fail");
+        }
+        if msg.text.contains("empty") {
+            return Verdict::Rewrite {
+                text: String::new(),
+                rule: "empty".into(),
+            };
         }
         Verdict::Deliver
     }

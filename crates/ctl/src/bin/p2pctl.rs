@@ -244,6 +244,60 @@ async fn call(cluster: &Cluster, req: Request) -> anyhow::Result<serde_json::Val
     Ok(resp.data.unwrap_or(serde_json::Value::Null))
 }
 
+/// Waits for what became of a line `node` posted: delivered (maybe
+/// rewritten by a bot) or dropped by a bot. Returns the exit code.
+async fn say_outcome(
+    events: &mut tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
+    node: &str,
+    text: &str,
+) -> i32 {
+    let wait = async {
+        while let Ok(Some(line)) = events.next_line().await {
+            let Ok(p2p_ctl::supervisor::CtlEvent::Node { node: n, event }) = serde_json::from_str(&line)
+            else {
+                continue;
+            };
+            if n != node {
+                continue;
+            }
+            match event["event"].as_str() {
+                Some("message") if event["from"] == node && event["bot"].is_null() => {
+                    let seq = &event["seq"];
+                    return match event["text"].as_str() {
+                        Some(t) if t == text => {
+                            println!("delivered at seq {seq}");
+                            0
+                        }
+                        Some(t) => {
+                            println!("delivered at seq {seq}, rewritten by a bot to: {t}");
+                            0
+                        }
+                        None => 0,
+                    };
+                }
+                Some("rejected") => {
+                    eprintln!(
+                        "p2pctl: not delivered: {}",
+                        event["reason"].as_str().unwrap_or("a bot dropped it")
+                    );
+                    return 1;
+                }
+                _ => {}
+            }
+        }
+        0
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), wait).await {
+        Ok(code) => code,
+        Err(_) => {
+            println!(
+                "queued at {node}; not delivered within 5 s (is a majority of the voters running? p2pctl ps)"
+            );
+            0
+        }
+    }
+}
+
 async fn dispatch(args: Args) -> anyhow::Result<i32> {
     // These need no cluster file.
     match &args.cmd {
@@ -358,7 +412,17 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
         Cmd::Say { node, text, .. } => {
             let text = text.join(" ");
             p2p_proto::limits::check_text(&text).map_err(|e| anyhow::anyhow!("cannot send that: {e}"))?;
-            call(cluster, Request::Say { node, text }).await?;
+            // Listen first, so the outcome cannot slip past.
+            let mut events = control::subscribe(&cluster.state_dir, &cluster.name).await?;
+            call(
+                cluster,
+                Request::Say {
+                    node: node.clone(),
+                    text: text.clone(),
+                },
+            )
+            .await?;
+            return Ok(say_outcome(&mut events, &node, &text).await);
         }
         Cmd::Attach { name, config, .. } => {
             let config = match config {

@@ -19,7 +19,6 @@ use futures_util::StreamExt;
 use ratatui::backend::CrosstermBackend;
 use ratatui::Terminal;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
 use crate::config::Cluster;
@@ -79,11 +78,7 @@ impl Drop for TermGuard {
 /// # Errors
 /// If no cluster runs, or the terminal cannot be set up.
 pub async fn watch(cluster: &Cluster, owner: Owner) -> anyhow::Result<i32> {
-    let stream = control::connect(&cluster.state_dir, &cluster.name).await?;
-    let (read, mut write) = stream.into_split();
-    let subscribe = format!("{}\n", serde_json::to_string(&Request::Events)?);
-    write.write_all(subscribe.as_bytes()).await?;
-    let mut events = BufReader::new(read).lines();
+    let mut events = control::subscribe(&cluster.state_dir, &cluster.name).await?;
 
     let mut model = Model::new(&cluster.name);
     let (tx, mut answers) = mpsc::channel::<Answer>(64);

@@ -305,6 +305,15 @@ impl Model {
                 self.notice(format!("{} {what}", s("name")));
                 true
             }
+            "plugin" if from_coordinator || e["state"] != "loaded" => {
+                let detail = s("detail");
+                let mut text = format!("bot {} {}", s("name"), s("state"));
+                if !detail.is_empty() {
+                    text.push_str(&format!(": {detail}"));
+                }
+                self.notice(text);
+                true
+            }
             "plugin" | "ready" | "role" => true,
             _ => false,
         }

@@ -65,6 +65,9 @@ pub enum PluginEvent {
     Refused,
     Quarantined,
     Detached,
+    /// The plugin did something the node ignored (e.g. a rewrite to an
+    /// invalid text); it keeps running.
+    Ignored,
 }
 
 impl PluginEvent {
@@ -74,6 +77,7 @@ impl PluginEvent {
             PluginEvent::Refused => "refused",
             PluginEvent::Quarantined => "quarantined",
             PluginEvent::Detached => "detached",
+            PluginEvent::Ignored => "ignored",
         }
     }
 }
