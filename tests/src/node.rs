@@ -89,6 +89,7 @@ fn human_output_is_plain_lines() {
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "hello there").unwrap();
+    writeln!(stdin, "/help").unwrap();
     writeln!(stdin, "/who").unwrap();
     writeln!(stdin, "/quit").unwrap();
     // Read in a thread: a node that never exits fails the deadline below
@@ -115,6 +116,12 @@ fn human_output_is_plain_lines() {
     let key = p2p_proto::secure::read_key_file(&dir.join("p2pchat.key")).expect("a private key file");
     assert!(lines[0].contains(&key.id()), "{lines:?}");
     assert!(lines.contains(&"alice: hello there".to_string()), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("* type a line to send it") && l.contains("/quit")),
+        "{lines:?}"
+    );
     assert!(
         lines
             .iter()

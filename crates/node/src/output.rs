@@ -27,6 +27,8 @@ pub enum EventFormat {
 /// Where events go.
 pub struct Sink {
     format: EventFormat,
+    /// How human lines look (colours, own lines).
+    style: HumanStyle,
     tx: Option<SyncSender<String>>,
     /// Lines not printed because stdout was not read fast enough. Printing
     /// never blocks the node: a stalled node would miss heartbeats.
@@ -41,6 +43,7 @@ impl Sink {
         let thread = std::thread::spawn(move || print_loop(rx, std::io::stdout()));
         Sink {
             format,
+            style: HumanStyle::default(),
             tx: Some(tx),
             dropped: std::cell::Cell::new(0),
             thread: Some(thread),
@@ -53,6 +56,7 @@ impl Sink {
         (
             Sink {
                 format,
+                style: HumanStyle::default(),
                 tx: Some(tx),
                 dropped: std::cell::Cell::new(0),
                 thread: None,
@@ -116,7 +120,7 @@ impl Sink {
     pub fn emit(&self, event: &Event, me: &str) {
         let line = match self.format {
             EventFormat::None => return,
-            EventFormat::Human => human(event, me),
+            EventFormat::Human => human(event, me, self.style),
             EventFormat::Json => json_line(event),
         };
         if let Some(line) = line {
@@ -165,7 +169,37 @@ fn role_str(role: Role) -> &'static str {
     }
 }
 
-fn human(event: &Event, me: &str) -> Option<String> {
+/// How human output is shown.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HumanStyle {
+    /// Colour member names (ANSI; for a terminal without NO_COLOR).
+    pub colour: bool,
+    /// The user's own lines are already on the screen (they typed them on
+    /// this terminal): do not print them again when delivered.
+    pub typed_here: bool,
+}
+
+impl Sink {
+    /// Sets how human lines look.
+    pub fn set_style(&mut self, style: HumanStyle) {
+        self.style = style;
+    }
+}
+
+/// A member name, coloured by a hash of it when colours are on.
+fn name(name: &str, style: HumanStyle) -> String {
+    if !style.colour {
+        return name.to_string();
+    }
+    let hue = name
+        .bytes()
+        .fold(7u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+        % 6
+        + 1;
+    format!("\x1b[1;3{hue}m{name}\x1b[0m")
+}
+
+fn human(event: &Event, me: &str, style: HumanStyle) -> Option<String> {
     Some(match event {
         Event::Ready {
             epoch,
@@ -180,10 +214,16 @@ fn human(event: &Event, me: &str) -> Option<String> {
             members,
             ..
         } => format!("* joined as {me}; coordinator is {coordinator} (epoch {epoch}), {members} members"),
-        Event::Message { chat, .. } => match &chat.bot {
-            Some(_) => format!("[bot] {}: {}", chat.from, chat.text),
-            None => format!("{}: {}", chat.from, chat.text),
-        },
+        Event::Message { chat, replay } => {
+            if !replay && style.typed_here && chat.bot.is_none() && chat.from == me {
+                return None;
+            }
+            let history = if *replay { "(history) " } else { "" };
+            match &chat.bot {
+                Some(_) => format!("{history}[bot] {}: {}", name(&chat.from, style), chat.text),
+                None => format!("{history}{}: {}", name(&chat.from, style), chat.text),
+            }
+        }
         Event::Joined { name, .. } => format!("* {name} joined"),
         Event::Left { name, reason, .. } => format!("* {name} {reason}"),
         Event::Role {
@@ -216,6 +256,7 @@ fn human(event: &Event, me: &str) -> Option<String> {
         }
         Event::Rejected { reason, .. } => format!("* not delivered: {reason}"),
         Event::Error { message, .. } => format!("* error: {message}"),
+        Event::Info { message } => format!("* {message}"),
         Event::Verdict {
             plugin,
             rule,
@@ -293,6 +334,7 @@ fn json_line(event: &Event) -> Option<String> {
             json!({"event": "rejected", "client_seq": client_seq, "reason": reason, "t": t})
         }
         Event::Error { code, message } => json!({"event": "error", "code": code, "message": message, "t": t}),
+        Event::Info { message } => json!({"event": "info", "message": message, "t": t}),
         Event::Verdict {
             plugin,
             rule,
@@ -306,4 +348,65 @@ fn json_line(event: &Event) -> Option<String> {
         }
     };
     Some(v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(from: &str, replay: bool) -> Event {
+        Event::Message {
+            chat: p2p_proto::Chat {
+                epoch: 1,
+                seq: 3,
+                from: from.into(),
+                from_id: 1,
+                client_seq: 1,
+                text: "hi".into(),
+                bot: None,
+            },
+            replay,
+        }
+    }
+
+    #[test]
+    fn human_lines_mark_history_colour_names_and_skip_what_the_user_typed() {
+        let plain = HumanStyle::default();
+        assert_eq!(human(&message("bob", false), "alice", plain).unwrap(), "bob: hi");
+        assert_eq!(
+            human(&message("bob", true), "alice", plain).unwrap(),
+            "(history) bob: hi"
+        );
+        let typed = HumanStyle {
+            typed_here: true,
+            ..plain
+        };
+        assert_eq!(
+            human(&message("alice", false), "alice", typed),
+            None,
+            "already on the screen"
+        );
+        assert!(
+            human(&message("alice", true), "alice", typed).is_some(),
+            "history is shown"
+        );
+        assert!(
+            human(&message("alice", false), "alice", plain).is_some(),
+            "not typed here: shown"
+        );
+        let colour = HumanStyle {
+            colour: true,
+            ..plain
+        };
+        let line = human(&message("bob", false), "alice", colour).unwrap();
+        assert!(
+            line.starts_with("\x1b[1;3") && line.ends_with("\x1b[0m: hi"),
+            "{line:?}"
+        );
+        assert_eq!(
+            line,
+            human(&message("bob", false), "carol", colour).unwrap(),
+            "one colour per name"
+        );
+    }
 }

@@ -177,7 +177,14 @@ async fn serve(args: Args) -> anyhow::Result<i32> {
         cfg.plugin_dir = dir;
     }
     cfg.data_dir = args.data_dir;
-    let sink = Sink::stdout(args.events);
+    let mut sink = Sink::stdout(args.events);
+    {
+        use std::io::IsTerminal;
+        sink.set_style(p2p_node::output::HumanStyle {
+            colour: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            typed_here: !args.headless && std::io::stdin().is_terminal(),
+        });
+    }
     match &key {
         Some((k, path, created)) => sink.key(Some((&k.id(), path, *created))),
         None => sink.key(None),

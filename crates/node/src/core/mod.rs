@@ -253,6 +253,10 @@ pub enum Event {
         code: Option<ErrorCode>,
         message: String,
     },
+    /// An answer for this node's user (e.g. to /help).
+    Info {
+        message: String,
+    },
     /// A plugin dropped or rewrote someone's message.
     Verdict {
         plugin: String,
@@ -954,9 +958,13 @@ impl Core {
                 coordinator: self.coordinator,
             }),
             "/quit" => self.quit(),
+            "/help" => self.emit(Event::Info {
+                message: "type a line to send it to everyone; /who lists the members, /quit (or Ctrl-D) leaves the chat"
+                    .into(),
+            }),
             cmd if cmd.starts_with('/') => self.emit(Event::Error {
                 code: None,
-                message: format!("unknown command {cmd}; commands are /who and /quit"),
+                message: format!("unknown command {cmd}; commands are /who, /help and /quit"),
             }),
             _ => self.on_user_text(line),
         }
