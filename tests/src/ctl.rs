@@ -258,6 +258,15 @@ fn restarted_node_rejoins_and_chat_agrees() {
         out.starts_with("delivered at seq "),
         "say reports the delivery: {out}"
     );
+    // The tail first: lines may still be added, never removed.
+    let tail = c.ok(&["logs", "--tail", "2", "bob"]);
+    let all = c.ok(&["logs", "bob"]);
+    assert_eq!(tail.lines().count(), 2, "{tail}");
+    assert!(
+        all.lines().count() > 2 && all.contains(&tail),
+        "{all}\n--\n{tail}"
+    );
+    assert!(!all.contains('\x1b'), "no terminal codes in logs: {all}");
     c.ok(&["say", "alice", "welcome back"]);
     let out = c.ok(&["check"]);
     assert!(out.contains("3 nodes agree on 2 messages"), "{out}");

@@ -19,7 +19,12 @@ fn time_of(line: &str) -> Option<u64> {
 ///
 /// # Errors
 /// When the node is unknown or no log exists yet.
-pub async fn logs(cluster: &Cluster, node: Option<&str>, follow: bool) -> anyhow::Result<i32> {
+pub async fn logs(
+    cluster: &Cluster,
+    node: Option<&str>,
+    follow: bool,
+    tail: Option<usize>,
+) -> anyhow::Result<i32> {
     let names: Vec<String> = match node {
         Some(n) if cluster.nodes.iter().any(|x| x.name == n) => vec![n.to_string()],
         Some(n) => {
@@ -57,10 +62,13 @@ pub async fn logs(cluster: &Cluster, node: Option<&str>, follow: bool) -> anyhow
         }
     }
     merged.sort();
-    for (_, _, name, line) in merged {
-        if let Some(l) = log_line(&line) {
-            println!("{}", display.prefixed(&name, &l));
-        }
+    let shown: Vec<String> = merged
+        .into_iter()
+        .filter_map(|(_, _, name, line)| log_line(&line).map(|l| display.prefixed(&name, &l)))
+        .collect();
+    let skip = tail.map_or(0, |n| shown.len().saturating_sub(n));
+    for l in &shown[skip..] {
+        println!("{l}");
     }
     if !follow {
         return Ok(0);

@@ -81,15 +81,16 @@ pub fn spawn(
     let pid = child.id().unwrap_or(0);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
-    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-    let log_err = log_file.try_clone()?;
+    let log_file = std::sync::Arc::new(std::sync::Mutex::new(LogFile::open(log)?));
+    let log_err = log_file.clone();
     let tx_out = tx.clone();
     let out_task = tokio::spawn(async move {
         let Some(stdout) = stdout else { return };
-        let mut log = log_file;
         let mut lines = BufReader::new(stdout).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            let _ = writeln!(log, "{line}");
+            if let Ok(mut log) = log_file.lock() {
+                log.write_line(&line);
+            }
             if tx_out.send(SupMsg::Line { idx, gen, line }).await.is_err() {
                 return;
             }
@@ -97,10 +98,11 @@ pub fn spawn(
     });
     let err_task = tokio::spawn(async move {
         let Some(stderr) = stderr else { return };
-        let mut log = log_err;
         let mut lines = BufReader::new(stderr).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            let _ = writeln!(log, "stderr: {line}");
+            if let Ok(mut log) = log_err.lock() {
+                log.write_line(&format!("stderr: {}", strip_ansi(&line)));
+            }
         }
     });
     tokio::spawn(async move {
@@ -124,4 +126,101 @@ pub fn spawn(
         let _ = tx.send(SupMsg::Exited { idx, gen, info }).await;
     });
     Ok(pid)
+}
+
+/// Bytes a node log may reach before it is rotated (`NAME.log` becomes
+/// `NAME.log.1`, replacing the previous one): at most twice this per node.
+pub const LOG_CAP: u64 = 16 << 20;
+
+/// A node's log file, rotated at [`LOG_CAP`].
+struct LogFile {
+    path: PathBuf,
+    file: std::fs::File,
+    size: u64,
+}
+
+impl LogFile {
+    fn open(path: PathBuf) -> std::io::Result<LogFile> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(LogFile { path, file, size })
+    }
+
+    /// Appends a line; a full disk loses log lines, never the node.
+    fn write_line(&mut self, line: &str) {
+        if self.size + line.len() as u64 + 1 > LOG_CAP {
+            let mut old = self.path.clone().into_os_string();
+            old.push(".1");
+            let reopened = std::fs::rename(&self.path, &old).and_then(|()| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(true)
+                    .write(true)
+                    .open(&self.path)
+            });
+            if let Ok(f) = reopened {
+                self.file = f;
+                self.size = 0;
+            }
+        }
+        if writeln!(self.file, "{line}").is_ok() {
+            self.size += line.len() as u64 + 1;
+        }
+    }
+}
+
+/// `line` without terminal escape sequences (colours a node may print on
+/// stderr), so log files read cleanly.
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                // Parameters, then one final byte in @..~.
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colours_are_stripped_from_log_lines() {
+        assert_eq!(
+            strip_ansi("\x1b[2m2026\x1b[0m \x1b[33m WARN\x1b[0m dropping"),
+            "2026  WARN dropping"
+        );
+        assert_eq!(strip_ansi("plain ünïcode"), "plain ünïcode");
+    }
+
+    #[test]
+    fn a_full_log_is_rotated_once() {
+        let dir = std::env::temp_dir().join(format!("p2pctl-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("n.log");
+        let mut log = LogFile::open(path.clone()).unwrap();
+        let line = "x".repeat(1 << 20);
+        for _ in 0..(LOG_CAP >> 20) + 3 {
+            log.write_line(&line);
+        }
+        let now = std::fs::metadata(&path).unwrap().len();
+        let old = std::fs::metadata(dir.join("n.log.1")).unwrap().len();
+        assert!(now <= LOG_CAP && old <= LOG_CAP && now > 0, "{now} {old}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -127,6 +127,9 @@ enum Cmd {
         /// Keep printing new lines.
         #[arg(short, long)]
         follow: bool,
+        /// Only the last N lines (then follow, with -f).
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
         node: Option<String>,
     },
     /// Attach (or reconfigure) a bot plugin on the running cluster.
@@ -216,6 +219,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // One thread: node processes are spawned from it, and their
     // parent-death signal is tied to the spawning thread.
@@ -350,9 +354,9 @@ async fn dispatch(args: Args) -> anyhow::Result<i32> {
         Cmd::Demo { pace_ms, .. } => {
             demo::demo(Cluster::load(&file)?, std::time::Duration::from_millis(pace_ms)).await
         }
-        Cmd::Logs { follow, node, .. } => {
-            logs::logs(&Cluster::load_unbound(&file)?, node.as_deref(), follow).await
-        }
+        Cmd::Logs {
+            follow, tail, node, ..
+        } => logs::logs(&Cluster::load_unbound(&file)?, node.as_deref(), follow, tail).await,
         cmd => {
             let cluster = Cluster::load_unbound(&file)?;
             client(&cluster, cmd).await

@@ -92,6 +92,7 @@ fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if let Err(e) = p2p_proto::limits::check_name(&args.name) {
         eprintln!("p2pnode: invalid --name: {e}");
