@@ -447,6 +447,16 @@ fn each_bad_cluster_file_gets_its_own_clear_error() {
     );
     let err = validate_err("name: x\nnodes: [\n");
     assert!(err.contains("bad.yaml"), "{err}");
+    let err = validate_err("\n");
+    assert!(
+        err.contains("bad.yaml is empty") && err.contains("cluster.example.yaml"),
+        "{err}"
+    );
+    let err = validate_err("name: x\nnodes:\n  - name: a\n    port: 70000\n");
+    assert!(
+        err.contains("bad.yaml:4") && err.contains("a port number from 0 to 65535") && !err.contains("u16"),
+        "{err}"
+    );
     // Plugins are loaded before anything starts; each refusal points at
     // its entry in the file.
     let err = validate_err(

@@ -208,6 +208,11 @@ impl Cluster {
     /// The first problem found, as a sentence with file and line.
     pub fn parse(text: &str, file: &Path) -> Result<Cluster, ConfigError> {
         let shown = file.display().to_string();
+        if text.trim().is_empty() {
+            return Err(ConfigError(format!(
+                "{shown} is empty; a cluster file needs at least `name:` and `nodes:` (cluster.example.yaml documents every key)"
+            )));
+        }
         let raw: RawCluster = serde_yaml::from_str(text).map_err(|e| {
             let at = e
                 .location()
@@ -215,6 +220,11 @@ impl Cluster {
             let msg = e.to_string();
             // serde_yaml appends "at line L column C"; we lead with it instead.
             let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+            // Rust type names mean nothing to a YAML author.
+            let msg = msg
+                .replace("expected u16", "expected a port number from 0 to 65535")
+                .replace("expected u64", "expected a whole number")
+                .replace("expected u32", "expected a whole number");
             ConfigError(format!("{}: {msg}", at.unwrap_or(shown.clone())))
         })?;
         let line = |key: &str, value: &str, nth: usize| -> String {

@@ -126,6 +126,9 @@ impl Display {
                     node,
                     &format!("plugin {} {}{}", s("name"), s("state"), {
                         let d = s("detail");
+                        // Details often repeat "plugin NAME: " themselves.
+                        let own = format!("plugin {}: ", s("name"));
+                        let d = d.strip_prefix(&own).unwrap_or(&d);
                         if d.is_empty() {
                             String::new()
                         } else {

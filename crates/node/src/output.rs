@@ -269,7 +269,12 @@ fn human(event: &Event, me: &str, style: HumanStyle) -> Option<String> {
         Event::Plugin { name, state, detail } if detail.is_empty() => {
             format!("* plugin {name} {}", state.as_str())
         }
-        Event::Plugin { name, state, detail } => format!("* plugin {name} {}: {detail}", state.as_str()),
+        Event::Plugin { name, state, detail } => {
+            // Details often repeat "plugin NAME: " themselves.
+            let own = format!("plugin {name}: ");
+            let detail = detail.strip_prefix(&own).unwrap_or(detail);
+            format!("* plugin {name} {}: {detail}", state.as_str())
+        }
         Event::Waiting { reason } => format!("* {reason}"),
         Event::Config { .. } => return None,
         Event::Unreachable { name, reason, .. } => format!(

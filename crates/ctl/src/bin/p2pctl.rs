@@ -73,6 +73,7 @@ enum Cmd {
         json: bool,
     },
     /// Send a signal to a node, or to whichever node is coordinator now.
+    #[command(override_usage = "p2pctl kill [--signal SIGNAL] <NODE | --coordinator>")]
     Kill {
         #[command(flatten)]
         f: FileArg,
