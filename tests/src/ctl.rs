@@ -613,3 +613,36 @@ fn plugins_load_from_the_plugin_dir_the_cluster_file_names() {
     assert_eq!(plugins[0]["name"], "echo");
     assert_eq!(plugins[0]["state"], "active");
 }
+
+/// `${VAR}` and `${VAR:-default}` in the cluster file come from the
+/// environment p2pctl runs in.
+#[test]
+fn cluster_files_take_variables_from_the_environment() {
+    let c = TestCluster::new(&[], "  - name: ${NODE_NAME:-solo}\n    port: ${NODE_PORT:-0}\n");
+    let validate = |vars: &[(&str, &str)]| {
+        Command::new(bin("p2pctl"))
+            .arg("-f")
+            .arg(&c.file)
+            .arg("validate")
+            .env_remove("NODE_NAME")
+            .envs(vars.iter().copied())
+            .output()
+            .expect("p2pctl")
+    };
+    let out = validate(&[]);
+    assert!(out.status.success(), "{out:?}");
+    let out = validate(&[("NODE_NAME", "from-env")]);
+    assert!(out.status.success(), "{out:?}");
+    // The value is used: an invalid one is refused by name.
+    let out = validate(&[("NODE_NAME", "no/slashes")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("no/slashes"), "{err}");
+    std::fs::write(&c.file, "name: ${UNSET_CLUSTER_NAME}\nnodes: []\n").unwrap();
+    let out = validate(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("cluster.yaml:1: environment variable UNSET_CLUSTER_NAME is not set"),
+        "{err}"
+    );
+}

@@ -7,11 +7,12 @@ use std::process::Command;
 use crate::util::{cargo, release_bin, run as run_cmd};
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
-    eprintln!("building release binaries (p2pnode, p2pctl, the bot plugins)…");
+    eprintln!(
+        "building release binaries (p2pnode, p2pctl, the bot plugins; about two minutes the first time)…"
+    );
     run_cmd(cargo().args([
         "build",
         "--release",
-        "--quiet",
         "-p",
         "p2p-node",
         "-p",

@@ -208,6 +208,8 @@ impl Cluster {
     /// The first problem found, as a sentence with file and line.
     pub fn parse(text: &str, file: &Path) -> Result<Cluster, ConfigError> {
         let shown = file.display().to_string();
+        let text = &interpolate(text, |v| std::env::var(v).ok())
+            .map_err(|(line, why)| ConfigError(format!("{shown}:{line}: {why}")))?;
         if text.trim().is_empty() {
             return Err(ConfigError(format!(
                 "{shown} is empty; a cluster file needs at least `name:` and `nodes:` (cluster.example.yaml documents every key)"
@@ -463,6 +465,73 @@ impl Cluster {
     }
 }
 
+/// Replaces `${VAR}` with the environment variable `VAR` and
+/// `${VAR:-default}` with it or `default` when unset or empty; `$$` is a
+/// literal `$`. Errors name the line and the variable.
+fn interpolate(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<String, (usize, String)> {
+    let mut out = String::with_capacity(text.len());
+    for (n, whole) in text.split_inclusive('\n').enumerate() {
+        // Comments are left as written.
+        let (line, comment) = whole.split_at(comment_start(whole).unwrap_or(whole.len()));
+        let mut rest = line;
+        while let Some(at) = rest.find('$') {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + 1..];
+            if let Some(more) = after.strip_prefix('$') {
+                out.push('$');
+                rest = more;
+            } else if let Some(body) = after.strip_prefix('{') {
+                let Some(end) = body.find('}') else {
+                    return Err((n + 1, "`${` without a closing `}`".into()));
+                };
+                let (name, default) = match body[..end].split_once(":-") {
+                    Some((name, d)) => (name, Some(d)),
+                    None => (&body[..end], None),
+                };
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err((n + 1, format!("`${{{}}}` is not a variable name", &body[..end])));
+                }
+                match (env(name).filter(|v| !v.is_empty()), default) {
+                    (Some(v), _) => out.push_str(&v),
+                    (None, Some(d)) => out.push_str(d),
+                    (None, None) => {
+                        return Err((
+                            n + 1,
+                            format!(
+                                "environment variable {name} is not set (give a default: ${{{name}:-value}})"
+                            ),
+                        ))
+                    }
+                }
+                rest = &body[end + 1..];
+            } else {
+                out.push('$');
+                rest = after;
+            }
+        }
+        out.push_str(rest);
+        out.push_str(comment);
+    }
+    Ok(out)
+}
+
+/// Where a YAML comment starts on this line: a `#` at the start or after
+/// whitespace, outside quotes.
+fn comment_start(line: &str) -> Option<usize> {
+    let mut quote = None;
+    let mut prev = ' ';
+    for (i, c) in line.char_indices() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '#') if prev.is_whitespace() => return Some(i),
+            _ => {}
+        }
+        prev = c;
+    }
+    None
+}
+
 fn find_line(text: &str, key: &str, value: &str, nth: usize) -> Option<usize> {
     text.lines()
         .enumerate()
@@ -486,6 +555,34 @@ fn find_line(text: &str, key: &str, value: &str, nth: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variables_are_taken_from_the_environment() {
+        let env = |v: &str| match v {
+            "PORT" => Some("7200".to_string()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        };
+        assert_eq!(
+            interpolate(
+                "port: ${PORT} # not ${THIS}\nhost: ${HOST:-127.0.0.1}\nx: ${EMPTY:-d} $$5 $x\n# ${NOR_THIS}\ny: \"#${PORT}\"\n",
+                env
+            )
+            .unwrap(),
+            "port: 7200 # not ${THIS}\nhost: 127.0.0.1\nx: d $5 $x\n# ${NOR_THIS}\ny: \"#7200\"\n"
+        );
+        let (line, why) = interpolate("a: 1\nb: ${NOPE}\n", env).unwrap_err();
+        assert_eq!(line, 2);
+        assert!(
+            why.contains("NOPE is not set") && why.contains("${NOPE:-value}"),
+            "{why}"
+        );
+        assert_eq!(interpolate("a: ${X\n", env).unwrap_err().0, 1);
+        assert!(interpolate("a: ${X Y}\n", env)
+            .unwrap_err()
+            .1
+            .contains("not a variable name"));
+    }
 
     fn parse(text: &str) -> Result<Cluster, ConfigError> {
         Cluster::parse(text, Path::new("c.yaml"))
