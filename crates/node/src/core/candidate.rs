@@ -688,6 +688,9 @@ impl Core {
         let next_id = self.tip.next_id.max(self.tip.max_id() + 1);
         let mut coord = super::Coord::new(next_id, self.now);
         coord.set_stable(self.stable);
+        for id in std::mem::take(&mut self.left_cleanly) {
+            coord.note_left(id);
+        }
         self.role = State::Coordinator(Box::new(coord));
         self.emit(Event::Role {
             role: Role::Coordinator,

@@ -73,6 +73,11 @@ struct Link {
 }
 
 impl Coord {
+    /// Member `id` left cleanly (its `left` entry will say so).
+    pub(super) fn note_left(&mut self, id: u64) {
+        self.gone_reason.insert(id, "left".into());
+    }
+
     pub(super) fn new(next_id: u64, now: Millis) -> Coord {
         Coord {
             links: BTreeMap::new(),

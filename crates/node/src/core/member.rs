@@ -737,6 +737,10 @@ impl Core {
                 // The coordinator left cleanly: it is gone for good.
                 let id = self.coordinator;
                 self.proven_dead(id);
+                if self.left_cleanly.len() >= 64 {
+                    self.left_cleanly.pop_first();
+                }
+                self.left_cleanly.insert(id);
                 self.start_election("the coordinator left".into(), None);
             }
             State::Member(_) => {

@@ -321,6 +321,9 @@ pub struct Core {
     /// Members proven dead (their address refused us, another process
     /// answers there, or they left). Never wrong, never forgotten.
     dead: BTreeSet<u64>,
+    /// Coordinators that told us they were leaving (a clean quit): if we
+    /// take over, their `left` entry says "left", not "disconnected".
+    left_cleanly: BTreeSet<u64>,
     /// Our messages not yet delivered: re-sent after a failover.
     pending: Vec<(u64, String)>,
     next_client_seq: u64,
@@ -373,6 +376,7 @@ impl Core {
             state_at: 0,
             tip: ChatState::default(),
             dead: BTreeSet::new(),
+            left_cleanly: BTreeSet::new(),
             pending: Vec::new(),
             next_client_seq: 1,
             next_dial: FIRST_DIAL_ID,

@@ -330,6 +330,10 @@ fn clean_coordinator_quit_hands_over_at_once() {
     sim.quit(0);
     assert!(settle(&mut sim, 5 * HB, |s| s.coordinators() == vec![1]));
     assert_eq!(sim.nodes[0].exit, Some(0));
+    // The chat records that it left, not that it vanished.
+    assert!(settle(&mut sim, 10 * HB, |s| s.events(2).iter().any(
+        |e| matches!(e, Event::Left { name, reason, .. } if name == "n0" && reason == "left")
+    )));
     assert_clean(&sim);
 }
 
