@@ -445,3 +445,33 @@ fn observers_get_status_without_joining() {
         "{err:?}"
     );
 }
+
+/// A person running p2pnode reads errors on stderr (as for bad arguments)
+/// and the chat on stdout; a join that cannot succeed ends with exit 2.
+#[test]
+fn a_failed_join_is_reported_on_stderr() {
+    use std::process::{Command, Stdio};
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nobody = free.local_addr().unwrap().to_string();
+    drop(free);
+    let child = Command::new(crate::util::bin("p2pnode"))
+        .args(["--name", "zed", "--insecure", "--headless", "--join", &nobody])
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = crate::util::wait_output("zed to give up", child);
+    assert_eq!(out.status.code(), Some(2));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        stderr.contains("could not join") && stderr.contains(&nobody),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("error"), "{stdout}");
+    assert!(stdout.contains("zed listening on 127.0.0.1:"), "{stdout}");
+}

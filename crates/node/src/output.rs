@@ -120,6 +120,13 @@ impl Sink {
     pub fn emit(&self, event: &Event, me: &str) {
         let line = match self.format {
             EventFormat::None => return,
+            // A human reads errors on stderr, like the argument errors.
+            EventFormat::Human if matches!(event, Event::Error { .. }) => {
+                if let Some(line) = human(event, me, self.style) {
+                    eprintln!("{line}");
+                }
+                return;
+            }
             EventFormat::Human => human(event, me, self.style),
             EventFormat::Json => json_line(event),
         };

@@ -22,7 +22,7 @@ Examples:
   p2pnode --name carol --listen 127.0.0.1:7103 --join 127.0.0.1:7102,127.0.0.1:7101"
 )]
 struct Args {
-    /// Your name in the chat: 1-32 of A-Z a-z 0-9 _ - .
+    /// Your name in the chat: 1 to 32 letters, digits, '_', '-' or '.' (e.g. alice.b)
     #[arg(long)]
     name: String,
     /// Address this node's server listens on (port 0 picks a free port).
