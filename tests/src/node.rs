@@ -133,7 +133,10 @@ fn human_output_is_plain_lines() {
 
 #[test]
 fn coordinator_sigkill_loses_and_duplicates_nothing() {
-    let a = Node::join("alice", &["--heartbeat-ms", "50"]);
+    // The default heartbeat: a SIGKILL is detected by the refused
+    // connection, not by missed heartbeats, and a slow CI machine must not
+    // depose anyone by accident.
+    let a = Node::join("alice", &[]);
     let mut b = node("bob", &[&a]);
     let mut c = node("carol", &[&a]);
     let mut d = node("dave", &[&a]);
@@ -413,11 +416,18 @@ fn observers_get_status_without_joining() {
         epoch,
         coordinator,
         members,
+        log,
+        last_seq,
         ..
     } = status
     else {
         unreachable!()
     };
+    // The digest lists what bob delivered, newest last.
+    let log = log.expect("asked for the log");
+    assert!(!log.is_empty(), "bob delivered at least his own join");
+    assert_eq!(log.last().map(|row| row.0), Some(last_seq));
+    assert!(log.iter().any(|row| row.3 == "joined"), "{log:?}");
     assert_eq!(name, "bob");
     assert_eq!(role, p2p_proto::Role::Member);
     assert_eq!(epoch, 1);
@@ -434,15 +444,17 @@ fn observers_get_status_without_joining() {
         sign_key: None,
     });
     let err = raw.read_until("error", |f| matches!(f, Frame::Error { .. }));
+    let Frame::Error {
+        code: p2p_proto::ErrorCode::VersionMismatch,
+        message,
+    } = &err
+    else {
+        panic!("not a version refusal: {err:?}")
+    };
     assert!(
-        matches!(
-            err,
-            Frame::Error {
-                code: p2p_proto::ErrorCode::VersionMismatch,
-                ..
-            }
-        ),
-        "{err:?}"
+        message.contains(&(PROTOCOL_VERSION + 1).to_string())
+            && message.contains(&PROTOCOL_VERSION.to_string()),
+        "both versions named: {message}"
     );
 }
 

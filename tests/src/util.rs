@@ -50,6 +50,7 @@ pub fn bin_dir() -> &'static Path {
                 "p2p-plugin-logger",
                 "p2p-plugin-test-panic",
                 "p2p-plugin-test-oldabi",
+                "p2p-plugin-test-nosymbol",
                 "p2p-bench",
             ] {
                 cmd.args(["-p", p]);

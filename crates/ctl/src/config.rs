@@ -46,6 +46,49 @@ pub struct Restart {
     pub max_backoff_ms: u64,
 }
 
+/// What to do when a node exits on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterExit {
+    /// Leave it exited (the policy does not restart this exit).
+    Stay,
+    /// Start it again after `delay_ms`; this is restart number `nth`.
+    Restart { delay_ms: u64, nth: u32 },
+    /// Too many restarts in a row: mark it failed.
+    Fail,
+}
+
+/// A node that ran this long before exiting starts a fresh series of
+/// restarts (its counter decays): one crash a day never adds up to
+/// `max_restarts`.
+pub const RESTART_DECAY_MS: u64 = 60_000;
+
+impl Restart {
+    /// The decision for one exit. `killed_by_user`: `p2pctl kill` sent it
+    /// (restarted only under `always`); `restarts`: restarts so far in
+    /// this series; `ran_ms`: how long this run lasted.
+    pub fn after_exit(&self, success: bool, killed_by_user: bool, restarts: u32, ran_ms: u64) -> AfterExit {
+        let wanted = match self.policy {
+            Policy::Never => false,
+            Policy::Always => true,
+            Policy::OnFailure => !success && !killed_by_user,
+        };
+        if !wanted {
+            return AfterExit::Stay;
+        }
+        let done = if ran_ms >= RESTART_DECAY_MS { 0 } else { restarts };
+        if done >= self.max_restarts {
+            return AfterExit::Fail;
+        }
+        AfterExit::Restart {
+            delay_ms: self
+                .backoff_ms
+                .saturating_mul(1u64 << done.min(20))
+                .min(self.max_backoff_ms),
+            nth: done + 1,
+        }
+    }
+}
+
 impl Default for Restart {
     fn default() -> Restart {
         Restart {
@@ -555,6 +598,54 @@ fn find_line(text: &str, key: &str, value: &str, nth: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restarts_follow_the_policy_double_their_delay_and_decay() {
+        let r = |policy| Restart {
+            policy,
+            max_restarts: 3,
+            backoff_ms: 100,
+            max_backoff_ms: 250,
+        };
+        let on = r(Policy::OnFailure);
+        assert_eq!(on.after_exit(true, false, 0, 10), AfterExit::Stay, "a clean exit");
+        assert_eq!(on.after_exit(false, true, 0, 10), AfterExit::Stay, "p2pctl kill");
+        let delays: Vec<AfterExit> = (0..4).map(|n| on.after_exit(false, false, n, 10)).collect();
+        assert_eq!(
+            delays,
+            [
+                AfterExit::Restart {
+                    delay_ms: 100,
+                    nth: 1
+                },
+                AfterExit::Restart {
+                    delay_ms: 200,
+                    nth: 2
+                },
+                AfterExit::Restart {
+                    delay_ms: 250,
+                    nth: 3
+                },
+                AfterExit::Fail,
+            ]
+        );
+        assert_eq!(
+            on.after_exit(false, false, 3, RESTART_DECAY_MS),
+            AfterExit::Restart {
+                delay_ms: 100,
+                nth: 1
+            },
+            "a long run starts a new series"
+        );
+        assert_eq!(r(Policy::Never).after_exit(false, false, 0, 10), AfterExit::Stay);
+        assert_eq!(
+            r(Policy::Always).after_exit(true, true, 0, 10),
+            AfterExit::Restart {
+                delay_ms: 100,
+                nth: 1
+            }
+        );
+    }
 
     #[test]
     fn variables_are_taken_from_the_environment() {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::config::{Cluster, Policy};
+use crate::config::{AfterExit, Cluster};
 use crate::control::{Request, Response};
 use crate::proc::{self, ExitInfo};
 
@@ -499,10 +499,10 @@ impl Supervisor {
     }
 
     fn on_exit(&mut self, idx: usize, info: ExitInfo) {
-        let policy = self.cluster.restart.policy;
-        let max = self.cluster.restart.max_restarts;
+        let restart = self.cluster.restart.clone();
         let down = !self.stopping.is_empty();
         let slot = &mut self.slots[idx];
+        let ran_ms = slot.started.map_or(0, |t| t.elapsed().as_millis() as u64);
         slot.pid = None;
         slot.role = None;
         slot.started = None;
@@ -510,43 +510,35 @@ impl Supervisor {
         let name = slot.name.clone();
         let mut what = info.describe();
         let restart_now = slot.restart_after_exit;
-        let wants_restart = !down
-            && !restart_now
-            && match (policy, slot.user_down) {
-                (_, Some(UserDown::Stopped)) => false,
-                (Policy::Always, _) => true,
-                (Policy::OnFailure, None) => !info.success(),
-                _ => false,
-            };
-        if down || slot.user_down == Some(UserDown::Stopped) && !restart_now {
+        if down || (slot.user_down == Some(UserDown::Stopped) && !restart_now) {
             slot.state = NodeState::Stopped;
         } else if restart_now {
             slot.state = NodeState::Restarting;
-        } else if wants_restart {
-            if slot.restarts >= max {
-                slot.state = NodeState::Failed;
-                what = format!(
-                    "{what}; failed after {max} restarts, not restarting (p2pctl start {name} tries again)"
-                );
-            } else {
-                let base = self.cluster.restart.backoff_ms;
-                let delay = base
-                    .saturating_mul(1u64 << slot.restarts.min(20))
-                    .min(self.cluster.restart.max_backoff_ms);
-                slot.restarts += 1;
-                slot.state = NodeState::Restarting;
-                what = format!(
-                    "{what}; restarting in {delay} ms (restart {} of {max})",
-                    slot.restarts
-                );
-                let (tx, gen) = (self.tx.clone(), slot.gen);
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(delay)).await;
-                    let _ = tx.send(SupMsg::RestartDue { idx, gen }).await;
-                });
-            }
         } else {
-            slot.state = NodeState::Exited;
+            let killed = slot.user_down == Some(UserDown::Killed);
+            match restart.after_exit(info.success(), killed, slot.restarts, ran_ms) {
+                AfterExit::Stay => slot.state = NodeState::Exited,
+                AfterExit::Fail => {
+                    slot.state = NodeState::Failed;
+                    what = format!(
+                        "{what}; failed after {} restarts in a row, not restarting (p2pctl start {name} tries again)",
+                        restart.max_restarts
+                    );
+                }
+                AfterExit::Restart { delay_ms, nth } => {
+                    slot.restarts = nth;
+                    slot.state = NodeState::Restarting;
+                    what = format!(
+                        "{what}; restarting in {delay_ms} ms (restart {nth} of {})",
+                        restart.max_restarts
+                    );
+                    let (tx, gen) = (self.tx.clone(), slot.gen);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                        let _ = tx.send(SupMsg::RestartDue { idx, gen }).await;
+                    });
+                }
+            }
         }
         self.emit(CtlEvent::Process { node: name, what });
         if restart_now && !down {
