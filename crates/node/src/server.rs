@@ -337,7 +337,7 @@ impl Driver {
                         }
                     }
                     Output::Broadcast(group, bytes) => run.push((group, bytes)),
-                    Output::Attach(conn, group) => {
+                    Output::JoinGroup(conn, group) => {
                         if let Some(w) = self.writers.get(&conn) {
                             let entry = (conn, w.clone());
                             match group {

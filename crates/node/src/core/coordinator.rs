@@ -428,7 +428,7 @@ impl Core {
         } else {
             let frames = self.log.frames(base + 1, commit);
             self.out.extend(frames.into_iter().map(|f| Output::Send(conn, f)));
-            self.out.push(Output::Attach(conn, Group::Clients));
+            self.out.push(Output::JoinGroup(conn, Group::Clients));
         }
     }
 
@@ -488,7 +488,7 @@ impl Core {
             l.catch_up = (!done).then_some(upto + 1);
         }
         if done {
-            self.out.push(Output::Attach(conn, Group::Peers));
+            self.out.push(Output::JoinGroup(conn, Group::Peers));
         }
     }
 

@@ -161,7 +161,7 @@ pub enum Output {
     /// Queue an encoded frame on every connection of a broadcast group.
     Broadcast(Group, Bytes),
     /// Add a connection to a broadcast group.
-    Attach(ConnId, Group),
+    JoinGroup(ConnId, Group),
     /// Close a connection once what is queued on it is written (this also
     /// takes it out of its broadcast group).
     Close(ConnId),

@@ -425,7 +425,7 @@ impl Sim {
                     self.send(idx, conn, b.clone());
                 }
             }
-            Output::Attach(conn, group) => {
+            Output::JoinGroup(conn, group) => {
                 if self.pipes.contains_key(&(idx, conn)) {
                     let n = &mut self.nodes[idx];
                     match group {
