@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
-
-use crate::supervisor::Handle;
+use tokio::net::UnixStream;
 
 /// A command for the supervisor.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,53 +78,6 @@ impl Response {
 
 pub fn socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join("ctl.sock")
-}
-
-/// Serves the control socket until the supervisor stops.
-pub async fn serve(listener: UnixListener, handle: Handle) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut lines = BufReader::new(read).lines();
-            let Ok(Some(line)) = lines.next_line().await else {
-                return;
-            };
-            let req: Request = match serde_json::from_str(&line) {
-                Ok(r) => r,
-                Err(e) => {
-                    let resp = Response::err(format!("bad request: {e}"));
-                    let _ = write
-                        .write_all(
-                            format!("{}\n", serde_json::to_string(&resp).unwrap_or_default()).as_bytes(),
-                        )
-                        .await;
-                    return;
-                }
-            };
-            if let Request::Events = req {
-                let mut rx = handle.subscribe();
-                loop {
-                    match rx.recv().await {
-                        Ok(ev) => {
-                            let line = format!("{}\n", serde_json::to_string(&ev).unwrap_or_default());
-                            if write.write_all(line.as_bytes()).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(_) => return,
-                    }
-                }
-            }
-            let resp = handle.request(req).await;
-            let line = format!("{}\n", serde_json::to_string(&resp).unwrap_or_default());
-            let _ = write.write_all(line.as_bytes()).await;
-        });
-    }
 }
 
 /// A failed attempt to reach the supervisor.

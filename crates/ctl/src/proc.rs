@@ -10,8 +10,6 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
-use crate::supervisor::SupMsg;
-
 /// How a process ended.
 #[derive(Debug, Clone, Copy)]
 pub struct ExitInfo {
@@ -49,7 +47,7 @@ pub fn spawn(
     log: PathBuf,
     idx: usize,
     gen: u64,
-    tx: mpsc::Sender<SupMsg>,
+    tx: mpsc::Sender<impl From<ProcMsg> + Send + 'static>,
 ) -> std::io::Result<u32> {
     let mut cmd = Command::new(bin);
     // Nodes run in the cluster's state directory (plugins write only in
@@ -91,7 +89,11 @@ pub fn spawn(
             if let Ok(mut log) = log_file.lock() {
                 log.write_line(&line);
             }
-            if tx_out.send(SupMsg::Line { idx, gen, line }).await.is_err() {
+            if tx_out
+                .send(ProcMsg::Line { idx, gen, line }.into())
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -123,9 +125,17 @@ pub fn spawn(
                 signal: None,
             },
         };
-        let _ = tx.send(SupMsg::Exited { idx, gen, info }).await;
+        let _ = tx.send(ProcMsg::Exited { idx, gen, info }.into()).await;
     });
     Ok(pid)
+}
+
+/// What a spawned node's watchers report, for slot `idx`, generation `gen`.
+pub enum ProcMsg {
+    /// A line the node printed on stdout.
+    Line { idx: usize, gen: u64, line: String },
+    /// The node exited (sent after every line it printed).
+    Exited { idx: usize, gen: u64, info: ExitInfo },
 }
 
 /// Bytes a node log may reach before it is rotated (`NAME.log` becomes

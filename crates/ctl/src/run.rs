@@ -153,7 +153,7 @@ pub async fn start(
     let sup = Supervisor::new(cluster, node_bin, key, key_file);
     let handle = sup.handle();
     let events = handle.subscribe();
-    let serve = tokio::spawn(control::serve(listener, handle.clone()));
+    let serve = tokio::spawn(crate::supervisor::serve_control(listener, handle.clone()));
     let task = tokio::spawn(sup.run(shutdown));
     Ok(Running {
         handle,

@@ -15,7 +15,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::config::{AfterExit, Cluster};
 use crate::control::{Request, Response};
-use crate::proc::{self, ExitInfo};
+use crate::proc::{self, ExitInfo, ProcMsg};
 
 /// What the supervisor tells subscribers (the `up` display, `demo`, tests).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,6 +38,15 @@ pub enum CtlEvent {
     AllReady { nodes: usize },
     /// Startup failed; the supervisor is stopping.
     StartFailed { reason: String },
+}
+
+impl From<ProcMsg> for SupMsg {
+    fn from(m: ProcMsg) -> SupMsg {
+        match m {
+            ProcMsg::Line { idx, gen, line } => SupMsg::Line { idx, gen, line },
+            ProcMsg::Exited { idx, gen, info } => SupMsg::Exited { idx, gen, info },
+        }
+    }
 }
 
 /// Messages to the actor.
@@ -829,5 +838,53 @@ impl Supervisor {
                 self.stopping.push(tx);
             }
         }
+    }
+}
+
+/// Serves the control socket until the supervisor stops.
+pub async fn serve_control(listener: tokio::net::UnixListener, handle: Handle) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            let Ok(Some(line)) = lines.next_line().await else {
+                return;
+            };
+            let req: Request = match serde_json::from_str(&line) {
+                Ok(r) => r,
+                Err(e) => {
+                    let resp = Response::err(format!("bad request: {e}"));
+                    let _ = write
+                        .write_all(
+                            format!("{}\n", serde_json::to_string(&resp).unwrap_or_default()).as_bytes(),
+                        )
+                        .await;
+                    return;
+                }
+            };
+            if let Request::Events = req {
+                let mut rx = handle.subscribe();
+                loop {
+                    match rx.recv().await {
+                        Ok(ev) => {
+                            let line = format!("{}\n", serde_json::to_string(&ev).unwrap_or_default());
+                            if write.write_all(line.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(_) => return,
+                    }
+                }
+            }
+            let resp = handle.request(req).await;
+            let line = format!("{}\n", serde_json::to_string(&resp).unwrap_or_default());
+            let _ = write.write_all(line.as_bytes()).await;
+        });
     }
 }
