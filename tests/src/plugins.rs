@@ -203,6 +203,8 @@ fn wrong_abi_missing_file_and_bad_names_are_refused_without_stopping_the_node() 
         fixture(&dir, "nosymbol"),
     )
     .unwrap();
+    // A real plugin under another name: its descriptor gives it away.
+    std::fs::copy(fixture(crate::util::bin_dir(), "echo"), fixture(&dir, "notecho")).unwrap();
     let mut b = Node::join(
         "bob",
         &[
@@ -212,9 +214,11 @@ fn wrong_abi_missing_file_and_bad_names_are_refused_without_stopping_the_node() 
             "notalib",
             "--plugin",
             "nosymbol",
+            "--plugin",
+            "notecho",
         ],
     );
-    let r = b.wait_events("refusals", 2, |e| {
+    let r = b.wait_events("refusals", 3, |e| {
         e["event"] == "plugin" && e["state"] == "refused"
     });
     assert!(
@@ -226,6 +230,10 @@ fn wrong_abi_missing_file_and_bad_names_are_refused_without_stopping_the_node() 
     );
     assert!(
         r[1]["detail"].as_str().unwrap().contains("not a p2pchat plugin"),
+        "{r:?}"
+    );
+    assert!(
+        r[2]["detail"].as_str().unwrap().contains("calls itself \"echo\""),
         "{r:?}"
     );
     b.say("still chatting");

@@ -382,6 +382,26 @@ mod tests {
     }
 
     #[test]
+    fn lines_nobody_reads_are_counted_and_reported_once_there_is_room() {
+        let (sink, rx) = Sink::channel(EventFormat::Json);
+        let info = |n: usize| Event::Info {
+            message: format!("line {n}"),
+        };
+        // The queue holds 65,536 lines; nobody reads.
+        for n in 0..(1 << 16) + 10 {
+            sink.emit(&info(n), "me");
+        }
+        let first: Vec<String> = rx.try_iter().collect();
+        assert_eq!(first.len(), 1 << 16);
+        sink.emit(&info(99_999), "me");
+        let after: Vec<serde_json::Value> =
+            rx.try_iter().map(|l| serde_json::from_str(&l).unwrap()).collect();
+        assert_eq!(after[0]["event"], "dropped");
+        assert_eq!(after[0]["count"], 10);
+        assert_eq!(after[1]["message"], "line 99999", "then printing goes on");
+    }
+
+    #[test]
     fn human_lines_mark_history_colour_names_and_skip_what_the_user_typed() {
         let plain = HumanStyle::default();
         assert_eq!(human(&message("bob", false), "alice", plain).unwrap(), "bob: hi");

@@ -132,6 +132,9 @@ pub struct Sim {
     pub check: Checker,
     /// Base of the sessions handed out (a different one per seed).
     session_base: u64,
+    /// Members a chat admits (`CoreConfig::max_members`) for nodes booted
+    /// from now on.
+    pub max_members: usize,
     pub steps: u64,
 }
 
@@ -151,6 +154,7 @@ impl Sim {
             next_ev: 0,
             check: Checker::default(),
             session_base,
+            max_members: p2p_proto::limits::MAX_MEMBERS,
             steps: 0,
         }
     }
@@ -185,6 +189,7 @@ impl Sim {
         cfg.join = join;
         cfg.replay = 20;
         cfg.keep = 1 << 20;
+        cfg.max_members = self.max_members;
         cfg
     }
 

@@ -338,6 +338,22 @@ fn clean_coordinator_quit_hands_over_at_once() {
 }
 
 #[test]
+fn a_full_chat_refuses_newcomers_clearly() {
+    let mut sim = Sim::new(7, HB, NetConfig::default());
+    sim.max_members = 2;
+    sim.spawn("n0", Vec::new());
+    let n1 = sim.spawn("n1", vec![sim.nodes[0].addr.clone()]);
+    assert!(settle(&mut sim, 10 * HB, |s| s.role(n1) == Some(Role::Member)));
+    let n2 = sim.spawn("n2", vec![sim.nodes[0].addr.clone()]);
+    run_for(&mut sim, 5 * HB);
+    assert_eq!(sim.nodes[n2].exit, Some(2));
+    assert!(sim.check.events(n2, 0).iter().any(|e| matches!(e,
+        Event::Error { code: Some(ErrorCode::TooManyMembers), message } if message.contains("full (2 members)"))));
+    assert_eq!(sim.nodes[0].core().members().len(), 2);
+    assert_clean(&sim);
+}
+
+#[test]
 fn taken_name_is_refused_clearly() {
     let mut sim = cluster(2);
     let n = sim.spawn("n1", vec![sim.nodes[0].addr.clone()]);
