@@ -447,6 +447,15 @@ fn each_bad_cluster_file_gets_its_own_clear_error() {
     );
     let err = validate_err("name: x\nnodes: [\n");
     assert!(err.contains("bad.yaml"), "{err}");
+    // Several problems: all of them, each at its line.
+    let err = validate_err("name: x\nhost: my-laptop\nheartbeat_ms: 5\nnodes:\n  - name: a\n    port: 1\n  - name: a\n    port: 2\n");
+    assert!(
+        err.contains("bad.yaml:2: host")
+            && err.contains("bad.yaml:3: heartbeat_ms")
+            && err.contains("bad.yaml:7")
+            && err.contains("used twice"),
+        "{err}"
+    );
     let err = validate_err("\n");
     assert!(
         err.contains("bad.yaml is empty") && err.contains("cluster.example.yaml"),

@@ -3,6 +3,7 @@
 //! line per result. docs/BENCHMARKS.md records what this machine measured.
 
 mod client;
+mod compare;
 mod failover;
 mod fanout;
 mod history;
@@ -99,6 +100,18 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         logs: Option<std::path::PathBuf>,
     },
+    /// One-publisher fan-out against nats-server and redis-server (started
+    /// here if installed: apt-get install nats-server redis-server), and
+    /// p2pnode keyed and --insecure, interleaved; not part of `all`.
+    Compare {
+        #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+        members: Vec<usize>,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Messages per run (default 500000, --quick 50000).
+        #[arg(long)]
+        messages: Option<u64>,
+    },
     /// Every scenario with its defaults.
     All,
 }
@@ -154,6 +167,14 @@ async fn main() {
             .await
         }
         Cmd::Members { count } => members_cmd(&report, count, args.quick).await,
+        Cmd::Compare {
+            members,
+            size,
+            messages,
+        } => {
+            let m = messages.unwrap_or(if args.quick { 50_000 } else { 500_000 });
+            compare_cmd(&report, &members, size, m, args.quick).await
+        }
         Cmd::Failover { reps } => {
             failover_cmd(&report, reps.unwrap_or(if args.quick { 3 } else { 10 })).await
         }
@@ -313,6 +334,79 @@ async fn check_plugins_active(addr: &str, key: &nodes::Key, messages: u64) -> an
 /// The fixed load at which the node's own cost of the key is compared
 /// (messages per second from one publisher).
 const PACED_RATE: u64 = 40_000;
+
+/// `compare`: every target at every width, rounds interleaved.
+async fn compare_cmd(
+    report: &Report,
+    members: &[usize],
+    size: usize,
+    m: u64,
+    quick: bool,
+) -> anyhow::Result<()> {
+    let mut brokers = Vec::new();
+    for b in [compare::Broker::Nats, compare::Broker::Redis] {
+        match compare::start(b).await? {
+            Some(r) => brokers.push(r),
+            None => eprintln!(
+                "p2pbench: {} is not installed; comparing without it (apt-get install {})",
+                b.name(),
+                b.name()
+            ),
+        }
+    }
+    let insecure = vec!["--insecure".to_string()];
+    for &n in members {
+        let mut results: Vec<(String, Vec<f64>)> = brokers
+            .iter()
+            .map(|b| (b.broker.name().to_string(), Vec::new()))
+            .collect();
+        results.push(("p2pnode".into(), Vec::new()));
+        results.push(("p2pnode --insecure".into(), Vec::new()));
+        for _ in 0..reps(quick) {
+            for (i, b) in brokers.iter().enumerate() {
+                results[i]
+                    .1
+                    .push(compare::throughput(b.broker, &b.addr, n, size, m).await?);
+            }
+            for (args, k) in [(&[][..], 2), (&insecure[..], 1)] {
+                let coord = fanout::coordinator(args).await?;
+                let t = fanout::throughput(&coord.addr, &coord.key, n, size, m, 1).await?;
+                let at = results.len() - k;
+                results[at].1.push(t.deliveries_per_s);
+            }
+        }
+        let medians: Vec<(String, f64)> = results.into_iter().map(|(name, v)| (name, median(v))).collect();
+        let best_broker = medians[..brokers.len()]
+            .iter()
+            .map(|(_, v)| *v)
+            .fold(0.0, f64::max);
+        let ratio = |v: f64| {
+            if best_broker > 0.0 {
+                v / best_broker
+            } else {
+                f64::NAN
+            }
+        };
+        let line: Vec<String> = medians
+            .iter()
+            .map(|(name, v)| format!("{name} {:.2} M", v / 1e6))
+            .collect();
+        let (keyed, plain) = (medians[medians.len() - 2].1, medians[medians.len() - 1].1);
+        report.emit(
+            "compare",
+            json!({"members": n, "size": size, "messages": m, "runs": reps(quick)}),
+            json!({"deliveries_per_s": medians.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                   "p2pnode_over_best_broker": ratio(keyed), "insecure_over_best_broker": ratio(plain)}),
+            format!(
+                "compare N={n:<3} S={size}: {} | p2pnode / best broker {:.2}x (--insecure {:.2}x)",
+                line.join(", "),
+                ratio(keyed),
+                ratio(plain)
+            ),
+        );
+    }
+    Ok(())
+}
 
 async fn fanout_cmd(
     report: &Report,

@@ -248,7 +248,8 @@ impl Cluster {
     /// Parses and checks cluster-file text (ports not probed).
     ///
     /// # Errors
-    /// The first problem found, as a sentence with file and line.
+    /// Every problem found (one sentence per line, each with file and
+    /// line); a file YAML cannot read stops at the first.
     pub fn parse(text: &str, file: &Path) -> Result<Cluster, ConfigError> {
         let shown = file.display().to_string();
         let text = &interpolate(text, |v| std::env::var(v).ok())
@@ -278,42 +279,43 @@ impl Cluster {
                 None => shown.clone(),
             }
         };
+        // Every problem at once, each at its line.
+        let mut errors: Vec<String> = Vec::new();
         if let Err(e) = check_cluster_name(&raw.name) {
-            return Err(ConfigError(format!("{}: {e}", line("name", &raw.name, 0))));
+            errors.push(format!("{}: {e}", line("name", &raw.name, 0)));
         }
-        let host: IpAddr = raw.host.parse().map_err(|_| {
-            ConfigError(format!(
+        let host: IpAddr = raw.host.parse().unwrap_or_else(|_| {
+            errors.push(format!(
                 "{}: host {:?} is not an IP address; use an address such as 127.0.0.1",
                 line("host", &raw.host, 0),
                 raw.host
-            ))
-        })?;
+            ));
+            IpAddr::from([127, 0, 0, 1])
+        });
         if !(10..=60_000).contains(&raw.heartbeat_ms) {
-            return Err(ConfigError(format!(
+            errors.push(format!(
                 "{}: heartbeat_ms must be between 10 and 60000, got {}",
                 line("heartbeat_ms", &raw.heartbeat_ms.to_string(), 0),
                 raw.heartbeat_ms
-            )));
+            ));
         }
         let r = &raw.restart;
         if r.backoff_ms == 0 || r.max_backoff_ms < r.backoff_ms {
-            return Err(ConfigError(format!(
+            errors.push(format!(
                 "{}: restart.backoff_ms must be at least 1 and not above max_backoff_ms ({} > {})",
                 line("backoff_ms", &r.backoff_ms.to_string(), 0),
                 r.backoff_ms,
                 r.max_backoff_ms
-            )));
+            ));
         }
         if raw.nodes.is_empty() {
-            return Err(ConfigError(format!(
-                "{shown}: nodes is empty; list at least one node"
-            )));
+            errors.push(format!("{shown}: nodes is empty; list at least one node"));
         }
         if raw.nodes.len() > 64 {
-            return Err(ConfigError(format!(
+            errors.push(format!(
                 "{shown}: {} nodes listed; p2pctl runs at most 64",
                 raw.nodes.len()
-            )));
+            ));
         }
         let mut names: HashMap<&str, usize> = HashMap::new();
         let mut ports: HashMap<u16, usize> = HashMap::new();
@@ -323,25 +325,25 @@ impl Cluster {
             let here = line("name", &n.name, *nth);
             *nth += 1;
             if let Err(e) = p2p_proto::limits::check_name(&n.name) {
-                return Err(ConfigError(format!("{here}: node {e}")));
+                errors.push(format!("{here}: node {e}"));
             }
             if let Some(first) = names.insert(&n.name, i) {
                 let there = line("name", &n.name, 0);
-                return Err(ConfigError(format!(
+                errors.push(format!(
                     "{here}: node name {} is used twice (first at {there}, node #{}); give each node its own name",
                     n.name,
                     first + 1
-                )));
+                ));
             }
             if n.port != 0 {
                 if let Some(first) = ports.insert(n.port, i) {
-                    return Err(ConfigError(format!(
+                    errors.push(format!(
                         "{}: port {} of node {} is already used by node {}; give each node its own port",
                         line("port", &n.port.to_string(), 1),
                         n.port,
                         n.name,
                         raw.nodes[first].name
-                    )));
+                    ));
                 }
             }
         }
@@ -354,19 +356,22 @@ impl Cluster {
                     .chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
             {
-                return Err(ConfigError(format!(
+                errors.push(format!(
                     "{}: plugin name {:?} must be 1-64 characters of a-z 0-9 _ -",
                     line("name", &p.name, 0),
                     p.name
-                )));
+                ));
             }
             if plugin_names.insert(&p.name, ()).is_some() {
-                return Err(ConfigError(format!(
+                errors.push(format!(
                     "{}: plugin {} is listed twice",
                     line("name", &p.name, 1),
                     p.name
-                )));
+                ));
             }
+        }
+        if !errors.is_empty() {
+            return Err(ConfigError(errors.join("\n")));
         }
         let dir = file
             .parent()

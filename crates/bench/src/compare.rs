@@ -1,0 +1,216 @@
+//! `p2pbench compare`: the same one-publisher fan-out against nats-server
+//! and redis-server (started here when installed), p2pnode keyed and
+//! `--insecure`, interleaved in one run and printed as ratios.
+//!
+//! Every target gets N subscribing connections in this process's one
+//! thread (like the p2pnode members of `fanout`) and one publisher that
+//! keeps a window of messages ahead of the slowest subscriber. A broker's
+//! publisher is a connection of its own (Redis does not let a subscribed
+//! connection publish); p2pnode's publisher is one of its N members, as a
+//! chat member is.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use memchr::memmem;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+use crate::nodes;
+
+/// A message broker to compare with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broker {
+    Nats,
+    Redis,
+}
+
+impl Broker {
+    pub fn name(self) -> &'static str {
+        match self {
+            Broker::Nats => "nats-server",
+            Broker::Redis => "redis-server",
+        }
+    }
+
+    /// What a subscriber receives once per message (the payload is all
+    /// `x`, so this never appears inside one).
+    fn marker(self) -> &'static [u8] {
+        match self {
+            Broker::Nats => b"MSG b ",
+            Broker::Redis => b"$7\r\nmessage\r\n",
+        }
+    }
+}
+
+/// A broker process on a free loopback port; killed on drop.
+pub struct Running {
+    pub broker: Broker,
+    pub addr: String,
+    _child: Child,
+}
+
+/// Starts `broker` if its binary is on the PATH (None if not).
+///
+/// # Errors
+/// If it is installed but does not come up.
+pub async fn start(broker: Broker) -> anyhow::Result<Option<Running>> {
+    let port = nodes::free_port()?;
+    let mut cmd = Command::new(broker.name());
+    match broker {
+        Broker::Nats => cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()]),
+        Broker::Redis => cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]),
+    };
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot start {}", broker.name())),
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(&addr).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("{} did not listen on {addr} within 10 s", broker.name());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(Some(Running {
+        broker,
+        addr,
+        _child: child,
+    }))
+}
+
+/// Subscribes one connection and counts what it receives.
+async fn subscriber(broker: Broker, addr: &str, count: Arc<AtomicU64>) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    match broker {
+        Broker::Nats => {
+            s.write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\nSUB b 1\r\nPING\r\n")
+                .await?
+        }
+        Broker::Redis => s.write_all(b"SUBSCRIBE b\r\n").await?,
+    }
+    // Subscribed once the server confirms (PONG after SUB; the subscribe
+    // reply), so no message published later is missed.
+    let confirm: &[u8] = match broker {
+        Broker::Nats => b"PONG\r\n",
+        Broker::Redis => b"subscribe\r\n",
+    };
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut seen = Vec::new();
+    while memmem::find(&seen, confirm).is_none() {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            bail!("{} closed a subscriber", broker.name());
+        }
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let marker = broker.marker();
+    let finder = memmem::Finder::new(marker);
+    tokio::spawn(async move {
+        // Markers split across reads: keep the tail of the last one.
+        let mut carry: Vec<u8> = Vec::new();
+        loop {
+            let n = match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            carry.extend_from_slice(&buf[..n]);
+            let found = finder.find_iter(&carry).count() as u64;
+            count.fetch_add(found, Ordering::Relaxed);
+            let keep = marker.len() - 1;
+            let cut = match memmem::rfind(&carry, marker) {
+                Some(at) => (at + marker.len()).max(carry.len().saturating_sub(keep)),
+                None => carry.len().saturating_sub(keep),
+            };
+            carry.drain(..cut);
+        }
+    });
+    Ok(())
+}
+
+/// Deliveries per second from one publisher to `n` subscribers of `m`
+/// messages of `size` bytes.
+///
+/// # Errors
+/// On connection failures or when deliveries stall for 30 s.
+pub async fn throughput(broker: Broker, addr: &str, n: usize, size: usize, m: u64) -> anyhow::Result<f64> {
+    let counts: Vec<Arc<AtomicU64>> = (0..n).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    for c in &counts {
+        subscriber(broker, addr, c.clone()).await?;
+    }
+    let mut publisher = TcpStream::connect(addr).await?;
+    publisher.set_nodelay(true)?;
+    let payload = "x".repeat(size);
+    let one = match broker {
+        Broker::Nats => format!("PUB b {size}\r\n{payload}\r\n"),
+        Broker::Redis => format!("PUBLISH b {payload}\r\n"),
+    };
+    if broker == Broker::Nats {
+        publisher
+            .write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n")
+            .await?;
+    }
+    let (mut pub_read, mut pub_write) = publisher.into_split();
+    // Redis answers each PUBLISH with a count: read and drop them.
+    tokio::spawn(async move {
+        let mut sink = vec![0u8; 64 * 1024];
+        while matches!(pub_read.read(&mut sink).await, Ok(n) if n > 0) {}
+    });
+    let window = ((2u64 << 20) / (size as u64 + 100)).clamp(64, 4096);
+    let chunk = 256.min(window);
+    let batch = one.repeat(chunk as usize);
+    let slowest = || {
+        counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    };
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut last_progress = (Instant::now(), 0u64);
+    while sent < m {
+        while sent > slowest() + window {
+            tokio::task::yield_now().await;
+            let now = slowest();
+            if now != last_progress.1 {
+                last_progress = (Instant::now(), now);
+            } else if last_progress.0.elapsed() > Duration::from_secs(30) {
+                bail!("{}: deliveries stalled at {now} of {sent}", broker.name());
+            }
+        }
+        let k = chunk.min(m - sent);
+        pub_write
+            .write_all(&batch.as_bytes()[..one.len() * k as usize])
+            .await?;
+        sent += k;
+    }
+    while slowest() < m {
+        tokio::task::yield_now().await;
+        let now = slowest();
+        if now != last_progress.1 {
+            last_progress = (Instant::now(), now);
+        } else if last_progress.0.elapsed() > Duration::from_secs(30) {
+            bail!("{}: deliveries stalled at {now} of {m}", broker.name());
+        }
+    }
+    Ok((n as u64 * m) as f64 / start.elapsed().as_secs_f64())
+}
