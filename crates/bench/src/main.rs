@@ -354,7 +354,7 @@ async fn compare_cmd(
             ),
         }
     }
-    let insecure = vec!["--insecure".to_string()];
+    let insecure = ["--insecure".to_string()];
     for &n in members {
         let mut results: Vec<(String, Vec<f64>)> = brokers
             .iter()
