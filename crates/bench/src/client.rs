@@ -23,6 +23,10 @@ const JOINED: &[u8] = br#"{"type":"joined""#;
 pub struct Counts {
     pub chats: AtomicU64,
     pub joined: AtomicU64,
+    /// Woken as chats arrive (shared by the members of one run), so a
+    /// publisher waiting for its window waits instead of spinning on the
+    /// one thread the members share.
+    pub progress: Arc<tokio::sync::Notify>,
 }
 
 /// A joined member.
@@ -102,6 +106,9 @@ pub async fn read_loop(
             on_chat(chats);
             chats += 1;
             counts.chats.store(chats, Ordering::Relaxed);
+            if chats % 64 == 0 || chats == stop {
+                counts.progress.notify_one();
+            }
         } else if body.starts_with(PING) {
             if let Ok(Frame::Ping { nonce }) = decode_body(&body) {
                 let _ = pong.send(encode(&Frame::Pong { nonce }).to_vec());

@@ -97,7 +97,12 @@ pub async fn start(broker: Broker) -> anyhow::Result<Option<Running>> {
 }
 
 /// Subscribes one connection and counts what it receives.
-async fn subscriber(broker: Broker, addr: &str, count: Arc<AtomicU64>) -> anyhow::Result<()> {
+async fn subscriber(
+    broker: Broker,
+    addr: &str,
+    count: Arc<AtomicU64>,
+    progress: Arc<tokio::sync::Notify>,
+) -> anyhow::Result<tokio::task::AbortHandle> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
     match broker {
@@ -124,7 +129,7 @@ async fn subscriber(broker: Broker, addr: &str, count: Arc<AtomicU64>) -> anyhow
     }
     let marker = broker.marker();
     let finder = memmem::Finder::new(marker);
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         // Markers split across reads: keep the tail of the last one.
         let mut carry: Vec<u8> = Vec::new();
         loop {
@@ -135,6 +140,7 @@ async fn subscriber(broker: Broker, addr: &str, count: Arc<AtomicU64>) -> anyhow
             carry.extend_from_slice(&buf[..n]);
             let found = finder.find_iter(&carry).count() as u64;
             count.fetch_add(found, Ordering::Relaxed);
+            progress.notify_one();
             let keep = marker.len() - 1;
             let cut = match memmem::rfind(&carry, marker) {
                 Some(at) => (at + marker.len()).max(carry.len().saturating_sub(keep)),
@@ -143,7 +149,20 @@ async fn subscriber(broker: Broker, addr: &str, count: Arc<AtomicU64>) -> anyhow
             carry.drain(..cut);
         }
     });
-    Ok(())
+    Ok(task.abort_handle())
+}
+
+/// Closes the run's connections when it ends, however it ends (a broker
+/// keeps delivering to subscribers left open, which would slow every
+/// later run).
+struct Hangup(Vec<tokio::task::AbortHandle>);
+
+impl Drop for Hangup {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 /// Deliveries per second from one publisher to `n` subscribers of `m`
@@ -153,9 +172,17 @@ async fn subscriber(broker: Broker, addr: &str, count: Arc<AtomicU64>) -> anyhow
 /// On connection failures or when deliveries stall for 30 s.
 pub async fn throughput(broker: Broker, addr: &str, n: usize, size: usize, m: u64) -> anyhow::Result<f64> {
     let counts: Vec<Arc<AtomicU64>> = (0..n).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    // Subscribers wake the publisher when they count: it waits, not spins.
+    let progress = Arc::new(tokio::sync::Notify::new());
+    let mut hangup = Hangup(Vec::new());
     for c in &counts {
-        subscriber(broker, addr, c.clone()).await?;
+        hangup
+            .0
+            .push(subscriber(broker, addr, c.clone(), progress.clone()).await?);
     }
+    let wait = || async {
+        let _ = tokio::time::timeout(Duration::from_millis(100), progress.notified()).await;
+    };
     let mut publisher = TcpStream::connect(addr).await?;
     publisher.set_nodelay(true)?;
     let payload = "x".repeat(size);
@@ -170,10 +197,11 @@ pub async fn throughput(broker: Broker, addr: &str, n: usize, size: usize, m: u6
     }
     let (mut pub_read, mut pub_write) = publisher.into_split();
     // Redis answers each PUBLISH with a count: read and drop them.
-    tokio::spawn(async move {
+    let drain = tokio::spawn(async move {
         let mut sink = vec![0u8; 64 * 1024];
         while matches!(pub_read.read(&mut sink).await, Ok(n) if n > 0) {}
     });
+    hangup.0.push(drain.abort_handle());
     let window = ((2u64 << 20) / (size as u64 + 100)).clamp(64, 4096);
     let chunk = 256.min(window);
     let batch = one.repeat(chunk as usize);
@@ -189,7 +217,7 @@ pub async fn throughput(broker: Broker, addr: &str, n: usize, size: usize, m: u6
     let mut last_progress = (Instant::now(), 0u64);
     while sent < m {
         while sent > slowest() + window {
-            tokio::task::yield_now().await;
+            wait().await;
             let now = slowest();
             if now != last_progress.1 {
                 last_progress = (Instant::now(), now);
@@ -204,7 +232,7 @@ pub async fn throughput(broker: Broker, addr: &str, n: usize, size: usize, m: u6
         sent += k;
     }
     while slowest() < m {
-        tokio::task::yield_now().await;
+        wait().await;
         let now = slowest();
         if now != last_progress.1 {
             last_progress = (Instant::now(), now);

@@ -47,9 +47,13 @@ async fn members(
     base: Instant,
 ) -> anyhow::Result<Vec<Joined>> {
     let mut out = Vec::with_capacity(n);
+    let progress = Arc::new(tokio::sync::Notify::new());
     for i in 0..n {
         let m = client::join(addr, &format!("m{i}"), key).await?;
-        let counts = Arc::new(Counts::default());
+        let counts = Arc::new(Counts {
+            progress: progress.clone(),
+            ..Counts::default()
+        });
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(client::write_loop(m.write, rx));
         let (c, t, ptx) = (counts.clone(), times.clone(), tx.clone());
@@ -138,7 +142,10 @@ pub async fn throughput(
                     if !alive.load(Ordering::Relaxed) {
                         anyhow::bail!("the publisher's connection ended (see the node's messages above)");
                     }
-                    tokio::task::yield_now().await;
+                    // Woken as members count (a timeout keeps the liveness
+                    // check above running).
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(100), all[0].progress.notified()).await;
                 }
                 let mut batch = Vec::with_capacity(chunk.len() * 100);
                 for f in chunk {
