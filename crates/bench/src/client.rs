@@ -106,7 +106,7 @@ pub async fn read_loop(
             on_chat(chats);
             chats += 1;
             counts.chats.store(chats, Ordering::Relaxed);
-            if chats % 64 == 0 || chats == stop {
+            if chats & 63 == 0 || chats == stop {
                 counts.progress.notify_one();
             }
         } else if body.starts_with(PING) {
