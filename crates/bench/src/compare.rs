@@ -180,9 +180,6 @@ pub async fn throughput(broker: Broker, addr: &str, n: usize, size: usize, m: u6
             .0
             .push(subscriber(broker, addr, c.clone(), progress.clone()).await?);
     }
-    let wait = || async {
-        let _ = tokio::time::timeout(Duration::from_millis(100), progress.notified()).await;
-    };
     let mut publisher = TcpStream::connect(addr).await?;
     publisher.set_nodelay(true)?;
     let payload = "x".repeat(size);
@@ -205,40 +202,51 @@ pub async fn throughput(broker: Broker, addr: &str, n: usize, size: usize, m: u6
     let window = ((2u64 << 20) / (size as u64 + 100)).clamp(64, 4096);
     let chunk = 256.min(window);
     let batch = one.repeat(chunk as usize);
-    let slowest = || {
-        counts
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .min()
-            .unwrap_or(0)
-    };
     let start = Instant::now();
     let mut sent = 0u64;
     let mut last_progress = (Instant::now(), 0u64);
     while sent < m {
-        while sent > slowest() + window {
-            wait().await;
-            let now = slowest();
-            if now != last_progress.1 {
-                last_progress = (Instant::now(), now);
-            } else if last_progress.0.elapsed() > Duration::from_secs(30) {
-                bail!("{}: deliveries stalled at {now} of {sent}", broker.name());
-            }
-        }
+        reach(
+            broker,
+            &counts,
+            &progress,
+            sent.saturating_sub(window),
+            &mut last_progress,
+        )
+        .await?;
         let k = chunk.min(m - sent);
         pub_write
             .write_all(&batch.as_bytes()[..one.len() * k as usize])
             .await?;
         sent += k;
     }
-    while slowest() < m {
-        wait().await;
-        let now = slowest();
-        if now != last_progress.1 {
-            last_progress = (Instant::now(), now);
-        } else if last_progress.0.elapsed() > Duration::from_secs(30) {
-            bail!("{}: deliveries stalled at {now} of {m}", broker.name());
-        }
-    }
+    reach(broker, &counts, &progress, m, &mut last_progress).await?;
     Ok((n as u64 * m) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Waits until the slowest subscriber has counted `target`, woken as they
+/// count; fails when nothing moved for 30 s (`last`: when it last moved).
+async fn reach(
+    broker: Broker,
+    counts: &[Arc<AtomicU64>],
+    progress: &tokio::sync::Notify,
+    target: u64,
+    last: &mut (Instant, u64),
+) -> anyhow::Result<()> {
+    loop {
+        let now = counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0);
+        if now >= target {
+            return Ok(());
+        }
+        if now != last.1 {
+            *last = (Instant::now(), now);
+        } else if last.0.elapsed() > Duration::from_secs(30) {
+            bail!("{}: deliveries stalled at {now} of {target}", broker.name());
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(100), progress.notified()).await;
+    }
 }

@@ -35,17 +35,24 @@ struct Args {
     cmd: Cmd,
 }
 
+/// One fan-out load: widths, message size, messages per run.
+#[derive(clap::Args)]
+struct Load {
+    #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+    members: Vec<usize>,
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Messages per run (default 500000, --quick 50000).
+    #[arg(long)]
+    messages: Option<u64>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Deliveries/s and latency percentiles, 1 coordinator → N members.
     Fanout {
-        #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
-        members: Vec<usize>,
-        #[arg(long, default_value_t = 64)]
-        size: usize,
-        /// Messages per run (default 500000, --quick 50000).
-        #[arg(long)]
-        messages: Option<u64>,
+        #[command(flatten)]
+        load: Load,
         #[arg(long, default_value_t = 1)]
         publishers: usize,
         /// Use a coordinator already running at ADDR (e.g. under a profiler;
@@ -104,13 +111,8 @@ enum Cmd {
     /// here if installed: apt-get install nats-server redis-server), and
     /// p2pnode keyed and --insecure, interleaved; not part of `all`.
     Compare {
-        #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
-        members: Vec<usize>,
-        #[arg(long, default_value_t = 64)]
-        size: usize,
-        /// Messages per run (default 500000, --quick 50000).
-        #[arg(long)]
-        messages: Option<u64>,
+        #[command(flatten)]
+        load: Load,
     },
     /// Every scenario with its defaults.
     All,
@@ -122,9 +124,12 @@ async fn main() {
     let report = Report { json: args.json };
     let result = match args.cmd {
         Cmd::Fanout {
-            members,
-            size,
-            messages,
+            load:
+                Load {
+                    members,
+                    size,
+                    messages,
+                },
             publishers,
             connect: Some(addr),
             key_file,
@@ -149,9 +154,12 @@ async fn main() {
             Ok(())
         }
         Cmd::Fanout {
-            members,
-            size,
-            messages,
+            load:
+                Load {
+                    members,
+                    size,
+                    messages,
+                },
             publishers,
             connect: None,
             ..
@@ -168,9 +176,12 @@ async fn main() {
         }
         Cmd::Members { count } => members_cmd(&report, count, args.quick).await,
         Cmd::Compare {
-            members,
-            size,
-            messages,
+            load:
+                Load {
+                    members,
+                    size,
+                    messages,
+                },
         } => {
             let m = messages.unwrap_or(if args.quick { 50_000 } else { 500_000 });
             compare_cmd(&report, &members, size, m, args.quick).await
