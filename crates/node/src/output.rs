@@ -127,7 +127,13 @@ impl Sink {
                 }
                 return;
             }
-            EventFormat::Human => human(event, me, self.style),
+            EventFormat::Human => human(event, me, self.style).map(|l| {
+                if self.style.times {
+                    format!("{} {l}", local_hh_mm())
+                } else {
+                    l
+                }
+            }),
             EventFormat::Json => json_line(event),
         };
         if let Some(line) = line {
@@ -184,6 +190,25 @@ pub struct HumanStyle {
     /// The user's own lines are already on the screen (they typed them on
     /// this terminal): do not print them again when delivered.
     pub typed_here: bool,
+    /// Prefix each line with the local time (`14:03`), for a person
+    /// reading a terminal.
+    pub times: bool,
+}
+
+/// The local wall-clock time as `HH:MM`.
+fn local_hh_mm() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as libc::time_t;
+    // SAFETY: localtime_r writes only into `tm`, which we own; it reads
+    // the time zone the C library loaded, as any C program does.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let ok = !unsafe { libc::localtime_r(&now, &mut tm) }.is_null();
+    if ok {
+        format!("{:02}:{:02}", tm.tm_hour, tm.tm_min)
+    } else {
+        String::new()
+    }
 }
 
 impl Sink {
@@ -399,6 +424,23 @@ mod tests {
         assert_eq!(after[0]["event"], "dropped");
         assert_eq!(after[0]["count"], 10);
         assert_eq!(after[1]["message"], "line 99999", "then printing goes on");
+    }
+
+    #[test]
+    fn a_terminal_sees_the_local_time_before_each_line() {
+        let (mut sink, rx) = Sink::channel(EventFormat::Human);
+        sink.set_style(HumanStyle {
+            times: true,
+            ..HumanStyle::default()
+        });
+        sink.emit(&message("bob", false), "alice");
+        let line = rx.try_recv().unwrap();
+        let (time, rest) = line.split_once(' ').unwrap();
+        assert_eq!(rest, "bob: hi");
+        assert!(
+            time.len() == 5 && time.as_bytes()[2] == b':' && time.replace(':', "").parse::<u32>().is_ok(),
+            "{line:?}"
+        );
     }
 
     #[test]

@@ -184,6 +184,7 @@ async fn serve(args: Args) -> anyhow::Result<i32> {
         sink.set_style(p2p_node::output::HumanStyle {
             colour: std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
             typed_here: !args.headless && std::io::stdin().is_terminal(),
+            times: std::io::stdout().is_terminal(),
         });
     }
     match &key {
