@@ -384,7 +384,7 @@ impl Core {
         }
     }
 
-    /// Remembers who coordinated (or was our choice for) an epoch.
+    /// Remembers who coordinated an epoch (it welcomed us, or it is us).
     pub(super) fn know_coordinator(&mut self, epoch: u64, id: u64) {
         self.coordinators.insert(epoch, id);
         while self.coordinators.len() > 64 {
@@ -696,8 +696,11 @@ impl Core {
     }
 
     fn cast_vote(&mut self, epoch: u64, candidate: u64) {
+        // Not a record of who coordinated `epoch`: another candidate of the
+        // same epoch may have won without our vote, and its seals must
+        // still be trusted in a later recovery (a torture run livelocked
+        // when they were not).
         self.voted = (epoch, candidate);
-        self.know_coordinator(epoch, candidate);
         self.bound_epoch = self.bound_epoch.max(epoch);
         self.note_epoch(epoch);
     }
