@@ -10,7 +10,7 @@ use nix::sys::signal::Signal;
 use p2p_proto::secure::{self, ChatKey, SignKey};
 use p2p_proto::{Chat, Entry, ErrorCode, Frame, MemberInfo, Resume, Seal, PROTOCOL_VERSION};
 
-use crate::util::{assert_same_sequence, wait_until, wait_voters, Handshake, Node, Raw, DEADLINE};
+use crate::util::{assert_same_sequence, resume_as, wait_until, wait_voters, Handshake, Node, Raw, DEADLINE};
 
 fn expect_error(raw: &mut Raw, code: ErrorCode) -> String {
     let frame = raw.read_until("an error", |f| matches!(f, Frame::Error { .. }));
@@ -54,19 +54,6 @@ fn hello(name: &str, resume: Option<Resume>) -> Frame {
         addr: None,
         resume,
         sign_key: None,
-    }
-}
-
-fn resume_as(member_id: u64) -> Resume {
-    Resume {
-        member_id,
-        epoch: 1,
-        commit: 0,
-        log_epoch: 0,
-        last_seq: 0,
-        vote: None,
-        min_epoch: 0,
-        dead: Vec::new(),
     }
 }
 

@@ -709,3 +709,18 @@ pub fn wait_output(what: &str, mut child: std::process::Child) -> std::process::
         stderr: err.join().unwrap_or_default(),
     }
 }
+
+/// A `resume` for `member_id` in epoch 1 holding nothing (a client coming
+/// back before any history).
+pub fn resume_as(member_id: u64) -> p2p_proto::Resume {
+    p2p_proto::Resume {
+        member_id,
+        epoch: 1,
+        commit: 0,
+        log_epoch: 0,
+        last_seq: 0,
+        vote: None,
+        min_epoch: 0,
+        dead: Vec::new(),
+    }
+}

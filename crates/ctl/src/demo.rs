@@ -155,6 +155,7 @@ pub async fn demo(cluster: Cluster, pace: Duration) -> anyhow::Result<i32> {
             _ = stop_rx => {}
         }
     };
+    cluster.check_plugins(&run::node_bin()?)?;
     let mut running = run::start(cluster, run::node_bin()?, shutdown).await?;
     let mut display = Display::new(&names);
     if !run::wait_ready(&mut running, &mut display, n, true).await {

@@ -103,6 +103,8 @@ pub async fn ensure_not_running(cluster: &Cluster) -> anyhow::Result<()> {
 /// Starts the supervisor in this process: binds the control socket, spawns
 /// the nodes. Stops when `down` arrives or `shutdown` completes.
 ///
+/// Callers check the plugins first ([`Cluster::check_plugins`]), once.
+///
 /// # Errors
 /// If the state directory or control socket cannot be set up.
 pub async fn start(
@@ -111,7 +113,6 @@ pub async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Running> {
     ensure_not_running(&cluster).await?;
-    cluster.check_plugins(&node_bin)?;
     let mut cluster = cluster;
     std::fs::create_dir_all(cluster.state_dir.join("logs")).with_context(|| {
         format!(

@@ -338,10 +338,12 @@ async fn dispatch(args: Args) -> anyhow::Result<i32> {
         Cmd::Up { detach: true, .. } => run::up_detached(&Cluster::load(&file)?).await,
         // `--supervise` (the background half of `up -d`) runs the same
         // foreground supervisor; its output goes to supervisor.log.
+        // The `up -d` that started it has checked the plugins already.
         Cmd::Up { supervise: true, .. } => run::up_foreground(Cluster::load(&file)?, false).await,
         Cmd::Up { stream, .. } => {
             use std::io::IsTerminal;
             let cluster = Cluster::load(&file)?;
+            cluster.check_plugins(&run::node_bin()?)?;
             if stream || !std::io::stdout().is_terminal() {
                 run::up_foreground(cluster, false).await
             } else {
