@@ -165,6 +165,7 @@ pub fn log_line(line: &str) -> Option<String> {
         "joined" => format!("* {} joined", s("name")),
         "left" => format!("* {} {}", s("name"), s("reason")),
         "electing" => format!("* lost coordinator {} ({}); electing", s("lost"), s("reason")),
+        "following" => format!("* following the coordinator at {} ({})", s("addr"), s("reason")),
         "role" => format!(
             "* coordinator is now {} (epoch {}{})",
             s("coordinator"),

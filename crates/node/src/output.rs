@@ -270,6 +270,7 @@ fn human(event: &Event, me: &str, style: HumanStyle) -> Option<String> {
         Event::Electing { lost, reason } => {
             format!("* lost the coordinator {lost} ({reason}); electing the next")
         }
+        Event::Following { addr, reason } => format!("* following the coordinator at {addr} ({reason})"),
         Event::Who { members, coordinator } => {
             let names: Vec<String> = members
                 .iter()
@@ -363,6 +364,9 @@ fn json_line(event: &Event) -> Option<String> {
                     "election_ms": election_ms, "t": t}),
         Event::Electing { lost, reason } => {
             json!({"event": "electing", "lost": lost, "reason": reason, "t": t})
+        }
+        Event::Following { addr, reason } => {
+            json!({"event": "following", "addr": addr, "reason": reason, "t": t})
         }
         Event::Who { members, coordinator } => {
             json!({"event": "who", "members": members, "coordinator": coordinator})

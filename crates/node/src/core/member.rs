@@ -912,7 +912,10 @@ impl Core {
         if let Some(conn) = self.uplink_conn() {
             self.close(conn);
         }
-        let lost = self.coordinator_name();
+        self.emit(Event::Following {
+            addr: addr.clone(),
+            reason: why.to_string(),
+        });
         let lost_info = self.member(self.coordinator).cloned();
         let since = match &self.role {
             State::Electing(e) => e.since,
@@ -926,10 +929,6 @@ impl Core {
             skip: BTreeSet::new(),
             retry_at: None,
             alive_replies: 0,
-        });
-        self.emit(Event::Electing {
-            lost,
-            reason: why.to_string(),
         });
         self.try_successor();
     }

@@ -227,6 +227,12 @@ pub enum Event {
         lost: String,
         reason: String,
     },
+    /// Told of (or redirected to) another coordinator, this node goes to
+    /// it: no coordinator was lost and nobody is elected.
+    Following {
+        addr: String,
+        reason: String,
+    },
     /// This node cannot make progress and says why (a candidate short of a
     /// quorum, a coordinator that lost its voters).
     Waiting {

@@ -182,6 +182,17 @@ fn hung_coordinator_is_replaced_and_its_buffered_messages_never_fork() {
     let seq = assert_agree(&sim, &[0, 1, 2]);
     assert_eq!(seq.len(), 4);
     assert!(typed_to_zombie.is_some_and(|t| seq.iter().filter(|s| s.ends_with(&t)).count() == 1));
+    // The woken coordinator went over to its successor: it follows, it did
+    // not lose a coordinator nor elect one.
+    let woke = sim.events(0);
+    assert!(
+        woke.iter().any(|e| matches!(e, Event::Following { .. })),
+        "{woke:?}"
+    );
+    assert!(
+        !woke.iter().any(|e| matches!(e, Event::Electing { .. })),
+        "{woke:?}"
+    );
 }
 
 #[test]
