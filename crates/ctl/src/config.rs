@@ -198,10 +198,151 @@ pub struct Cluster {
     pub insecure: bool,
 }
 
-/// A cluster file that cannot be used, with the sentence to show.
+/// Where in a cluster file something is: the file, and its line (and
+/// column) when known. Shown as `FILE`, `FILE:LINE` or `FILE:LINE:COL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+}
+
+impl Location {
+    fn file(file: &Path) -> Location {
+        Location {
+            file: file.to_path_buf(),
+            line: None,
+            column: None,
+        }
+    }
+
+    fn line(file: &Path, line: Option<usize>) -> Location {
+        Location {
+            line,
+            ..Location::file(file)
+        }
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+            if let Some(c) = self.column {
+                write!(f, ":{c}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A cluster file that cannot be used. Its `Display` is the sentence to
+/// show: where, what, and what to change.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+pub enum ConfigError {
+    #[error("no cluster file: neither cluster.yaml nor cluster.example.yaml is in the current directory; pass -f FILE")]
+    NoFile,
+    #[error("{}: cannot read the cluster file: {source}", .file.display())]
+    Unreadable { file: PathBuf, source: std::io::Error },
+    #[error("{} is empty; a cluster file needs at least `name:` and `nodes:` (cluster.example.yaml documents every key)", .file.display())]
+    Empty { file: PathBuf },
+    /// Text YAML cannot read, or a `${VAR}` that cannot be replaced.
+    #[error("{at}: {why}")]
+    Syntax { at: Location, why: String },
+    /// Every problem found in a readable file, each at its line.
+    #[error("{}", join_lines(.0))]
+    Invalid(Vec<Problem>),
+    #[error("{at}: port {port} of node {node} {} on {host}; stop what uses it or choose another port",
+            if *.in_use { "is already in use".to_string() } else { format!("cannot be bound ({})", .why) })]
+    PortUnavailable {
+        at: Location,
+        node: String,
+        port: u16,
+        host: IpAddr,
+        in_use: bool,
+        why: String,
+    },
+    /// Plugins `p2pnode --check-plugins` refused, each at its line.
+    #[error("{}", join_lines(.0))]
+    PluginsRefused(Vec<PluginRefusal>),
+    #[error("cannot run {} to check the plugins: {source}", .bin.display())]
+    CheckerMissing { bin: PathBuf, source: std::io::Error },
+    #[error("{} --check-plugins failed: {stderr}", .bin.display())]
+    CheckerFailed { bin: PathBuf, stderr: String },
+}
+
+impl ConfigError {
+    /// The problems of an [`ConfigError::Invalid`] file (none otherwise).
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid(p) => p,
+            _ => &[],
+        }
+    }
+}
+
+fn join_lines<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// One problem in a cluster file, at its line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{at}: {kind}")]
+pub struct Problem {
+    pub at: Location,
+    pub kind: ProblemKind,
+}
+
+/// What is wrong, with the values involved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProblemKind {
+    #[error("cluster name {0:?} must be 1-40 characters of A-Z a-z 0-9 _ - (it names the state directory)")]
+    ClusterName(String),
+    #[error("host {0:?} is not an IP address; use an address such as 127.0.0.1")]
+    Host(String),
+    #[error("heartbeat_ms must be between 10 and 60000, got {0}")]
+    Heartbeat(u64),
+    #[error("restart.backoff_ms must be at least 1 and not above max_backoff_ms ({backoff_ms} > {max_backoff_ms})")]
+    Backoff { backoff_ms: u64, max_backoff_ms: u64 },
+    #[error("nodes is empty; list at least one node")]
+    NoNodes,
+    #[error("{0} nodes listed; p2pctl runs at most {MAX_NODES}")]
+    TooManyNodes(usize),
+    /// A node name the protocol refuses; `why` is its rule.
+    #[error("node {why}")]
+    NodeName { name: String, why: String },
+    #[error("node name {name} is used twice (first at {first}, node #{}); give each node its own name", .first_index + 1)]
+    NodeNameTwice {
+        name: String,
+        first: Location,
+        first_index: usize,
+    },
+    #[error("port {port} of node {node} is already used by node {other}; give each node its own port")]
+    PortTwice { port: u16, node: String, other: String },
+    #[error("plugin name {0:?} must be 1-64 characters of a-z 0-9 _ -")]
+    PluginName(String),
+    #[error("plugin {0} is listed twice")]
+    PluginTwice(String),
+    #[error("plugin_dir {0:?} is not a directory (relative paths start at the cluster file's directory; e.g. target/release after cargo build --release)")]
+    PluginDir(String),
+}
+
+/// A plugin of the file that a node would refuse, at its line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{at}: plugin {plugin} cannot be loaded: {why}")]
+pub struct PluginRefusal {
+    pub at: Location,
+    pub plugin: String,
+    pub why: String,
+}
+
+/// The most nodes one cluster file may list.
+pub const MAX_NODES: usize = 64;
 
 /// Picks the cluster file: `-f FILE`, else `cluster.yaml`, else
 /// `cluster.example.yaml` in the current directory.
@@ -217,16 +358,27 @@ pub fn default_file(given: Option<&Path>) -> Result<PathBuf, ConfigError> {
             return Ok(PathBuf::from(name));
         }
     }
-    Err(ConfigError(
-        "no cluster file: neither cluster.yaml nor cluster.example.yaml is in the current directory; pass -f FILE".into(),
-    ))
+    Err(ConfigError::NoFile)
+}
+
+/// The text of a cluster file, to find the line of a key.
+struct Lines<'a> {
+    text: &'a str,
+    file: &'a Path,
+}
+
+impl Lines<'_> {
+    /// Where the `nth` (0-based) `key: value` is.
+    fn at(&self, key: &str, value: &str, nth: usize) -> Location {
+        Location::line(self.file, find_line(self.text, key, value, nth))
+    }
 }
 
 impl Cluster {
     /// Reads and checks a cluster file, including that its ports are free.
     ///
     /// # Errors
-    /// The first problem found, as a sentence with file and line.
+    /// The problems found, each with file and line.
     pub fn load(file: &Path) -> Result<Cluster, ConfigError> {
         let cluster = Cluster::load_unbound(file)?;
         cluster.check_ports_free()?;
@@ -237,164 +389,54 @@ impl Cluster {
     /// commands that talk to a running cluster).
     ///
     /// # Errors
-    /// The first problem found, as a sentence with file and line.
+    /// The problems found, each with file and line.
     pub fn load_unbound(file: &Path) -> Result<Cluster, ConfigError> {
-        let shown = file.display().to_string();
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| ConfigError(format!("{shown}: cannot read the cluster file: {e}")))?;
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Unreadable {
+            file: file.to_path_buf(),
+            source,
+        })?;
         Cluster::parse(&text, file)
     }
 
     /// Parses and checks cluster-file text (ports not probed).
     ///
     /// # Errors
-    /// Every problem found (one sentence per line, each with file and
-    /// line); a file YAML cannot read stops at the first.
+    /// Every problem found, each with file and line
+    /// ([`ConfigError::Invalid`]); a file YAML cannot read stops at the
+    /// first ([`ConfigError::Syntax`]).
     pub fn parse(text: &str, file: &Path) -> Result<Cluster, ConfigError> {
-        let shown = file.display().to_string();
-        let text = &interpolate(text, |v| std::env::var(v).ok())
-            .map_err(|(line, why)| ConfigError(format!("{shown}:{line}: {why}")))?;
-        if text.trim().is_empty() {
-            return Err(ConfigError(format!(
-                "{shown} is empty; a cluster file needs at least `name:` and `nodes:` (cluster.example.yaml documents every key)"
-            )));
-        }
-        let raw: RawCluster = serde_yaml::from_str(text).map_err(|e| {
-            let at = e
-                .location()
-                .map(|l| format!("{shown}:{}:{}", l.line(), l.column()));
-            let msg = e.to_string();
-            // serde_yaml appends "at line L column C"; we lead with it instead.
-            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-            // Rust type names mean nothing to a YAML author.
-            let msg = msg
-                .replace("expected u16", "expected a port number from 0 to 65535")
-                .replace("expected u64", "expected a whole number")
-                .replace("expected u32", "expected a whole number");
-            ConfigError(format!("{}: {msg}", at.unwrap_or(shown.clone())))
-        })?;
-        let line = |key: &str, value: &str, nth: usize| -> String {
-            match find_line(text, key, value, nth) {
-                Some(l) => format!("{shown}:{l}"),
-                None => shown.clone(),
-            }
-        };
-        // Every problem at once, each at its line.
-        let mut errors: Vec<String> = Vec::new();
-        if let Err(e) = check_cluster_name(&raw.name) {
-            errors.push(format!("{}: {e}", line("name", &raw.name, 0)));
-        }
-        let host: IpAddr = raw.host.parse().unwrap_or_else(|_| {
-            errors.push(format!(
-                "{}: host {:?} is not an IP address; use an address such as 127.0.0.1",
-                line("host", &raw.host, 0),
-                raw.host
-            ));
-            IpAddr::from([127, 0, 0, 1])
-        });
-        if !(10..=60_000).contains(&raw.heartbeat_ms) {
-            errors.push(format!(
-                "{}: heartbeat_ms must be between 10 and 60000, got {}",
-                line("heartbeat_ms", &raw.heartbeat_ms.to_string(), 0),
-                raw.heartbeat_ms
-            ));
-        }
-        let r = &raw.restart;
-        if r.backoff_ms == 0 || r.max_backoff_ms < r.backoff_ms {
-            errors.push(format!(
-                "{}: restart.backoff_ms must be at least 1 and not above max_backoff_ms ({} > {})",
-                line("backoff_ms", &r.backoff_ms.to_string(), 0),
-                r.backoff_ms,
-                r.max_backoff_ms
-            ));
-        }
-        if raw.nodes.is_empty() {
-            errors.push(format!("{shown}: nodes is empty; list at least one node"));
-        }
-        if raw.nodes.len() > 64 {
-            errors.push(format!(
-                "{shown}: {} nodes listed; p2pctl runs at most 64",
-                raw.nodes.len()
-            ));
-        }
-        let mut names: HashMap<&str, usize> = HashMap::new();
-        let mut ports: HashMap<u16, usize> = HashMap::new();
-        let mut name_seen: HashMap<&str, usize> = HashMap::new();
-        for (i, n) in raw.nodes.iter().enumerate() {
-            let nth = name_seen.entry(n.name.as_str()).or_insert(0);
-            let here = line("name", &n.name, *nth);
-            *nth += 1;
-            if let Err(e) = p2p_proto::limits::check_name(&n.name) {
-                errors.push(format!("{here}: node {e}"));
-            }
-            if let Some(first) = names.insert(&n.name, i) {
-                let there = line("name", &n.name, 0);
-                errors.push(format!(
-                    "{here}: node name {} is used twice (first at {there}, node #{}); give each node its own name",
-                    n.name,
-                    first + 1
-                ));
-            }
-            if n.port != 0 {
-                if let Some(first) = ports.insert(n.port, i) {
-                    errors.push(format!(
-                        "{}: port {} of node {} is already used by node {}; give each node its own port",
-                        line("port", &n.port.to_string(), 1),
-                        n.port,
-                        n.name,
-                        raw.nodes[first].name
-                    ));
-                }
-            }
-        }
-        let mut plugin_names: HashMap<&str, ()> = HashMap::new();
-        for p in &raw.plugins {
-            if p.name.is_empty()
-                || p.name.len() > 64
-                || !p
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-            {
-                errors.push(format!(
-                    "{}: plugin name {:?} must be 1-64 characters of a-z 0-9 _ -",
-                    line("name", &p.name, 0),
-                    p.name
-                ));
-            }
-            if plugin_names.insert(&p.name, ()).is_some() {
-                errors.push(format!(
-                    "{}: plugin {} is listed twice",
-                    line("name", &p.name, 1),
-                    p.name
-                ));
-            }
-        }
-        if !errors.is_empty() {
-            return Err(ConfigError(errors.join("\n")));
-        }
+        let text =
+            &interpolate(text, |v| std::env::var(v).ok()).map_err(|(line, why)| ConfigError::Syntax {
+                at: Location::line(file, Some(line)),
+                why,
+            })?;
+        let raw = read_yaml(text, file)?;
+        let lines = Lines { text, file };
+        let mut problems = raw.problems(&lines);
+        let host: IpAddr = raw.host.parse().unwrap_or(IpAddr::from([127, 0, 0, 1]));
         let dir = file
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let state_dir = dir.join(".p2pctl").join(&raw.name);
-        let plugin_dir = match &raw.plugin_dir {
-            None => None,
-            Some(d) => {
-                let path = dir.join(d);
-                match std::fs::canonicalize(&path) {
-                    Ok(abs) if abs.is_dir() => Some(abs),
-                    _ => {
-                        return Err(ConfigError(format!(
-                            "{}: plugin_dir {d:?} is not a directory (relative paths start at the cluster file's directory; e.g. target/release after cargo build --release)",
-                            line("plugin_dir", d, 0)
-                        )))
-                    }
+        let plugin_dir = raw
+            .plugin_dir
+            .as_ref()
+            .and_then(|d| match std::fs::canonicalize(dir.join(d)) {
+                Ok(abs) if abs.is_dir() => Some(abs),
+                _ => {
+                    problems.push(Problem {
+                        at: lines.at("plugin_dir", d, 0),
+                        kind: ProblemKind::PluginDir(d.clone()),
+                    });
+                    None
                 }
-            }
-        };
+            });
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid(problems));
+        }
         Ok(Cluster {
             plugin_dir,
+            state_dir: dir.join(".p2pctl").join(&raw.name),
             name: raw.name,
             host,
             heartbeat_ms: raw.heartbeat_ms,
@@ -403,7 +445,6 @@ impl Cluster {
             nodes: raw.nodes,
             plugins: raw.plugins,
             file: file.to_path_buf(),
-            state_dir,
             insecure: raw.insecure,
         })
     }
@@ -411,53 +452,185 @@ impl Cluster {
     /// Fails if any fixed port is already taken.
     fn check_ports_free(&self) -> Result<(), ConfigError> {
         let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+        let lines = Lines {
+            text: &text,
+            file: &self.file,
+        };
         for n in self.nodes.iter().filter(|n| n.port != 0) {
-            let addr = SocketAddr::new(self.host, n.port);
-            if let Err(e) = TcpListener::bind(addr) {
-                let at = match find_line(&text, "port", &n.port.to_string(), 0) {
-                    Some(l) => format!("{}:{l}", self.file.display()),
-                    None => self.file.display().to_string(),
-                };
-                let why = if e.kind() == std::io::ErrorKind::AddrInUse {
-                    "is already in use".to_string()
-                } else {
-                    format!("cannot be bound ({e})")
-                };
-                return Err(ConfigError(format!(
-                    "{at}: port {} of node {} {why} on {}; stop what uses it or choose another port",
-                    n.port, n.name, self.host
-                )));
+            if let Err(e) = TcpListener::bind(SocketAddr::new(self.host, n.port)) {
+                return Err(ConfigError::PortUnavailable {
+                    at: lines.at("port", &n.port.to_string(), 0),
+                    node: n.name.clone(),
+                    port: n.port,
+                    host: self.host,
+                    in_use: e.kind() == std::io::ErrorKind::AddrInUse,
+                    why: e.to_string(),
+                });
             }
         }
         Ok(())
     }
 }
 
-fn check_cluster_name(name: &str) -> Result<(), String> {
-    if name.is_empty()
-        || name.len() > 40
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        return Err(format!(
-            "cluster name {name:?} must be 1-40 characters of A-Z a-z 0-9 _ - (it names the state directory)"
-        ));
+/// YAML text → the raw file, or where and why YAML cannot read it.
+fn read_yaml(text: &str, file: &Path) -> Result<RawCluster, ConfigError> {
+    if text.trim().is_empty() {
+        return Err(ConfigError::Empty {
+            file: file.to_path_buf(),
+        });
     }
-    Ok(())
+    serde_yaml::from_str(text).map_err(|e| {
+        let at = Location {
+            file: file.to_path_buf(),
+            line: e.location().map(|l| l.line()),
+            column: e.location().map(|l| l.column()),
+        };
+        let msg = e.to_string();
+        // serde_yaml appends "at line L column C"; we lead with it instead.
+        let msg = msg.split(" at line ").next().unwrap_or(&msg);
+        // Rust type names mean nothing to a YAML author.
+        let why = msg
+            .replace("expected u16", "expected a port number from 0 to 65535")
+            .replace("expected u64", "expected a whole number")
+            .replace("expected u32", "expected a whole number");
+        ConfigError::Syntax { at, why }
+    })
 }
 
-/// The 1-based line of the `nth` (0-based) `key: value` in `text`, written
-/// either as `key: value` or `- key: value`, quoted or not.
-impl Cluster {
-    /// `FILE:LINE` of a plugin's entry (just `FILE` if it cannot be found).
-    pub fn plugin_location(&self, name: &str) -> String {
-        let shown = self.file.display().to_string();
-        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
-        match find_line(&text, "name", name, 0) {
-            Some(l) => format!("{shown}:{l}"),
-            None => shown,
+impl RawCluster {
+    /// Every problem of a file YAML could read, each at its line.
+    fn problems(&self, lines: &Lines) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut add = |at: Location, kind: ProblemKind| problems.push(Problem { at, kind });
+        if !valid_cluster_name(&self.name) {
+            add(
+                lines.at("name", &self.name, 0),
+                ProblemKind::ClusterName(self.name.clone()),
+            );
         }
+        if self.host.parse::<IpAddr>().is_err() {
+            add(
+                lines.at("host", &self.host, 0),
+                ProblemKind::Host(self.host.clone()),
+            );
+        }
+        if !(10..=60_000).contains(&self.heartbeat_ms) {
+            add(
+                lines.at("heartbeat_ms", &self.heartbeat_ms.to_string(), 0),
+                ProblemKind::Heartbeat(self.heartbeat_ms),
+            );
+        }
+        let r = &self.restart;
+        if r.backoff_ms == 0 || r.max_backoff_ms < r.backoff_ms {
+            add(
+                lines.at("backoff_ms", &r.backoff_ms.to_string(), 0),
+                ProblemKind::Backoff {
+                    backoff_ms: r.backoff_ms,
+                    max_backoff_ms: r.max_backoff_ms,
+                },
+            );
+        }
+        if self.nodes.is_empty() {
+            add(Location::file(lines.file), ProblemKind::NoNodes);
+        }
+        if self.nodes.len() > MAX_NODES {
+            add(
+                Location::file(lines.file),
+                ProblemKind::TooManyNodes(self.nodes.len()),
+            );
+        }
+        problems.extend(self.node_problems(lines));
+        problems.extend(self.plugin_problems(lines));
+        problems
+    }
+
+    /// Node names the protocol refuses, names and ports used twice.
+    fn node_problems(&self, lines: &Lines) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut ports: HashMap<u16, usize> = HashMap::new();
+        let mut name_seen: HashMap<&str, usize> = HashMap::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let nth = name_seen.entry(n.name.as_str()).or_insert(0);
+            let here = lines.at("name", &n.name, *nth);
+            *nth += 1;
+            if let Err(why) = p2p_proto::limits::check_name(&n.name) {
+                problems.push(Problem {
+                    at: here.clone(),
+                    kind: ProblemKind::NodeName {
+                        name: n.name.clone(),
+                        why,
+                    },
+                });
+            }
+            if let Some(first) = names.insert(&n.name, i) {
+                problems.push(Problem {
+                    at: here,
+                    kind: ProblemKind::NodeNameTwice {
+                        name: n.name.clone(),
+                        first: lines.at("name", &n.name, 0),
+                        first_index: first,
+                    },
+                });
+            }
+            if n.port == 0 {
+                continue;
+            }
+            if let Some(first) = ports.insert(n.port, i) {
+                problems.push(Problem {
+                    at: lines.at("port", &n.port.to_string(), 1),
+                    kind: ProblemKind::PortTwice {
+                        port: n.port,
+                        node: n.name.clone(),
+                        other: self.nodes[first].name.clone(),
+                    },
+                });
+            }
+        }
+        problems
+    }
+
+    /// Plugin names that cannot name a library, plugins listed twice.
+    fn plugin_problems(&self, lines: &Lines) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for p in &self.plugins {
+            let valid = !p.name.is_empty()
+                && p.name.len() <= 64
+                && p.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+            if !valid {
+                problems.push(Problem {
+                    at: lines.at("name", &p.name, 0),
+                    kind: ProblemKind::PluginName(p.name.clone()),
+                });
+            }
+            if !seen.insert(p.name.as_str()) {
+                problems.push(Problem {
+                    at: lines.at("name", &p.name, 1),
+                    kind: ProblemKind::PluginTwice(p.name.clone()),
+                });
+            }
+        }
+        problems
+    }
+}
+
+fn valid_cluster_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 40
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+impl Cluster {
+    /// Where a plugin's entry is in the file (just the file if it cannot be
+    /// found).
+    pub fn plugin_location(&self, name: &str) -> Location {
+        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+        Location::line(&self.file, find_line(&text, "name", name, 0))
     }
 
     /// Loads every plugin of the file with `node_bin --check-plugins`, the
@@ -465,7 +638,8 @@ impl Cluster {
     /// is reported before anything starts, at its line in the file.
     ///
     /// # Errors
-    /// Each refusal, one per line, naming the plugin, its line and why.
+    /// Each refusal ([`ConfigError::PluginsRefused`]), or why the check
+    /// could not run.
     pub fn check_plugins(&self, node_bin: &Path) -> Result<(), ConfigError> {
         if self.plugins.is_empty() {
             return Ok(());
@@ -478,11 +652,9 @@ impl Cluster {
         for p in &self.plugins {
             cmd.arg("--plugin").arg(format!("{}:{}", p.name, p.config_json()));
         }
-        let out = cmd.output().map_err(|e| {
-            ConfigError(format!(
-                "cannot run {} to check the plugins: {e}",
-                node_bin.display()
-            ))
+        let out = cmd.output().map_err(|source| ConfigError::CheckerMissing {
+            bin: node_bin.to_path_buf(),
+            source,
         })?;
         let mut refused = Vec::new();
         for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -491,25 +663,23 @@ impl Cluster {
             };
             if v["state"] != "loaded" {
                 let name = v["plugin"].as_str().unwrap_or_default();
-                refused.push(format!(
-                    "{}: plugin {name} cannot be loaded: {}",
-                    self.plugin_location(name),
-                    v["detail"].as_str().unwrap_or("no reason given")
-                ));
+                refused.push(PluginRefusal {
+                    at: self.plugin_location(name),
+                    plugin: name.to_string(),
+                    why: v["detail"].as_str().unwrap_or("no reason given").to_string(),
+                });
             }
         }
-        if refused.is_empty() && !out.status.success() {
-            refused.push(format!(
-                "{} --check-plugins failed: {}",
-                node_bin.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
+        if !refused.is_empty() {
+            return Err(ConfigError::PluginsRefused(refused));
         }
-        if refused.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError(refused.join("\n")))
+        if !out.status.success() {
+            return Err(ConfigError::CheckerFailed {
+                bin: node_bin.to_path_buf(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
         }
+        Ok(())
     }
 }
 
@@ -695,54 +865,126 @@ mod tests {
         assert_eq!(c.state_dir, Path::new(".").join(".p2pctl").join("demo"));
     }
 
+    /// The problems of text that must be refused, as (line, kind).
+    fn problems(text: &str) -> Vec<(Option<usize>, ProblemKind)> {
+        match parse(text) {
+            Err(ConfigError::Invalid(p)) => p.into_iter().map(|p| (p.at.line, p.kind)).collect(),
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
     #[test]
     fn unknown_key_names_line() {
-        let e = parse("name: demo\nnodez: []\n").unwrap_err().0;
-        assert!(e.starts_with("c.yaml:2:"), "{e}");
-        assert!(e.contains("unknown field `nodez`"), "{e}");
+        let Err(ConfigError::Syntax { at, why }) = parse("name: demo\nnodez: []\n") else {
+            panic!("a syntax error expected");
+        };
+        assert_eq!(at.line, Some(2));
+        assert!(why.contains("unknown field `nodez`"), "{why}");
+        assert!(ConfigError::Syntax { at, why }
+            .to_string()
+            .starts_with("c.yaml:2:"));
     }
 
     #[test]
     fn duplicate_name_names_both_lines() {
-        let e = parse("name: demo\nnodes:\n  - name: a\n    port: 1\n  - name: a\n    port: 2\n")
+        let p = problems("name: demo\nnodes:\n  - name: a\n    port: 1\n  - name: a\n    port: 2\n");
+        let first = Location::line(Path::new("c.yaml"), Some(3));
+        assert_eq!(
+            p,
+            vec![(
+                Some(5),
+                ProblemKind::NodeNameTwice {
+                    name: "a".into(),
+                    first,
+                    first_index: 0
+                }
+            )]
+        );
+        let shown = parse("name: demo\nnodes:\n  - name: a\n    port: 1\n  - name: a\n    port: 2\n")
             .unwrap_err()
-            .0;
-        assert!(e.starts_with("c.yaml:5:"), "{e}");
-        assert!(e.contains("used twice") && e.contains("c.yaml:3"), "{e}");
+            .to_string();
+        assert_eq!(
+            shown,
+            "c.yaml:5: node name a is used twice (first at c.yaml:3, node #1); give each node its own name"
+        );
     }
 
     #[test]
     fn duplicate_port_names_line() {
-        let e = parse("name: demo\nnodes:\n  - name: a\n    port: 7\n  - name: b\n    port: 7\n")
-            .unwrap_err()
-            .0;
-        assert!(e.starts_with("c.yaml:6:"), "{e}");
-        assert!(e.contains("port 7 of node b is already used by node a"), "{e}");
+        let p = problems("name: demo\nnodes:\n  - name: a\n    port: 7\n  - name: b\n    port: 7\n");
+        assert_eq!(
+            p,
+            vec![(
+                Some(6),
+                ProblemKind::PortTwice {
+                    port: 7,
+                    node: "b".into(),
+                    other: "a".into()
+                }
+            )]
+        );
     }
 
     #[test]
     fn bad_host_and_values() {
-        let e = parse("name: demo\nhost: over.there\nnodes:\n  - name: a\n    port: 1\n")
-            .unwrap_err()
-            .0;
-        assert!(
-            e.starts_with("c.yaml:2:") && e.contains("not an IP address"),
-            "{e}"
+        assert_eq!(
+            problems("name: demo\nhost: over.there\nnodes:\n  - name: a\n    port: 1\n"),
+            vec![(Some(2), ProblemKind::Host("over.there".into()))]
         );
-        let e = parse("name: demo\nheartbeat_ms: 1\nnodes:\n  - name: a\n    port: 1\n")
-            .unwrap_err()
-            .0;
-        assert!(e.contains("heartbeat_ms"), "{e}");
-        let e = parse("name: demo\nnodes: []\n").unwrap_err().0;
-        assert!(e.contains("nodes is empty"), "{e}");
-        let e = parse("name: demo\nnodes:\n  - name: a b\n    port: 1\n")
-            .unwrap_err()
-            .0;
-        assert!(e.starts_with("c.yaml:3:"), "{e}");
-        let e = parse("name: demo\nrestart:\n  policy: sometimes\nnodes:\n  - name: a\n    port: 1\n")
-            .unwrap_err()
-            .0;
-        assert!(e.starts_with("c.yaml:3:") && e.contains("sometimes"), "{e}");
+        assert_eq!(
+            problems("name: demo\nheartbeat_ms: 1\nnodes:\n  - name: a\n    port: 1\n"),
+            vec![(Some(2), ProblemKind::Heartbeat(1))]
+        );
+        assert_eq!(
+            problems("name: demo\nnodes: []\n"),
+            vec![(None, ProblemKind::NoNodes)]
+        );
+        let p = problems("name: demo\nnodes:\n  - name: a b\n    port: 1\n");
+        assert!(
+            matches!(&p[..], [(Some(3), ProblemKind::NodeName { name, .. })] if name == "a b"),
+            "{p:?}"
+        );
+        let Err(ConfigError::Syntax { at, why }) =
+            parse("name: demo\nrestart:\n  policy: sometimes\nnodes:\n  - name: a\n    port: 1\n")
+        else {
+            panic!("an unknown policy is a syntax error");
+        };
+        assert_eq!(at.line, Some(3));
+        assert!(why.contains("sometimes"), "{why}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_each_at_its_line() {
+        let p = problems(
+            "name: \"bad name\"\nheartbeat_ms: 5\nrestart:\n  backoff_ms: 0\nnodes:\n  - name: a\n    port: 7\n  - name: b\n    port: 7\nplugins:\n  - name: Echo\n  - name: x\n  - name: x\nplugin_dir: nowhere\n",
+        );
+        assert_eq!(
+            p,
+            vec![
+                (Some(1), ProblemKind::ClusterName("bad name".into())),
+                (Some(2), ProblemKind::Heartbeat(5)),
+                (
+                    Some(4),
+                    ProblemKind::Backoff {
+                        backoff_ms: 0,
+                        max_backoff_ms: Restart::default().max_backoff_ms
+                    }
+                ),
+                (
+                    Some(9),
+                    ProblemKind::PortTwice {
+                        port: 7,
+                        node: "b".into(),
+                        other: "a".into()
+                    }
+                ),
+                (Some(11), ProblemKind::PluginName("Echo".into())),
+                (Some(13), ProblemKind::PluginTwice("x".into())),
+                (Some(14), ProblemKind::PluginDir("nowhere".into())),
+            ]
+        );
+        assert_eq!(parse("").unwrap_err().to_string().lines().count(), 1);
+        assert!(matches!(parse("  \n"), Err(ConfigError::Empty { .. })));
     }
 
     #[test]
@@ -757,8 +999,12 @@ mod tests {
             format!("name: demo\nnodes:\n  - name: a\n    port: {port}\n"),
         )
         .unwrap();
-        let e = Cluster::load(&file).unwrap_err().0;
-        assert!(e.contains(":4:") && e.contains("already in use"), "{e}");
+        let e = Cluster::load(&file).unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::PortUnavailable { at, port: p, in_use: true, .. } if at.line == Some(4) && *p == port),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("already in use"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
