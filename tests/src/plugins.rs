@@ -187,6 +187,24 @@ fn wrong_abi_missing_file_and_bad_names_are_refused_without_stopping_the_node() 
     );
     a.say("!echo the rest still loads");
     a.wait_message("the rest still loads");
+    // The current version with another descriptor layout: refused, both
+    // sizes named (checked the way p2pctl checks a cluster's plugins).
+    let out = std::process::Command::new(crate::util::bin("p2pnode"))
+        .args(["--name", "check", "--check-plugins", "--plugin", "test_oldabi"])
+        .env("P2P_TEST_SHORT_DESCRIPTOR", "1")
+        .output()
+        .expect("running p2pnode --check-plugins");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let line: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(line["state"], "refused", "{line}");
+    let size = std::mem::size_of::<p2p_plugin_api::abi::Descriptor>();
+    assert!(
+        line["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("descriptor of {} bytes, expected {size}", size - 8)),
+        "{line}"
+    );
     // A file that is not a library, and a library that is not a plugin.
     let dir = temp("refusals");
     std::fs::write(dir.join("libnotalib.so"), "just text").unwrap();

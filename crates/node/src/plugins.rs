@@ -162,6 +162,128 @@ pub fn plugin_path(dir: &Path, name: &str) -> PathBuf {
     ))
 }
 
+/// Why a plugin was not loaded. Its `Display` is the detail shown to the
+/// user: the plugin, the file, and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Ref(#[from] crate::core::PluginRefError),
+    #[error("plugin {name}: no file at {} (plugins load from the node's --plugin-dir)", .path.display())]
+    Missing { name: String, path: PathBuf },
+    #[error("plugin {name}: cannot read {}: {source}", .path.display())]
+    Unreadable {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("plugin {name}: cannot stage the rebuilt {}: {source}", .path.display())]
+    Staging {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("plugin {name}: {} is not a loadable shared library: {why}", .path.display())]
+    NotALibrary {
+        name: String,
+        path: PathBuf,
+        why: String,
+    },
+    #[error("plugin {name}: {} has no `{}` symbol; it is not a p2pchat plugin (use p2p_plugin_api::export_plugin!)", .path.display(), abi::ENTRY_SYMBOL)]
+    NoEntry { name: String, path: PathBuf },
+    #[error("plugin {name}: {} returned no descriptor", .path.display())]
+    NoDescriptor { name: String, path: PathBuf },
+    #[error("plugin {name}: {} was built for plugin ABI version {found}, this node speaks version {}; rebuild it against this p2p-plugin-api", .path.display(), abi::ABI_VERSION)]
+    AbiVersion { name: String, path: PathBuf, found: u32 },
+    #[error("plugin {name}: {} has a descriptor of {found} bytes, expected {expected} for ABI version {}; rebuild it", .path.display(), abi::ABI_VERSION)]
+    AbiSize {
+        name: String,
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("plugin {name}: {} calls itself {calls_itself:?}; the file name and the plugin name must agree", .path.display())]
+    NameMismatch {
+        name: String,
+        path: PathBuf,
+        calls_itself: String,
+    },
+    #[error("plugin {name}: cannot prepare the data directory {}: {source}", .dir.display())]
+    DataDir {
+        name: String,
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    /// The plugin's own `load` refused (its configuration, usually).
+    #[error("plugin {name}: load refused: {why}")]
+    Refused { name: String, why: String },
+}
+
+/// Maps the library at `load_from` (the file `path`, or a private copy of
+/// it) and checks its descriptor: entry symbol, ABI version and size, and
+/// the name it gives itself.
+fn open_descriptor(name: &str, path: &Path, load_from: &Path) -> Result<&'static Descriptor, LoadError> {
+    let at = || (name.to_string(), path.to_path_buf());
+    // SAFETY: loading a library runs its initialisers; the file lives in
+    // the directory the operator chose for plugins (or is our private copy
+    // of it), and its name comes from a validated plugin name, never from a
+    // path sent by a peer.
+    let lib = unsafe { libloading::Library::new(load_from) }.map_err(|e| {
+        let (name, path) = at();
+        LoadError::NotALibrary {
+            name,
+            path,
+            why: e.to_string(),
+        }
+    })?;
+    // Never unmapped (see the module docs).
+    let lib: &'static libloading::Library = Box::leak(Box::new(lib));
+    // SAFETY: the symbol's type is fixed by the ABI.
+    let entry: libloading::Symbol<'static, extern "C" fn() -> *const Descriptor> =
+        unsafe { lib.get(abi::ENTRY_SYMBOL.as_bytes()) }.map_err(|_| {
+            let (name, path) = at();
+            LoadError::NoEntry { name, path }
+        })?;
+    let desc_ptr = entry();
+    if desc_ptr.is_null() {
+        let (name, path) = at();
+        return Err(LoadError::NoDescriptor { name, path });
+    }
+    // SAFETY: read the two leading u32s first; every ABI version keeps them
+    // at the start, so this is valid whatever the rest holds.
+    let (found, size) = unsafe {
+        let head = desc_ptr as *const u32;
+        (head.read(), head.add(1).read())
+    };
+    if found != abi::ABI_VERSION {
+        let (name, path) = at();
+        return Err(LoadError::AbiVersion { name, path, found });
+    }
+    let expected = std::mem::size_of::<Descriptor>() as u32;
+    if size != expected {
+        let (name, path) = at();
+        return Err(LoadError::AbiSize {
+            name,
+            path,
+            found: size,
+            expected,
+        });
+    }
+    // SAFETY: version and size match: the descriptor has our layout and is
+    // static in the (never unmapped) library.
+    let desc: &'static Descriptor = unsafe { &*desc_ptr };
+    // SAFETY: a static string of the descriptor.
+    let calls_itself = unsafe { desc.name.to_str_lossy().into_owned() };
+    if calls_itself != name {
+        let (name, path) = at();
+        return Err(LoadError::NameMismatch {
+            name,
+            path,
+            calls_itself,
+        });
+    }
+    Ok(desc)
+}
+
 impl PluginHost {
     pub fn new(dir: PathBuf, data_dir: PathBuf) -> PluginHost {
         PluginHost {
@@ -178,10 +300,13 @@ impl PluginHost {
     /// The build of the library at `path`, and where to load it from: the
     /// path itself, unless an older build of it is already mapped there
     /// (then a private copy named after the build).
-    fn current_build(&self, name: &str, path: &Path) -> Result<(String, PathBuf), String> {
+    fn current_build(&self, name: &str, path: &Path) -> Result<(String, PathBuf), LoadError> {
         use sha2::Digest;
-        let bytes =
-            std::fs::read(path).map_err(|e| format!("plugin {name}: cannot read {}: {e}", path.display()))?;
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Unreadable {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            source,
+        })?;
         let build: String = sha2::Sha256::digest(&bytes)[..6]
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -198,109 +323,63 @@ impl PluginHost {
         let copy = dir.join(format!("{build}-{file}"));
         std::fs::create_dir_all(&dir)
             .and_then(|()| std::fs::write(&copy, &bytes))
-            .map_err(|e| format!("plugin {name}: cannot stage the rebuilt {}: {e}", path.display()))?;
+            .map_err(|source| LoadError::Staging {
+                name: name.to_string(),
+                path: path.to_path_buf(),
+                source,
+            })?;
         tracing::info!(plugin = name, %build, "loading a rebuilt library from a private copy");
         Ok((build, copy))
     }
 
     /// Loads one plugin: checks the name, the file, the symbol, the ABI
     /// version and size, the name in the descriptor, then calls `load`.
-    fn load(&self, p: &PluginRef) -> Result<Loaded, String> {
+    fn load(&self, p: &PluginRef) -> Result<Loaded, LoadError> {
         check_plugin_name(&p.name)?;
         let path = plugin_path(&self.dir, &p.name);
         if !path.exists() {
-            return Err(format!(
-                "plugin {}: no file at {} (plugins load from the node's --plugin-dir)",
-                p.name,
-                path.display()
-            ));
+            return Err(LoadError::Missing {
+                name: p.name.clone(),
+                path,
+            });
         }
         let (build, load_from) = self.current_build(&p.name, &path)?;
-        // SAFETY: loading a library runs its initialisers; the file lives in
-        // the directory the operator chose for plugins (or is our private
-        // copy of it), and its name comes from a validated plugin name,
-        // never from a path sent by a peer.
-        let lib = unsafe { libloading::Library::new(&load_from) }.map_err(|e| {
-            format!(
-                "plugin {}: {} is not a loadable shared library: {e}",
-                p.name,
-                path.display()
-            )
-        })?;
-        // Never unmapped (see the module docs).
-        let lib: &'static libloading::Library = Box::leak(Box::new(lib));
-        // SAFETY: the symbol's type is fixed by the ABI.
-        let entry: libloading::Symbol<'static, extern "C" fn() -> *const Descriptor> =
-            unsafe { lib.get(abi::ENTRY_SYMBOL.as_bytes()) }.map_err(|_| {
-                format!(
-                    "plugin {}: {} has no `{}` symbol; it is not a p2pchat plugin (use p2p_plugin_api::export_plugin!)",
-                    p.name,
-                    path.display(),
-                    abi::ENTRY_SYMBOL
-                )
+        let desc = open_descriptor(&p.name, &path, &load_from)?;
+        // SAFETY: static strings of a descriptor whose layout was checked.
+        let version = unsafe { desc.version.to_str_lossy().into_owned() };
+        let (instance, api, ctx) = self.instantiate(p, desc)?;
+        Ok(Loaded {
+            name: p.name.clone(),
+            version,
+            build,
+            config: p.config.clone(),
+            desc,
+            instance,
+            _api: api,
+            ctx,
+            quarantined: None,
+            skip: 0,
+            calls: 0,
+            drops: 0,
+            time: Duration::ZERO,
+        })
+    }
+
+    /// Calls the plugin's `load` with its configuration and a host API
+    /// bound to a fresh context; returns the instance, API and context
+    /// (which must live as long as the instance).
+    fn instantiate(
+        &self,
+        p: &PluginRef,
+        desc: &'static Descriptor,
+    ) -> Result<(*mut c_void, Box<HostApi>, Box<Ctx>), LoadError> {
+        let data_dir = std::fs::create_dir_all(&self.data_dir)
+            .and_then(|()| self.data_dir.canonicalize())
+            .map_err(|source| LoadError::DataDir {
+                name: p.name.clone(),
+                dir: self.data_dir.clone(),
+                source,
             })?;
-        let desc_ptr = entry();
-        if desc_ptr.is_null() {
-            return Err(format!(
-                "plugin {}: {} returned no descriptor",
-                p.name,
-                path.display()
-            ));
-        }
-        // SAFETY: read the two leading u32s first; every ABI version keeps
-        // them at the start, so this is valid whatever the rest holds.
-        let (version, size) = unsafe {
-            let head = desc_ptr as *const u32;
-            (head.read(), head.add(1).read())
-        };
-        if version != abi::ABI_VERSION {
-            return Err(format!(
-                "plugin {}: {} was built for plugin ABI version {version}, this node speaks version {}; rebuild it against this p2p-plugin-api",
-                p.name,
-                path.display(),
-                abi::ABI_VERSION
-            ));
-        }
-        let expected = std::mem::size_of::<Descriptor>() as u32;
-        if size != expected {
-            return Err(format!(
-                "plugin {}: {} has a descriptor of {size} bytes, expected {expected} for ABI version {}; rebuild it",
-                p.name,
-                path.display(),
-                abi::ABI_VERSION
-            ));
-        }
-        // SAFETY: version and size match: the descriptor has our layout and
-        // is static in the (never unmapped) library.
-        let desc: &'static Descriptor = unsafe { &*desc_ptr };
-        // SAFETY: static strings of the descriptor.
-        let (dname, dversion) = unsafe {
-            (
-                desc.name.to_str_lossy().into_owned(),
-                desc.version.to_str_lossy().into_owned(),
-            )
-        };
-        if dname != p.name {
-            return Err(format!(
-                "plugin {}: {} calls itself {dname:?}; the file name and the plugin name must agree",
-                p.name,
-                path.display()
-            ));
-        }
-        std::fs::create_dir_all(&self.data_dir).map_err(|e| {
-            format!(
-                "plugin {}: cannot create the data directory {}: {e}",
-                p.name,
-                self.data_dir.display()
-            )
-        })?;
-        let data_dir = self.data_dir.canonicalize().map_err(|e| {
-            format!(
-                "plugin {}: the data directory {}: {e}",
-                p.name,
-                self.data_dir.display()
-            )
-        })?;
         let ctx = Box::new(Ctx {
             name: p.name.clone(),
             call: Mutex::new(CallState::default()),
@@ -317,40 +396,28 @@ impl PluginHost {
             chat_id: Str::from_str(&ctx.chat_id),
         });
         let config = if p.config.trim().is_empty() {
-            "{}".to_string()
+            "{}"
         } else {
-            p.config.clone()
+            &p.config
         };
         let mut instance: *mut c_void = std::ptr::null_mut();
         // SAFETY: arguments follow the ABI: a string valid for the call, a
         // HostApi that outlives the instance, a writable out-pointer.
-        let rc = unsafe { (desc.load)(Str::from_str(&config), &*api, &mut instance) };
+        let rc = unsafe { (desc.load)(Str::from_str(config), &*api, &mut instance) };
         if rc != abi::RC_OK {
             let why = ctx.call.lock().ok().and_then(|mut c| c.error.take());
-            let why = why.unwrap_or_else(|| {
-                if rc == abi::RC_PANIC {
-                    "it panicked".into()
-                } else {
-                    "no reason given".into()
-                }
+            return Err(LoadError::Refused {
+                name: p.name.clone(),
+                why: why.unwrap_or_else(|| {
+                    if rc == abi::RC_PANIC {
+                        "it panicked".into()
+                    } else {
+                        "no reason given".into()
+                    }
+                }),
             });
-            return Err(format!("plugin {}: load refused: {why}", p.name));
         }
-        Ok(Loaded {
-            name: p.name.clone(),
-            version: dversion,
-            build,
-            config: p.config.clone(),
-            desc,
-            instance,
-            _api: api,
-            ctx,
-            quarantined: None,
-            skip: 0,
-            calls: 0,
-            drops: 0,
-            time: Duration::ZERO,
-        })
+        Ok((instance, api, ctx))
     }
 
     /// Calls hook `hook` of plugin `i`; quarantines it on an error or panic.
@@ -498,6 +565,7 @@ impl Hooks for PluginHost {
                     ordered.push(p);
                 }
                 Err(error) => {
+                    let error = error.to_string();
                     tracing::error!(%error, "plugin refused");
                     reports.push(HookReport {
                         plugin: want.name.clone(),
@@ -692,4 +760,72 @@ fn clip(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}...", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(dir: &Path) -> PluginHost {
+        PluginHost::new(dir.to_path_buf(), dir.join("data"))
+    }
+
+    fn plugin(name: &str) -> PluginRef {
+        PluginRef {
+            name: name.into(),
+            config: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn refusals_before_the_library_runs_name_what_was_wrong() {
+        let dir = std::env::temp_dir().join(format!("p2p-plugins-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let h = host(&dir);
+        assert!(matches!(
+            h.load(&plugin("../evil")),
+            Err(LoadError::Ref(crate::core::PluginRefError::Name(n))) if n == "../evil"
+        ));
+        match h.load(&plugin("absent")) {
+            Err(LoadError::Missing { name, path }) => {
+                assert_eq!(name, "absent");
+                assert_eq!(path, plugin_path(&dir, "absent"));
+            }
+            other => panic!("expected Missing, got {:?}", other.err()),
+        }
+        std::fs::write(plugin_path(&dir, "text"), "not a library").unwrap();
+        let e = h.load(&plugin("text")).err();
+        assert!(
+            matches!(&e, Some(LoadError::NotALibrary { name, .. }) if name == "text"),
+            "{e:?}"
+        );
+        assert!(e.is_some_and(|e| e.to_string().contains("is not a loadable shared library")));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn plugin_references_are_checked_by_kind() {
+        use crate::core::{check_plugin_config, PluginRefError};
+        assert_eq!(check_plugin_config("echo", "{}"), Ok(()));
+        assert!(matches!(
+            check_plugin_config("echo", "null"),
+            Err(PluginRefError::ConfigNotObject { found: "null", .. })
+        ));
+        assert!(matches!(
+            check_plugin_config("echo", "[1]"),
+            Err(PluginRefError::ConfigNotObject {
+                found: "an array",
+                ..
+            })
+        ));
+        assert!(matches!(
+            check_plugin_config("echo", "{"),
+            Err(PluginRefError::ConfigNotJson { .. })
+        ));
+        let big = format!("{{\"x\":\"{}\"}}", "a".repeat(limits::MAX_PLUGIN_CONFIG));
+        assert!(matches!(
+            check_plugin_config("echo", &big),
+            Err(PluginRefError::ConfigTooLarge { len, .. }) if len == big.len()
+        ));
+    }
 }

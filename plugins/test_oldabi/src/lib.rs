@@ -1,5 +1,8 @@
-//! A test library that claims a future ABI version, to check that nodes
-//! refuse it with both versions named. Written by hand, without the macro.
+//! A test library with a descriptor no node may accept: it claims a future
+//! ABI version, or, with `P2P_TEST_SHORT_DESCRIPTOR` set in the
+//! environment, the current version with a descriptor 8 bytes shorter than
+//! the current layout (a library built against a changed layout). Nodes must refuse both and name what they
+//! found. Written by hand, without the macro.
 
 use p2p_plugin_api::abi::{Descriptor, HostApi, MessageIn, Str, VerdictIn, RC_ERROR};
 use std::ffi::c_void;
@@ -21,21 +24,31 @@ extern "C" fn leave(_i: *mut c_void, _id: u64, _n: Str, _r: Str) -> i32 {
 }
 extern "C" fn unload(_i: *mut c_void) {}
 
-static DESCRIPTOR: Descriptor = Descriptor {
-    abi_version: 99,
-    size: std::mem::size_of::<Descriptor>() as u32,
-    name: Str::from_str("test_oldabi"),
-    version: Str::from_str("0.0.1"),
-    load,
-    on_message: msg,
-    on_delivered: msg,
-    on_verdict: verdict,
-    on_join: join,
-    on_leave: leave,
-    unload,
-};
+const fn descriptor(abi_version: u32, size: u32) -> Descriptor {
+    Descriptor {
+        abi_version,
+        size,
+        name: Str::from_str("test_oldabi"),
+        version: Str::from_str("0.0.1"),
+        load,
+        on_message: msg,
+        on_delivered: msg,
+        on_verdict: verdict,
+        on_join: join,
+        on_leave: leave,
+        unload,
+    }
+}
+
+const SIZE: u32 = std::mem::size_of::<Descriptor>() as u32;
+static FUTURE: Descriptor = descriptor(99, SIZE);
+static SHORT: Descriptor = descriptor(p2p_plugin_api::abi::ABI_VERSION, SIZE - 8);
 
 #[no_mangle]
 pub extern "C" fn p2pchat_plugin_entry() -> *const Descriptor {
-    &DESCRIPTOR
+    if std::env::var_os("P2P_TEST_SHORT_DESCRIPTOR").is_some() {
+        &SHORT
+    } else {
+        &FUTURE
+    }
 }

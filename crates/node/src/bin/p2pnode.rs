@@ -219,7 +219,7 @@ fn check_plugins(args: &Args) -> i32 {
             Err(detail) => {
                 println!(
                     "{}",
-                    serde_json::json!({"plugin": name, "state": "refused", "detail": detail})
+                    serde_json::json!({"plugin": name, "state": "refused", "detail": detail.to_string()})
                 );
                 code = 2;
             }

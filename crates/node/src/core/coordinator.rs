@@ -1175,11 +1175,10 @@ impl Core {
         let mut set = self.tip.plugins.clone();
         match &change {
             PluginChange::Attach(p) => {
-                if let Err(e) = super::check_plugin_name(&p.name) {
-                    return self.refuse(conn, ErrorCode::PluginRefused, e);
-                }
-                if let Err(e) = super::check_plugin_config(&p.name, &p.config) {
-                    return self.refuse(conn, ErrorCode::PluginRefused, e);
+                let checked = super::check_plugin_name(&p.name)
+                    .and_then(|()| super::check_plugin_config(&p.name, &p.config));
+                if let Err(e) = checked {
+                    return self.refuse(conn, ErrorCode::PluginRefused, e.to_string());
                 }
                 let full = set.len() >= limits::MAX_PLUGINS;
                 match set.iter_mut().find(|x| x.name == p.name) {

@@ -1179,45 +1179,67 @@ enum PluginChange {
     Detach(String),
 }
 
+/// A plugin reference the node refuses before looking for a library.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PluginRefError {
+    #[error("plugin name {0:?} must be 1-64 characters of a-z 0-9 _ -")]
+    Name(String),
+    #[error(
+        "plugin {name} configuration is {len} bytes; the limit is {}",
+        limits::MAX_PLUGIN_CONFIG
+    )]
+    ConfigTooLarge { name: String, len: usize },
+    #[error("plugin {name} configuration must be a JSON object ({{...}}), not {found}")]
+    ConfigNotObject { name: String, found: &'static str },
+    #[error("plugin {name} configuration is not valid JSON: {why}")]
+    ConfigNotJson { name: String, why: String },
+}
+
 /// A plugin configuration: a JSON object of at most
 /// [`limits::MAX_PLUGIN_CONFIG`] bytes (`null`, arrays and the like are
 /// refused; each plugin checks its own fields).
-pub fn check_plugin_config(name: &str, config: &str) -> Result<(), String> {
+///
+/// # Errors
+/// Too large, not JSON, or JSON but not an object.
+pub fn check_plugin_config(name: &str, config: &str) -> Result<(), PluginRefError> {
     if config.len() > limits::MAX_PLUGIN_CONFIG {
-        return Err(format!(
-            "plugin {name} configuration is {} bytes; the limit is {}",
-            config.len(),
-            limits::MAX_PLUGIN_CONFIG
-        ));
+        return Err(PluginRefError::ConfigTooLarge {
+            name: name.to_string(),
+            len: config.len(),
+        });
     }
-    match serde_json::from_str::<serde_json::Value>(config) {
-        Ok(serde_json::Value::Object(_)) => Ok(()),
-        Ok(other) => Err(format!(
-            "plugin {name} configuration must be a JSON object ({{...}}), not {}",
-            match other {
-                serde_json::Value::Null => "null",
-                serde_json::Value::Bool(_) => "a boolean",
-                serde_json::Value::Number(_) => "a number",
-                serde_json::Value::String(_) => "a string",
-                serde_json::Value::Array(_) => "an array",
-                serde_json::Value::Object(_) => "an object",
-            }
-        )),
-        Err(e) => Err(format!("plugin {name} configuration is not valid JSON: {e}")),
-    }
+    let found = match serde_json::from_str::<serde_json::Value>(config) {
+        Ok(serde_json::Value::Object(_)) => return Ok(()),
+        Ok(serde_json::Value::Null) => "null",
+        Ok(serde_json::Value::Bool(_)) => "a boolean",
+        Ok(serde_json::Value::Number(_)) => "a number",
+        Ok(serde_json::Value::String(_)) => "a string",
+        Ok(serde_json::Value::Array(_)) => "an array",
+        Err(e) => {
+            return Err(PluginRefError::ConfigNotJson {
+                name: name.to_string(),
+                why: e.to_string(),
+            })
+        }
+    };
+    Err(PluginRefError::ConfigNotObject {
+        name: name.to_string(),
+        found,
+    })
 }
 
 /// Plugin names travel the network and become file names: `[a-z0-9_-]`.
-pub fn check_plugin_name(name: &str) -> Result<(), String> {
+///
+/// # Errors
+/// Empty, longer than 64 bytes, or another character.
+pub fn check_plugin_name(name: &str) -> Result<(), PluginRefError> {
     if name.is_empty()
         || name.len() > 64
         || !name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
     {
-        return Err(format!(
-            "plugin name {name:?} must be 1-64 characters of a-z 0-9 _ -"
-        ));
+        return Err(PluginRefError::Name(name.to_string()));
     }
     Ok(())
 }
