@@ -342,12 +342,17 @@ impl Sim {
 
     /// A line typed by the node's user; returns its text.
     pub fn say(&mut self, idx: usize) -> Option<String> {
+        self.say_padded(idx, 0)
+    }
+
+    /// A line typed by the node's user, `pad` bytes longer than `say`'s.
+    pub fn say_padded(&mut self, idx: usize, pad: usize) -> Option<String> {
         let n = &mut self.nodes[idx];
         if !n.alive() || n.paused {
             return None;
         }
         n.typed += 1;
-        let text = format!("{}.{}.{}", n.name, n.inc, n.typed);
+        let text = format!("{}.{}.{}{}", n.name, n.inc, n.typed, ".".repeat(pad));
         self.check.typed(idx, n.inc, &text);
         self.step(idx, Input::User(text.clone()));
         Some(text)
@@ -374,6 +379,27 @@ impl Sim {
             return;
         }
         let conn = members[self.rng.below(members.len() as u64) as usize];
+        self.drop_conn_slow(idx, conn);
+    }
+
+    /// The driver of `idx` drops its connections to `member` as slow
+    /// consumers: what it sends afterwards never reaches `member`.
+    pub fn drop_slow_member(&mut self, idx: usize, member: usize) {
+        if !self.nodes[idx].alive() || self.nodes[idx].paused {
+            return;
+        }
+        let conns: Vec<ConnId> = self
+            .pipes
+            .iter()
+            .filter(|((n, _), pipe)| *n == idx && pipe.peer.0 == member)
+            .map(|((_, c), _)| *c)
+            .collect();
+        for conn in conns {
+            self.drop_conn_slow(idx, conn);
+        }
+    }
+
+    fn drop_conn_slow(&mut self, idx: usize, conn: ConnId) {
         self.close_pipe(idx, conn);
         self.step(
             idx,

@@ -225,6 +225,48 @@ fn killing_coordinator_and_successor_hands_over_to_the_next() {
     assert_eq!(assert_agree(&sim, &[2, 3, 4]).len(), 2);
 }
 
+/// A successor that missed more entries than one `sync` frame carries
+/// recovers them all from a voter, in order, over several frames.
+#[test]
+fn a_successor_far_behind_recovers_more_than_one_sync_frame_of_entries() {
+    let mut sim = cluster(3);
+    sim.say(2);
+    run_for(&mut sim, HB);
+    // n1 hangs and the coordinator drops it as a slow consumer: what is
+    // committed from now on (with n2's copy) never reaches n1.
+    sim.pause(1);
+    sim.drop_slow_member(0, 1);
+    let pad = limits::MAX_TEXT_LEN - 64;
+    let count = limits::MAX_SYNC_BYTES / pad + 10;
+    for _ in 0..count {
+        sim.say_padded(2, pad);
+        run_for(&mut sim, 2);
+    }
+    assert!(settle(&mut sim, 10 * HB, |s| s.pending(2) == 0));
+    let behind: usize = {
+        let (lag, ahead) = (sim.nodes[1].core(), sim.nodes[2].core());
+        assert_eq!(ahead.log.applied(), ahead.log.last(), "n2 delivered what it holds");
+        ahead
+            .log
+            .sized_range(lag.log.last() + 1, ahead.log.last())
+            .map(|(_, len)| len)
+            .sum()
+    };
+    assert!(
+        behind > limits::MAX_SYNC_BYTES,
+        "n1 must miss more than one sync frame of entries, misses {behind} bytes"
+    );
+    sim.kill(0);
+    sim.resume(1);
+    assert!(settle(&mut sim, 30 * HB, |s| s.coordinators() == vec![1]
+        && (1..3).all(|i| s.pending(i) == 0)));
+    sim.say(1);
+    assert!(settle(&mut sim, 10 * HB, |s| s.texts(2).len() == count + 2));
+    let seq = assert_agree(&sim, &[1, 2]);
+    assert_eq!(seq.len(), count + 2);
+    assert!(sim.texts(1) == sim.texts(2), "n1 and n2 delivered different histories");
+}
+
 /// Failover issue, mechanism 3: votes buffered in a hung successor's
 /// socket must not let it coordinate an epoch another node coordinates.
 #[test]
