@@ -537,3 +537,33 @@ fn a_rebuilt_bot_is_loaded_anew_with_its_build_shown() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bots_answering_bots_stop_at_the_depth_limit() {
+    // echo posts what follows "!echo ", test_panic what follows "!relay ";
+    // a bot never sees its own posts, so they answer each other.
+    let mut a = Node::join("alice", &["--plugin", "echo", "--plugin", "test_panic"]);
+    // Each answer to an answer is one level deeper; the fourth is dropped.
+    a.say("!echo !relay !echo !relay !echo deep");
+    a.wait_message("!relay !echo deep");
+    // Posts are sequenced as the message they answer is delivered, so a
+    // fourth level would be in the log before this line.
+    a.say("after the answers");
+    a.wait_message("after the answers");
+    let texts: Vec<(String, String)> = a
+        .messages()
+        .into_iter()
+        .map(|(_, from, text)| (from, text))
+        .collect();
+    let from = |who: &str, t: &str| (who.to_string(), t.to_string());
+    assert_eq!(
+        texts,
+        vec![
+            from("alice", "!echo !relay !echo !relay !echo deep"),
+            from("echo", "!relay !echo !relay !echo deep"),
+            from("test_panic", "!echo !relay !echo deep"),
+            from("echo", "!relay !echo deep"),
+            from("alice", "after the answers"),
+        ]
+    );
+}

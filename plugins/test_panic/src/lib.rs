@@ -1,7 +1,9 @@
 //! A test bot that panics on any message containing "boom", and reports a
 //! failure through the host (`Host::fail`) on one containing "fail" (to
 //! check that the node quarantines it either way and the chat goes on), and
-//! rewrites one containing "empty" to nothing (an invalid rewrite).
+//! rewrites one containing "empty" to nothing (an invalid rewrite). Like
+//! echo, it posts what follows `!relay ` in a delivered message, so that
+//! two bots can answer each other (the depth limit's test).
 //! Not for real use.
 
 use p2p_plugin_api::{export_plugin, Host, Message, Plugin, Verdict};
@@ -30,6 +32,14 @@ impl Plugin for Panicky {
             };
         }
         Verdict::Deliver
+    }
+
+    fn on_delivered(&mut self, msg: &Message, host: &Host) {
+        if let Some(rest) = msg.text.strip_prefix("!relay ") {
+            if !msg.replay {
+                host.post(rest);
+            }
+        }
     }
 }
 

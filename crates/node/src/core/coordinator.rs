@@ -50,6 +50,12 @@ pub(super) struct Coord {
     state_cache: Option<(u64, Vec<bytes::Bytes>, Vec<bytes::Bytes>)>,
     /// Bytes broadcast to peers and to clients since their last ping.
     since_ping: [usize; 2],
+    /// How deep in a chain of bots answering bots each bot message of this
+    /// reign not yet delivered is (by seq): a post answering its delivery
+    /// is one level deeper. A reign that inherits undelivered bot messages
+    /// counts them as level 0, so a failover can let a chain run
+    /// [`MAX_BOT_DEPTH`] levels more, once.
+    bot_depth: BTreeMap<u64, u32>,
     /// What the last review of the voters looked at (see `maintain_voters`).
     last_review: Option<(usize, usize, usize, u64, usize)>,
     /// Messages waiting for room in the window, in arrival order.
@@ -97,6 +103,7 @@ impl Coord {
             backlog_bytes: 0,
             last_review: None,
             since_ping: [0; 2],
+            bot_depth: BTreeMap::new(),
             welcomes: Vec::new(),
             state_cache: None,
             waiting: None,
@@ -686,6 +693,11 @@ impl Core {
             text,
             bot: s.bot,
         };
+        if s.depth > 0 {
+            if let Some(c) = self.coord() {
+                c.bot_depth.insert(chat.seq, s.depth);
+            }
+        }
         let frame = p2p_proto::encode_chat(&chat);
         self.broadcast(Group::Peers, frame.clone());
         let entry = Entry::Chat(chat);
@@ -829,13 +841,19 @@ impl Core {
             let Some(entry) = entry.filter(|_| hooks) else {
                 continue;
             };
+            let mut depth = 0;
             let posts = match &entry {
-                Entry::Chat(c) => self.hooks.on_delivered(&hook_message(c), false),
+                Entry::Chat(chat) => {
+                    if let Some(c) = self.coord() {
+                        depth = c.bot_depth.remove(&chat.seq).unwrap_or(0);
+                    }
+                    self.hooks.on_delivered(&hook_message(chat), false)
+                }
                 Entry::Joined { member, .. } => self.hooks.on_join(member.id, &member.name),
                 Entry::Left { id, name, reason, .. } => self.hooks.on_leave(*id, name, reason),
                 _ => Vec::new(),
             };
-            self.bot_posts(posts, 0);
+            self.bot_posts(posts, depth);
             self.plugin_reports();
         }
     }

@@ -245,7 +245,11 @@ fn a_successor_far_behind_recovers_more_than_one_sync_frame_of_entries() {
     assert!(settle(&mut sim, 10 * HB, |s| s.pending(2) == 0));
     let behind: usize = {
         let (lag, ahead) = (sim.nodes[1].core(), sim.nodes[2].core());
-        assert_eq!(ahead.log.applied(), ahead.log.last(), "n2 delivered what it holds");
+        assert_eq!(
+            ahead.log.applied(),
+            ahead.log.last(),
+            "n2 delivered what it holds"
+        );
         ahead
             .log
             .sized_range(lag.log.last() + 1, ahead.log.last())
@@ -264,7 +268,10 @@ fn a_successor_far_behind_recovers_more_than_one_sync_frame_of_entries() {
     assert!(settle(&mut sim, 10 * HB, |s| s.texts(2).len() == count + 2));
     let seq = assert_agree(&sim, &[1, 2]);
     assert_eq!(seq.len(), count + 2);
-    assert!(sim.texts(1) == sim.texts(2), "n1 and n2 delivered different histories");
+    assert!(
+        sim.texts(1) == sim.texts(2),
+        "n1 and n2 delivered different histories"
+    );
 }
 
 /// Failover issue, mechanism 3: votes buffered in a hung successor's
