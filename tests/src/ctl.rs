@@ -276,6 +276,39 @@ fn restarted_node_rejoins_and_chat_agrees() {
     assert!(merged.contains("alice") && merged.contains("carol"), "{merged}");
 }
 
+/// `check` never leaves a node out quietly: a hung one makes it disagree
+/// (exit 1, naming the node), and once it runs again the nodes agree.
+#[test]
+fn check_names_a_hung_node_and_exits_1_until_it_answers() {
+    let c = TestCluster::new(&["alice", "bob", "carol"], "");
+    c.up();
+    c.wait_ps("three voters", |rows| {
+        all_running(3)(rows) && coordinators(rows).len() == 1 && rows.iter().all(|r| r["voter"] == true)
+    });
+    c.ok(&["say", "alice", "before the pause"]);
+    let rows = c.ps();
+    let hung = rows
+        .iter()
+        .find(|r| r["role"] != "coordinator")
+        .expect("a member")
+        .clone();
+    let name = hung["name"].as_str().unwrap().to_string();
+    let pid = Pid::from_raw(hung["pid"].as_i64().unwrap() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let out = c.ctl(&["check"]);
+    kill(pid, Signal::SIGCONT).unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.starts_with(&format!("DISAGREE: cannot check {name} at "))
+            && stdout.contains("the others agree"),
+        "{stdout}"
+    );
+    c.ok(&["say", "bob", "after the pause"]);
+    let out = c.ok(&["check"]);
+    assert!(out.starts_with("ok: 3 nodes agree on 2 messages"), "{out}");
+}
+
 #[test]
 fn crashing_node_restarts_with_backoff_then_fails() {
     let extra =
