@@ -214,10 +214,59 @@ async fn show_the_key(story: &Story, ps: &Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits until every node in `nodes` delivered every text in `texts`.
+async fn until_all_delivered(
+    story: &mut Story,
+    what: &str,
+    nodes: &[String],
+    texts: &[&str],
+) -> anyhow::Result<()> {
+    story
+        .until(what, Duration::from_secs(10), |s| {
+            nodes.iter().all(|n| {
+                s.delivered
+                    .get(n)
+                    .is_some_and(|d| texts.iter().all(|t| d.contains(*t)))
+            })
+        })
+        .await
+}
+
+/// The demo after start-up: chat, a coordinator kill, a rejoin, bots, and
+/// the final check, each a step the viewer can follow.
 async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> anyhow::Result<()> {
-    let plugins = story.plugins.clone();
-    let has = |p: &str| plugins.iter().any(|x| x == p);
-    let echo = has("echo");
+    let coord = opening(story, names, started).await?;
+    story.pause().await;
+    chatting(story, names).await?;
+    story.pause().await;
+    let (new_coord, speaker) = failover(story, names, &coord).await?;
+    story.pause().await;
+    rejoin(story, names, &coord).await?;
+    if story.plugins.iter().any(|p| p == "echo") {
+        story.pause().await;
+        step(&format!(
+            "The bots survived the failover: {new_coord} now runs them"
+        ));
+        story
+            .say(&speaker, "!echo still echoing after the failover")
+            .await?;
+        until_all_delivered(
+            story,
+            "the echo after failover",
+            names,
+            &["still echoing after the failover"],
+        )
+        .await?;
+    }
+    story.pause().await;
+    moderation(story, names, &speaker, &coord).await?;
+    story.pause().await;
+    final_check(story).await
+}
+
+/// Shows the cluster as started (and the key at work); returns the
+/// coordinator's name.
+async fn opening(story: &mut Story, names: &[String], started: Instant) -> anyhow::Result<String> {
     let ps = story.request(Request::Ps).await?;
     let coord = ps
         .as_array()
@@ -234,12 +283,13 @@ async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> a
         "{}",
         crate::display::ps_table(ps.as_array().map(Vec::as_slice).unwrap_or(&[]))
     );
-
     if story.keyed {
         show_the_key(story, &ps).await?;
     }
+    Ok(coord)
+}
 
-    story.pause().await;
+async fn chatting(story: &mut Story, names: &[String]) -> anyhow::Result<()> {
     step("Chatting: every node delivers every message in the same order");
     let lines = [
         (names[1].as_str(), "hi all, this chat has no server"),
@@ -252,29 +302,24 @@ async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> a
     for (node, text) in lines {
         story.say(node, text).await?;
     }
-    let mut texts: Vec<String> = lines.iter().map(|(_, t)| t.to_string()).collect();
-    if echo {
+    let mut texts: Vec<&str> = lines.iter().map(|(_, t)| *t).collect();
+    if story.plugins.iter().any(|p| p == "echo") {
         story
             .say(names[1].as_str(), "!echo the echo bot answers this")
             .await?;
-        texts.push("the echo bot answers this".into());
+        texts.push("the echo bot answers this");
     }
-    let all: Vec<String> = names.to_vec();
-    story
-        .until("the first messages", Duration::from_secs(10), |s| {
-            all.iter().all(|n| {
-                texts
-                    .iter()
-                    .all(|t| s.delivered.get(n).is_some_and(|d| d.contains(t)))
-            })
-        })
-        .await?;
+    until_all_delivered(story, "the first messages", names, &texts).await
+}
 
-    story.pause().await;
+/// Kills the coordinator with a message in flight and measures until a new
+/// one is seen and the message reached every survivor; returns the new
+/// coordinator and the survivor that spoke.
+async fn failover(story: &mut Story, names: &[String], coord: &str) -> anyhow::Result<(String, String)> {
     step(&format!(
         "Killing the coordinator ({coord}) with SIGKILL while a message is in flight"
     ));
-    let survivors: Vec<String> = names.iter().filter(|n| **n != coord).cloned().collect();
+    let survivors: Vec<String> = names.iter().filter(|n| *n != coord).cloned().collect();
     let speaker = survivors.last().cloned().context("no survivor")?;
     let probe = "typed right after the kill: is anyone still there?";
     let t0 = Instant::now();
@@ -286,25 +331,14 @@ async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> a
         })
         .await?;
     story.say(&speaker, probe).await?;
-    let old = coord.clone();
     story
         .until("a new coordinator", Duration::from_secs(10), |s| {
-            s.coordinator.as_ref().is_some_and(|(c, e)| *c != old && *e >= 2)
+            s.coordinator.as_ref().is_some_and(|(c, e)| c != coord && *e >= 2)
         })
         .await?;
     let (new_coord, epoch) = story.seen.coordinator.clone().context("no coordinator")?;
     let elected_ms = t0.elapsed().as_secs_f64() * 1000.0;
-    let surv = survivors.clone();
-    story
-        .until(
-            "the message to reach every survivor",
-            Duration::from_secs(10),
-            |s| {
-                surv.iter()
-                    .all(|n| s.delivered.get(n).is_some_and(|d| d.contains(probe)))
-            },
-        )
-        .await?;
+    until_all_delivered(story, "the message to reach every survivor", &survivors, &[probe]).await?;
     let flowing = t0.elapsed();
     println!(
         "{} {new_coord} took over (epoch {epoch}); p2pctl saw it {elected_ms:.1} ms after the kill; \
@@ -313,89 +347,66 @@ async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> a
         survivors.len(),
         flowing.as_secs_f64() * 1000.0
     );
+    Ok((new_coord, speaker))
+}
 
-    story.pause().await;
+async fn rejoin(story: &mut Story, names: &[String], coord: &str) -> anyhow::Result<()> {
     step(&format!(
         "Restarting {coord}: it rejoins through any live peer, as a member"
     ));
-    story.request(Request::Start { node: coord.clone() }).await?;
-    let c = coord.clone();
+    story
+        .request(Request::Start {
+            node: coord.to_string(),
+        })
+        .await?;
     story
         .until(&format!("{coord} to rejoin"), Duration::from_secs(10), |s| {
-            s.ready.contains(&c)
+            s.ready.contains(coord)
         })
         .await?;
-    story.say(&coord, "back again, as a member this time").await?;
-    let everyone = names.to_vec();
-    story
-        .until("the rejoined node's message", Duration::from_secs(10), |s| {
-            everyone.iter().all(|n| {
-                s.delivered
-                    .get(n)
-                    .is_some_and(|d| d.contains("back again, as a member this time"))
-            })
-        })
-        .await?;
+    let text = "back again, as a member this time";
+    story.say(coord, text).await?;
+    until_all_delivered(story, "the rejoined node's message", names, &[text]).await
+}
 
-    if echo {
-        story.pause().await;
-        step(&format!(
-            "The bots survived the failover: {new_coord} now runs them"
-        ));
-        story
-            .say(&speaker, "!echo still echoing after the failover")
-            .await?;
-        let all = names.to_vec();
-        story
-            .until("the echo after failover", Duration::from_secs(10), |s| {
-                all.iter().all(|n| {
-                    s.delivered
-                        .get(n)
-                        .is_some_and(|d| d.contains("still echoing after the failover"))
-                })
-            })
-            .await?;
-    }
-
-    story.pause().await;
+/// Attaches moderation at runtime and shows a masked word and a rate
+/// limit; a missing library is reported, not fatal.
+async fn moderation(story: &mut Story, names: &[String], speaker: &str, coord: &str) -> anyhow::Result<()> {
     step("Attaching the moderation bot at runtime (p2pctl attach moderation --config …)");
     let config = r#"{"banned":["spam","scam"],"action":"mask","rate":{"messages":3,"per_ms":10000}}"#;
-    match story
+    let attached = story
         .request(Request::Attach {
             name: "moderation".into(),
             config: config.into(),
         })
-        .await
-    {
-        Ok(_) => {
-            println!("attached moderation: banned words masked, at most 3 messages per 10 s per member");
-            story.say(&speaker, "great deal, totally not SPAM").await?;
-            for i in 1..=4 {
-                story.say(&coord, &format!("flood {i}")).await?;
-            }
-            let all = names.to_vec();
-            story
-                .until("the moderated messages", Duration::from_secs(10), |s| {
-                    all.iter().all(|n| {
-                        s.delivered.get(n).is_some_and(|d| {
-                            d.contains("great deal, totally not ***") && d.contains("flood 3")
-                        })
-                    })
-                })
-                .await?;
-            story
-                .until("the rate-limit verdict", Duration::from_secs(10), |s| {
-                    s.verdicts >= 2
-                })
-                .await?;
-            println!("(flood 4 was dropped by the rate limit: no node delivered it; {coord} was told why)");
-        }
-        Err(e) => println!(
-            "moderation not attached: {e:#} (build the plugins: cargo build -p p2p-plugin-moderation)"
-        ),
+        .await;
+    if let Err(e) = attached {
+        println!("moderation not attached: {e:#} (build the plugins: cargo build -p p2p-plugin-moderation)");
+        return Ok(());
     }
+    println!("attached moderation: banned words masked, at most 3 messages per 10 s per member");
+    story.say(speaker, "great deal, totally not SPAM").await?;
+    for i in 1..=4 {
+        story.say(coord, &format!("flood {i}")).await?;
+    }
+    until_all_delivered(
+        story,
+        "the moderated messages",
+        names,
+        &["great deal, totally not ***", "flood 3"],
+    )
+    .await?;
+    story
+        .until("the rate-limit verdict", Duration::from_secs(10), |s| {
+            s.verdicts >= 2
+        })
+        .await?;
+    println!("(flood 4 was dropped by the rate limit: no node delivered it; {coord} was told why)");
+    Ok(())
+}
 
-    story.pause().await;
+/// `check` over every node, and the logger's transcript against it.
+async fn final_check(story: &mut Story) -> anyhow::Result<()> {
     step("Checking that every node delivered the same sequence");
     let check = story.request(Request::Check).await?;
     if check["agree"] != true {
@@ -407,31 +418,32 @@ async fn story_steps(story: &mut Story, names: &[String], started: Instant) -> a
         check["nodes"].as_array().map(Vec::len).unwrap_or(0),
         check["messages"]
     );
-    if has("logger") {
-        let transcript = story.state_dir.join("data").join("transcript.jsonl");
-        let text = std::fs::read_to_string(&transcript).unwrap_or_default();
-        let seqs: Vec<u64> = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v["type"] == "message")
-            .filter_map(|v| v["seq"].as_u64())
-            .collect();
-        let expected: Vec<u64> = check["message_seqs"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_u64).collect())
-            .unwrap_or_default();
-        if seqs != expected {
-            bail!(
-                "the logger's transcript {} holds seqs {seqs:?}, expected the agreed messages {expected:?}",
-                transcript.display(),
-            );
-        }
-        println!(
-            "{} the logger's transcript {} holds every agreed message ({}) across the failover: no gap, no duplicate",
-            Style::new().green().bold().apply_to("transcript:"),
+    if !story.plugins.iter().any(|p| p == "logger") {
+        return Ok(());
+    }
+    let transcript = story.state_dir.join("data").join("transcript.jsonl");
+    let text = std::fs::read_to_string(&transcript).unwrap_or_default();
+    let seqs: Vec<u64> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["type"] == "message")
+        .filter_map(|v| v["seq"].as_u64())
+        .collect();
+    let expected: Vec<u64> = check["message_seqs"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    if seqs != expected {
+        bail!(
+            "the logger's transcript {} holds seqs {seqs:?}, expected the agreed messages {expected:?}",
             transcript.display(),
-            expected.len()
         );
     }
+    println!(
+        "{} the logger's transcript {} holds every agreed message ({}) across the failover: no gap, no duplicate",
+        Style::new().green().bold().apply_to("transcript:"),
+        transcript.display(),
+        expected.len()
+    );
     Ok(())
 }

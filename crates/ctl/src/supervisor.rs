@@ -575,6 +575,8 @@ impl Supervisor {
         })
     }
 
+    /// Answers a control request: at once, or from a task for those that
+    /// talk to nodes (`say`, `check`, plugin requests) or wait (`down`).
     fn on_request(&mut self, req: Request, reply: oneshot::Sender<Response>) {
         let resp = match req {
             Request::Ps => Response::ok(self.ps()),
@@ -583,99 +585,101 @@ impl Supervisor {
                 coordinator,
                 signal,
             } => self.kill(node, coordinator, &signal),
-            Request::Start { node } => match self.find(&node) {
-                // Killed or stopping by our hand but not reaped yet: start
-                // it again as soon as it has exited.
-                Ok(i) if self.slots[i].pid.is_some() && self.slots[i].user_down.is_some() => {
-                    self.slots[i].restart_after_exit = true;
-                    self.slots[i].restarts = 0;
-                    Response::ok(json!({"node": node, "starting_after_exit": true}))
-                }
-                Ok(i) if self.slots[i].pid.is_some() => Response::err(format!(
-                    "node {node} is already running (pid {})",
-                    self.slots[i].pid.unwrap_or(0)
-                )),
-                Ok(i) => {
-                    self.slots[i].restarts = 0;
-                    self.spawn(i, true);
-                    Response::ok(json!({"node": node, "pid": self.slots[i].pid}))
-                }
-                Err(r) => r,
-            },
-            Request::Stop { node } => match self.find(&node) {
-                Ok(i) if self.slots[i].pid.is_none() => {
-                    self.slots[i].state = NodeState::Stopped;
-                    Response::ok(json!({"node": node, "was": "not running"}))
-                }
-                Ok(i) => {
-                    self.stop(i, false);
-                    Response::ok(json!({"node": node, "stopping": true}))
-                }
-                Err(r) => r,
-            },
-            Request::Restart { node } => match self.find(&node) {
-                Ok(i) if self.slots[i].pid.is_none() => {
-                    self.slots[i].restarts = 0;
-                    self.spawn(i, true);
-                    Response::ok(json!({"node": node, "pid": self.slots[i].pid}))
-                }
-                Ok(i) => {
-                    self.stop(i, true);
-                    Response::ok(json!({"node": node, "restarting": true}))
-                }
-                Err(r) => r,
-            },
-            Request::Say { node, text } => match self.find(&node) {
-                Ok(i) => match self.slots[i].addr.clone().filter(|_| self.slots[i].pid.is_some()) {
-                    Some(addr) => {
-                        let key = self.key.clone();
-                        tokio::spawn(async move {
-                            let r = crate::check::post(&addr, &text, &key).await;
-                            let _ = reply.send(match r {
-                                Ok(()) => Response::ok(json!({"node": node})),
-                                Err(e) => Response::err(format!("cannot reach node {node} at {addr}: {e}")),
-                            });
-                        });
-                        return;
-                    }
-                    None => Response::err(format!(
-                        "node {node} is not running; start it with p2pctl start {node}"
-                    )),
-                },
-                Err(r) => r,
-            },
-            Request::Check => {
-                let nodes: Vec<(String, String)> = self
-                    .slots
-                    .iter()
-                    .filter(|s| s.pid.is_some() && s.state == NodeState::Running)
-                    .filter_map(|s| s.addr.clone().map(|a| (s.name.clone(), a)))
-                    .collect();
-                let key = self.key.clone();
-                tokio::spawn(async move {
-                    let _ = reply.send(crate::check::check(nodes, &key).await);
-                });
-                return;
-            }
+            Request::Start { node } => self.find(&node).map_or_else(|r| r, |i| self.start_node(i, node)),
+            Request::Stop { node } => self.find(&node).map_or_else(|r| r, |i| self.stop_node(i, node)),
+            Request::Restart { node } => self
+                .find(&node)
+                .map_or_else(|r| r, |i| self.restart_node(i, node)),
+            Request::Say { node, text } => return self.say(node, text, reply),
+            Request::Check => return self.check(reply),
             Request::Attach { name, config } => {
-                let frame = p2p_proto::Frame::Attach { name, config };
-                return self.to_coordinator(frame, reply);
+                return self.to_coordinator(p2p_proto::Frame::Attach { name, config }, reply)
             }
-            Request::Detach { name } => {
-                let frame = p2p_proto::Frame::Detach { name };
-                return self.to_coordinator(frame, reply);
-            }
+            Request::Detach { name } => return self.to_coordinator(p2p_proto::Frame::Detach { name }, reply),
             Request::Plugins => {
-                let frame = p2p_proto::Frame::StatusRequest { log: false };
-                return self.to_coordinator(frame, reply);
+                return self.to_coordinator(p2p_proto::Frame::StatusRequest { log: false }, reply)
             }
-            Request::Down => {
-                self.begin_down(Some(reply));
-                return;
-            }
+            Request::Down => return self.begin_down(Some(reply)),
             Request::Events => Response::err("events is a stream; use the control socket directly"),
         };
         let _ = reply.send(resp);
+    }
+
+    fn start_node(&mut self, i: usize, node: String) -> Response {
+        let slot = &mut self.slots[i];
+        match slot.pid {
+            // Killed or stopping by our hand but not reaped yet: start it
+            // again as soon as it has exited.
+            Some(_) if slot.user_down.is_some() => {
+                slot.restart_after_exit = true;
+                slot.restarts = 0;
+                Response::ok(json!({"node": node, "starting_after_exit": true}))
+            }
+            Some(pid) => Response::err(format!("node {node} is already running (pid {pid})")),
+            None => {
+                slot.restarts = 0;
+                self.spawn(i, true);
+                Response::ok(json!({"node": node, "pid": self.slots[i].pid}))
+            }
+        }
+    }
+
+    fn stop_node(&mut self, i: usize, node: String) -> Response {
+        if self.slots[i].pid.is_none() {
+            self.slots[i].state = NodeState::Stopped;
+            return Response::ok(json!({"node": node, "was": "not running"}));
+        }
+        self.stop(i, false);
+        Response::ok(json!({"node": node, "stopping": true}))
+    }
+
+    fn restart_node(&mut self, i: usize, node: String) -> Response {
+        if self.slots[i].pid.is_none() {
+            self.slots[i].restarts = 0;
+            self.spawn(i, true);
+            return Response::ok(json!({"node": node, "pid": self.slots[i].pid}));
+        }
+        self.stop(i, true);
+        Response::ok(json!({"node": node, "restarting": true}))
+    }
+
+    /// Posts `text` as `node` from a task; answers when the node took it.
+    fn say(&self, node: String, text: String, reply: oneshot::Sender<Response>) {
+        let i = match self.find(&node) {
+            Ok(i) => i,
+            Err(r) => {
+                let _ = reply.send(r);
+                return;
+            }
+        };
+        let Some(addr) = self.slots[i].addr.clone().filter(|_| self.slots[i].pid.is_some()) else {
+            let _ = reply.send(Response::err(format!(
+                "node {node} is not running; start it with p2pctl start {node}"
+            )));
+            return;
+        };
+        let key = self.key.clone();
+        tokio::spawn(async move {
+            let r = crate::check::post(&addr, &text, &key).await;
+            let _ = reply.send(match r {
+                Ok(()) => Response::ok(json!({"node": node})),
+                Err(e) => Response::err(format!("cannot reach node {node} at {addr}: {e}")),
+            });
+        });
+    }
+
+    /// Checks every running node from a task.
+    fn check(&self, reply: oneshot::Sender<Response>) {
+        let nodes: Vec<(String, String)> = self
+            .slots
+            .iter()
+            .filter(|s| s.pid.is_some() && s.state == NodeState::Running)
+            .filter_map(|s| s.addr.clone().map(|a| (s.name.clone(), a)))
+            .collect();
+        let key = self.key.clone();
+        tokio::spawn(async move {
+            let _ = reply.send(crate::check::check(nodes, &key).await);
+        });
     }
 
     /// Sends an observer frame to the current coordinator; answers with the

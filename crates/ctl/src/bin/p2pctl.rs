@@ -367,6 +367,8 @@ async fn dispatch(args: Args) -> anyhow::Result<i32> {
     }
 }
 
+/// The commands that talk to a running cluster's supervisor; returns the
+/// exit code.
 async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
     match cmd {
         Cmd::Ps { json, .. } => {
@@ -416,35 +418,9 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
             call(cluster, Request::Restart { node: node.clone() }).await?;
             println!("restarting {node}");
         }
-        Cmd::Say { node, text, .. } => {
-            let text = text.join(" ");
-            p2p_proto::limits::check_text(&text).map_err(|e| anyhow::anyhow!("cannot send that: {e}"))?;
-            // Listen first, so the outcome cannot slip past.
-            let mut events = control::subscribe(&cluster.state_dir, &cluster.name).await?;
-            call(
-                cluster,
-                Request::Say {
-                    node: node.clone(),
-                    text: text.clone(),
-                },
-            )
-            .await?;
-            return Ok(say_outcome(&mut events, &node, &text).await);
-        }
+        Cmd::Say { node, text, .. } => return say(cluster, node, text.join(" ")).await,
         Cmd::Attach { name, config, .. } => {
-            let config = match config {
-                None => "{}".to_string(),
-                Some(c) => {
-                    let text = match c.strip_prefix('@') {
-                        Some(path) => std::fs::read_to_string(path)
-                            .with_context(|| format!("cannot read the plugin configuration file {path}"))?,
-                        None => c,
-                    };
-                    let v: serde_yaml::Value = serde_yaml::from_str(&text)
-                        .map_err(|e| anyhow::anyhow!("--config is neither YAML nor JSON: {e}"))?;
-                    p2p_ctl::config::yaml_to_json(&v)
-                }
-            };
+            let config = plugin_config_arg(config)?;
             let d = call(
                 cluster,
                 Request::Attach {
@@ -467,88 +443,136 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
             let list = d["plugins"].as_array().cloned().unwrap_or_default();
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
-            } else if list.is_empty() {
-                println!(
-                    "no plugins attached (coordinator {})",
-                    d["coordinator"].as_str().unwrap_or("?")
-                );
             } else {
-                println!(
-                    "{:<14} {:<9} {:<13} {:<12} {:>8} {:>6} {:>10}",
-                    "NAME", "VERSION", "BUILD", "STATE", "CALLS", "DROPS", "TIME"
+                print!(
+                    "{}",
+                    plugins_table(&list, d["coordinator"].as_str().unwrap_or("?"))
                 );
-                for p in list {
-                    println!(
-                        "{:<14} {:<9} {:<13} {:<12} {:>8} {:>6} {:>8}us{}",
-                        p["name"].as_str().unwrap_or(""),
-                        p["version"].as_str().unwrap_or(""),
-                        p["build"].as_str().unwrap_or("-"),
-                        p["state"].as_str().unwrap_or(""),
-                        p["calls"].to_string(),
-                        p["drops"].to_string(),
-                        p["time_us"].to_string(),
-                        p["error"]
-                            .as_str()
-                            .map(|e| format!("  ({e})"))
-                            .unwrap_or_default()
-                    );
-                }
             }
         }
         Cmd::Check { json, .. } => {
             let d = call(cluster, Request::Check).await?;
             if json {
                 println!("{d}");
-                return Ok(if d["agree"] == true { 0 } else { 1 });
+            } else {
+                print!("{}", check_report(&d));
             }
-            let nodes = d["nodes"].as_array().cloned().unwrap_or_default();
-            if d["agree"] == true {
-                println!(
-                    "ok: {} nodes agree on {} messages ({} log entries up to seq {}; same order, no gaps, no duplicates)",
-                    nodes.len(),
-                    d["messages"],
-                    d["entries"],
-                    d["last_seq"]
-                );
-                return Ok(0);
-            }
-            println!("DISAGREE: {}", d["difference"].as_str().unwrap_or("?"));
-            for n in nodes {
-                println!(
-                    "  {} last_seq {} held {} gaps {}",
-                    n["name"].as_str().unwrap_or(""),
-                    n["last_seq"],
-                    n["held"],
-                    n["gaps"]
-                );
-            }
-            return Ok(1);
+            return Ok(if d["agree"] == true { 0 } else { 1 });
         }
-        Cmd::Down { .. } => {
-            let pid = std::fs::read_to_string(cluster.state_dir.join("supervisor.pid")).unwrap_or_default();
-            match control::call(&cluster.state_dir, &cluster.name, &Request::Down).await {
-                Err(control::ClientError::NotRunning { .. }) => {
-                    println!("cluster {}: nothing running", cluster.name);
-                    return Ok(0);
-                }
-                Err(e) => return Err(anyhow::Error::new(e).context("while stopping the cluster")),
-                Ok(r) if !r.ok => bail!(r.error.unwrap_or_else(|| "the supervisor refused".into())),
-                Ok(_) => {}
-            }
-            // Wait for the supervisor process itself to be gone.
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                let pid = nix::unistd::Pid::from_raw(pid);
-                let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
-                while nix::sys::signal::kill(pid, None).is_ok() {
-                    if std::time::Instant::now() > end {
-                        bail!("the nodes stopped but the supervisor (pid {pid}) is still running; kill it");
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-            }
-            println!("cluster {} stopped", cluster.name);
-        }
+        Cmd::Down { .. } => down(cluster).await?,
         _ => unreachable!("handled in dispatch"),
     }
     Ok(0)
+}
+
+/// `say`: posts as `node`, then waits for its delivery or the reason it
+/// was dropped (exit 1).
+async fn say(cluster: &Cluster, node: String, text: String) -> anyhow::Result<i32> {
+    p2p_proto::limits::check_text(&text).map_err(|e| anyhow::anyhow!("cannot send that: {e}"))?;
+    // Listen first, so the outcome cannot slip past.
+    let mut events = control::subscribe(&cluster.state_dir, &cluster.name).await?;
+    call(
+        cluster,
+        Request::Say {
+            node: node.clone(),
+            text: text.clone(),
+        },
+    )
+    .await?;
+    Ok(say_outcome(&mut events, &node, &text).await)
+}
+
+/// `attach --config`: YAML or JSON text, or `@FILE`; none is `{}`.
+fn plugin_config_arg(config: Option<String>) -> anyhow::Result<String> {
+    let Some(c) = config else {
+        return Ok("{}".to_string());
+    };
+    let text = match c.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the plugin configuration file {path}"))?,
+        None => c,
+    };
+    let v: serde_yaml::Value =
+        serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("--config is neither YAML nor JSON: {e}"))?;
+    Ok(p2p_ctl::config::yaml_to_json(&v))
+}
+
+/// The `plugins` table.
+fn plugins_table(list: &[serde_json::Value], coordinator: &str) -> String {
+    if list.is_empty() {
+        return format!("no plugins attached (coordinator {coordinator})\n");
+    }
+    let mut out = format!(
+        "{:<14} {:<9} {:<13} {:<12} {:>8} {:>6} {:>10}\n",
+        "NAME", "VERSION", "BUILD", "STATE", "CALLS", "DROPS", "TIME"
+    );
+    for p in list {
+        out.push_str(&format!(
+            "{:<14} {:<9} {:<13} {:<12} {:>8} {:>6} {:>8}us{}\n",
+            p["name"].as_str().unwrap_or(""),
+            p["version"].as_str().unwrap_or(""),
+            p["build"].as_str().unwrap_or("-"),
+            p["state"].as_str().unwrap_or(""),
+            p["calls"].to_string(),
+            p["drops"].to_string(),
+            p["time_us"].to_string(),
+            p["error"]
+                .as_str()
+                .map(|e| format!("  ({e})"))
+                .unwrap_or_default()
+        ));
+    }
+    out
+}
+
+/// What `check` prints: one line if the nodes agree, else the difference
+/// and each node's position.
+fn check_report(d: &serde_json::Value) -> String {
+    let nodes = d["nodes"].as_array().cloned().unwrap_or_default();
+    if d["agree"] == true {
+        return format!(
+            "ok: {} nodes agree on {} messages ({} log entries up to seq {}; same order, no gaps, no duplicates)\n",
+            nodes.len(),
+            d["messages"],
+            d["entries"],
+            d["last_seq"]
+        );
+    }
+    let mut out = format!("DISAGREE: {}\n", d["difference"].as_str().unwrap_or("?"));
+    for n in nodes {
+        out.push_str(&format!(
+            "  {} last_seq {} held {} gaps {}\n",
+            n["name"].as_str().unwrap_or(""),
+            n["last_seq"],
+            n["held"],
+            n["gaps"]
+        ));
+    }
+    out
+}
+
+/// `down`: stops the cluster and waits for the supervisor to be gone.
+async fn down(cluster: &Cluster) -> anyhow::Result<()> {
+    let pid = std::fs::read_to_string(cluster.state_dir.join("supervisor.pid")).unwrap_or_default();
+    match control::call(&cluster.state_dir, &cluster.name, &Request::Down).await {
+        Err(control::ClientError::NotRunning { .. }) => {
+            println!("cluster {}: nothing running", cluster.name);
+            return Ok(());
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("while stopping the cluster")),
+        Ok(r) if !r.ok => bail!(r.error.unwrap_or_else(|| "the supervisor refused".into())),
+        Ok(_) => {}
+    }
+    if let Ok(pid) = pid.trim().parse::<i32>() {
+        let pid = nix::unistd::Pid::from_raw(pid);
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while nix::sys::signal::kill(pid, None).is_ok() {
+            if std::time::Instant::now() > end {
+                bail!("the nodes stopped but the supervisor (pid {pid}) is still running; kill it");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    println!("cluster {} stopped", cluster.name);
+    Ok(())
 }
