@@ -273,30 +273,17 @@ impl Driver {
             if empty {
                 continue;
             }
-            let mine: Vec<&Bytes> = run
-                .iter()
-                .filter(|(g, _)| *g == target || *g == Group::All)
-                .map(|(_, b)| b)
-                .collect();
-            let records = match &self.security {
-                None => vec![concat(&mine)],
+            let group_key = match &self.security {
+                None => None,
                 Some(key) => {
                     let epoch = self.core.epoch();
                     if self.group_key.as_ref().is_none_or(|(g, _)| g.epoch() != epoch) {
                         self.group_key = Some((key.group_key(epoch, secure::random_bytes()), 0));
                     }
-                    let (g, counter) = self.group_key.as_mut().expect("set above");
-                    // Sealed once for every member of the group, in records
-                    // that each fit a member's read limit.
-                    chunks(&mine, MAX_FRAME_LEN + 4)
-                        .into_iter()
-                        .map(|frames| {
-                            *counter += 1;
-                            conn::prefixed(&g.seal(*counter, &concat(&frames)))
-                        })
-                        .collect()
+                    self.group_key.as_mut().map(|(g, counter)| (&*g, counter))
                 }
             };
+            let records = group_records(run, target, group_key);
             let members = match target {
                 Group::Peers => &self.peers,
                 _ => &self.clients,
@@ -420,6 +407,33 @@ impl Driver {
     }
 }
 
+/// The records one flush queues on every member of `target`: the frames
+/// of the run meant for it (its own and those for all groups), in order,
+/// concatenated; in a keyed chat split into runs that each fit a member's
+/// read limit ([`p2p_proto::net::MAX_RECORD_LEN`]) and sealed once for the
+/// whole group under the term's key, counting on from `counter`.
+fn group_records(
+    run: &[(Group, Bytes)],
+    target: Group,
+    group_key: Option<(&secure::GroupKey, &mut u64)>,
+) -> Vec<Bytes> {
+    let mine: Vec<&Bytes> = run
+        .iter()
+        .filter(|(g, _)| *g == target || *g == Group::All)
+        .map(|(_, b)| b)
+        .collect();
+    match group_key {
+        None => vec![concat(&mine)],
+        Some((g, counter)) => chunks(&mine, MAX_FRAME_LEN + 4)
+            .into_iter()
+            .map(|frames| {
+                *counter += 1;
+                conn::prefixed(&g.seal(*counter, &concat(&frames)))
+            })
+            .collect(),
+    }
+}
+
 /// Concatenates frames (one copy; none for a single frame).
 fn concat(frames: &[&Bytes]) -> Bytes {
     match frames {
@@ -520,5 +534,104 @@ async fn stdin_loop(tx: mpsc::Sender<Msg>) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p2p_proto::net::MAX_RECORD_LEN;
+    use p2p_proto::secure::{ChatKey, ClientHandshake, Opened, Opener, ServerHandshake};
+
+    /// A frame as the core encodes it: a length prefix and `len` bytes.
+    fn frame(tag: u8, len: usize) -> Bytes {
+        let mut b = (len as u32).to_be_bytes().to_vec();
+        b.extend(std::iter::repeat_n(tag, len));
+        Bytes::from(b)
+    }
+
+    /// A member's opener for `key` (the receiving half of a link).
+    fn member_opener(key: &ChatKey) -> Opener {
+        let (client, nc) = ClientHandshake::start(key);
+        let (_server, hello) = ServerHandshake::answer(key, nc);
+        let (_, link) = client.finish(hello.nonce, &hello.proof).expect("same key");
+        link.recv
+    }
+
+    /// Splits length-prefixed frames back apart.
+    fn split(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+            out.push(bytes[..4 + len].to_vec());
+            bytes = &bytes[4 + len..];
+        }
+        out
+    }
+
+    #[test]
+    fn chunks_keep_order_stay_under_the_limit_and_send_a_large_frame_alone() {
+        let frames: Vec<Bytes> = [10, 20, 30, 100, 5, 5].iter().map(|n| frame(1, *n)).collect();
+        let refs: Vec<&Bytes> = frames.iter().collect();
+        let runs = chunks(&refs, 40);
+        let sizes: Vec<Vec<usize>> = runs
+            .iter()
+            .map(|r| r.iter().map(|b| b.len() - 4).collect())
+            .collect();
+        assert_eq!(sizes, vec![vec![10, 20], vec![30], vec![100], vec![5, 5]]);
+        let flat: Vec<&Bytes> = runs.into_iter().flatten().collect();
+        assert_eq!(flat, refs);
+    }
+
+    #[test]
+    fn each_group_gets_its_frames_and_the_shared_ones_in_order() {
+        let run = vec![
+            (Group::Peers, frame(1, 3)),
+            (Group::All, frame(2, 3)),
+            (Group::Clients, frame(3, 3)),
+            (Group::Peers, frame(4, 3)),
+        ];
+        let peers = group_records(&run, Group::Peers, None);
+        let clients = group_records(&run, Group::Clients, None);
+        let tags = |records: Vec<Bytes>| -> Vec<u8> {
+            records.iter().flat_map(|r| split(r)).map(|f| f[4]).collect()
+        };
+        assert_eq!(tags(peers), vec![1, 2, 4]);
+        assert_eq!(tags(clients), vec![2, 3]);
+    }
+
+    #[test]
+    fn sealed_batches_fit_the_record_limit_open_in_order_and_count_on() {
+        let key = ChatKey::generate();
+        let group = key.group_key(3, secure::random_bytes());
+        // Three near-maximal frames and small ones: more than one record.
+        let big = MAX_FRAME_LEN - 16;
+        let run: Vec<(Group, Bytes)> = [big, 7, big, 9, big]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (Group::All, frame(i as u8, *n)))
+            .collect();
+        let mut counter = 41;
+        let records = group_records(&run, Group::Clients, Some((&group, &mut counter)));
+        assert!(records.len() >= 3, "{} records", records.len());
+        assert_eq!(counter, 41 + records.len() as u64);
+        let mut opener = member_opener(&key);
+        let mut got = Vec::new();
+        for r in &records {
+            let body = &r[4..];
+            assert_eq!(
+                u32::from_be_bytes(r[..4].try_into().unwrap()) as usize,
+                body.len()
+            );
+            assert!(body.len() <= MAX_RECORD_LEN, "a record of {} bytes", body.len());
+            match opener.open(body).expect("a member opens it") {
+                Opened::Frames(frames) => got.extend(split(&frames)),
+                Opened::Frame(_) => panic!("a group record holds frames"),
+            }
+        }
+        let sent: Vec<Vec<u8>> = run.iter().map(|(_, b)| b.to_vec()).collect();
+        assert_eq!(got, sent);
+        // Replaying a record is refused.
+        assert!(opener.open(&records[0][4..]).is_err());
     }
 }

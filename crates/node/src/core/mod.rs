@@ -154,6 +154,22 @@ pub enum Group {
 }
 
 /// Something the driver must do.
+///
+/// The contract every driver keeps — the real one (`server.rs`) and the
+/// simulator (`sim.rs`), whose runs are only evidence if it keeps the same
+/// one:
+/// - outputs are performed in the order drained; on any one connection,
+///   bytes arrive in the order they were queued, and before its close;
+/// - a `Broadcast` reaches exactly the connections in its group when it is
+///   performed: not one added by a later `JoinGroup`, not one closed by an
+///   earlier `Close` (a driver may gather consecutive broadcasts into one
+///   record, as `server.rs` does, but never across another output that
+///   touches a connection);
+/// - a connection the driver gives up on (too many bytes unread) is
+///   reported back as [`Input::Closed`] with the reason, never dropped
+///   silently;
+/// - after performing what an input produced (and the inputs fed back),
+///   the driver calls [`Core::end_batch`] and performs its outputs too.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Output {
     /// Queue an encoded frame on one connection.
