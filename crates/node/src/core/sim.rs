@@ -552,16 +552,22 @@ impl Sim {
 
     /// Runs until `until` (simulated ms), performing scheduled events.
     pub fn run_until(&mut self, until: Millis) {
-        while let Some(Reverse((at, id))) = self.queue.peek().copied() {
-            if at > until {
-                break;
-            }
-            self.queue.pop();
-            self.now = self.now.max(at);
-            let ev = self.evs.remove(&id).expect("scheduled event");
-            self.fire(ev);
+        while self.queue.peek().is_some_and(|Reverse((at, _))| *at <= until) {
+            self.run_one();
         }
         self.now = self.now.max(until);
+    }
+
+    /// Performs the next scheduled event only (for scenarios that must act
+    /// between two events); false if nothing is scheduled.
+    pub fn run_one(&mut self) -> bool {
+        let Some(Reverse((at, id))) = self.queue.pop() else {
+            return false;
+        };
+        self.now = self.now.max(at);
+        let ev = self.evs.remove(&id).expect("scheduled event");
+        self.fire(ev);
+        true
     }
 
     fn deliver(&mut self, idx: usize, inc: u32, input: Input) {

@@ -274,6 +274,39 @@ fn a_successor_far_behind_recovers_more_than_one_sync_frame_of_entries() {
     );
 }
 
+/// PROTOCOL.md §10's limit case as it really happens: the coordinator
+/// sequences a member's message and dies before any copy leaves it (its
+/// connections reset). Nothing was committed, so nobody delivered it; the
+/// sender still holds it, sends it to the next coordinator, and every
+/// survivor delivers it exactly once.
+#[test]
+fn a_message_sequenced_by_a_coordinator_that_dies_before_broadcasting_arrives_once() {
+    let net = NetConfig {
+        reset_percent: 100,
+        ..NetConfig::default()
+    };
+    let mut sim = cluster_with(3, net, 11);
+    sim.say(1);
+    run_for(&mut sim, HB);
+    let before = sim.nodes[0].core().log.last();
+    let text = sim.say(2).expect("n2 is up");
+    // Event by event, until the coordinator has sequenced it: its copies
+    // to the others are scheduled, none performed.
+    while sim.nodes[0].core().log.last() == before {
+        assert!(sim.run_one(), "the message never reached the coordinator");
+    }
+    assert!(
+        (1..3).all(|i| sim.nodes[i].core().log.last() == before),
+        "a copy left before the kill"
+    );
+    sim.kill(0);
+    assert!(settle(&mut sim, 30 * HB, |s| s.coordinators() == vec![1]
+        && (1..3).all(|i| s.pending(i) == 0)));
+    let seq = assert_agree(&sim, &[1, 2]);
+    assert_eq!(seq.iter().filter(|t| t.ends_with(&text)).count(), 1, "{seq:?}");
+    assert_eq!(seq.len(), 2);
+}
+
 /// Failover issue, mechanism 3: votes buffered in a hung successor's
 /// socket must not let it coordinate an epoch another node coordinates.
 #[test]
