@@ -420,7 +420,7 @@ pub fn chat_key() -> ChatKey {
 /// implementation of the handshake and records, beside the node's).
 pub struct Raw {
     pub stream: TcpStream,
-    link: Option<Link>,
+    link: Option<Box<Link>>,
     /// Bytes read but not yet a whole record.
     buf: Vec<u8>,
     /// Frames opened from a batch and not yet returned.
@@ -478,7 +478,7 @@ impl Raw {
         raw.send(&Frame::AuthProof {
             proof: secure::to_hex(&mine),
         });
-        raw.link = Some(link);
+        raw.link = Some(Box::new(link));
         Handshake::Done(raw)
     }
 

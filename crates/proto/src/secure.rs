@@ -443,7 +443,8 @@ impl GroupKey {
         rec.extend_from_slice(&self.term);
         rec.extend_from_slice(&counter.to_be_bytes());
         let header: [u8; GROUP_HEADER] = rec[..].try_into().expect("the header just written");
-        self.cipher.seal_into(counter_nonce(counter), &header, frames, &mut rec);
+        self.cipher
+            .seal_into(counter_nonce(counter), &header, frames, &mut rec);
         rec
     }
 
