@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use p2p_proto::net::{self, HandshakeError};
-use p2p_proto::secure::{self, ChatKey, Opened, Opener, Sealer};
+use p2p_proto::secure::{self, ChatKey, Holds, Opener, Sealer};
 use p2p_proto::{decode_body, encode, limits::MAX_FRAME_LEN, ErrorCode, Frame};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -431,17 +431,27 @@ async fn read_loop(
         };
         let bodies = match opener.as_mut() {
             None => vec![record.freeze()],
-            Some(o) => match o.open(&record) {
-                Ok(Opened::Frame(body)) => vec![Bytes::from(body)],
-                Ok(Opened::Frames(buf)) => match split_frames(Bytes::from(buf)) {
-                    Some(v) => v,
-                    None => break Some("disconnected (a sealed batch held a malformed frame)".into()),
-                },
-                Err(_) => {
-                    tracing::debug!(conn, "a record failed to authenticate");
-                    break Some("disconnected (a record failed to authenticate)".into());
+            Some(o) => {
+                let mut record = record;
+                match o.open_in_place(&mut record) {
+                    Ok((holds, plain)) => {
+                        let plain = record.freeze().slice(plain);
+                        match holds {
+                            Holds::Frame => vec![plain],
+                            Holds::Frames => match split_frames(plain) {
+                                Some(v) => v,
+                                None => {
+                                    break Some("disconnected (a sealed batch held a malformed frame)".into())
+                                }
+                            },
+                        }
+                    }
+                    Err(_) => {
+                        tracing::debug!(conn, "a record failed to authenticate");
+                        break Some("disconnected (a record failed to authenticate)".into());
+                    }
                 }
-            },
+            }
         };
         let mut stop = None;
         for body in bodies {

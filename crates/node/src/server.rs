@@ -280,7 +280,7 @@ impl Driver {
                     if self.group_key.as_ref().is_none_or(|(g, _)| g.epoch() != epoch) {
                         self.group_key = Some((key.group_key(epoch, secure::random_bytes()), 0));
                     }
-                    self.group_key.as_mut().map(|(g, counter)| (&*g, counter))
+                    self.group_key.as_mut().map(|(g, counter)| (g, counter))
                 }
             };
             let records = group_records(run, target, group_key);
@@ -415,7 +415,7 @@ impl Driver {
 fn group_records(
     run: &[(Group, Bytes)],
     target: Group,
-    group_key: Option<(&secure::GroupKey, &mut u64)>,
+    group_key: Option<(&mut secure::GroupKey, &mut u64)>,
 ) -> Vec<Bytes> {
     let mine: Vec<&Bytes> = run
         .iter()
@@ -603,7 +603,7 @@ mod tests {
     #[test]
     fn sealed_batches_fit_the_record_limit_open_in_order_and_count_on() {
         let key = ChatKey::generate();
-        let group = key.group_key(3, secure::random_bytes());
+        let mut group = key.group_key(3, secure::random_bytes());
         // Three near-maximal frames and small ones: more than one record.
         let big = MAX_FRAME_LEN - 16;
         let run: Vec<(Group, Bytes)> = [big, 7, big, 9, big]
@@ -612,7 +612,7 @@ mod tests {
             .map(|(i, n)| (Group::All, frame(i as u8, *n)))
             .collect();
         let mut counter = 41;
-        let records = group_records(&run, Group::Clients, Some((&group, &mut counter)));
+        let records = group_records(&run, Group::Clients, Some((&mut group, &mut counter)));
         assert!(records.len() >= 3, "{} records", records.len());
         assert_eq!(counter, 41 + records.len() as u64);
         let mut opener = member_opener(&key);

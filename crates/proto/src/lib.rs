@@ -17,7 +17,7 @@ pub use frame::{
 };
 
 /// Protocol version carried in every `hello`; a node refuses any other.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// A random 64-bit value for process sessions and chat ids: from the
 /// operating system's generator (`/dev/urandom`), or, where that cannot

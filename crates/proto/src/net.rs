@@ -12,7 +12,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use crate::limits::MAX_FRAME_LEN;
-use crate::secure::{self, ChatKey, ClientHandshake, Link, Opened, Opener, Sealer, ServerHandshake};
+use crate::secure::{self, ChatKey, ClientHandshake, Holds, Link, Opener, Sealer, ServerHandshake};
 use crate::{decode_body, encode, ErrorCode, Frame, PROTOCOL_VERSION};
 
 /// Why a handshake failed.
@@ -369,30 +369,32 @@ impl ClientRead {
             }
             let record = self.next_record().await?;
             let Some(opener) = &mut self.opener else {
-                return Ok(record);
+                return Ok(record.freeze());
             };
             let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
-            match opener.open(&record).map_err(|e| bad(&e.to_string()))? {
-                Opened::Frame(body) => return Ok(Bytes::from(body)),
-                Opened::Frames(frames) => {
-                    let mut all = Bytes::from(frames);
-                    while !all.is_empty() {
-                        if all.len() < 4 {
-                            return Err(bad("a sealed batch ends inside a frame prefix"));
-                        }
-                        let len = u32::from_be_bytes([all[0], all[1], all[2], all[3]]) as usize;
-                        if len > MAX_FRAME_LEN || all.len() < 4 + len {
-                            return Err(bad("a sealed batch holds a malformed frame"));
-                        }
-                        let f = all.split_to(4 + len);
-                        self.pending.push_back(f.slice(4..));
-                    }
+            let mut record = record;
+            let (holds, plain) = opener
+                .open_in_place(&mut record)
+                .map_err(|e| bad(&e.to_string()))?;
+            let mut all = record.freeze().slice(plain);
+            if holds == Holds::Frame {
+                return Ok(all);
+            }
+            while !all.is_empty() {
+                if all.len() < 4 {
+                    return Err(bad("a sealed batch ends inside a frame prefix"));
                 }
+                let len = u32::from_be_bytes([all[0], all[1], all[2], all[3]]) as usize;
+                if len > MAX_FRAME_LEN || all.len() < 4 + len {
+                    return Err(bad("a sealed batch holds a malformed frame"));
+                }
+                let f = all.split_to(4 + len);
+                self.pending.push_back(f.slice(4..));
             }
         }
     }
 
-    async fn next_record(&mut self) -> std::io::Result<Bytes> {
+    async fn next_record(&mut self) -> std::io::Result<bytes::BytesMut> {
         let max = if self.opener.is_some() {
             MAX_RECORD_LEN
         } else {
@@ -409,7 +411,7 @@ impl ClientRead {
                 }
                 if self.buf.len() >= 4 + len {
                     self.buf.advance(4);
-                    return Ok(self.buf.split_to(len).freeze());
+                    return Ok(self.buf.split_to(len));
                 }
                 self.buf.reserve(4 + len - self.buf.len());
             }

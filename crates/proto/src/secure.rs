@@ -42,13 +42,13 @@ pub const GROUP_HEADER: usize = 1 + 8 + TERM_LEN + 8;
 /// What sealing adds to a record (a group record's header and tag) at most.
 pub const RECORD_OVERHEAD: usize = GROUP_HEADER + 16;
 
-/// ChaCha20-Poly1305 under one key.
+/// AES-256-GCM under one key.
 struct Cipher(ring::aead::LessSafeKey);
 
 impl Cipher {
     fn new(key: &[u8]) -> Cipher {
-        let key = ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, key)
-            .expect("a ChaCha20-Poly1305 key is 32 bytes");
+        let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, key)
+            .expect("an AES-256-GCM key is 32 bytes");
         Cipher(ring::aead::LessSafeKey::new(key))
     }
 
@@ -63,24 +63,21 @@ impl Cipher {
                 ring::aead::Aad::from(aad),
                 &mut out[start..],
             )
-            .expect("ChaCha20-Poly1305 seals any length we use");
+            .expect("AES-256-GCM seals any length we use");
         out.extend_from_slice(tag.as_ref());
     }
 
-    /// The plaintext of `ct` (ciphertext and tag), if it authenticates.
-    fn open(&self, nonce: [u8; 12], aad: &[u8], ct: &[u8]) -> Result<Vec<u8>, SecureError> {
-        let mut buf = ct.to_vec();
-        let len = self
-            .0
+    /// Opens `ct` (ciphertext and tag) where it lies; returns the length
+    /// of the plaintext now at its start.
+    fn open_in_place(&self, nonce: [u8; 12], aad: &[u8], ct: &mut [u8]) -> Result<usize, SecureError> {
+        self.0
             .open_in_place(
                 ring::aead::Nonce::assume_unique_for_key(nonce),
                 ring::aead::Aad::from(aad),
-                &mut buf,
+                ct,
             )
-            .map_err(|_| SecureError::BadRecord)?
-            .len();
-        buf.truncate(len);
-        Ok(buf)
+            .map(|plain| plain.len())
+            .map_err(|_| SecureError::BadRecord)
     }
 }
 
@@ -186,13 +183,14 @@ impl ChatKey {
     /// processes that ever believed themselves coordinator of the same
     /// epoch, or two chats sharing a key, never share a key and nonce).
     pub fn group_key(&self, epoch: u64, term: [u8; TERM_LEN]) -> GroupKey {
-        let mut info = b"group".to_vec();
-        info.extend_from_slice(&epoch.to_be_bytes());
-        info.extend_from_slice(&term);
         GroupKey {
             epoch,
             term,
-            cipher: Cipher::new(&self.derive(b"p2pchat v2", &info)),
+            keys: Rolling::new(Source::Group {
+                key: self.clone(),
+                epoch,
+                term,
+            }),
         }
     }
 }
@@ -297,26 +295,96 @@ impl Link {
     fn new(key: &ChatKey, nc: &[u8; NONCE_LEN], ns: &[u8; NONCE_LEN], client: bool) -> Link {
         let mut salt = nc.to_vec();
         salt.extend_from_slice(ns);
-        let hk = Hkdf::<Sha256>::new(Some(&salt), &key.0);
-        let mut okm = [0u8; 64];
-        hk.expand(b"p2pchat v2 link", &mut okm)
-            .expect("64 bytes is a valid HKDF output length");
-        let c2s = Cipher::new(&okm[..32]);
-        let s2c = Cipher::new(&okm[32..]);
-        let (send, recv) = if client { (c2s, s2c) } else { (s2c, c2s) };
+        let (prk, _) = Hkdf::<Sha256>::extract(Some(&salt), &key.0);
+        let prk: [u8; 32] = prk.into();
+        // Half 0 of each generation's key material seals client → server.
+        let (send, recv) = if client { (0, 1) } else { (1, 0) };
         Link {
             send: Sealer {
-                cipher: send,
+                keys: Rolling::new(Source::Link { prk, half: send }),
                 counter: 0,
             },
             recv: Opener {
-                cipher: recv,
+                keys: Rolling::new(Source::Link { prk, half: recv }),
                 counter: 0,
                 key: key.clone(),
                 group: None,
                 last_group: None,
             },
         }
+    }
+}
+
+/// Records sealed under one derived key: after 2^20, the next generation's
+/// key takes over (`generation = counter >> 20`, on both sides). With
+/// records of at most 256 KiB this keeps each AES-GCM key within the
+/// amount TLS 1.3 allows one key (RFC 8446, section 5.5: 2^24.5 records of
+/// 16 KiB).
+pub const GENERATION_BITS: u32 = 20;
+
+/// Where a run of record keys comes from.
+#[derive(Clone)]
+enum Source {
+    /// One direction of a link: half `half` (0: client → server) of
+    /// `HKDF-Expand(prk, "p2pchat v2 link" ‖ generation:u64be, 64)`, where
+    /// `prk = HKDF-Extract(salt = nc ‖ ns, chat key)`.
+    Link { prk: [u8; 32], half: usize },
+    /// A coordinator term's broadcasts: `HKDF(salt = "p2pchat v2", chat
+    /// key, "group" ‖ epoch:u64be ‖ term ‖ generation:u64be)`.
+    Group {
+        key: ChatKey,
+        epoch: u64,
+        term: [u8; TERM_LEN],
+    },
+}
+
+impl Source {
+    fn derive(&self, generation: u64) -> Cipher {
+        match self {
+            Source::Link { prk, half } => {
+                let hk = Hkdf::<Sha256>::from_prk(prk).expect("a 32-byte PRK");
+                let mut info = b"p2pchat v2 link".to_vec();
+                info.extend_from_slice(&generation.to_be_bytes());
+                let mut okm = [0u8; 64];
+                hk.expand(&info, &mut okm)
+                    .expect("64 bytes is a valid HKDF output length");
+                Cipher::new(&okm[32 * half..32 * half + 32])
+            }
+            Source::Group { key, epoch, term } => {
+                let mut info = b"group".to_vec();
+                info.extend_from_slice(&epoch.to_be_bytes());
+                info.extend_from_slice(term);
+                info.extend_from_slice(&generation.to_be_bytes());
+                Cipher::new(&key.derive(b"p2pchat v2", &info))
+            }
+        }
+    }
+}
+
+/// The key for each record counter: one per generation, derived when the
+/// counter enters it.
+struct Rolling {
+    source: Source,
+    generation: u64,
+    cipher: Cipher,
+}
+
+impl Rolling {
+    fn new(source: Source) -> Rolling {
+        Rolling {
+            cipher: source.derive(0),
+            source,
+            generation: 0,
+        }
+    }
+
+    fn at(&mut self, counter: u64) -> &Cipher {
+        let generation = counter >> GENERATION_BITS;
+        if generation != self.generation {
+            self.cipher = self.source.derive(generation);
+            self.generation = generation;
+        }
+        &self.cipher
     }
 }
 
@@ -328,7 +396,7 @@ fn counter_nonce(counter: u64) -> [u8; 12] {
 
 /// Seals this side's link records.
 pub struct Sealer {
-    cipher: Cipher,
+    keys: Rolling,
     counter: u64,
 }
 
@@ -345,18 +413,20 @@ impl Sealer {
     }
 
     fn seal_tagged(&mut self, tag: u8, body: &[u8]) -> Vec<u8> {
-        let nonce = counter_nonce(self.counter);
+        let counter = self.counter;
         self.counter += 1;
         let mut rec = Vec::with_capacity(1 + body.len() + 16);
         rec.push(tag);
-        self.cipher.seal_into(nonce, &[tag], body, &mut rec);
+        self.keys
+            .at(counter)
+            .seal_into(counter_nonce(counter), &[tag], body, &mut rec);
         rec
     }
 }
 
 /// Opens the other side's records.
 pub struct Opener {
-    cipher: Cipher,
+    keys: Rolling,
     counter: u64,
     key: ChatKey,
     /// The group key of the last term seen.
@@ -380,22 +450,43 @@ impl Opener {
     /// # Errors
     /// [`SecureError::BadRecord`] if it does not authenticate.
     pub fn open(&mut self, record: &[u8]) -> Result<Opened, SecureError> {
-        match record.split_first() {
-            Some((&tag @ (LINK | LINK_BATCH), ct)) => {
+        let mut buf = record.to_vec();
+        let (kind, plain) = self.open_in_place(&mut buf)?;
+        buf.truncate(plain.end);
+        buf.drain(..plain.start);
+        Ok(match kind {
+            Holds::Frame => Opened::Frame(buf),
+            Holds::Frames => Opened::Frames(buf),
+        })
+    }
+
+    /// Opens one record where it lies (no copy): returns what it holds
+    /// and where in `record` the plaintext now is.
+    ///
+    /// # Errors
+    /// [`SecureError::BadRecord`] if it does not authenticate; `record`
+    /// is then garbage.
+    pub fn open_in_place(
+        &mut self,
+        record: &mut [u8],
+    ) -> Result<(Holds, std::ops::Range<usize>), SecureError> {
+        let total = record.len();
+        match record.first().copied() {
+            Some(tag @ (LINK | LINK_BATCH)) => {
                 let nonce = counter_nonce(self.counter);
-                let body = self.cipher.open(nonce, &[tag], ct)?;
+                let len = self
+                    .keys
+                    .at(self.counter)
+                    .open_in_place(nonce, &[tag], &mut record[1..])?;
                 self.counter += 1;
-                Ok(if tag == LINK {
-                    Opened::Frame(body)
-                } else {
-                    Opened::Frames(body)
-                })
+                let kind = if tag == LINK { Holds::Frame } else { Holds::Frames };
+                Ok((kind, 1..1 + len))
             }
-            Some((&GROUP, _)) if record.len() >= RECORD_OVERHEAD => {
-                let epoch = u64::from_be_bytes(record[1..9].try_into().expect("8 bytes"));
-                let term: [u8; TERM_LEN] = record[9..9 + TERM_LEN].try_into().expect("16 bytes");
-                let counter =
-                    u64::from_be_bytes(record[9 + TERM_LEN..GROUP_HEADER].try_into().expect("8 bytes"));
+            Some(GROUP) if total >= RECORD_OVERHEAD => {
+                let header: [u8; GROUP_HEADER] = record[..GROUP_HEADER].try_into().expect("checked length");
+                let epoch = u64::from_be_bytes(header[1..9].try_into().expect("8 bytes"));
+                let term: [u8; TERM_LEN] = header[9..9 + TERM_LEN].try_into().expect("16 bytes");
+                let counter = u64::from_be_bytes(header[9 + TERM_LEN..].try_into().expect("8 bytes"));
                 // One connection hears one coordinator: its epoch never goes
                 // back, one epoch has one term, and counters only go up (a
                 // replayed or reordered batch is refused).
@@ -412,21 +503,34 @@ impl Opener {
                 {
                     self.group = Some(self.key.group_key(epoch, term));
                 }
-                let g = self.group.as_ref().expect("set above");
-                let frames = g.open(&record[..GROUP_HEADER], &record[GROUP_HEADER..])?;
+                let g = self.group.as_mut().expect("set above");
+                let len = g.keys.at(counter).open_in_place(
+                    counter_nonce(counter),
+                    &header,
+                    &mut record[GROUP_HEADER..],
+                )?;
                 self.last_group = Some((epoch, term, counter));
-                Ok(Opened::Frames(frames))
+                Ok((Holds::Frames, GROUP_HEADER..GROUP_HEADER + len))
             }
             _ => Err(SecureError::BadRecord),
         }
     }
 }
 
+/// What an opened record holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holds {
+    /// One frame body.
+    Frame,
+    /// Length-prefixed frames.
+    Frames,
+}
+
 /// The key of one coordinator term's broadcasts.
 pub struct GroupKey {
     epoch: u64,
     term: [u8; TERM_LEN],
-    cipher: Cipher,
+    keys: Rolling,
 }
 
 impl GroupKey {
@@ -436,21 +540,17 @@ impl GroupKey {
 
     /// One group record: `frames` (length-prefixed frames) sealed as
     /// number `counter` of this term, which must never repeat.
-    pub fn seal(&self, counter: u64, frames: &[u8]) -> Vec<u8> {
+    pub fn seal(&mut self, counter: u64, frames: &[u8]) -> Vec<u8> {
         let mut rec = Vec::with_capacity(RECORD_OVERHEAD + frames.len());
         rec.push(GROUP);
         rec.extend_from_slice(&self.epoch.to_be_bytes());
         rec.extend_from_slice(&self.term);
         rec.extend_from_slice(&counter.to_be_bytes());
         let header: [u8; GROUP_HEADER] = rec[..].try_into().expect("the header just written");
-        self.cipher
+        self.keys
+            .at(counter)
             .seal_into(counter_nonce(counter), &header, frames, &mut rec);
         rec
-    }
-
-    fn open(&self, header: &[u8], ct: &[u8]) -> Result<Vec<u8>, SecureError> {
-        let counter = u64::from_be_bytes(header[GROUP_HEADER - 8..].try_into().expect("8 bytes"));
-        self.cipher.open(counter_nonce(counter), header, ct)
     }
 }
 
@@ -738,7 +838,7 @@ mod tests {
     #[test]
     fn a_group_record_opens_for_every_member_of_the_chat_only() {
         let k = key(3);
-        let g = k.group_key(5, [7; TERM_LEN]);
+        let mut g = k.group_key(5, [7; TERM_LEN]);
         let rec = g.seal(1, b"\x00\x00\x00\x02{}");
         let (_, mut a) = pair(&k, &k).unwrap();
         let (_, mut b) = pair(&k, &k).unwrap();
@@ -768,6 +868,63 @@ mod tests {
         assert!(a.recv.open(&k.group_key(5, [8; TERM_LEN]).seal(3, b"")).is_err());
         assert!(a.recv.open(&k.group_key(4, [7; TERM_LEN]).seal(9, b"")).is_err());
         assert!(a.recv.open(&k.group_key(6, [1; TERM_LEN]).seal(0, b"")).is_ok());
+    }
+
+    #[test]
+    fn keys_roll_over_every_generation_on_both_sides() {
+        let k = key(5);
+        let (mut c, mut s) = pair(&k, &k).unwrap();
+        // Around the first boundary and the one after: each record opens,
+        // in order, under the key its counter selects.
+        for start in [(1 << GENERATION_BITS) - 2, (2 << GENERATION_BITS) - 1] {
+            c.send.counter = start;
+            s.recv.counter = start;
+            for i in 0..4u8 {
+                let rec = c.send.seal(&[i]);
+                assert_eq!(
+                    s.recv.open(&rec).unwrap(),
+                    Opened::Frame(vec![i]),
+                    "record {start}+{i}"
+                );
+            }
+        }
+        // A record numbered 2^20 but sealed under generation 0's key (a
+        // sender that never rolled over) does not open.
+        let boundary = 1 << GENERATION_BITS;
+        let mut wrong = vec![LINK];
+        c.send
+            .keys
+            .source
+            .derive(0)
+            .seal_into(counter_nonce(boundary), &[LINK], b"x", &mut wrong);
+        s.recv.counter = boundary;
+        assert_eq!(s.recv.open(&wrong), Err(SecureError::BadRecord));
+        let mut g = k.group_key(9, [2; TERM_LEN]);
+        let (_, mut m) = pair(&k, &k).unwrap();
+        for counter in [
+            1,
+            (1 << GENERATION_BITS) - 1,
+            1 << GENERATION_BITS,
+            3 << GENERATION_BITS,
+        ] {
+            let r = g.seal(counter, b"\x00\x00\x00\x01x");
+            assert!(m.recv.open(&r).is_ok(), "group record {counter}");
+        }
+    }
+
+    #[test]
+    fn records_open_in_place_and_say_where_the_plaintext_is() {
+        let k = key(3);
+        let (mut c, mut s) = pair(&k, &k).unwrap();
+        let mut rec = c.send.seal(b"hello");
+        let (holds, at) = s.recv.open_in_place(&mut rec).unwrap();
+        assert_eq!((holds, &rec[at]), (Holds::Frame, &b"hello"[..]));
+        let mut rec = k.group_key(2, [1; TERM_LEN]).seal(1, b"\x00\x00\x00\x02{}");
+        let (holds, at) = s.recv.open_in_place(&mut rec).unwrap();
+        assert_eq!((holds, &rec[at]), (Holds::Frames, &b"\x00\x00\x00\x02{}"[..]));
+        let mut short = vec![GROUP; RECORD_OVERHEAD - 1];
+        assert_eq!(s.recv.open_in_place(&mut short), Err(SecureError::BadRecord));
+        assert_eq!(s.recv.open_in_place(&mut []), Err(SecureError::BadRecord));
     }
 
     #[test]
@@ -833,15 +990,26 @@ mod tests {
         );
         assert_eq!(
             to_hex(&client.send.seal(b"{}")),
-            "00fe8dabea3022608aa15a7d7b00db7e2cfe11"
+            "008b26c3ca1000e20809150dd175560d748746"
         );
         assert_eq!(
             to_hex(&client.send.seal_batch(b"\x00\x00\x00\x02{}\x00\x00\x00\x02{}")),
-            "024febffbe2f1672c56b75438438cfd1474d9a189b7025b57642d0752a"
+            "0277b5be3876c85fd467997be989b6018aec91b282ce711ca333537e86"
+        );
+        // The next key generation starts at record 2^20.
+        client.send.counter = 1 << GENERATION_BITS;
+        assert_eq!(
+            to_hex(&client.send.seal(b"{}")),
+            "0010738767db9a1dce944a286065f56d2fbf57"
+        );
+        let mut g = k.group_key(1, [0x33; TERM_LEN]);
+        assert_eq!(
+            to_hex(&g.seal(2, b"{}")),
+            "010000000000000001333333333333333333333333333333330000000000000002aa7d85ff95dfc310eaac92b96f20b8b8f553"
         );
         assert_eq!(
-            to_hex(&k.group_key(1, [0x33; TERM_LEN]).seal(2, b"{}")),
-            "0100000000000000013333333333333333333333333333333300000000000000029da9df5d5fbc8294d6030a1649daaaaa935e"
+            to_hex(&g.seal(1 << GENERATION_BITS, b"{}")),
+            "010000000000000001333333333333333333333333333333330000000000100000fbcf8fe3d94d0c85753afa4ea11f6fa27b6f"
         );
         assert_eq!(session_id(42), 13622300530942496755);
     }
