@@ -366,13 +366,16 @@ impl Source {
 struct Rolling {
     source: Source,
     generation: u64,
-    cipher: Cipher,
+    /// Boxed: a key schedule is ~544 bytes, and a connection's opener and
+    /// sealer are moved through several task states (each move would
+    /// otherwise keep its own copy in the task's memory).
+    cipher: Box<Cipher>,
 }
 
 impl Rolling {
     fn new(source: Source) -> Rolling {
         Rolling {
-            cipher: source.derive(0),
+            cipher: Box::new(source.derive(0)),
             source,
             generation: 0,
         }
@@ -381,7 +384,7 @@ impl Rolling {
     fn at(&mut self, counter: u64) -> &Cipher {
         let generation = counter >> GENERATION_BITS;
         if generation != self.generation {
-            self.cipher = self.source.derive(generation);
+            self.cipher = Box::new(self.source.derive(generation));
             self.generation = generation;
         }
         &self.cipher
@@ -430,7 +433,9 @@ pub struct Opener {
     counter: u64,
     key: ChatKey,
     /// The group key of the last term seen.
-    group: Option<GroupKey>,
+    /// Boxed: a node's many accepted connections never receive group
+    /// records, and an unboxed key would cost each of them its size.
+    group: Option<Box<GroupKey>>,
     /// The last group record opened: (epoch, term, counter).
     last_group: Option<(u64, [u8; TERM_LEN], u64)>,
 }
@@ -501,7 +506,7 @@ impl Opener {
                     .as_ref()
                     .is_none_or(|g| g.epoch != epoch || g.term != term)
                 {
-                    self.group = Some(self.key.group_key(epoch, term));
+                    self.group = Some(Box::new(self.key.group_key(epoch, term)));
                 }
                 let g = self.group.as_mut().expect("set above");
                 let len = g.keys.at(counter).open_in_place(
@@ -868,6 +873,14 @@ mod tests {
         assert!(a.recv.open(&k.group_key(5, [8; TERM_LEN]).seal(3, b"")).is_err());
         assert!(a.recv.open(&k.group_key(4, [7; TERM_LEN]).seal(9, b"")).is_err());
         assert!(a.recv.open(&k.group_key(6, [1; TERM_LEN]).seal(0, b"")).is_ok());
+    }
+
+    #[test]
+    fn per_connection_state_stays_small() {
+        // A coordinator holds one sealer and one opener per member: the
+        // 10 KiB-per-member budget (docs/BENCHMARKS.md) depends on it.
+        let sizes = (std::mem::size_of::<Sealer>(), std::mem::size_of::<Opener>());
+        assert!(sizes.0 + sizes.1 <= 512, "sealer + opener = {sizes:?} bytes");
     }
 
     #[test]
