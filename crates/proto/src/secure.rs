@@ -384,7 +384,7 @@ impl Rolling {
     fn at(&mut self, counter: u64) -> &Cipher {
         let generation = counter >> GENERATION_BITS;
         if generation != self.generation {
-            self.cipher = Box::new(self.source.derive(generation));
+            *self.cipher = self.source.derive(generation);
             self.generation = generation;
         }
         &self.cipher
