@@ -657,8 +657,12 @@ impl Hooks for PluginHost {
         }
     }
 
-    fn on_delivered(&mut self, msg: &HookMessage, replay: bool) -> Vec<(String, String)> {
-        let m = message_in(msg, if replay { abi::FLAG_REPLAY } else { 0 });
+    fn on_delivered(&mut self, msg: &HookMessage, replay: bool, last: bool) -> Vec<(String, String)> {
+        let mut flags = if replay { abi::FLAG_REPLAY } else { 0 };
+        if last {
+            flags |= abi::FLAG_LAST_IN_BATCH;
+        }
+        let m = message_in(msg, flags);
         let mut posts = Vec::new();
         for i in 0..self.loaded.len() {
             if msg.bot == Some(self.loaded[i].name.as_str()) {

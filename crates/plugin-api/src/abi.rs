@@ -40,6 +40,12 @@ pub const ACTION_REWRITE: u32 = 2;
 pub const FLAG_REPLAY: u32 = 1;
 /// `MessageIn::flags` bit: the message was posted by a bot.
 pub const FLAG_BOT: u32 = 2;
+/// `MessageIn::flags` bit (in `on_delivered`): the last message of a batch
+/// the coordinator delivers at once. Nothing of the batch reaches the
+/// members before this call returns, so a plugin that persists deliveries
+/// can write (flush) once here instead of once per message. Hosts before
+/// this bit never set it: such a plugin must then flush per message.
+pub const FLAG_LAST_IN_BATCH: u32 = 4;
 
 /// Log levels for `HostApi::log`.
 pub const LOG_ERROR: u32 = 1;
@@ -99,7 +105,7 @@ pub struct MessageIn {
     pub from_id: u64,
     pub from: Str,
     pub text: Str,
-    /// `FLAG_REPLAY`, `FLAG_BOT`.
+    /// `FLAG_REPLAY`, `FLAG_BOT`, `FLAG_LAST_IN_BATCH`.
     pub flags: u32,
 }
 

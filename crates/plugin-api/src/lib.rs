@@ -43,6 +43,10 @@ pub struct Message<'a> {
     pub replay: bool,
     /// Posted by a bot.
     pub bot: bool,
+    /// In `on_delivered`: the last message of a batch delivered at once;
+    /// none of the batch reaches the members before this call returns
+    /// (the point to write what the batch's calls gathered).
+    pub last_in_batch: bool,
 }
 
 /// A plugin's decision on a message.
@@ -344,6 +348,7 @@ unsafe fn message<'a>(msg: *const MessageIn) -> Message<'a> {
         text: leak_cow(text),
         replay: m.flags & abi::FLAG_REPLAY != 0,
         bot: m.flags & abi::FLAG_BOT != 0,
+        last_in_batch: m.flags & abi::FLAG_LAST_IN_BATCH != 0,
     }
 }
 

@@ -20,7 +20,9 @@ use p2p_plugin_api::{export_plugin, json, Host, Message, Plugin, VerdictSeen};
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(crate = "p2p_plugin_api::serde", rename_all = "lowercase")]
 enum Flush {
-    /// Flush after every line (the default; survives a crash).
+    /// Flush every line before the members see it (the default; survives
+    /// a crash): once per batch the coordinator delivers at once, and
+    /// after every verdict.
     #[default]
     Every,
     /// Flush at most every `flush_interval_ms`, on the next event.
@@ -108,15 +110,20 @@ struct MessageLine<'a> {
 }
 
 impl Logger {
-    /// Appends one line (flushing per the configuration).
+    /// Appends one line; `batch_ends`: nothing written so far may wait
+    /// (with `flush: every`) beyond this call.
     ///
     /// # Errors
     /// What the file system said; the caller quarantines the logger.
-    fn write(&mut self, line: &impl Serialize) -> std::io::Result<()> {
+    fn write(&mut self, line: &impl Serialize, batch_ends: bool) -> std::io::Result<()> {
         json::to_writer(&mut self.out, line)?;
         self.out.write_all(b"\n")?;
+        self.flush_if_due(batch_ends)
+    }
+
+    fn flush_if_due(&mut self, batch_ends: bool) -> std::io::Result<()> {
         let due = match self.cfg.flush {
-            Flush::Every => true,
+            Flush::Every => batch_ends,
             Flush::Interval => self.last_flush.elapsed() >= Duration::from_millis(self.cfg.flush_interval_ms),
         };
         if due {
@@ -187,21 +194,28 @@ impl Plugin for Logger {
             }
         }
         if self.last_seq.is_some_and(|s| msg.seq <= s) {
+            // Already in the transcript; lines of this batch may still wait.
+            if let Err(e) = self.flush_if_due(msg.last_in_batch) {
+                self.fail(host, "write", &e);
+            }
             return;
         }
         // The line borrows the chat id while `write` needs the logger.
         let chat = std::mem::take(&mut self.chat);
-        let written = self.write(&MessageLine {
-            kind: "message",
-            chat: &chat,
-            epoch: msg.epoch,
-            seq: msg.seq,
-            from: msg.from,
-            from_id: msg.from_id,
-            text: msg.text,
-            time: now_ms(),
-            bot: msg.bot,
-        });
+        let written = self.write(
+            &MessageLine {
+                kind: "message",
+                chat: &chat,
+                epoch: msg.epoch,
+                seq: msg.seq,
+                from: msg.from,
+                from_id: msg.from_id,
+                text: msg.text,
+                time: now_ms(),
+                bot: msg.bot,
+            },
+            msg.last_in_batch,
+        );
         self.chat = chat;
         match written {
             Ok(()) => self.last_seq = Some(msg.seq),
@@ -214,7 +228,7 @@ impl Plugin for Logger {
             "type": "verdict", "chat": self.chat, "plugin": v.plugin, "rule": v.rule,
             "action": v.action, "member": v.member, "member_id": v.member_id, "time": now_ms(),
         });
-        if let Err(e) = self.write(&line) {
+        if let Err(e) = self.write(&line, true) {
             self.fail(host, "write", &e);
         }
     }
@@ -246,7 +260,12 @@ mod tests {
         }
     }
 
+    /// A delivered message that ends its batch.
     fn message(seq: u64) -> Message<'static> {
+        in_batch(seq, true)
+    }
+
+    fn in_batch(seq: u64, last_in_batch: bool) -> Message<'static> {
         Message {
             epoch: 1,
             seq,
@@ -255,6 +274,7 @@ mod tests {
             text: "hi",
             replay: false,
             bot: false,
+            last_in_batch,
         }
     }
 
@@ -269,17 +289,20 @@ mod tests {
         let mut l = logger(full, PathBuf::from("/dev/full"), "c");
         l.last_seq = Some(0);
         assert!(l
-            .write(&MessageLine {
-                kind: "message",
-                chat: "c",
-                epoch: 1,
-                seq: 1,
-                from: "a",
-                from_id: 1,
-                text: "x",
-                time: 0,
-                bot: false,
-            })
+            .write(
+                &MessageLine {
+                    kind: "message",
+                    chat: "c",
+                    epoch: 1,
+                    seq: 1,
+                    from: "a",
+                    from_id: 1,
+                    text: "x",
+                    time: 0,
+                    bot: false,
+                },
+                true
+            )
             .is_err());
         l.on_delivered(&message(2), &Host::detached());
         assert_eq!(l.last_seq, Some(0), "a line not written is not counted");
@@ -303,6 +326,29 @@ mod tests {
         l.on_delivered(&message(1), &Host::detached());
         l.flush().unwrap();
         assert_eq!(last_seq_in(&path, "b").unwrap(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_batch_is_written_once_and_before_it_ends() {
+        let dir = std::env::temp_dir().join(format!("p2p-logger-batch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.jsonl");
+        let file = OpenOptions::new().create(true).append(true).open(&path).unwrap();
+        let mut l = logger(file, path.clone(), "c");
+        let host = Host::detached();
+        let on_disk = || last_seq_in(&path, "c").unwrap();
+        l.on_delivered(&in_batch(1, false), &host);
+        l.on_delivered(&in_batch(2, false), &host);
+        assert_eq!(on_disk(), 0, "mid-batch lines wait in the buffer");
+        l.on_delivered(&in_batch(3, true), &host);
+        assert_eq!(on_disk(), 3, "the batch's end writes the whole batch");
+        // A batch whose last message is already in the transcript (replayed
+        // history) still writes the lines before it.
+        l.on_delivered(&in_batch(4, false), &host);
+        l.last_seq = Some(5);
+        l.on_delivered(&in_batch(5, true), &host);
+        assert_eq!(on_disk(), 4);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

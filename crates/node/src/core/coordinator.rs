@@ -185,9 +185,9 @@ impl Core {
                     _ => None,
                 })
                 .collect();
-            for c in &chats {
+            for (i, c) in chats.iter().enumerate() {
                 let msg = hook_message(c);
-                let _ = self.hooks.on_delivered(&msg, true);
+                let _ = self.hooks.on_delivered(&msg, true, i + 1 == chats.len());
             }
             self.plugin_reports();
         }
@@ -836,7 +836,10 @@ impl Core {
     fn coord_apply(&mut self) {
         let hooks = self.hooks.active();
         let done = self.apply_committed(hooks);
-        for (frame, entry) in done {
+        // Plugins hear which delivery ends the batch: the driver sends the
+        // batch to members only after this input is handled.
+        let last_chat = done.iter().rposition(|(_, e)| matches!(e, Some(Entry::Chat(_))));
+        for (i, (frame, entry)) in done.into_iter().enumerate() {
             self.broadcast(Group::Clients, frame);
             let Some(entry) = entry.filter(|_| hooks) else {
                 continue;
@@ -847,7 +850,8 @@ impl Core {
                     if let Some(c) = self.coord() {
                         depth = c.bot_depth.remove(&chat.seq).unwrap_or(0);
                     }
-                    self.hooks.on_delivered(&hook_message(chat), false)
+                    self.hooks
+                        .on_delivered(&hook_message(chat), false, Some(i) == last_chat)
                 }
                 Entry::Joined { member, .. } => self.hooks.on_join(member.id, &member.name),
                 Entry::Left { id, name, reason, .. } => self.hooks.on_leave(*id, name, reason),

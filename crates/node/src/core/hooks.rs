@@ -98,8 +98,10 @@ pub trait Hooks: Send {
     /// Runs the chain before sequencing.
     fn on_message(&mut self, msg: &HookMessage) -> Outcome;
     /// Tells every plugin about a delivered message (`replay`: history
-    /// replayed after a takeover). Returns bot posts.
-    fn on_delivered(&mut self, msg: &HookMessage, replay: bool) -> Vec<(String, String)>;
+    /// replayed after a takeover; `last`: the last message of a batch
+    /// delivered at once, before any of it is sent to members). Returns
+    /// bot posts.
+    fn on_delivered(&mut self, msg: &HookMessage, replay: bool, last: bool) -> Vec<(String, String)>;
     fn on_join(&mut self, id: u64, name: &str) -> Vec<(String, String)>;
     fn on_leave(&mut self, id: u64, name: &str, reason: &str) -> Vec<(String, String)>;
     /// Reports gathered since the last call (quarantines).
@@ -130,7 +132,7 @@ impl Hooks for NoHooks {
             posts: Vec::new(),
         }
     }
-    fn on_delivered(&mut self, _msg: &HookMessage, _replay: bool) -> Vec<(String, String)> {
+    fn on_delivered(&mut self, _msg: &HookMessage, _replay: bool, _last: bool) -> Vec<(String, String)> {
         Vec::new()
     }
     fn on_join(&mut self, _id: u64, _name: &str) -> Vec<(String, String)> {
