@@ -85,6 +85,16 @@ impl Moderation {
 
     /// True if any word of `text` is banned (no allocation for ASCII text).
     fn has_banned(&self, text: &str) -> bool {
+        if text.is_ascii() {
+            // Bytes are characters here: no decoding, and words outside the
+            // banned lengths are skipped before anything else.
+            let (shortest, longest) = self.lens;
+            return text
+                .as_bytes()
+                .split(|&b| !(b.is_ascii_alphanumeric() || b == b'\'' || b == b'_'))
+                .filter(|w| (shortest..=longest).contains(&w.len()))
+                .any(|w| std::str::from_utf8(w).is_ok_and(|w| self.is_banned(w)));
+        }
         text.split(|c: char| !is_word_char(c))
             .any(|w| !w.is_empty() && self.is_banned(w))
     }
