@@ -27,6 +27,9 @@ pub struct Counts {
     /// publisher waiting for its window waits instead of spinning on the
     /// one thread the members share.
     pub progress: Arc<tokio::sync::Notify>,
+    /// Wake `progress` on every chat, not every 64th (for latency runs
+    /// that wait on each message).
+    pub each: bool,
 }
 
 /// A joined member.
@@ -106,7 +109,7 @@ pub async fn read_loop(
             on_chat(chats);
             chats += 1;
             counts.chats.store(chats, Ordering::Relaxed);
-            if chats & 63 == 0 || chats == stop {
+            if counts.each || chats & 63 == 0 || chats == stop {
                 counts.progress.notify_one();
             }
         } else if body.starts_with(PING) {

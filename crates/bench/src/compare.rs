@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 use crate::nodes;
+use crate::report::{percentiles, Pct};
 
 /// A message broker to compare with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,12 +166,17 @@ impl Drop for Hangup {
     }
 }
 
-/// Deliveries per second from one publisher to `n` subscribers of `m`
-/// messages of `size` bytes.
-///
-/// # Errors
-/// On connection failures or when deliveries stall for 30 s.
-pub async fn throughput(broker: Broker, addr: &str, n: usize, size: usize, m: u64) -> anyhow::Result<f64> {
+/// One run's connections: `n` counting subscribers and a publisher.
+struct Setup {
+    counts: Vec<Arc<AtomicU64>>,
+    progress: Arc<tokio::sync::Notify>,
+    publish: tokio::net::tcp::OwnedWriteHalf,
+    /// One message as the publisher sends it.
+    one: String,
+    _hangup: Hangup,
+}
+
+async fn setup(broker: Broker, addr: &str, n: usize, size: usize) -> anyhow::Result<Setup> {
     let counts: Vec<Arc<AtomicU64>> = (0..n).map(|_| Arc::new(AtomicU64::new(0))).collect();
     // Subscribers wake the publisher when they count: it waits, not spins.
     let progress = Arc::new(tokio::sync::Notify::new());
@@ -192,36 +198,77 @@ pub async fn throughput(broker: Broker, addr: &str, n: usize, size: usize, m: u6
             .write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n")
             .await?;
     }
-    let (mut pub_read, mut pub_write) = publisher.into_split();
+    let (mut pub_read, publish) = publisher.into_split();
     // Redis answers each PUBLISH with a count: read and drop them.
     let drain = tokio::spawn(async move {
         let mut sink = vec![0u8; 64 * 1024];
         while matches!(pub_read.read(&mut sink).await, Ok(n) if n > 0) {}
     });
     hangup.0.push(drain.abort_handle());
+    Ok(Setup {
+        counts,
+        progress,
+        publish,
+        one,
+        _hangup: hangup,
+    })
+}
+
+/// Deliveries per second from one publisher to `n` subscribers of `m`
+/// messages of `size` bytes.
+///
+/// # Errors
+/// On connection failures or when deliveries stall for 30 s.
+pub async fn throughput(broker: Broker, addr: &str, n: usize, size: usize, m: u64) -> anyhow::Result<f64> {
+    let mut run = setup(broker, addr, n, size).await?;
     let window = ((2u64 << 20) / (size as u64 + 100)).clamp(64, 4096);
     let chunk = 256.min(window);
-    let batch = one.repeat(chunk as usize);
+    let batch = run.one.repeat(chunk as usize);
     let start = Instant::now();
     let mut sent = 0u64;
     let mut last_progress = (Instant::now(), 0u64);
     while sent < m {
         reach(
             broker,
-            &counts,
-            &progress,
+            &run.counts,
+            &run.progress,
             sent.saturating_sub(window),
             &mut last_progress,
         )
         .await?;
         let k = chunk.min(m - sent);
-        pub_write
-            .write_all(&batch.as_bytes()[..one.len() * k as usize])
+        run.publish
+            .write_all(&batch.as_bytes()[..run.one.len() * k as usize])
             .await?;
         sent += k;
     }
-    reach(broker, &counts, &progress, m, &mut last_progress).await?;
+    reach(broker, &run.counts, &run.progress, m, &mut last_progress).await?;
     Ok((n as u64 * m) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Latency one message at a time: publish, wait until every subscriber
+/// has it, repeat `count` times. Microseconds from the publish to the last
+/// subscriber's copy.
+///
+/// # Errors
+/// On connection failures or when deliveries stall for 30 s.
+pub async fn one_at_a_time(
+    broker: Broker,
+    addr: &str,
+    n: usize,
+    size: usize,
+    count: u64,
+) -> anyhow::Result<Pct> {
+    let mut run = setup(broker, addr, n, size).await?;
+    let mut samples = Vec::with_capacity(count as usize);
+    let mut last_progress = (Instant::now(), 0u64);
+    for k in 1..=count {
+        let t0 = Instant::now();
+        run.publish.write_all(run.one.as_bytes()).await?;
+        reach(broker, &run.counts, &run.progress, k, &mut last_progress).await?;
+        samples.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    Ok(percentiles(&mut samples))
 }
 
 /// Waits until the slowest subscriber has counted `target`, woken as they

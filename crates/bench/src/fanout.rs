@@ -45,6 +45,7 @@ async fn members(
     stop: u64,
     times: Option<Arc<Mutex<Vec<Vec<u64>>>>>,
     base: Instant,
+    each: bool,
 ) -> anyhow::Result<Vec<Joined>> {
     let mut out = Vec::with_capacity(n);
     let progress = Arc::new(tokio::sync::Notify::new());
@@ -52,6 +53,7 @@ async fn members(
         let m = client::join(addr, &format!("m{i}"), key).await?;
         let counts = Arc::new(Counts {
             progress: progress.clone(),
+            each,
             ..Counts::default()
         });
         let (tx, rx) = mpsc::unbounded_channel();
@@ -117,7 +119,7 @@ pub async fn throughput(
         .map(|_| (1..=per).map(|cs| say(&text, cs)).collect())
         .collect();
     let base = Instant::now();
-    let joined = members(addr, key, n, m, None, base).await?;
+    let joined = members(addr, key, n, m, None, base, false).await?;
     let start = Instant::now();
     let mut pubs = Vec::new();
     let win = window(size);
@@ -196,7 +198,7 @@ pub async fn paced(
     count: u64,
     rate: u64,
 ) -> anyhow::Result<()> {
-    let joined = members(addr, key, n, count, None, Instant::now()).await?;
+    let joined = members(addr, key, n, count, None, Instant::now(), false).await?;
     let text = "x".repeat(size);
     let per_tick = (rate / 1000).max(1);
     let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -229,7 +231,7 @@ pub async fn latency(
 ) -> anyhow::Result<Pct> {
     let base = Instant::now();
     let times = Arc::new(Mutex::new(Vec::new()));
-    let joined = members(addr, key, n, count, Some(times.clone()), base).await?;
+    let joined = members(addr, key, n, count, Some(times.clone()), base, false).await?;
     let text = "x".repeat(size);
     let mut sent_at = Vec::with_capacity(count as usize);
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
@@ -253,6 +255,45 @@ pub async fn latency(
             last.saturating_sub(sent_at[i]) as f64
         })
         .collect();
+    Ok(percentiles(&mut samples))
+}
+
+/// Latency one message at a time, as `compare` measures the brokers: a
+/// member publishes, waits until every member (itself included) has the
+/// message, and publishes the next. Microseconds, publish to last copy.
+///
+/// # Errors
+/// On connection failures, or when a member's connection ends.
+pub async fn one_at_a_time(addr: &str, key: &Key, n: usize, size: usize, count: u64) -> anyhow::Result<Pct> {
+    let joined = members(addr, key, n, count, None, Instant::now(), true).await?;
+    let text = "x".repeat(size);
+    let mut samples = Vec::with_capacity(count as usize);
+    for cs in 1..=count {
+        let t0 = Instant::now();
+        let _ = joined[0].tx.send(say(&text, cs));
+        loop {
+            let slowest = joined
+                .iter()
+                .map(|j| j.counts.chats.load(Ordering::Relaxed))
+                .min()
+                .unwrap_or(0);
+            if slowest >= cs {
+                break;
+            }
+            let lost = joined
+                .iter()
+                .any(|j| !j.alive.load(Ordering::Relaxed) && j.counts.chats.load(Ordering::Relaxed) < cs);
+            if lost {
+                bail!("a member's connection ended (see the node's messages above)");
+            }
+            let _ =
+                tokio::time::timeout(Duration::from_millis(100), joined[0].counts.progress.notified()).await;
+        }
+        samples.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    for j in joined {
+        j.done.await??;
+    }
     Ok(percentiles(&mut samples))
 }
 

@@ -403,16 +403,44 @@ async fn compare_cmd(
             .map(|(name, v)| format!("{name} {:.2} M", v / 1e6))
             .collect();
         let (keyed, plain) = (medians[medians.len() - 2].1, medians[medians.len() - 1].1);
+        // Latency, one message at a time, each target once (interleaved
+        // with the others, after the throughput rounds).
+        let count = if quick { 300 } else { 2000 };
+        let mut lat: Vec<(String, report::Pct)> = Vec::new();
+        for b in &brokers {
+            lat.push((
+                b.broker.name().to_string(),
+                compare::one_at_a_time(b.broker, &b.addr, n, size, count).await?,
+            ));
+        }
+        for (args, name) in [(&[][..], "p2pnode"), (&insecure[..], "p2pnode --insecure")] {
+            let coord = fanout::coordinator(args).await?;
+            lat.push((
+                name.to_string(),
+                fanout::one_at_a_time(&coord.addr, &coord.key, n, size, count).await?,
+            ));
+        }
+        let best_p99 = lat[..brokers.len()]
+            .iter()
+            .map(|(_, p)| p.p99)
+            .fold(f64::INFINITY, f64::min);
         report.emit(
             "compare",
             json!({"members": n, "size": size, "messages": m, "runs": reps(quick)}),
             json!({"deliveries_per_s": medians.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
-                   "p2pnode_over_best_broker": ratio(keyed), "insecure_over_best_broker": ratio(plain)}),
+                   "p2pnode_over_best_broker": ratio(keyed), "insecure_over_best_broker": ratio(plain),
+                   "latency_one_at_a_time_us": lat.iter().map(|(k, p)| (k.clone(), json!({"p50": p.p50, "p99": p.p99, "p999": p.p999, "max": p.max}))).collect::<serde_json::Map<_, _>>(),
+                   "latency_samples": count}),
             format!(
-                "compare N={n:<3} S={size}: {} | p2pnode / best broker {:.2}x (--insecure {:.2}x)",
+                "compare N={n:<3} S={size}: {} | p2pnode / best broker {:.2}x (--insecure {:.2}x)\n        latency one at a time ({count}): {} | p2pnode p99 / best broker p99 {:.2}x",
                 line.join(", "),
                 ratio(keyed),
-                ratio(plain)
+                ratio(plain),
+                lat.iter()
+                    .map(|(name, p)| format!("{name} p50 {:.0} p99 {:.0} µs", p.p50, p.p99))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                lat[lat.len() - 2].1.p99 / best_p99
             ),
         );
     }
