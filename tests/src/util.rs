@@ -716,11 +716,6 @@ pub fn resume_as(member_id: u64) -> p2p_proto::Resume {
     p2p_proto::Resume {
         member_id,
         epoch: 1,
-        commit: 0,
-        log_epoch: 0,
-        last_seq: 0,
-        vote: None,
-        min_epoch: 0,
-        dead: Vec::new(),
+        ..Default::default()
     }
 }

@@ -595,12 +595,7 @@ impl RawCluster {
         let mut problems = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for p in &self.plugins {
-            let valid = !p.name.is_empty()
-                && p.name.len() <= 64
-                && p.name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-            if !valid {
+            if !p2p_proto::limits::valid_plugin_name(&p.name) {
                 problems.push(Problem {
                     at: lines.at("name", &p.name, 0),
                     kind: ProblemKind::PluginName(p.name.clone()),

@@ -42,25 +42,14 @@ pub enum CtlEvent {
 
 impl From<ProcMsg> for SupMsg {
     fn from(m: ProcMsg) -> SupMsg {
-        match m {
-            ProcMsg::Line { idx, gen, line } => SupMsg::Line { idx, gen, line },
-            ProcMsg::Exited { idx, gen, info } => SupMsg::Exited { idx, gen, info },
-        }
+        SupMsg::Proc(m)
     }
 }
 
 /// Messages to the actor.
 pub enum SupMsg {
-    Line {
-        idx: usize,
-        gen: u64,
-        line: String,
-    },
-    Exited {
-        idx: usize,
-        gen: u64,
-        info: ExitInfo,
-    },
+    /// From a node's process watchers.
+    Proc(ProcMsg),
     RestartDue {
         idx: usize,
         gen: u64,
@@ -381,14 +370,14 @@ impl Supervisor {
 
     fn on_msg(&mut self, msg: SupMsg) {
         match msg {
-            SupMsg::Line { idx, gen, line } => {
+            SupMsg::Proc(ProcMsg::Line { idx, gen, line }) => {
                 if self.slots[idx].gen == gen {
                     if let Ok(v) = serde_json::from_str::<Value>(&line) {
                         self.on_node_event(idx, v);
                     }
                 }
             }
-            SupMsg::Exited { idx, gen, info } => {
+            SupMsg::Proc(ProcMsg::Exited { idx, gen, info }) => {
                 if self.slots[idx].gen == gen {
                     self.on_exit(idx, info);
                 }

@@ -307,10 +307,7 @@ impl PluginHost {
             path: path.to_path_buf(),
             source,
         })?;
-        let build: String = sha2::Sha256::digest(&bytes)[..6]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let build = p2p_proto::secure::to_hex(&sha2::Sha256::digest(&bytes)[..6]);
         let mut mapped = self.mapped.borrow_mut();
         let first = mapped.entry(path.to_path_buf()).or_insert_with(|| build.clone());
         if *first == build {

@@ -179,6 +179,9 @@ pub fn read_frame_sync(r: &mut impl std::io::Read) -> std::io::Result<Frame> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::error::ErrorCode;
+
     #[test]
     fn the_fast_say_path_agrees_with_the_general_one() {
         let general = |b: &[u8]| serde_json::from_slice::<Frame>(b).ok();
@@ -207,9 +210,6 @@ mod tests {
         }
         assert!(fast_say(cases[0]).is_some() && fast_say(cases[2]).is_some());
     }
-
-    use super::*;
-    use crate::error::ErrorCode;
 
     fn roundtrip(frame: Frame) {
         let bytes = encode(&frame);

@@ -218,7 +218,7 @@ impl Entry {
 
 /// What a member reports when it reconnects: to the coordinator it lost
 /// (re-admission), to a new coordinator, or to a candidate (a vote).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resume {
     /// The id it had.
     pub member_id: u64,

@@ -85,6 +85,15 @@ pub fn check_addr(addr: &str) -> Result<(), String> {
     }
 }
 
+/// A plugin name: 1 to 64 bytes of `a-z 0-9 _ -` (names travel the network
+/// and become file names, so never a path).
+pub fn valid_plugin_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-')
+}
+
 /// Checks a chat text: non-empty, at most [`MAX_TEXT_LEN`] bytes, and no
 /// control characters (so every delivered message prints as one line).
 ///

@@ -5,20 +5,21 @@
 //!
 //! Primitives, all from well-kept crates: HMAC-SHA256 for the proofs and
 //! HKDF-SHA256 for key derivation (RustCrypto `hmac`, `hkdf`, `sha2`),
-//! ChaCha20-Poly1305 (RFC 8439) for records (`ring`, whose assembly
-//! implementation seals a small record ~3x and a broadcast batch ~3.4x
-//! faster than the portable RustCrypto one on the benchmark machine).
+//! AES-256-GCM for records (`ring`; why not ChaCha20-Poly1305 is in
+//! ARCHITECTURE.md).
 //!
 //! - Handshake: client nonce `nc` → server nonce `ns` and proof
 //!   `HMAC(Ka, "p2pchat server" ‖ nc ‖ ns)` → client proof
 //!   `HMAC(Ka, "p2pchat client" ‖ nc ‖ ns)`. Fresh nonces on both sides,
 //!   so a recorded handshake replayed in either direction fails.
-//! - Link records (one frame each): per-direction keys from
-//!   `HKDF(salt = nc ‖ ns, ikm = key)`, nonce = a counter per direction.
+//! - Link records (one frame, or a batch of frames): per-direction keys
+//!   from `HKDF(salt = nc ‖ ns, ikm = key)`, nonce = a counter per
+//!   direction.
 //! - Group records (a broadcast batch, sealed once for every member): key
 //!   `HKDF(ikm = key, info = "group" ‖ epoch ‖ term)` with a random `term`
 //!   per coordinator term, explicit counter nonce, so a key and nonce are
 //!   never reused even by two processes that believed they led one epoch.
+//! - Every key changes each 2^20 records ([`GENERATION_BITS`]).
 
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};

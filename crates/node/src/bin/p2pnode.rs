@@ -161,14 +161,8 @@ async fn serve(args: Args) -> anyhow::Result<i32> {
     core.replay = args.history as usize;
     core.message_events = args.events != EventFormat::None;
     for spec in &args.plugins {
-        let (name, config) = match spec.split_once(':') {
-            Some((n, c)) => (n.to_string(), c.to_string()),
-            None => (spec.clone(), "{}".to_string()),
-        };
-        p2p_node::core::check_plugin_name(&name).map_err(|e| anyhow::anyhow!("--plugin {spec}: {e}"))?;
-        p2p_node::core::check_plugin_config(&name, &config)
-            .map_err(|e| anyhow::anyhow!("--plugin {spec}: {e}"))?;
-        core.plugins.push(p2p_proto::PluginRef { name, config });
+        core.plugins
+            .push(plugin_ref(spec).map_err(|e| anyhow::anyhow!("--plugin {spec}: {e}"))?);
     }
     let mut cfg = NodeConfig::new(core);
     cfg.handshake_timeout = Duration::from_millis(args.handshake_timeout_ms);
@@ -195,6 +189,17 @@ async fn serve(args: Args) -> anyhow::Result<i32> {
     run(listener, cfg, sink, shutdown_signal()).await
 }
 
+/// A `--plugin NAME[:JSON]` argument (no configuration is `{}`), checked.
+fn plugin_ref(spec: &str) -> Result<p2p_proto::PluginRef, p2p_node::core::PluginRefError> {
+    let (name, config) = spec.split_once(':').unwrap_or((spec, "{}"));
+    p2p_node::core::check_plugin_name(name)?;
+    p2p_node::core::check_plugin_config(name, config)?;
+    Ok(p2p_proto::PluginRef {
+        name: name.to_string(),
+        config: config.to_string(),
+    })
+}
+
 /// `--check-plugins`: loads every `--plugin` the way a coordinator would,
 /// in a scratch data directory, and says what each did.
 fn check_plugins(args: &Args) -> i32 {
@@ -208,15 +213,10 @@ fn check_plugins(args: &Args) -> i32 {
     let mut set = Vec::new();
     let mut code = 0;
     for spec in &args.plugins {
-        let (name, config) = match spec.split_once(':') {
-            Some((n, c)) => (n.to_string(), c.to_string()),
-            None => (spec.clone(), "{}".to_string()),
-        };
-        let checked = p2p_node::core::check_plugin_name(&name)
-            .and_then(|()| p2p_node::core::check_plugin_config(&name, &config));
-        match checked {
-            Ok(()) => set.push(p2p_proto::PluginRef { name, config }),
+        match plugin_ref(spec) {
+            Ok(p) => set.push(p),
             Err(detail) => {
+                let name = spec.split_once(':').map_or(spec.as_str(), |(n, _)| n);
                 println!(
                     "{}",
                     serde_json::json!({"plugin": name, "state": "refused", "detail": detail.to_string()})

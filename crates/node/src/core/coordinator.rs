@@ -228,16 +228,7 @@ impl Core {
             name: h.name,
             addr: h.addr,
             session: h.session,
-            resume: h.resume.unwrap_or(p2p_proto::Resume {
-                member_id: 0,
-                epoch: 0,
-                commit: 0,
-                log_epoch: 0,
-                last_seq: 0,
-                vote: None,
-                min_epoch: 0,
-                dead: Vec::new(),
-            }),
+            resume: h.resume.unwrap_or_default(),
             sign_key: h.sign_key,
         };
         self.coord_admit_resumer(r);

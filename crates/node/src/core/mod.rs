@@ -1249,12 +1249,7 @@ pub fn check_plugin_config(name: &str, config: &str) -> Result<(), PluginRefErro
 /// # Errors
 /// Empty, longer than 64 bytes, or another character.
 pub fn check_plugin_name(name: &str) -> Result<(), PluginRefError> {
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-    {
+    if !limits::valid_plugin_name(name) {
         return Err(PluginRefError::Name(name.to_string()));
     }
     Ok(())
