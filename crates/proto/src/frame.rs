@@ -399,6 +399,15 @@ pub enum Frame {
         /// The chain hash through `base` (64 hex digits).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         chain: Option<String>,
+        /// The last seq of the log this coordinator took over with: only a
+        /// seal at or past it may replace what a peer can prove of an
+        /// earlier reign (docs/PROTOCOL.md, section 3.1).
+        #[serde(default)]
+        start: u64,
+        /// A newcomer holds the entries up to here (it may coordinate one
+        /// day) but does not show them; the history it shows follows.
+        #[serde(default)]
+        quiet: u64,
     },
     /// Part of the chat's state as of seq `at`: members and sender records
     /// (split over several frames when large; the final one has `last`).

@@ -438,9 +438,10 @@ impl Core {
     }
 
     /// A quorum voted: adopt the most up-to-date log among the voters
-    /// (each reports what it can prove: its latest seal).
+    /// (each reports what it can prove: its proof). Ours counts the same
+    /// way: what we merely hold proves nothing.
     fn start_recovery(&mut self) {
-        let mine = (self.log.log_epoch(), self.log.last());
+        let mine = self.provable();
         let from = self.log.applied() + 1;
         let Some(c) = self.cand() else { return };
         c.waiting = None;
@@ -463,7 +464,10 @@ impl Core {
                 tracing::info!(voter = id, from, to = pos.1, "pulling the most up-to-date log");
                 self.send(conn, &Frame::SyncRequest { from, to: pos.1 });
             }
-            _ => self.take_over(),
+            _ => {
+                self.restore_archive();
+                self.take_over();
+            }
         }
     }
 
@@ -567,6 +571,7 @@ impl Core {
         }
         // Proven: adopt.
         tracing::info!(voter = r.voter, upto, "adopting the voter's log through its seal");
+        self.archive = None;
         match r.snapshot {
             Some((state, at)) => {
                 tracing::warn!(
@@ -673,6 +678,9 @@ impl Core {
         self.epoch = epoch;
         self.coordinator = self.me.id;
         self.log.set_log_epoch(epoch);
+        // Our proof from now on is our own log, which starts here.
+        self.archive = None;
+        self.reign_start = self.log.last();
         self.note_epoch(epoch);
         self.know_coordinator(epoch, self.me.id);
         // Whatever a voter delivered and can prove is committed, and in
@@ -688,6 +696,7 @@ impl Core {
         let next_id = self.tip.next_id.max(self.tip.max_id() + 1);
         let mut coord = super::Coord::new(next_id, self.now);
         coord.set_stable(self.stable);
+        coord.set_start(self.reign_start);
         for id in std::mem::take(&mut self.left_cleanly) {
             coord.note_left(id);
         }

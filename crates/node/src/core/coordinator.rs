@@ -64,6 +64,11 @@ pub(super) struct Coord {
     waiting: Option<String>,
     /// The latest seal made (re-sent to peers catching up to that point).
     sealed: Option<p2p_proto::Seal>,
+    /// The last seq of the log we took over with. An acknowledgement
+    /// below it only paces a catch-up: a peer holding part of our starting
+    /// log still proves its earlier reign's log, not ours, so it does not
+    /// count toward a commit (docs/PROTOCOL.md, section 11).
+    start: u64,
 }
 
 /// One admitted member's connection.
@@ -108,6 +113,7 @@ impl Coord {
             state_cache: None,
             waiting: None,
             sealed: None,
+            start: 0,
         }
     }
 
@@ -118,6 +124,11 @@ impl Coord {
     /// The last voter change known in force before we took over.
     pub(super) fn set_stable(&mut self, stable: u64) {
         self.effective_through = stable;
+    }
+
+    /// The last seq of the log we took over with.
+    pub(super) fn set_start(&mut self, start: u64) {
+        self.start = start;
     }
 
     /// Every connection we serve.
@@ -391,6 +402,13 @@ impl Core {
             Some(_) => self.log.base(),
             None => self.history_base(commit),
         };
+        // A new peer holds all the history we hold, like every peer: it may
+        // coordinate one day, and a member returning from a long pause
+        // then finds its entries there. It shows only the newest.
+        let quiet = base;
+        if peer && w.returning_base.is_none() && self.log.chain_at(self.log.base()).is_some() {
+            base = self.log.base().min(base);
+        }
         if !peer {
             // Keep the newest entries that fit.
             let mut size = 0;
@@ -417,6 +435,11 @@ impl Core {
             heartbeat_ms: self.cfg.heartbeat_ms,
             chat_id: self.state.chat_id.clone(),
             chain: self.log.chain_at(base).map(|c| p2p_proto::secure::to_hex(&c)),
+            start: match &self.role {
+                State::Coordinator(c) => c.start,
+                _ => 0,
+            },
+            quiet,
         };
         self.send(conn, &welcome);
         self.out
@@ -533,8 +556,10 @@ impl Core {
             Frame::Ack { seq } => {
                 if peer && seq <= self.log.last() {
                     let Some(c) = self.coord() else { return };
-                    let a = c.acked.entry(id).or_insert(0);
-                    *a = (*a).max(seq);
+                    if seq >= c.start {
+                        let a = c.acked.entry(id).or_insert(0);
+                        *a = (*a).max(seq);
+                    }
                     let next = c.links.get(&conn).and_then(|l| l.catch_up);
                     if let Some(next) = next.filter(|n| seq + 1 >= *n) {
                         self.send_chunk(conn, next);

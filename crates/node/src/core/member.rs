@@ -37,6 +37,8 @@ pub(super) struct Uplink {
     history_until: u64,
     /// History for a newcomer is shown as replay.
     newcomer: bool,
+    /// History up to here is held but not shown.
+    quiet_until: u64,
     /// The last seq we acknowledged.
     acked: u64,
     /// Our messages sent on this connection (highest client_seq) and the
@@ -214,6 +216,8 @@ impl Core {
                 heartbeat_ms,
                 chat_id,
                 chain,
+                start,
+                quiet,
             } => {
                 self.stable = self.stable.max(stable);
                 self.on_welcome(
@@ -227,6 +231,8 @@ impl Core {
                         heartbeat_ms,
                         chat_id,
                         chain: chain.as_deref().and_then(p2p_proto::secure::hash_from_hex),
+                        start,
+                        quiet,
                     },
                 )
             }
@@ -308,7 +314,7 @@ impl Core {
         if u.loading.is_some() {
             return self.resync(conn, "an entry before the welcome's state");
         }
-        let (history_until, newcomer) = (u.history_until, u.newcomer);
+        let (history_until, newcomer, quiet_until) = (u.history_until, u.newcomer, u.quiet_until);
         let seq = entry.seq();
         if seq <= self.log.applied() {
             return; // delivered already (a returning member's overlap)
@@ -320,9 +326,15 @@ impl Core {
                 return self.resync(conn, &format!("entry {seq} arrived where {expected} was due"));
             }
         }
+        if self.archive.as_mut().is_some_and(|a| a.sent_again(&entry)) {
+            // Everything set aside is back: our log backs our proof again.
+            self.archive = None;
+        }
         if seq <= history_until {
             self.log.mark_applied(seq);
-            self.deliver_event(&entry, newcomer);
+            if seq > quiet_until {
+                self.deliver_event(&entry, newcomer);
+            }
         }
     }
 
@@ -357,7 +369,7 @@ impl Core {
 
     fn check_seal(&mut self, conn: ConnId, seal: Seal) {
         if self
-            .sealed
+            .ack_seal
             .as_ref()
             .is_some_and(|s| (s.epoch, s.seq) >= (seal.epoch, seal.seq))
         {
@@ -367,20 +379,99 @@ impl Core {
         match self.log.chain_at(seal.seq) {
             // Our chain is unknown (a hole): we cannot vouch for anything.
             None => {}
-            Some(mine) if Some(mine) == theirs => self.sealed = Some(seal),
+            Some(mine) if Some(mine) == theirs => {
+                // A seal inside the log the coordinator took over with only
+                // paces the catch-up; one past it is our proof from now on
+                // (it covers everything the one it replaces had to prove).
+                let newer = self
+                    .sealed
+                    .as_ref()
+                    .is_none_or(|s| (s.epoch, s.seq) < (seal.epoch, seal.seq));
+                if seal.seq >= self.reign_start && newer {
+                    self.sealed = Some(seal.clone());
+                    self.archive = None;
+                }
+                self.ack_seal = Some(seal);
+            }
             Some(_) => self.resync(conn, "our log differs from the coordinator's seal"),
         }
     }
 
-    /// What we can prove we hold: (epoch, seq) of our latest seal (the
+    /// What we can prove we hold: (epoch, seq) of our proof (the
     /// coordinator's own log when we coordinate).
     pub(super) fn provable(&self) -> (u64, u64) {
         if matches!(self.role, State::Coordinator(_)) {
             return (self.log.log_epoch(), self.log.last());
         }
         match &self.sealed {
-            Some(s) if s.seq <= self.log.last() => (s.epoch, s.seq),
+            Some(s) if self.proof_backed(s) => (s.epoch, s.seq),
             _ => (0, 0),
+        }
+    }
+
+    /// Whether we hold what `proof` covers: set aside, or in our log with
+    /// the same chain hash (or delivered and forgotten since).
+    fn proof_backed(&self, proof: &Seal) -> bool {
+        if self.archive.is_some() || (proof.seq < self.log.base() && proof.seq <= self.log.applied()) {
+            return true;
+        }
+        let theirs = p2p_proto::secure::hash_from_hex(&proof.hash);
+        theirs.is_some() && self.log.chain_at(proof.seq) == theirs
+    }
+
+    /// A welcome is about to drop our undelivered entries past `base`:
+    /// set aside those our proof covers, so it stays one we can back until
+    /// the new coordinator's own proof replaces it.
+    fn set_aside_proven(&mut self, base: u64) {
+        let keep = base.max(self.log.applied());
+        let Some(proof) = self.sealed.clone() else { return };
+        if let Some(a) = &mut self.archive {
+            if keep < a.from() {
+                // Our log agrees with the proof up to where the archive
+                // starts: those entries go to its front.
+                let before: Vec<(Entry, usize)> = self
+                    .log
+                    .sized_range(keep + 1, a.from() - 1)
+                    .map(|(e, n)| (e.clone(), n))
+                    .collect();
+                a.extend_front(before);
+            } else {
+                a.set_diverged();
+            }
+            return;
+        }
+        if proof.seq <= keep || !self.proof_backed(&proof) {
+            return;
+        }
+        let entries: Vec<(Entry, usize)> = self
+            .log
+            .sized_range(keep + 1, proof.seq)
+            .map(|(e, n)| (e.clone(), n))
+            .collect();
+        self.archive = Some(super::proof::Archive::new(keep + 1, entries));
+    }
+
+    /// Our own proof won an election we run: our log becomes the one it
+    /// covers (entries set aside come back; the coordinator we followed
+    /// since can have committed nothing that differs, or a voter would
+    /// prove a later reign).
+    pub(super) fn restore_archive(&mut self) {
+        let Some(a) = self.archive.take() else { return };
+        if self.log.applied() >= a.from() {
+            tracing::error!(
+                from = a.from(),
+                applied = self.log.applied(),
+                "entries set aside overlap delivered ones; keeping the log as it is"
+            );
+            return;
+        }
+        self.log.truncate_after(a.from() - 1);
+        self.rebuild_tip();
+        for e in a.into_entries() {
+            if let Err(e) = self.append_entry(e) {
+                tracing::error!(?e, "an entry set aside did not follow the log");
+                return;
+            }
         }
     }
 
@@ -403,6 +494,8 @@ impl Core {
             heartbeat_ms,
             chat_id,
             chain,
+            start,
+            quiet,
         } = w;
         let from_vote_target = matches!(&self.role, State::Electing(e) if e.conn() == Some(conn));
         if from_vote_target && epoch < self.bound_epoch {
@@ -443,6 +536,7 @@ impl Core {
                 loading: Some(StateLoader::default()),
                 history_until: commit,
                 newcomer,
+                quiet_until: if newcomer { quiet } else { 0 },
                 acked: 0,
                 sent_upto: 0,
                 in_flight: 0,
@@ -453,12 +547,16 @@ impl Core {
         self.coordinator = coordinator;
         self.bound_epoch = self.bound_epoch.max(epoch);
         self.state.chat_id = chat_id;
+        self.reign_start = start;
+        self.ack_seal = None;
         // Our log now follows this coordinator's: drop undelivered entries
-        // past `base` (they come again), or skip a hole we cannot fill.
+        // past `base` (they come again; what our proof covers is set aside
+        // first), or skip a hole we cannot fill.
         if base > self.log.last() {
             let hole = !newcomer && base > self.log.applied();
             self.log.reset(base, hole);
         } else {
+            self.set_aside_proven(base);
             self.log.truncate_after(base);
         }
         match (chain, self.log.chain_at(base)) {
@@ -470,11 +568,6 @@ impl Core {
                 );
             }
             _ => {}
-        }
-        // A seal still proves what we kept of the old log (up to `base`
-        // or what we delivered, which the new coordinator's log shares).
-        if self.sealed.as_ref().is_some_and(|s| s.seq > self.log.last()) {
-            self.sealed = None;
         }
         self.seal_ahead = None;
         self.log.set_log_epoch(epoch);
@@ -568,7 +661,7 @@ impl Core {
                 self.seal_ahead = Some(s);
             }
         }
-        let sealed = match &self.sealed {
+        let sealed = match &self.ack_seal {
             Some(s) if s.epoch == self.epoch => s.seq.min(last),
             _ => return,
         };
@@ -607,13 +700,23 @@ impl Core {
         self.send_entries(conn, from, to, None);
     }
 
-    /// Sends held entries in `from..=to` as `sync` frames (the first with
-    /// `chain`), then an empty one with our seal.
+    /// Sends the entries our proof covers in `from..=to` (from our log,
+    /// then those set aside) as `sync` frames (the first with `chain`), then
+    /// an empty one with our proof.
     fn send_entries(&mut self, conn: ConnId, from: u64, to: u64, chain: Option<String>) {
         let mut chunk = Vec::new();
         let mut size = 0;
         let mut frames = Vec::new();
-        for (entry, len) in self.log.sized_range(from, to) {
+        let (logged_to, set_aside) = match &self.archive {
+            Some(a) => (to.min(a.from() - 1), Some(a)),
+            None => (to, None),
+        };
+        let aside = set_aside
+            .into_iter()
+            .flat_map(|a| a.entries())
+            .filter(|(e, _)| e.seq() >= from && e.seq() <= to)
+            .map(|(e, n)| (e, *n));
+        for (entry, len) in self.log.sized_range(from, logged_to).chain(aside) {
             if size + len > limits::MAX_SYNC_BYTES && !chunk.is_empty() {
                 frames.push(std::mem::take(&mut chunk));
                 size = 0;
@@ -1139,4 +1242,8 @@ struct Welcomed {
     chat_id: String,
     /// The chain hash through `base`.
     chain: Option<[u8; 32]>,
+    /// The last seq of the log the coordinator took over with.
+    start: u64,
+    /// A newcomer shows no history up to here.
+    quiet: u64,
 }

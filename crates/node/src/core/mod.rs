@@ -16,6 +16,7 @@ mod coordinator;
 pub mod hooks;
 mod log;
 mod member;
+mod proof;
 #[cfg(test)]
 mod sim;
 mod state;
@@ -320,9 +321,19 @@ pub struct Core {
     voted: (u64, u64),
     /// Signs our log when we coordinate.
     signer: SignKey,
-    /// The latest seal of the coordinator we follow that covers what we
-    /// hold: we acknowledge, and vouch for in a `sync`, nothing past it.
+    /// Our proof (see `proof.rs`): the latest seal we vouch for in a
+    /// resume and a `sync`. It never goes backwards.
     sealed: Option<Seal>,
+    /// Entries our proof covers that the coordinator we follow has not sent
+    /// again yet: kept so that the proof stays one we can back.
+    archive: Option<proof::Archive>,
+    /// The latest seal of the coordinator we follow that matches what we
+    /// hold: we acknowledge nothing past it.
+    ack_seal: Option<Seal>,
+    /// The last seq of the log the coordinator we follow took over with
+    /// (from its welcome): a seal before it paces a catch-up, and does not
+    /// replace our proof.
+    reign_start: u64,
     /// A seal for entries not here yet (checked when they arrive).
     seal_ahead: Option<Seal>,
     /// Who coordinated recent epochs, as we know first-hand (we followed
@@ -385,6 +396,9 @@ impl Core {
             },
             signer: SignKey::from_seed(cfg.sign_seed),
             sealed: None,
+            archive: None,
+            ack_seal: None,
+            reign_start: 0,
             seal_ahead: None,
             coordinators: BTreeMap::new(),
             epoch: 0,
