@@ -18,6 +18,8 @@ mod log;
 mod member;
 mod proof;
 #[cfg(test)]
+mod proof_tests;
+#[cfg(test)]
 mod sim;
 mod state;
 #[cfg(test)]

@@ -124,7 +124,10 @@ mod tests {
     fn a_different_entry_keeps_the_archive_for_good() {
         let mut a = Archive::new(5, vec![(chat(1, 5, "a"), 1), (chat(1, 6, "b"), 1)]);
         assert!(!a.sent_again(&chat(2, 5, "other")));
-        assert!(!a.sent_again(&chat(1, 6, "b")), "diverged: nothing matches any more");
+        assert!(
+            !a.sent_again(&chat(1, 6, "b")),
+            "diverged: nothing matches any more"
+        );
         assert_eq!((a.from(), a.entries().count()), (5, 2));
     }
 

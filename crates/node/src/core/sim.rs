@@ -135,6 +135,10 @@ pub struct Sim {
     /// Members a chat admits (`CoreConfig::max_members`) for nodes booted
     /// from now on.
     pub max_members: usize,
+    /// History a coordinator sends a catching-up peer at once
+    /// (`CoreConfig::catch_up_bytes`): small values split a catch-up into
+    /// many acknowledged chunks.
+    pub catch_up_bytes: usize,
     pub steps: u64,
 }
 
@@ -155,6 +159,7 @@ impl Sim {
             check: Checker::default(),
             session_base,
             max_members: p2p_proto::limits::MAX_MEMBERS,
+            catch_up_bytes: 1 << 20,
             steps: 0,
         }
     }
@@ -190,6 +195,7 @@ impl Sim {
         cfg.replay = 20;
         cfg.keep = 1 << 20;
         cfg.max_members = self.max_members;
+        cfg.catch_up_bytes = self.catch_up_bytes;
         cfg
     }
 
@@ -556,6 +562,11 @@ impl Sim {
             self.run_one();
         }
         self.now = self.now.max(until);
+    }
+
+    /// When the next scheduled event happens, if any.
+    pub fn next_at(&self) -> Option<Millis> {
+        self.queue.peek().map(|Reverse((at, _))| *at)
     }
 
     /// Performs the next scheduled event only (for scenarios that must act
