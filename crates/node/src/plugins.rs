@@ -12,6 +12,7 @@
 
 use std::ffi::c_void;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,9 @@ struct CallState {
 struct Ctx {
     name: String,
     call: Mutex<CallState>,
+    /// Set (after the state is written) by every callback that hands
+    /// something over: most calls hand nothing, and are then not locked.
+    handed: AtomicBool,
     /// The data directory as handed to the plugin (`HostApi::data_dir`
     /// points into it).
     data_dir: String,
@@ -73,24 +77,29 @@ fn take(s: Str) -> String {
     unsafe { capped.to_str_lossy() }.into_owned()
 }
 
+/// Changes the call state of plugin context `c`, then marks it handed.
+fn hand(c: *mut c_void, f: impl FnOnce(&mut CallState)) {
+    let ctx = ctx(c);
+    if let Ok(mut call) = ctx.call.lock() {
+        f(&mut call);
+    }
+    ctx.handed.store(true, Ordering::Release);
+}
+
 extern "C" fn cb_post(c: *mut c_void, text: Str) {
-    if let Ok(mut call) = ctx(c).call.lock() {
+    hand(c, |call| {
         if call.posts.len() < 16 {
             call.posts.push(take(text));
         }
-    }
+    });
 }
 
 extern "C" fn cb_verdict(c: *mut c_void, action: u32, text: Str, rule: Str) {
-    if let Ok(mut call) = ctx(c).call.lock() {
-        call.verdict = Some((action, take(text), take(rule)));
-    }
+    hand(c, |call| call.verdict = Some((action, take(text), take(rule))));
 }
 
 extern "C" fn cb_error(c: *mut c_void, message: Str) {
-    if let Ok(mut call) = ctx(c).call.lock() {
-        call.error = Some(take(message));
-    }
+    hand(c, |call| call.error = Some(take(message)));
 }
 
 extern "C" fn cb_log(c: *mut c_void, level: u32, message: Str) {
@@ -380,6 +389,7 @@ impl PluginHost {
         let ctx = Box::new(Ctx {
             name: p.name.clone(),
             call: Mutex::new(CallState::default()),
+            handed: AtomicBool::new(false),
             data_dir: data_dir.to_string_lossy().into_owned(),
             chat_id: self.chat_id.clone(),
         });
@@ -434,12 +444,15 @@ impl PluginHost {
             p.time += start.elapsed();
         }
         p.calls += 1;
-        let state = p
-            .ctx
-            .call
-            .lock()
-            .map(|mut c| std::mem::take(&mut *c))
-            .unwrap_or_default();
+        let state = if p.ctx.handed.swap(false, Ordering::Acquire) {
+            p.ctx
+                .call
+                .lock()
+                .map(|mut c| std::mem::take(&mut *c))
+                .unwrap_or_default()
+        } else {
+            CallState::default()
+        };
         if rc == abi::RC_UNIMPLEMENTED {
             // The plugin does nothing here: never call this hook again.
             p.skip |= hook as u8;

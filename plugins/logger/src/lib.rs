@@ -60,7 +60,18 @@ struct Logger {
     /// Inside a run of replayed history (after a takeover).
     replaying: bool,
     last_flush: Instant,
+    /// The line being encoded (kept, so it is allocated once).
+    line: Vec<u8>,
+    /// The time stamped on this batch's lines (read once per batch: a
+    /// batch is delivered at once), and lines left before it is read again
+    /// anyway (0: read it for the next line).
+    batch_time: u64,
+    time_left: u8,
 }
+
+/// Room for a whole batch in the file buffer, so `flush: every` writes a
+/// batch with one system call (a batch is a few hundred lines at most).
+const BUFFER: usize = 256 * 1024;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -109,6 +120,51 @@ struct MessageLine<'a> {
     bot: bool,
 }
 
+impl MessageLine<'_> {
+    /// The line as `serde_json` writes it (same keys, order and escapes),
+    /// written straight into `buf`: this runs once per delivered message on
+    /// the coordinator's broadcast path.
+    fn encode(&self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(b"{\"type\":");
+        json_str(buf, self.kind);
+        buf.extend_from_slice(b",\"chat\":");
+        json_str(buf, self.chat);
+        buf.extend_from_slice(b",\"epoch\":");
+        json_u64(buf, self.epoch);
+        buf.extend_from_slice(b",\"seq\":");
+        json_u64(buf, self.seq);
+        buf.extend_from_slice(b",\"from\":");
+        json_str(buf, self.from);
+        buf.extend_from_slice(b",\"from_id\":");
+        json_u64(buf, self.from_id);
+        buf.extend_from_slice(b",\"text\":");
+        json_str(buf, self.text);
+        buf.extend_from_slice(b",\"time\":");
+        json_u64(buf, self.time);
+        if self.bot {
+            buf.extend_from_slice(b",\"bot\":true");
+        }
+        buf.push(b'}');
+    }
+}
+
+/// A JSON string: copied as is unless it holds a byte JSON escapes
+/// (controls, `"` and `\\`), which `serde_json` then writes.
+fn json_str(buf: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        buf.push(b'"');
+        buf.extend_from_slice(s.as_bytes());
+        buf.push(b'"');
+    } else {
+        // Writing into a Vec cannot fail.
+        let _ = json::to_writer(&mut *buf, s);
+    }
+}
+
+fn json_u64(buf: &mut Vec<u8>, n: u64) {
+    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
 impl Logger {
     /// Appends one line; `batch_ends`: nothing written so far may wait
     /// (with `flush: every`) beyond this call.
@@ -119,6 +175,27 @@ impl Logger {
         json::to_writer(&mut self.out, line)?;
         self.out.write_all(b"\n")?;
         self.flush_if_due(batch_ends)
+    }
+
+    /// [`Logger::write`] for a message line, the hot one.
+    fn write_message(&mut self, line: &MessageLine, batch_ends: bool) -> std::io::Result<()> {
+        self.line.clear();
+        line.encode(&mut self.line);
+        self.line.push(b'\n');
+        self.out.write_all(&self.line)?;
+        self.flush_if_due(batch_ends)
+    }
+
+    /// The delivery time for a line of the current batch.
+    fn time(&mut self, batch_ends: bool) -> u64 {
+        if self.time_left == 0 {
+            self.batch_time = now_ms();
+            // A batch without an end (a host that never says) still gets
+            // a fresh time every 64 lines.
+            self.time_left = 64;
+        }
+        self.time_left = if batch_ends { 0 } else { self.time_left - 1 };
+        self.batch_time
     }
 
     fn flush_if_due(&mut self, batch_ends: bool) -> std::io::Result<()> {
@@ -177,11 +254,14 @@ impl Plugin for Logger {
         Ok(Logger {
             cfg,
             path,
-            out: BufWriter::new(file),
+            out: BufWriter::with_capacity(BUFFER, file),
             chat: host.chat_id(),
             last_seq: None,
             replaying: false,
             last_flush: Instant::now(),
+            line: Vec::with_capacity(512),
+            batch_time: 0,
+            time_left: 0,
         })
     }
 
@@ -202,7 +282,8 @@ impl Plugin for Logger {
         }
         // The line borrows the chat id while `write` needs the logger.
         let chat = std::mem::take(&mut self.chat);
-        let written = self.write(
+        let time = self.time(msg.last_in_batch);
+        let written = self.write_message(
             &MessageLine {
                 kind: "message",
                 chat: &chat,
@@ -211,7 +292,7 @@ impl Plugin for Logger {
                 from: msg.from,
                 from_id: msg.from_id,
                 text: msg.text,
-                time: now_ms(),
+                time,
                 bot: msg.bot,
             },
             msg.last_in_batch,
@@ -257,6 +338,9 @@ mod tests {
             last_seq: None,
             replaying: false,
             last_flush: Instant::now(),
+            line: Vec::new(),
+            batch_time: 0,
+            time_left: 0,
         }
     }
 
@@ -278,6 +362,41 @@ mod tests {
         }
     }
 
+    #[test]
+    fn message_lines_are_what_serde_json_writes() {
+        let texts = [
+            "hi",
+            "",
+            "quote \" only",
+            "backslash \\ only, and a slash /",
+            "tab\tnewline\ncontrol \u{1} del \u{7f}",
+            "only a control \u{1f}",
+            "unicode: ünïcødé 日本語 🎉 \u{2028}",
+        ];
+        for (i, text) in texts.into_iter().enumerate() {
+            for bot in [false, true] {
+                let line = MessageLine {
+                    kind: "message",
+                    chat: "0f3a\"c",
+                    epoch: u64::MAX,
+                    seq: i as u64,
+                    from: "bob \\ \"b\"",
+                    from_id: 1 << 40,
+                    text,
+                    time: 1_764_000_000_000,
+                    bot,
+                };
+                let mut ours = Vec::new();
+                line.encode(&mut ours);
+                let theirs = json::to_vec(&line).unwrap();
+                assert_eq!(
+                    String::from_utf8(ours).unwrap(),
+                    String::from_utf8(theirs).unwrap()
+                );
+            }
+        }
+    }
+
     /// /dev/full stands in for a full disk (Linux, where CI runs).
     #[cfg(target_os = "linux")]
     #[test]
@@ -289,7 +408,7 @@ mod tests {
         let mut l = logger(full, PathBuf::from("/dev/full"), "c");
         l.last_seq = Some(0);
         assert!(l
-            .write(
+            .write_message(
                 &MessageLine {
                     kind: "message",
                     chat: "c",
@@ -349,6 +468,34 @@ mod tests {
         l.last_seq = Some(5);
         l.on_delivered(&in_batch(5, true), &host);
         assert_eq!(on_disk(), 4);
+        // The clock is read once per batch, and again after 64 lines of a
+        // batch that does not end.
+        l.batch_time = 1;
+        l.time_left = 2;
+        l.on_delivered(&in_batch(6, false), &host);
+        assert_eq!(l.time_left, 1, "within a batch the time stands");
+        l.on_delivered(&in_batch(7, true), &host);
+        assert_eq!(l.time_left, 0, "the next batch reads the clock");
+        for seq in 8..8 + 64 {
+            l.on_delivered(&in_batch(seq, false), &host);
+        }
+        assert_eq!(l.time_left, 0, "64 lines without an end read it again");
+        assert!(l.batch_time > 1);
+        l.flush().unwrap();
+        let lines = std::fs::read_to_string(&path).unwrap();
+        let times: Vec<u64> = lines
+            .lines()
+            .map(|l| {
+                json::from_str::<json::Value>(l).unwrap()["time"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            times[times.len() - 66..times.len() - 64],
+            [1, 1],
+            "seq 6 and 7 share the batch's time"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
