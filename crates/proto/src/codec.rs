@@ -28,33 +28,49 @@ fn framed(body: &impl serde::Serialize, capacity: usize) -> Bytes {
 }
 
 /// Encodes a `chat` frame from a borrowed message: the same bytes as
-/// `encode(&Frame::Chat(chat.clone()))` without the clone (the broadcast
-/// hot path).
+/// `encode(&Frame::Chat(chat.clone()))`, without the clone and written
+/// straight into the buffer (the broadcast hot path: once per message).
 pub fn encode_chat(chat: &Chat) -> Bytes {
-    #[derive(serde::Serialize)]
-    struct ChatRef<'a> {
-        #[serde(rename = "type")]
-        kind: &'static str,
-        epoch: u64,
-        seq: u64,
-        from: &'a str,
-        from_id: u64,
-        client_seq: u64,
-        text: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        bot: Option<&'a str>,
+    let bot = chat.bot.as_deref();
+    let mut buf = BytesMut::with_capacity(112 + chat.from.len() + chat.text.len() + bot.map_or(0, str::len));
+    buf.put_u32(0);
+    buf.put_slice(b"{\"type\":\"chat\",\"epoch\":");
+    put_u64(&mut buf, chat.epoch);
+    buf.put_slice(b",\"seq\":");
+    put_u64(&mut buf, chat.seq);
+    buf.put_slice(b",\"from\":");
+    put_str(&mut buf, &chat.from);
+    buf.put_slice(b",\"from_id\":");
+    put_u64(&mut buf, chat.from_id);
+    buf.put_slice(b",\"client_seq\":");
+    put_u64(&mut buf, chat.client_seq);
+    buf.put_slice(b",\"text\":");
+    put_str(&mut buf, &chat.text);
+    if let Some(bot) = bot {
+        buf.put_slice(b",\"bot\":");
+        put_str(&mut buf, bot);
     }
-    let view = ChatRef {
-        kind: "chat",
-        epoch: chat.epoch,
-        seq: chat.seq,
-        from: &chat.from,
-        from_id: chat.from_id,
-        client_seq: chat.client_seq,
-        text: &chat.text,
-        bot: chat.bot.as_deref(),
-    };
-    framed(&view, 96 + chat.text.len())
+    buf.put_u8(b'}');
+    let len = (buf.len() - 4) as u32;
+    buf[..4].copy_from_slice(&len.to_be_bytes());
+    buf.freeze()
+}
+
+fn put_u64(buf: &mut BytesMut, n: u64) {
+    buf.put_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+/// A JSON string as `serde_json` writes it: copied as is unless it holds
+/// a byte JSON escapes (controls, `"` and `\\`), which `serde_json` then
+/// writes.
+fn put_str(buf: &mut BytesMut, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        buf.put_u8(b'"');
+        buf.put_slice(s.as_bytes());
+        buf.put_u8(b'"');
+    } else {
+        serde_json::to_writer(buf.writer(), s).expect("string serialization is infallible");
+    }
 }
 
 /// Encodes a log entry as its frame (chat entries take the fast path).
@@ -266,17 +282,27 @@ mod tests {
 
     #[test]
     fn encode_chat_matches_the_enum_encoding() {
-        for bot in [None, Some("echo".to_string())] {
-            let chat = Chat {
-                epoch: 3,
-                seq: 77,
-                from: "zoë \"q\"".into(),
-                from_id: 9,
-                client_seq: 4,
-                text: "tab\there ✓".into(),
-                bot,
-            };
-            assert_eq!(encode_chat(&chat), encode(&Frame::Chat(chat.clone())));
+        let texts = [
+            "plain",
+            "",
+            "zoë \"q\"",
+            "only a backslash \\ and a slash /",
+            "tab\there ✓",
+            "only a control \u{1f}, del \u{7f}, \u{2028} 🎉",
+        ];
+        for (i, text) in texts.into_iter().enumerate() {
+            for bot in [None, Some("echo"), Some(texts[(i + 2) % texts.len()])] {
+                let chat = Chat {
+                    epoch: u64::MAX - i as u64,
+                    seq: 77,
+                    from: texts[(i + 1) % texts.len()].into(),
+                    from_id: 0,
+                    client_seq: 1 << 53,
+                    text: text.into(),
+                    bot: bot.map(String::from),
+                };
+                assert_eq!(encode_chat(&chat), encode(&Frame::Chat(chat.clone())));
+            }
         }
     }
 
