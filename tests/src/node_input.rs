@@ -98,6 +98,23 @@ fn bad_input_gets_an_error_and_disturbs_nobody() {
         e["event"] == "left" && e["name"] == "mallory"
     });
 
+    // A batch record whose third frame is garbage: the two before it
+    // count (in order), the garbage ends the connection.
+    let mut member = Raw::hello(&a.addr, "trent");
+    member.send_batch(&[
+        br#"{"type":"say","text":"batched one","client_seq":1}"#,
+        br#"{"type":"say","text":"batched two","client_seq":2}"#,
+        b"\x00\x01garbage",
+    ]);
+    expect_error(&mut member, ErrorCode::BadJson);
+    b.wait_message("batched two");
+    let texts: Vec<String> = b.messages().into_iter().map(|(_, _, t)| t).collect();
+    let at = |t: &str| texts.iter().position(|x| x == t);
+    assert!(
+        at("batched one") < at("batched two") && at("batched one").is_some(),
+        "{texts:?}"
+    );
+
     // The chat carries on.
     b.say("still fine");
     a.wait_message("still fine");

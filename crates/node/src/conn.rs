@@ -42,6 +42,9 @@ pub enum Msg {
     /// A connection is ready for output (sent before any of its frames).
     Registered(ConnId, Writer),
     Input(Input),
+    /// The frames of one sealed batch record, in order: one hand-off to
+    /// the actor for the batch, not one per frame.
+    Frames(ConnId, Vec<Frame>),
 }
 
 enum WriteMsg {
@@ -453,24 +456,33 @@ async fn read_loop(
                 }
             }
         };
+        // Frames before a bad one still count; the bad one ends the
+        // connection.
+        let mut frames = Vec::with_capacity(bodies.len());
         let mut stop = None;
         for body in bodies {
             match decode_body(&body) {
-                Ok(frame) => {
-                    if actor.send(Msg::Input(Input::Frame(conn, frame))).await.is_err() {
-                        return;
-                    }
-                }
+                Ok(frame) => frames.push(frame),
                 Err(e) => {
                     tracing::debug!(conn, error = %e, "bad frame");
-                    refuse(&writer, e.code(), e.to_string());
-                    stop = Some(format!("disconnected (protocol error: {e})"));
+                    stop = Some(e);
                     break;
                 }
             }
         }
-        if stop.is_some() {
-            break stop;
+        let msg = match frames.len() {
+            0 => None,
+            1 => frames.pop().map(|f| Msg::Input(Input::Frame(conn, f))),
+            _ => Some(Msg::Frames(conn, frames)),
+        };
+        if let Some(msg) = msg {
+            if actor.send(msg).await.is_err() {
+                return;
+            }
+        }
+        if let Some(e) = stop {
+            refuse(&writer, e.code(), e.to_string());
+            break Some(format!("disconnected (protocol error: {e})"));
         }
     };
     let _ = actor.send(Msg::Input(Input::Closed(conn, reason))).await;

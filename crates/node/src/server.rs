@@ -235,6 +235,11 @@ impl Driver {
                 self.ungroup(conn);
             }
             Msg::Input(input) => self.core.handle(now, input),
+            Msg::Frames(conn, frames) => {
+                for frame in frames {
+                    self.core.handle(now, Input::Frame(conn, frame));
+                }
+            }
         }
     }
 
