@@ -103,7 +103,8 @@ fn last_seq_in(path: &PathBuf, chat: &str) -> std::io::Result<u64> {
     })
 }
 
-/// One transcript line for a message, serialized without building a map.
+/// One transcript line for a message. [`MessageLine::encode`] writes it; the
+/// derived `Serialize` is the reference its test compares those bytes with.
 #[derive(Serialize)]
 #[serde(crate = "p2p_plugin_api::serde")]
 struct MessageLine<'a> {
