@@ -40,3 +40,12 @@ for c in [2, 1 << 20]:
     ct = AESGCM(group_key(key, 1, term, c)).encrypt(nonce(c), b"{}", header)
     print("group_record_counter_%d" % c, (header + ct).hex())
 print("session_id_42", int.from_bytes(hashlib.sha256(b"p2pchat session" + u64(42)).digest()[:8], "big") | 1)
+# The chain hash (section 3.1) over two entries: a chat message and a join.
+def s(b):
+    return len(b).to_bytes(4, "big") + b
+chat = b"\x01" + u64(1) + u64(1) + s(b"alice") + u64(1) + u64(7) + s("h\u00e9llo".encode()) + b"\x00"
+joined = b"\x02" + u64(1) + u64(2) + u64(2) + s(b"bob") + b"\x01" + s(b"127.0.0.1:7102") + u64(9) + b"\x00"
+h1 = hashlib.sha256(b"p2pchat chain\x00" + b"\x00"*32 + chat).digest()
+h2 = hashlib.sha256(b"p2pchat chain\x00" + h1 + joined).digest()
+print("chain_1_chat", h1.hex())
+print("chain_2_joined", h2.hex())

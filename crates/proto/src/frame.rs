@@ -124,7 +124,14 @@ impl Entry {
     /// in a fixed order, integers as 8 bytes big-endian, strings with a
     /// 4-byte length (docs/PROTOCOL.md, section 2.5). Independent of JSON.
     pub fn canonical(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(96);
+        let mut out = Vec::with_capacity(128);
+        self.canonical_into(&mut out);
+        out
+    }
+
+    /// [`Entry::canonical`], appended to `out` (the chain hash reuses one
+    /// buffer instead of allocating per entry).
+    pub fn canonical_into(&self, out: &mut Vec<u8>) {
         let (kind, epoch, seq) = match self {
             Entry::Chat(c) => (1u8, c.epoch, c.seq),
             Entry::Joined { epoch, seq, .. } => (2, *epoch, *seq),
@@ -137,23 +144,23 @@ impl Entry {
         out.extend_from_slice(&seq.to_be_bytes());
         match self {
             Entry::Chat(c) => {
-                put_str(&mut out, &c.from);
+                put_str(out, &c.from);
                 out.extend_from_slice(&c.from_id.to_be_bytes());
                 out.extend_from_slice(&c.client_seq.to_be_bytes());
-                put_str(&mut out, &c.text);
-                put_opt(&mut out, c.bot.as_deref());
+                put_str(out, &c.text);
+                put_opt(out, c.bot.as_deref());
             }
             Entry::Joined { member, .. } => {
                 out.extend_from_slice(&member.id.to_be_bytes());
-                put_str(&mut out, &member.name);
-                put_opt(&mut out, member.addr.as_deref());
+                put_str(out, &member.name);
+                put_opt(out, member.addr.as_deref());
                 out.extend_from_slice(&member.session.to_be_bytes());
-                put_opt(&mut out, member.sign_key.as_deref());
+                put_opt(out, member.sign_key.as_deref());
             }
             Entry::Left { id, name, reason, .. } => {
                 out.extend_from_slice(&id.to_be_bytes());
-                put_str(&mut out, name);
-                put_str(&mut out, reason);
+                put_str(out, name);
+                put_str(out, reason);
             }
             Entry::Voters { set, .. } => {
                 out.extend_from_slice(&(set.len() as u32).to_be_bytes());
@@ -164,12 +171,11 @@ impl Entry {
             Entry::Plugins { set, .. } => {
                 out.extend_from_slice(&(set.len() as u32).to_be_bytes());
                 for p in set {
-                    put_str(&mut out, &p.name);
-                    put_str(&mut out, &p.config);
+                    put_str(out, &p.name);
+                    put_str(out, &p.config);
                 }
             }
         }
-        out
     }
 
     pub fn seq(&self) -> u64 {

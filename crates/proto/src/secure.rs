@@ -689,11 +689,23 @@ pub const CHAIN_START: [u8; 32] = [0; 32];
 /// The chain hash through an entry: SHA-256 of a label, the hash through
 /// the entry before, and the entry's canonical bytes.
 pub fn chain_next(prev: &[u8; 32], entry: &crate::Entry) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(b"p2pchat chain\0");
-    h.update(prev);
-    h.update(entry.canonical());
-    h.finalize().into()
+    const LABEL: &[u8] = b"p2pchat chain\0";
+    thread_local! {
+        // One buffer per thread, reused: the hash runs once per entry.
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUF.with_borrow_mut(|buf| {
+        buf.clear();
+        buf.extend_from_slice(LABEL);
+        buf.extend_from_slice(prev);
+        entry.canonical_into(buf);
+        let hash = Sha256::digest(buf.as_slice()).into();
+        // Do not keep a large entry's buffer for the thread's life.
+        if buf.capacity() > 64 << 10 {
+            *buf = Vec::new();
+        }
+        hash
+    })
 }
 
 /// Parses a 64-hex-digit hash.
@@ -1026,5 +1038,35 @@ mod tests {
             "010000000000000001333333333333333333333333333333330000000000100000fbcf8fe3d94d0c85753afa4ea11f6fa27b6f"
         );
         assert_eq!(session_id(42), 13622300530942496755);
+        // The chain hash (section 3.1) over a chat message, then a join.
+        let chat = crate::Entry::Chat(crate::Chat {
+            epoch: 1,
+            seq: 1,
+            from: "alice".into(),
+            from_id: 1,
+            client_seq: 7,
+            text: "h\u{e9}llo".into(),
+            bot: None,
+        });
+        let joined = crate::Entry::Joined {
+            epoch: 1,
+            seq: 2,
+            member: crate::MemberInfo {
+                id: 2,
+                name: "bob".into(),
+                addr: Some("127.0.0.1:7102".into()),
+                session: 9,
+                sign_key: None,
+            },
+        };
+        let h1 = chain_next(&CHAIN_START, &chat);
+        assert_eq!(
+            to_hex(&h1),
+            "1a0c473a17b1ab948654bd536a48c4f25b15c4e5db9ed10df20414f6efa63c48"
+        );
+        assert_eq!(
+            to_hex(&chain_next(&h1, &joined)),
+            "43beae5dba327d26af374cef4d5f2a020892c5d0f2255e9153471922b06253cc"
+        );
     }
 }
