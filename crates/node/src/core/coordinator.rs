@@ -55,7 +55,7 @@ pub(super) struct Coord {
     /// is one level deeper. A reign that inherits undelivered bot messages
     /// counts them as level 0, so a failover can let a chain run
     /// [`MAX_BOT_DEPTH`] levels more, once.
-    bot_depth: BTreeMap<u64, u32>,
+    pub(super) bot_depth: BTreeMap<u64, u32>,
     /// What the last review of the voters looked at (see `maintain_voters`).
     last_review: Option<(usize, usize, usize, u64, usize)>,
     /// Messages waiting for room in the window, in arrival order.
@@ -851,30 +851,13 @@ impl Core {
     /// them.
     fn coord_apply(&mut self) {
         let hooks = self.hooks.active();
-        let done = self.apply_committed(hooks);
-        // Plugins hear which delivery ends the batch: the driver sends the
-        // batch to members only after this input is handled.
-        let last_chat = done.iter().rposition(|(_, e)| matches!(e, Some(Entry::Chat(_))));
-        for (i, (frame, entry)) in done.into_iter().enumerate() {
+        let (frames, posts) = self.apply_committed(hooks);
+        for frame in frames {
             self.broadcast(Group::Clients, frame);
-            let Some(entry) = entry.filter(|_| hooks) else {
-                continue;
-            };
-            let mut depth = 0;
-            let posts = match &entry {
-                Entry::Chat(chat) => {
-                    if let Some(c) = self.coord() {
-                        depth = c.bot_depth.remove(&chat.seq).unwrap_or(0);
-                    }
-                    self.hooks
-                        .on_delivered(&hook_message(chat), false, Some(i) == last_chat)
-                }
-                Entry::Joined { member, .. } => self.hooks.on_join(member.id, &member.name),
-                Entry::Left { id, name, reason, .. } => self.hooks.on_leave(*id, name, reason),
-                _ => Vec::new(),
-            };
+        }
+        // Bots' answers are sequenced after the batch, in delivery order.
+        for (posts, depth) in posts {
             self.bot_posts(posts, depth);
-            self.plugin_reports();
         }
     }
 
@@ -1272,7 +1255,7 @@ impl Core {
     }
 }
 
-fn hook_message(c: &Chat) -> HookMessage<'_> {
+pub(super) fn hook_message(c: &Chat) -> HookMessage<'_> {
     HookMessage {
         epoch: c.epoch,
         seq: c.seq,

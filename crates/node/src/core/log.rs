@@ -286,7 +286,7 @@ impl Log {
     }
 
     /// Held entries in `from..=to`, in order.
-    pub fn range(&self, from: u64, to: u64) -> impl Iterator<Item = &Entry> {
+    pub fn range(&self, from: u64, to: u64) -> impl DoubleEndedIterator<Item = &Entry> {
         self.iter_range(from, to).map(|h| &h.entry)
     }
 
@@ -295,7 +295,7 @@ impl Log {
         self.iter_range(from, to).map(|h| (&h.entry, h.frame.len()))
     }
 
-    fn iter_range(&self, from: u64, to: u64) -> impl Iterator<Item = &Held> {
+    fn iter_range(&self, from: u64, to: u64) -> impl DoubleEndedIterator<Item = &Held> {
         let start = from.max(self.base + 1);
         let skip = (start - (self.base + 1)) as usize;
         let take = if to < start { 0 } else { (to - start + 1) as usize };

@@ -47,6 +47,10 @@ pub type ConnId = u64;
 /// Milliseconds on a monotonic clock chosen by the driver.
 pub type Millis = u64;
 
+/// What bots posted in answer to one delivery (plugin name, text), and
+/// how deep in a chain of bots answering bots that delivery was.
+type BotPosts = (Vec<(String, String)>, u32);
+
 /// First id the core uses for connections it dials; the driver numbers the
 /// connections it accepts from 1, so the two ranges never meet.
 pub const FIRST_DIAL_ID: ConnId = 1 << 48;
@@ -661,13 +665,31 @@ impl Core {
     }
 
     /// Delivers every committed entry held: events, state, plugins, and
-    /// acknowledgement of our own messages. Returns the frames delivered,
-    /// with the entries too when `with_entries` (plugins need them).
-    fn apply_committed(&mut self, with_entries: bool) -> Vec<(Bytes, Option<Entry>)> {
+    /// acknowledgement of our own messages. Returns the frames delivered.
+    ///
+    /// With `hooks` (a coordinator with plugins), plugins hear each entry
+    /// as it is delivered, in seq order, while it is still borrowed from
+    /// the log (no copy per message); the posts they answer with come back
+    /// with the bot depth of the message they answer, to be sequenced
+    /// after the batch.
+    fn apply_committed(&mut self, hooks: bool) -> (Vec<Bytes>, Vec<BotPosts>) {
         let mut done = Vec::new();
+        let mut posts = Vec::new();
+        // Plugins hear which delivery ends the batch: the driver sends the
+        // batch to members only after this input is handled.
+        let last_chat = if hooks {
+            let (from, to) = (self.log.applied() + 1, self.log.commit());
+            self.log
+                .range(from, to)
+                .rev()
+                .find(|e| matches!(e, Entry::Chat(_)))
+                .map(Entry::seq)
+        } else {
+            None
+        };
         while let Some((entry, frame)) = self.log.next_to_apply() {
             let seq = entry.seq();
-            let frame = frame.clone();
+            done.push(frame.clone());
             if let Entry::Chat(chat) = entry {
                 // The hot path: no clone unless someone needs one. Only
                 // disjoint fields are touched while `entry` borrows the log.
@@ -690,9 +712,28 @@ impl Core {
                         replay: false,
                     }));
                 }
-                let kept = with_entries.then(|| entry.clone());
+                if hooks {
+                    let depth = match &mut self.role {
+                        State::Coordinator(c) => c.bot_depth.remove(&seq).unwrap_or(0),
+                        _ => 0,
+                    };
+                    let answer = self.hooks.on_delivered(
+                        &coordinator::hook_message(chat),
+                        false,
+                        Some(seq) == last_chat,
+                    );
+                    if !answer.is_empty() {
+                        posts.push((answer, depth));
+                    }
+                    for r in self.hooks.reports() {
+                        self.out.push(Output::Event(Event::Plugin {
+                            name: r.plugin,
+                            state: r.state,
+                            detail: r.detail,
+                        }));
+                    }
+                }
                 self.log.mark_applied(seq);
-                done.push((frame, kept));
                 continue;
             }
             let entry = entry.clone();
@@ -705,9 +746,19 @@ impl Core {
                 }
             }
             self.deliver_event(&entry, false);
-            done.push((frame, Some(entry)));
+            if hooks {
+                let answer = match &entry {
+                    Entry::Joined { member, .. } => self.hooks.on_join(member.id, &member.name),
+                    Entry::Left { id, name, reason, .. } => self.hooks.on_leave(*id, name, reason),
+                    _ => Vec::new(),
+                };
+                if !answer.is_empty() {
+                    posts.push((answer, 0));
+                }
+                self.plugin_reports();
+            }
         }
-        done
+        (done, posts)
     }
 
     /// Tells the user about a delivered entry, and acknowledges our own.
