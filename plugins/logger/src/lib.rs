@@ -62,6 +62,8 @@ struct Logger {
     last_flush: Instant,
     /// The line being encoded (kept, so it is allocated once).
     line: Vec<u8>,
+    /// `{"type":"message","chat":"…"`: how every message line starts.
+    head: Vec<u8>,
     /// The time stamped on this batch's lines (read once per batch: a
     /// batch is delivered at once), and lines left before it is read again
     /// anyway (0: read it for the next line).
@@ -103,8 +105,9 @@ fn last_seq_in(path: &PathBuf, chat: &str) -> std::io::Result<u64> {
     })
 }
 
-/// One transcript line for a message. [`MessageLine::encode`] writes it; the
-/// derived `Serialize` is the reference its test compares those bytes with.
+/// One transcript line for a message. The logger writes it by hand (a head
+/// kept encoded per chat, then [`MessageLine::encode_tail`]); the derived
+/// `Serialize` is the reference its test compares those bytes with.
 #[derive(Serialize)]
 #[serde(crate = "p2p_plugin_api::serde")]
 struct MessageLine<'a> {
@@ -123,13 +126,24 @@ struct MessageLine<'a> {
 
 impl MessageLine<'_> {
     /// The line as `serde_json` writes it (same keys, order and escapes),
-    /// written straight into `buf`: this runs once per delivered message on
-    /// the coordinator's broadcast path.
+    /// written straight into `buf` (what the logger writes, head and tail).
+    #[cfg(test)]
     fn encode(&self, buf: &mut Vec<u8>) {
+        Self::encode_head(self.kind, self.chat, buf);
+        self.encode_tail(buf);
+    }
+
+    /// The start of the line, the same for every message of a chat (the
+    /// logger keeps it encoded).
+    fn encode_head(kind: &str, chat: &str, buf: &mut Vec<u8>) {
         buf.extend_from_slice(b"{\"type\":");
-        json_str(buf, self.kind);
+        json_str(buf, kind);
         buf.extend_from_slice(b",\"chat\":");
-        json_str(buf, self.chat);
+        json_str(buf, chat);
+    }
+
+    /// The rest of the line after [`MessageLine::encode_head`].
+    fn encode_tail(&self, buf: &mut Vec<u8>) {
         buf.extend_from_slice(b",\"epoch\":");
         json_u64(buf, self.epoch);
         buf.extend_from_slice(b",\"seq\":");
@@ -170,6 +184,24 @@ fn json_u64(buf: &mut Vec<u8>, n: u64) {
 }
 
 impl Logger {
+    fn new(cfg: Config, path: PathBuf, file: File, chat: String) -> Logger {
+        let mut head = Vec::new();
+        MessageLine::encode_head("message", &chat, &mut head);
+        Logger {
+            cfg,
+            path,
+            out: BufWriter::with_capacity(BUFFER, file),
+            head,
+            chat,
+            last_seq: None,
+            replaying: false,
+            last_flush: Instant::now(),
+            line: Vec::with_capacity(512),
+            batch_time: 0,
+            time_left: 0,
+        }
+    }
+
     /// Appends one line; `batch_ends`: nothing written so far may wait
     /// (with `flush: every`) beyond this call.
     ///
@@ -181,10 +213,12 @@ impl Logger {
         self.flush_if_due(batch_ends)
     }
 
-    /// [`Logger::write`] for a message line, the hot one.
+    /// [`Logger::write`] for a message line, the hot one: its start is
+    /// kept encoded (`head`), the rest written after it.
     fn write_message(&mut self, line: &MessageLine, batch_ends: bool) -> std::io::Result<()> {
         self.line.clear();
-        line.encode(&mut self.line);
+        self.line.extend_from_slice(&self.head);
+        line.encode_tail(&mut self.line);
         self.line.push(b'\n');
         self.out.write_all(&self.line)?;
         self.flush_if_due(batch_ends)
@@ -255,18 +289,7 @@ impl Plugin for Logger {
             .append(true)
             .open(&path)
             .map_err(|e| format!("cannot open the transcript {}: {e}", path.display()))?;
-        Ok(Logger {
-            cfg,
-            path,
-            out: BufWriter::with_capacity(BUFFER, file),
-            chat: host.chat_id(),
-            last_seq: None,
-            replaying: false,
-            last_flush: Instant::now(),
-            line: Vec::with_capacity(512),
-            batch_time: 0,
-            time_left: 0,
-        })
+        Ok(Logger::new(cfg, path, file, host.chat_id()))
     }
 
     fn on_delivered(&mut self, msg: &Message, host: &Host) {
@@ -284,13 +307,11 @@ impl Plugin for Logger {
             }
             return;
         }
-        // The line borrows the chat id while `write` needs the logger.
-        let chat = std::mem::take(&mut self.chat);
         let time = self.time(msg.last_in_batch);
         let written = self.write_message(
             &MessageLine {
                 kind: "message",
-                chat: &chat,
+                chat: "", // `head` holds the kind and the chat id
                 epoch: msg.epoch,
                 seq: msg.seq,
                 from: msg.from,
@@ -301,7 +322,6 @@ impl Plugin for Logger {
             },
             msg.last_in_batch,
         );
-        self.chat = chat;
         match written {
             Ok(()) => self.last_seq = Some(msg.seq),
             Err(e) => self.fail(host, "write", &e),
@@ -334,18 +354,12 @@ mod tests {
     use super::*;
 
     fn logger(out: File, path: PathBuf, chat: &str) -> Logger {
-        Logger {
-            cfg: json::from_str(r#"{"path":"t.jsonl"}"#).unwrap(),
+        Logger::new(
+            json::from_str(r#"{"path":"t.jsonl"}"#).unwrap(),
             path,
-            out: BufWriter::new(out),
-            chat: chat.into(),
-            last_seq: None,
-            replaying: false,
-            last_flush: Instant::now(),
-            line: Vec::new(),
-            batch_time: 0,
-            time_left: 0,
-        }
+            out,
+            chat.into(),
+        )
     }
 
     /// A delivered message that ends its batch.
