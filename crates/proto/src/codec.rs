@@ -64,16 +64,22 @@ fn put_u64(buf: &mut BytesMut, n: u64) {
 /// a byte JSON escapes (controls, `"` and `\\`), which `serde_json` then
 /// writes.
 fn put_str(buf: &mut BytesMut, s: &str) {
-    // A fold without early exit, which the compiler vectorises.
-    if s.bytes()
-        .fold(true, |ok, b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'))
-    {
+    if is_plain_json(s.as_bytes()) {
         buf.put_u8(b'"');
         buf.put_slice(s.as_bytes());
         buf.put_u8(b'"');
     } else {
         serde_json::to_writer(buf.writer(), s).expect("string serialization is infallible");
     }
+}
+
+/// True if `bytes` hold nothing JSON escapes in a string (controls, `"`
+/// and `\\`): written or read as they are. A fold without early exit, which
+/// the compiler vectorises.
+fn is_plain_json(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .fold(true, |ok, &b| ok & (b >= 0x20) & (b != b'"') & (b != b'\\'))
 }
 
 /// Encodes a log entry as its frame (chat entries take the fast path).
@@ -168,8 +174,8 @@ fn exact_say(body: &[u8]) -> Option<Frame> {
     let end = rest.iter().position(|&b| b == b'"')?;
     let (text, rest) = rest.split_at(end);
     // A JSON string holds no raw control byte, and a backslash starts an
-    // escape: both go the general way (a fold the compiler vectorises).
-    if !text.iter().fold(true, |ok, &b| ok & (b >= 0x20) & (b != b'\\')) {
+    // escape: both go the general way.
+    if !is_plain_json(text) {
         return None;
     }
     let digits = rest.strip_prefix(MID)?.strip_suffix(b"}")?;

@@ -725,13 +725,7 @@ impl Core {
                     if !answer.is_empty() {
                         posts.push((answer, depth));
                     }
-                    for r in self.hooks.reports() {
-                        self.out.push(Output::Event(Event::Plugin {
-                            name: r.plugin,
-                            state: r.state,
-                            detail: r.detail,
-                        }));
-                    }
+                    self.plugin_reports();
                 }
                 self.log.mark_applied(seq);
                 continue;
