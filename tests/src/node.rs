@@ -67,7 +67,7 @@ fn sender_cannot_spoof_from() {
     assert_eq!(ev["from"], "mallory");
     let echoed = raw.read_until("own message", |f| matches!(f, Frame::Chat(_)));
     let Frame::Chat(chat) = echoed else { unreachable!() };
-    assert_eq!(chat.from, "mallory");
+    assert_eq!(&*chat.from, "mallory");
     assert_eq!(chat.client_seq, 1);
 }
 

@@ -247,7 +247,7 @@ fn human(event: &Event, me: &str, style: HumanStyle) -> Option<String> {
             ..
         } => format!("* joined as {me}; coordinator is {coordinator} (epoch {epoch}), {members} members"),
         Event::Message { chat, replay } => {
-            if !replay && style.typed_here && chat.bot.is_none() && chat.from == me {
+            if !replay && style.typed_here && chat.bot.is_none() && &*chat.from == me {
                 return None;
             }
             let history = if *replay { "(history) " } else { "" };

@@ -29,31 +29,71 @@ fn framed(body: &impl serde::Serialize, capacity: usize) -> Bytes {
 
 /// Encodes a `chat` frame from a borrowed message: the same bytes as
 /// `encode(&Frame::Chat(chat.clone()))`, without the clone and written
-/// straight into the buffer (the broadcast hot path: once per message).
+/// straight into the buffer.
 pub fn encode_chat(chat: &Chat) -> Bytes {
-    let bot = chat.bot.as_deref();
-    let mut buf = BytesMut::with_capacity(112 + chat.from.len() + chat.text.len() + bot.map_or(0, str::len));
+    let mut one = FrameArena {
+        buf: BytesMut::with_capacity(chat_estimate(chat)),
+    };
+    encode_chat_in(&mut one, chat)
+}
+
+/// Bytes a `chat` frame takes when nothing in it needs escaping.
+fn chat_estimate(chat: &Chat) -> usize {
+    112 + chat.from.len() + chat.text.len() + chat.bot.as_deref().map_or(0, str::len)
+}
+
+/// Frames encoded back to back in shared buffers: each frame is its own
+/// [`Bytes`], but a buffer of [`FrameArena::CHUNK`] bytes serves many of
+/// them, so a frame costs no allocation of its own and its clones only
+/// count references (the broadcast hot path: once per message). A buffer
+/// is freed when the last frame in it is.
+#[derive(Default)]
+pub struct FrameArena {
+    buf: BytesMut,
+}
+
+impl FrameArena {
+    /// Bytes per shared buffer. A frame larger than that gets a buffer of
+    /// its own size.
+    pub const CHUNK: usize = 64 * 1024;
+
+    /// Room for `need` more bytes: a fresh buffer when the current one is
+    /// short (never growing one that frames still point into).
+    fn reserve(&mut self, need: usize) {
+        if self.buf.capacity() - self.buf.len() < need {
+            self.buf = BytesMut::with_capacity(need.max(Self::CHUNK));
+        }
+    }
+}
+
+/// [`encode_chat`] into `arena`'s shared buffer.
+pub fn encode_chat_in(arena: &mut FrameArena, chat: &Chat) -> Bytes {
+    // Escaped strings may grow past the estimate: `put_str` then writes
+    // through `BufMut`, which grows the buffer (a copy of this frame only).
+    arena.reserve(chat_estimate(chat));
+    let buf = &mut arena.buf;
+    // The buffer is empty here: every frame is split off when written.
     buf.put_u32(0);
     buf.put_slice(b"{\"type\":\"chat\",\"epoch\":");
-    put_u64(&mut buf, chat.epoch);
+    put_u64(buf, chat.epoch);
     buf.put_slice(b",\"seq\":");
-    put_u64(&mut buf, chat.seq);
+    put_u64(buf, chat.seq);
     buf.put_slice(b",\"from\":");
-    put_str(&mut buf, &chat.from);
+    put_str(buf, &chat.from);
     buf.put_slice(b",\"from_id\":");
-    put_u64(&mut buf, chat.from_id);
+    put_u64(buf, chat.from_id);
     buf.put_slice(b",\"client_seq\":");
-    put_u64(&mut buf, chat.client_seq);
+    put_u64(buf, chat.client_seq);
     buf.put_slice(b",\"text\":");
-    put_str(&mut buf, &chat.text);
-    if let Some(bot) = bot {
+    put_str(buf, &chat.text);
+    if let Some(bot) = chat.bot.as_deref() {
         buf.put_slice(b",\"bot\":");
-        put_str(&mut buf, bot);
+        put_str(buf, bot);
     }
     buf.put_u8(b'}');
     let len = (buf.len() - 4) as u32;
     buf[..4].copy_from_slice(&len.to_be_bytes());
-    buf.freeze()
+    buf.split().freeze()
 }
 
 fn put_u64(buf: &mut BytesMut, n: u64) {
@@ -413,6 +453,35 @@ mod tests {
                 };
                 assert_eq!(encode_chat(&chat), encode(&Frame::Chat(chat.clone())));
             }
+        }
+    }
+
+    /// Frames sharing an arena's buffers stay what they were encoded as
+    /// while later frames fill the buffer, cross into a new one, escape
+    /// (growing past the estimate) or outgrow a whole buffer.
+    #[test]
+    fn arena_frames_stay_intact_across_buffers() {
+        let mut arena = FrameArena::default();
+        let mut made = Vec::new();
+        for i in 0..3000u64 {
+            let text = match i % 7 {
+                0 => "\u{1}".repeat(1 + (i as usize % 900)), // escapes to 6× its size
+                1 if i % 500 == 1 => "y".repeat(FrameArena::CHUNK + 10),
+                _ => "x".repeat(i as usize % 300),
+            };
+            let chat = Chat {
+                epoch: 1,
+                seq: i,
+                from: "m".into(),
+                from_id: 2,
+                client_seq: i,
+                text,
+                bot: None,
+            };
+            made.push((encode_chat_in(&mut arena, &chat), chat));
+        }
+        for (bytes, chat) in &made {
+            assert_eq!(*bytes, encode(&Frame::Chat(chat.clone())), "seq {}", chat.seq);
         }
     }
 

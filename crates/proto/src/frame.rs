@@ -55,8 +55,9 @@ pub struct Chat {
     pub epoch: u64,
     /// Position in the chat's log (shared with membership entries).
     pub seq: u64,
-    /// Sender's name, set by the coordinator.
-    pub from: String,
+    /// Sender's name, set by the coordinator (shared: the coordinator
+    /// hands every message of a member the same name without a copy).
+    pub from: std::sync::Arc<str>,
     /// Sender's member id, set by the coordinator.
     pub from_id: u64,
     /// The sender's own counter, echoed so the sender can match its

@@ -10,7 +10,9 @@ pub mod limits;
 pub mod net;
 pub mod secure;
 
-pub use codec::{decode_body, encode, encode_chat, encode_entry, read_frame_sync, split_frame};
+pub use codec::{
+    decode_body, encode, encode_chat, encode_chat_in, encode_entry, read_frame_sync, split_frame, FrameArena,
+};
 pub use error::{ErrorCode, ProtoError};
 pub use frame::{
     Chat, DigestRow, Entry, Frame, MemberInfo, PluginRef, PluginState, PluginStatus, Resume, Role, Seal, Seen,

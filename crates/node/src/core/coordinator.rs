@@ -69,12 +69,16 @@ pub(super) struct Coord {
     /// log still proves its earlier reign's log, not ours, so it does not
     /// count toward a commit (docs/PROTOCOL.md, section 11).
     start: u64,
+    /// Shared buffers the `chat` frames of this reign are encoded into
+    /// (no allocation per message).
+    arena: p2p_proto::FrameArena,
 }
 
 /// One admitted member's connection.
 struct Link {
     id: u64,
-    name: String,
+    /// Shared with every `chat` entry it sends (no copy per message).
+    name: std::sync::Arc<str>,
     /// Runs a server (gets entries before commit, acknowledges, may vote).
     peer: bool,
     last_heard: Millis,
@@ -114,6 +118,7 @@ impl Coord {
             waiting: None,
             sealed: None,
             start: 0,
+            arena: p2p_proto::FrameArena::default(),
         }
     }
 
@@ -166,7 +171,7 @@ struct PendingWelcome {
 /// A message on its way to the log.
 struct Submission {
     from_id: u64,
-    from: String,
+    from: std::sync::Arc<str>,
     client_seq: u64,
     text: String,
     bot: Option<String>,
@@ -344,7 +349,7 @@ impl Core {
             conn,
             Link {
                 id,
-                name,
+                name: name.into(),
                 peer,
                 last_heard: now,
                 catch_up: None,
@@ -610,7 +615,7 @@ impl Core {
         let (from_id, from) = (self.me.id, self.me.name.clone());
         self.submit(Submission {
             from_id,
-            from,
+            from: from.into(),
             client_seq,
             text,
             bot: None,
@@ -686,7 +691,7 @@ impl Core {
                     plugin: v.plugin,
                     rule: v.rule,
                     action: v.action,
-                    member: s.from.clone(),
+                    member: s.from.to_string(),
                 });
             }
             let decision = outcome.decision;
@@ -714,7 +719,10 @@ impl Core {
                 c.bot_depth.insert(chat.seq, s.depth);
             }
         }
-        let frame = p2p_proto::encode_chat(&chat);
+        let frame = match self.coord() {
+            Some(c) => p2p_proto::encode_chat_in(&mut c.arena, &chat),
+            None => p2p_proto::encode_chat(&chat),
+        };
         self.broadcast(Group::Peers, frame.clone());
         let entry = Entry::Chat(chat);
         self.tip.apply(&entry);
@@ -754,7 +762,7 @@ impl Core {
             }
             self.submit(Submission {
                 from_id: 0,
-                from: plugin.clone(),
+                from: plugin.as_str().into(),
                 client_seq: 0,
                 text,
                 bot: Some(plugin),
@@ -1026,7 +1034,7 @@ impl Core {
             c.next_probe = now;
             self.emit(Event::Unreachable {
                 id: link.id,
-                name: link.name,
+                name: link.name.to_string(),
                 reason,
             });
             return;
@@ -1037,7 +1045,7 @@ impl Core {
                 epoch,
                 seq,
                 id,
-                name,
+                name: name.to_string(),
                 reason,
             });
         }
