@@ -433,7 +433,8 @@ fn group_records(
             .into_iter()
             .map(|frames| {
                 *counter += 1;
-                conn::prefixed(&g.seal(*counter, &concat(&frames)))
+                let parts: Vec<&[u8]> = frames.iter().map(|b| &b[..]).collect();
+                Bytes::from(g.seal_prefixed(*counter, &parts))
             })
             .collect(),
     }

@@ -57,6 +57,11 @@ impl Cipher {
     fn seal_into(&self, nonce: [u8; 12], aad: &[u8], msg: &[u8], out: &mut Vec<u8>) {
         let start = out.len();
         out.extend_from_slice(msg);
+        self.seal_in_place(nonce, aad, out, start);
+    }
+
+    /// Seals `out[start..]` where it lies and appends the tag.
+    fn seal_in_place(&self, nonce: [u8; 12], aad: &[u8], out: &mut Vec<u8>, start: usize) {
         let tag = self
             .0
             .seal_in_place_separate_tag(
@@ -547,16 +552,32 @@ impl GroupKey {
     /// One group record: `frames` (length-prefixed frames) sealed as
     /// number `counter` of this term, which must never repeat.
     pub fn seal(&mut self, counter: u64, frames: &[u8]) -> Vec<u8> {
-        let mut rec = Vec::with_capacity(RECORD_OVERHEAD + frames.len());
-        rec.push(GROUP);
-        rec.extend_from_slice(&self.epoch.to_be_bytes());
-        rec.extend_from_slice(&self.term);
-        rec.extend_from_slice(&counter.to_be_bytes());
-        let header: [u8; GROUP_HEADER] = rec[..].try_into().expect("the header just written");
+        let mut out = self.seal_prefixed(counter, &[frames]);
+        out.drain(..4);
+        out
+    }
+
+    /// [`GroupKey::seal`] of the concatenation of `parts`, with the
+    /// record's own 4-byte length prefix in front: what goes on the wire,
+    /// built in one buffer (the frames are copied once, then encrypted
+    /// where they lie).
+    pub fn seal_prefixed(&mut self, counter: u64, parts: &[&[u8]]) -> Vec<u8> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut out = Vec::with_capacity(4 + RECORD_OVERHEAD + len);
+        out.extend_from_slice(&((RECORD_OVERHEAD + len) as u32).to_be_bytes());
+        out.push(GROUP);
+        out.extend_from_slice(&self.epoch.to_be_bytes());
+        out.extend_from_slice(&self.term);
+        out.extend_from_slice(&counter.to_be_bytes());
+        let header: [u8; GROUP_HEADER] = out[4..].try_into().expect("the header just written");
+        let start = out.len();
+        for p in parts {
+            out.extend_from_slice(p);
+        }
         self.keys
             .at(counter)
-            .seal_into(counter_nonce(counter), &header, frames, &mut rec);
-        rec
+            .seal_in_place(counter_nonce(counter), &header, &mut out, start);
+        out
     }
 }
 
@@ -1037,6 +1058,12 @@ mod tests {
             to_hex(&g.seal(1 << GENERATION_BITS, b"{}")),
             "010000000000000001333333333333333333333333333333330000000000100000fbcf8fe3d94d0c85753afa4ea11f6fa27b6f"
         );
+        // The wire form: the same record after its length, however the
+        // frames come split.
+        let whole = g.seal(2, b"\x00\x00\x00\x02{}\x00\x00\x00\x01x");
+        let parts = g.seal_prefixed(2, &[b"\x00\x00\x00\x02{", b"}\x00\x00", b"\x00\x01x"]);
+        assert_eq!(parts[..4], (whole.len() as u32).to_be_bytes());
+        assert_eq!(parts[4..], whole[..]);
         assert_eq!(session_id(42), 13622300530942496755);
         // The chain hash (section 3.1) over a chat message, then a join.
         let chat = crate::Entry::Chat(crate::Chat {
