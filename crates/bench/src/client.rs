@@ -98,28 +98,42 @@ pub async fn read_loop(
 ) -> anyhow::Result<()> {
     let mut chats = 0u64;
     while chats < stop {
-        let body = match read.recv_body().await {
-            Ok(b) => b,
+        let mut failed = None;
+        let read = read
+            .recv_bodies(|body| {
+                if failed.is_some() {
+                    return;
+                }
+                if body.starts_with(CHAT) {
+                    on_chat(chats);
+                    chats += 1;
+                    if counts.each {
+                        counts.chats.store(chats, Ordering::Relaxed);
+                        counts.progress.notify_one();
+                    }
+                } else if body.starts_with(PING) {
+                    if let Ok(Frame::Ping { nonce }) = decode_body(body) {
+                        let _ = pong.send(encode(&Frame::Pong { nonce }).to_vec());
+                    }
+                } else if body.starts_with(JOINED) {
+                    counts.joined.fetch_add(1, Ordering::Relaxed);
+                } else if let Ok(Frame::Error { code, message }) = decode_body(body) {
+                    failed = Some(format!("the node sent an error: {code}: {message}"));
+                }
+            })
+            .await;
+        // Counted once per record (a record holds a whole batch).
+        counts.chats.store(chats, Ordering::Relaxed);
+        counts.progress.notify_one();
+        match read {
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 bail!("the node closed the connection")
             }
             Err(e) => return Err(e.into()),
-        };
-        if body.starts_with(CHAT) {
-            on_chat(chats);
-            chats += 1;
-            counts.chats.store(chats, Ordering::Relaxed);
-            if counts.each || chats & 63 == 0 || chats == stop {
-                counts.progress.notify_one();
-            }
-        } else if body.starts_with(PING) {
-            if let Ok(Frame::Ping { nonce }) = decode_body(&body) {
-                let _ = pong.send(encode(&Frame::Pong { nonce }).to_vec());
-            }
-        } else if body.starts_with(JOINED) {
-            counts.joined.fetch_add(1, Ordering::Relaxed);
-        } else if let Ok(Frame::Error { code, message }) = decode_body(&body) {
-            bail!("the node sent an error: {code}: {message}");
+        }
+        if let Some(f) = failed {
+            bail!(f);
         }
     }
     Ok(())

@@ -120,6 +120,8 @@ enum Cmd {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
+    // Same as p2pnode; the brokers' subscribers share this process.
+    p2p_proto::net::keep_buffers_in_heap();
     let args = Args::parse();
     let report = Report { json: args.json };
     let result = match args.cmd {

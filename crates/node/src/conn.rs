@@ -432,36 +432,44 @@ async fn read_loop(
             Some(Err(e)) => break Some(format!("disconnected ({e})")),
             Some(Ok(record)) => record,
         };
-        let bodies = match opener.as_mut() {
-            None => vec![record.freeze()],
-            Some(o) => {
-                let mut record = record;
-                match o.open_in_place(&mut record) {
-                    Ok((holds, plain)) => {
-                        let plain = record.freeze().slice(plain);
-                        match holds {
-                            Holds::Frame => vec![plain],
-                            Holds::Frames => match split_frames(plain) {
-                                Some(v) => v,
-                                None => {
-                                    break Some("disconnected (a sealed batch held a malformed frame)".into())
-                                }
-                            },
-                        }
-                    }
-                    Err(_) => {
-                        tracing::debug!(conn, "a record failed to authenticate");
-                        break Some("disconnected (a record failed to authenticate)".into());
-                    }
+        // The record's plaintext: one frame body, or whole length-prefixed
+        // frames (checked to add up before any of them counts).
+        let mut record = record;
+        let (plain, holds) = match opener.as_mut() {
+            None => (0..record.len(), Holds::Frame),
+            Some(o) => match o.open_in_place(&mut record) {
+                Ok((holds, plain)) => (plain, holds),
+                Err(_) => {
+                    tracing::debug!(conn, "a record failed to authenticate");
+                    break Some("disconnected (a record failed to authenticate)".into());
                 }
-            }
+            },
+        };
+        let plain = &record[plain];
+        let count = match holds {
+            Holds::Frame => 1,
+            Holds::Frames => match count_frames(plain) {
+                Some(n) => n,
+                None => break Some("disconnected (a sealed batch held a malformed frame)".into()),
+            },
         };
         // Frames before a bad one still count; the bad one ends the
-        // connection.
-        let mut frames = Vec::with_capacity(bodies.len());
+        // connection. Decoded from the record where it lies.
+        let mut frames = Vec::with_capacity(count.min(1024));
         let mut stop = None;
-        for body in bodies {
-            match decode_body(&body) {
+        let mut rest = plain;
+        for _ in 0..count {
+            let body = match holds {
+                Holds::Frame => std::mem::take(&mut rest),
+                Holds::Frames => {
+                    // Within bounds: `count_frames` walked these lengths.
+                    let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                    let (frame, after) = rest.split_at(4 + len);
+                    rest = after;
+                    &frame[4..]
+                }
+            };
+            match decode_body(body) {
                 Ok(frame) => frames.push(frame),
                 Err(e) => {
                     tracing::debug!(conn, error = %e, "bad frame");
@@ -488,21 +496,20 @@ async fn read_loop(
     let _ = actor.send(Msg::Input(Input::Closed(conn, reason))).await;
 }
 
-/// Splits length-prefixed frames; None if the lengths do not add up.
-fn split_frames(mut buf: Bytes) -> Option<Vec<Bytes>> {
-    let mut out = Vec::new();
+/// How many length-prefixed frames `buf` holds; None if the lengths do not
+/// add up (or a frame is past the limit).
+fn count_frames(mut buf: &[u8]) -> Option<usize> {
+    let mut n = 0;
     while !buf.is_empty() {
-        if buf.len() < 4 {
+        let prefix: [u8; 4] = buf.get(..4)?.try_into().ok()?;
+        let len = u32::from_be_bytes(prefix) as usize;
+        if len > MAX_FRAME_LEN {
             return None;
         }
-        let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        if len > MAX_FRAME_LEN || buf.len() < 4 + len {
-            return None;
-        }
-        let frame = buf.split_to(4 + len);
-        out.push(frame.slice(4..));
+        buf = buf.get(4 + len..)?;
+        n += 1;
     }
-    Some(out)
+    Some(n)
 }
 
 /// Best-effort error frame (sealed in a keyed chat), then close.

@@ -421,15 +421,26 @@ impl Sealer {
         self.seal_tagged(LINK_BATCH, frames)
     }
 
+    /// [`Sealer::seal_batch`] appended to `out` with the record's 4-byte
+    /// length prefix in front (what goes on the wire, in one copy).
+    pub fn seal_batch_prefixed_into(&mut self, frames: &[u8], out: &mut Vec<u8>) {
+        out.extend_from_slice(&((1 + frames.len() + 16) as u32).to_be_bytes());
+        self.seal_tagged_into(LINK_BATCH, frames, out);
+    }
+
     fn seal_tagged(&mut self, tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut rec = Vec::with_capacity(1 + body.len() + 16);
+        self.seal_tagged_into(tag, body, &mut rec);
+        rec
+    }
+
+    fn seal_tagged_into(&mut self, tag: u8, body: &[u8], out: &mut Vec<u8>) {
         let counter = self.counter;
         self.counter += 1;
-        let mut rec = Vec::with_capacity(1 + body.len() + 16);
-        rec.push(tag);
+        out.push(tag);
         self.keys
             .at(counter)
-            .seal_into(counter_nonce(counter), &[tag], body, &mut rec);
-        rec
+            .seal_into(counter_nonce(counter), &[tag], body, out);
     }
 }
 

@@ -101,6 +101,7 @@ fn main() {
     if args.check_plugins {
         std::process::exit(check_plugins(&args));
     }
+    p2p_proto::net::keep_buffers_in_heap();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
