@@ -487,3 +487,68 @@ fn a_failed_join_is_reported_on_stderr() {
     assert!(!stdout.contains("error"), "{stdout}");
     assert!(stdout.contains("zed listening on 127.0.0.1:"), "{stdout}");
 }
+
+/// A client that seals many `say`s into one batch record gets them
+/// sequenced in order, and `ClientRead::recv_bodies` hands out the `chat`
+/// frames of a group record where they lie (several per record).
+#[test]
+fn a_batch_of_says_comes_back_in_order_read_in_place() {
+    use p2p_proto::net::Client;
+    use std::time::Duration;
+    let a = Node::join("alice", &[]);
+    let key = crate::util::chat_key();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    runtime.block_on(async {
+        let mut c = Client::connect(&a.addr, Some(&key), Duration::from_secs(10))
+            .await
+            .expect("connecting to alice");
+        let hello = Frame::Hello {
+            version: PROTOCOL_VERSION,
+            name: "batcher".into(),
+            session: p2p_proto::random_u64(),
+            addr: None,
+            resume: None,
+            sign_key: None,
+        };
+        c.send(&hello).await.expect("sending hello");
+        loop {
+            match c.recv().await.expect("reading the welcome and state") {
+                Frame::State { last: true, .. } => break,
+                Frame::Welcome { .. } | Frame::State { .. } => {}
+                other => panic!("expected the welcome and state, got {}", other.kind()),
+            }
+        }
+        const N: u64 = 400;
+        let mut frames = Vec::new();
+        for cs in 1..=N {
+            frames.extend_from_slice(&p2p_proto::encode(&Frame::Say {
+                text: format!("batched {cs}"),
+                client_seq: cs,
+            }));
+        }
+        let mut wire = Vec::new();
+        c.write.seal_batch_into(&frames, &mut wire);
+        c.write.write_all(&wire).await.expect("sending the batch");
+        let (mut got, mut most) = (Vec::new(), 0);
+        while (got.len() as u64) < N {
+            let read = tokio::time::timeout(
+                Duration::from_secs(10),
+                c.read.recv_bodies(|body| {
+                    if let Ok(Frame::Chat(chat)) = p2p_proto::decode_body(body) {
+                        got.push((chat.client_seq, chat.text));
+                    }
+                }),
+            )
+            .await
+            .expect("chats within 10 s")
+            .expect("reading chats");
+            most = most.max(read);
+        }
+        let want: Vec<(u64, String)> = (1..=N).map(|cs| (cs, format!("batched {cs}"))).collect();
+        assert_eq!(got, want);
+        assert!(most > 1, "every record held one frame: nothing was read in place");
+    });
+}

@@ -517,3 +517,32 @@ fn refuse(writer: &Writer, code: ErrorCode, message: String) {
     let _ = writer.push(encode(&Frame::error(code, message)));
     let _ = writer.tx.send(WriteMsg::Close);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
+    }
+
+    #[test]
+    fn a_batch_counts_only_when_its_lengths_add_up() {
+        let two = [frame(b"{}"), frame(b"")].concat();
+        assert_eq!(count_frames(&two), Some(2));
+        assert_eq!(count_frames(b""), Some(0));
+        // Cut anywhere inside: a prefix or a body left short.
+        for cut in 1..two.len() {
+            let whole = cut == 6; // right after the first frame
+            assert_eq!(count_frames(&two[..cut]), whole.then_some(1), "cut at {cut}");
+        }
+        // A length past the limit is refused even with the bytes there.
+        let big = frame(&vec![b'x'; MAX_FRAME_LEN + 1]);
+        assert_eq!(count_frames(&big), None);
+        assert_eq!(count_frames(&frame(&vec![b'x'; MAX_FRAME_LEN])), Some(1));
+        // A length that would overflow the slice.
+        assert_eq!(count_frames(&[0xff, 0xff, 0xff, 0xff, b'x']), None);
+    }
+}
