@@ -87,6 +87,12 @@ impl Str {
         // SAFETY: guaranteed by the caller.
         let bytes = unsafe { std::slice::from_raw_parts(self.ptr, self.len) };
         // Valid UTF-8 is the rule (fast check); repair only if broken.
+        // Chat text is mostly ASCII, which is checked a word at a time,
+        // several times cheaper than the general check on short strings.
+        if bytes.is_ascii() {
+            // SAFETY: ASCII is valid UTF-8 (just checked).
+            return std::borrow::Cow::Borrowed(unsafe { std::str::from_utf8_unchecked(bytes) });
+        }
         match std::str::from_utf8(bytes) {
             Ok(s) => std::borrow::Cow::Borrowed(s),
             Err(_) => String::from_utf8_lossy(bytes),

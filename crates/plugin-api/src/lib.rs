@@ -544,6 +544,30 @@ macro_rules! export_plugin {
 #[cfg(test)]
 mod tests {
     use super::confine;
+    use crate::abi::Str;
+
+    /// Strings from the host: ASCII and other valid UTF-8 borrowed as they
+    /// are, anything else repaired, never trusted.
+    #[test]
+    fn host_strings_are_checked_and_borrowed_when_valid() {
+        let read = |b: &[u8]| {
+            let s = Str {
+                ptr: b.as_ptr(),
+                len: b.len(),
+            };
+            // SAFETY: `b` outlives the call.
+            let c = unsafe { s.to_str_lossy() };
+            (matches!(c, std::borrow::Cow::Borrowed(_)), c.into_owned())
+        };
+        assert_eq!(read(b"plain ascii ~\x7f"), (true, "plain ascii ~\x7f".into()));
+        assert_eq!(
+            read("zo\u{eb} \u{1f389}".as_bytes()),
+            (true, "zo\u{eb} \u{1f389}".into())
+        );
+        assert_eq!(read(b"bad \xff end"), (false, "bad \u{fffd} end".into()));
+        assert_eq!(read(b"cut \xc3"), (false, "cut \u{fffd}".into()));
+        assert_eq!(read(b""), (true, String::new()));
+    }
 
     #[test]
     fn plugin_files_stay_in_the_data_directory() {
