@@ -33,6 +33,23 @@ fn echo_answers_only_its_command() {
     assert_eq!(bot["from"], "echo");
     b.wait_message("echo without the bang");
     assert_eq!(b.events().iter().filter(|e| e["bot"] == "echo").count(), 1);
+    // Echo declared its prefix (`deliver_only`): other messages never
+    // cross into it. Its calls: the `!echo` delivery and one call each
+    // to the hooks it leaves at their default (after which the node
+    // stops calling them), not one per message.
+    for i in 0..30 {
+        a.say(&format!("plain {i}"));
+    }
+    b.wait_message("plain 29");
+    let p2p_proto::Frame::Status { plugins, .. } = a.status() else {
+        unreachable!()
+    };
+    let echo = plugins.iter().find(|p| p.name == "echo").expect("echo's status");
+    assert!(
+        echo.calls <= 4,
+        "echo was called {} times for 32 messages",
+        echo.calls
+    );
 }
 
 #[test]
@@ -178,7 +195,7 @@ fn wrong_abi_missing_file_and_bad_names_are_refused_without_stopping_the_node() 
     });
     let old = refused[0]["detail"].as_str().unwrap();
     assert!(
-        old.contains("libtest_oldabi") && old.contains("version 99") && old.contains("version 3"),
+        old.contains("libtest_oldabi") && old.contains("version 99") && old.contains("versions 3 to 4"),
         "{old}"
     );
     assert!(
@@ -205,6 +222,22 @@ fn wrong_abi_missing_file_and_bad_names_are_refused_without_stopping_the_node() 
             .contains(&format!("descriptor of {} bytes, expected {size}", size - 8)),
         "{line}"
     );
+    // Version 3 still loads (version 4 only appended to the host's table):
+    // this one gets as far as its own `load`, which refuses; version 2 is
+    // refused for its version.
+    for (abi, expect) in [
+        ("3", "load refused: no reason given"),
+        ("2", "ABI version 2, this node speaks versions 3 to 4"),
+    ] {
+        let out = std::process::Command::new(crate::util::bin("p2pnode"))
+            .args(["--name", "check", "--check-plugins", "--plugin", "test_oldabi"])
+            .env("P2P_TEST_ABI", abi)
+            .output()
+            .expect("running p2pnode --check-plugins");
+        let line: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+        let detail = line["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(expect), "version {abi}: {line}");
+    }
     // A file that is not a library, and a library that is not a plugin.
     let dir = temp("refusals");
     std::fs::write(dir.join("libnotalib.so"), "just text").unwrap();

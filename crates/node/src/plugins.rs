@@ -43,6 +43,8 @@ struct CallState {
     posts: Vec<String>,
     verdict: Option<(u32, String, String)>,
     error: Option<String>,
+    /// Prefixes declared with `HostApi::deliver_only` during the call.
+    only: Vec<String>,
 }
 
 /// Host-side context a plugin's callbacks reach through `HostApi::ctx`.
@@ -102,6 +104,20 @@ extern "C" fn cb_error(c: *mut c_void, message: Str) {
     hand(c, |call| call.error = Some(take(message)));
 }
 
+extern "C" fn cb_deliver_only(c: *mut c_void, prefix: Str) {
+    let prefix = take(prefix);
+    if prefix.is_empty() || prefix.len() > abi::MAX_PREFIX_LEN {
+        tracing::warn!(
+            plugin = %ctx(c).name,
+            len = prefix.len(),
+            "deliver_only prefix refused: it must be 1 to {} bytes",
+            abi::MAX_PREFIX_LEN
+        );
+        return;
+    }
+    hand(c, |call| call.only.push(prefix));
+}
+
 extern "C" fn cb_log(c: *mut c_void, level: u32, message: Str) {
     let name = &ctx(c).name;
     let message = take(message);
@@ -128,9 +144,52 @@ struct Loaded {
     /// Hooks the plugin said it does not implement (`RC_UNIMPLEMENTED`):
     /// bit per `Hook`, never called again.
     skip: u8,
+    /// The text prefixes of the deliveries it wants (`deliver_only`).
+    only: Only,
     calls: u64,
     drops: u64,
     time: Duration,
+}
+
+impl Loaded {
+    /// Takes the `deliver_only` prefixes a call declared.
+    fn keep_prefixes(&mut self, state: &mut CallState) {
+        if !state.only.is_empty() && !self.only.declare(state.only.drain(..)) {
+            tracing::warn!(plugin = %self.name, "deliver_only: more than {} prefixes; the rest are ignored", abi::MAX_DELIVER_PREFIXES);
+        }
+    }
+
+    /// Whether it wants to hear this delivery (see `deliver_only`).
+    fn wants(&self, text: &str) -> bool {
+        self.only.wants(text)
+    }
+}
+
+/// The text prefixes of the deliveries a plugin hears (`deliver_only`);
+/// none declared: all of them.
+#[derive(Default)]
+struct Only(Vec<String>);
+
+impl Only {
+    /// Adds prefixes (each 1 to `MAX_PREFIX_LEN` bytes, as the callback
+    /// checked), at most `MAX_DELIVER_PREFIXES` in all; false if some had
+    /// to be left out.
+    fn declare(&mut self, prefixes: impl Iterator<Item = String>) -> bool {
+        for prefix in prefixes {
+            if self.0.contains(&prefix) {
+                continue;
+            }
+            if self.0.len() >= abi::MAX_DELIVER_PREFIXES {
+                return false;
+            }
+            self.0.push(prefix);
+        }
+        true
+    }
+
+    fn wants(&self, text: &str) -> bool {
+        self.0.is_empty() || self.0.iter().any(|p| text.starts_with(p.as_str()))
+    }
 }
 
 // SAFETY: a plugin instance is only ever called from the one task that
@@ -201,7 +260,7 @@ pub enum LoadError {
     NoEntry { name: String, path: PathBuf },
     #[error("plugin {name}: {} returned no descriptor", .path.display())]
     NoDescriptor { name: String, path: PathBuf },
-    #[error("plugin {name}: {} was built for plugin ABI version {found}, this node speaks version {}; rebuild it against this p2p-plugin-api", .path.display(), abi::ABI_VERSION)]
+    #[error("plugin {name}: {} was built for plugin ABI version {found}, this node speaks versions {} to {}; rebuild it against this p2p-plugin-api", .path.display(), abi::OLDEST_ABI_VERSION, abi::ABI_VERSION)]
     AbiVersion { name: String, path: PathBuf, found: u32 },
     #[error("plugin {name}: {} has a descriptor of {found} bytes, expected {expected} for ABI version {}; rebuild it", .path.display(), abi::ABI_VERSION)]
     AbiSize {
@@ -263,7 +322,7 @@ fn open_descriptor(name: &str, path: &Path, load_from: &Path) -> Result<&'static
         let head = desc_ptr as *const u32;
         (head.read(), head.add(1).read())
     };
-    if found != abi::ABI_VERSION {
+    if !(abi::OLDEST_ABI_VERSION..=abi::ABI_VERSION).contains(&found) {
         let (name, path) = at();
         return Err(LoadError::AbiVersion { name, path, found });
     }
@@ -354,7 +413,7 @@ impl PluginHost {
         // SAFETY: static strings of a descriptor whose layout was checked.
         let version = unsafe { desc.version.to_str_lossy().into_owned() };
         let (instance, api, ctx) = self.instantiate(p, desc)?;
-        Ok(Loaded {
+        let mut loaded = Loaded {
             name: p.name.clone(),
             version,
             build,
@@ -365,10 +424,19 @@ impl PluginHost {
             ctx,
             quarantined: None,
             skip: 0,
+            only: Only::default(),
             calls: 0,
             drops: 0,
             time: Duration::ZERO,
-        })
+        };
+        // What `load` declared (posts and verdicts mean nothing there).
+        let mut declared = match loaded.ctx.call.lock() {
+            Ok(mut c) => std::mem::take(&mut *c),
+            Err(_) => CallState::default(),
+        };
+        loaded.ctx.handed.store(false, Ordering::Release);
+        loaded.keep_prefixes(&mut declared);
+        Ok(loaded)
     }
 
     /// Calls the plugin's `load` with its configuration and a host API
@@ -401,6 +469,7 @@ impl PluginHost {
             log: cb_log,
             data_dir: Str::from_str(&ctx.data_dir),
             chat_id: Str::from_str(&ctx.chat_id),
+            deliver_only: cb_deliver_only,
         });
         let config = if p.config.trim().is_empty() {
             "{}"
@@ -444,7 +513,7 @@ impl PluginHost {
             p.time += start.elapsed();
         }
         p.calls += 1;
-        let state = if p.ctx.handed.swap(false, Ordering::Acquire) {
+        let mut state = if p.ctx.handed.swap(false, Ordering::Acquire) {
             p.ctx
                 .call
                 .lock()
@@ -453,6 +522,7 @@ impl PluginHost {
         } else {
             CallState::default()
         };
+        p.keep_prefixes(&mut state);
         if rc == abi::RC_UNIMPLEMENTED {
             // The plugin does nothing here: never call this hook again.
             p.skip |= hook as u8;
@@ -675,7 +745,7 @@ impl Hooks for PluginHost {
         let m = message_in(msg, flags);
         let mut posts = Vec::new();
         for i in 0..self.loaded.len() {
-            if msg.bot == Some(self.loaded[i].name.as_str()) {
+            if msg.bot == Some(self.loaded[i].name.as_str()) || !self.loaded[i].wants(msg.text) {
                 continue;
             }
             // SAFETY: instance from load; `m` borrows strings that outlive the call.
@@ -779,6 +849,18 @@ fn clip(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn declared_prefixes_choose_the_deliveries_up_to_the_limit() {
+        let mut only = Only::default();
+        assert!(only.wants("anything"), "nothing declared: everything");
+        assert!(only.declare(["!echo ".to_string(), "!e".to_string(), "!echo ".to_string()].into_iter()));
+        assert!(only.wants("!echo hi") && only.wants("!e") && !only.wants("echo !e") && !only.wants(""));
+        let more = (0..20).map(|i| format!("#{i}#"));
+        assert!(!only.declare(more), "past the limit some are left out");
+        assert_eq!(only.0.len(), abi::MAX_DELIVER_PREFIXES);
+        assert!(only.wants("#13# x") && !only.wants("#14# x"));
+    }
 
     fn host(dir: &Path) -> PluginHost {
         PluginHost::new(dir.to_path_buf(), dir.join("data"))

@@ -14,8 +14,18 @@
 
 use std::ffi::c_void;
 
-/// Version of this ABI. A host refuses a descriptor with another version.
-pub const ABI_VERSION: u32 = 3;
+/// Version of this ABI. A host refuses a descriptor with a version it does
+/// not speak; this host speaks [`OLDEST_ABI_VERSION`] to this one.
+pub const ABI_VERSION: u32 = 4;
+
+/// The oldest version a host of this version still loads: version 4 only
+/// appended [`HostApi::deliver_only`], which a version 3 plugin never reads.
+pub const OLDEST_ABI_VERSION: u32 = 3;
+
+/// Most prefixes one plugin may declare with [`HostApi::deliver_only`].
+pub const MAX_DELIVER_PREFIXES: usize = 16;
+/// Longest prefix, in bytes.
+pub const MAX_PREFIX_LEN: usize = 64;
 
 /// The symbol every plugin exports: `extern "C" fn() -> *const Descriptor`.
 pub const ENTRY_SYMBOL: &str = "p2pchat_plugin_entry";
@@ -152,13 +162,23 @@ pub struct HostApi {
     /// valid as long as this `HostApi` (version 3). A plugin that keeps
     /// state across runs keeps it per chat.
     pub chat_id: Str,
+    /// (Version 4.) From now on, `on_delivered` is called only for messages
+    /// whose text starts with one of the prefixes declared this way (call
+    /// once per prefix, usually in `load`; 1 to [`MAX_PREFIX_LEN`] bytes,
+    /// at most [`MAX_DELIVER_PREFIXES`]; others are refused with a
+    /// warning in the node's log). A plugin that never calls it hears
+    /// every delivery. One that does never hears the others, so the
+    /// batch's last message (`FLAG_LAST_IN_BATCH`) may be one it does not
+    /// hear: such a plugin must not wait for that flag.
+    pub deliver_only: extern "C" fn(ctx: *mut c_void, prefix: Str),
 }
 
 /// The plugin's entry points. Every function returns an `RC_*` code except
 /// `unload`. `instance` is what `load` stored.
 #[repr(C)]
 pub struct Descriptor {
-    /// Must be [`ABI_VERSION`]; checked before anything else is read.
+    /// [`OLDEST_ABI_VERSION`] to [`ABI_VERSION`]; checked before anything
+    /// else is read.
     pub abi_version: u32,
     /// `size_of::<Descriptor>()` as the plugin was built; checked second.
     pub size: u32,

@@ -102,6 +102,16 @@ impl Host {
         (api.post)(api.ctx, Str::from_str(text));
     }
 
+    /// Hears only the deliveries whose text starts with `prefix` (call once
+    /// per prefix, usually in `load`): a bot that answers commands
+    /// (`!echo …`) then costs nothing on other messages. See
+    /// [`abi::HostApi::deliver_only`] for the limits, and do not wait for
+    /// `last_in_batch` in a bot that filters.
+    pub fn deliver_only_prefixed(&self, prefix: &str) {
+        let Some(api) = self.api() else { return };
+        (api.deliver_only)(api.ctx, Str::from_str(prefix));
+    }
+
     pub fn log_info(&self, message: &str) {
         let Some(api) = self.api() else { return };
         (api.log)(api.ctx, abi::LOG_INFO, Str::from_str(message));

@@ -2,7 +2,9 @@
 //! ABI version, or, with `P2P_TEST_SHORT_DESCRIPTOR` set in the
 //! environment, the current version with a descriptor 8 bytes shorter than
 //! the current layout (a library built against a changed layout). Nodes must refuse both and name what they
-//! found. Written by hand, without the macro.
+//! found. With `P2P_TEST_ABI=2` or `3` it claims that version instead:
+//! too old, and the oldest still spoken (whose `load` then refuses).
+//! Written by hand, without the macro.
 
 use p2p_plugin_api::abi::{Descriptor, HostApi, MessageIn, Str, VerdictIn, RC_ERROR};
 use std::ffi::c_void;
@@ -43,12 +45,17 @@ const fn descriptor(abi_version: u32, size: u32) -> Descriptor {
 const SIZE: u32 = std::mem::size_of::<Descriptor>() as u32;
 static FUTURE: Descriptor = descriptor(99, SIZE);
 static SHORT: Descriptor = descriptor(p2p_plugin_api::abi::ABI_VERSION, SIZE - 8);
+static V2: Descriptor = descriptor(2, SIZE);
+static V3: Descriptor = descriptor(3, SIZE);
 
 #[no_mangle]
 pub extern "C" fn p2pchat_plugin_entry() -> *const Descriptor {
     if std::env::var_os("P2P_TEST_SHORT_DESCRIPTOR").is_some() {
-        &SHORT
-    } else {
-        &FUTURE
+        return &SHORT;
+    }
+    match std::env::var("P2P_TEST_ABI").as_deref() {
+        Ok("2") => &V2,
+        Ok("3") => &V3,
+        _ => &FUTURE,
     }
 }
