@@ -50,6 +50,7 @@ fn echo_answers_only_its_command() {
         "echo was called {} times for 32 messages",
         echo.calls
     );
+    assert_eq!(echo.hears, vec!["!echo ".to_string()]);
 }
 
 #[test]
@@ -315,6 +316,7 @@ fn attach_detach_at_runtime_and_bots_survive_failovers_with_one_transcript() {
         out.contains("echo") && out.contains("logger") && out.contains("active"),
         "{out}"
     );
+    assert!(out.contains(r#"(hears only "!echo ")"#), "{out}");
 
     // Attach moderation with one command; it acts at once.
     c.ok(&[

@@ -808,6 +808,7 @@ impl Hooks for PluginHost {
                 drops: p.drops,
                 time_us: (p.time.as_micros() as u64).saturating_mul(TIME_SAMPLE),
                 error: p.quarantined.as_deref().map(|e| clip(e, MAX_REPORTED_ERROR)),
+                hears: p.only.0.clone(),
             })
             .collect();
         out.extend(self.refused.iter().map(|r| PluginStatus {
@@ -819,6 +820,7 @@ impl Hooks for PluginHost {
             drops: 0,
             time_us: 0,
             error: Some(clip(&r.error, MAX_REPORTED_ERROR)),
+            hears: Vec::new(),
         }));
         out
     }

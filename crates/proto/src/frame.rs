@@ -290,6 +290,10 @@ pub struct PluginStatus {
     /// Why it is quarantined or refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The text prefixes of the deliveries it hears (declared with
+    /// `deliver_only`); empty: every delivery.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hears: Vec<String>,
 }
 
 /// A node's role, as reported in `status` and events.

@@ -519,6 +519,10 @@ fn plugins_table(list: &[serde_json::Value], coordinator: &str) -> String {
             p["error"]
                 .as_str()
                 .map(|e| format!("  ({e})"))
+                .or_else(|| {
+                    let hears: Vec<String> = p["hears"].as_array()?.iter().map(|h| format!("{h}")).collect();
+                    (!hears.is_empty()).then(|| format!("  (hears only {})", hears.join(", ")))
+                })
                 .unwrap_or_default()
         ));
     }
