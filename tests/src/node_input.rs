@@ -187,3 +187,45 @@ fn a_member_that_never_reads_is_cut_off_and_others_carry_on() {
     );
     drop(sloth);
 }
+
+/// Without a key every frame travels alone; a burst of them written at
+/// once is read and handed on together: all sequenced, in order, and a bad
+/// frame inside the burst still ends the connection after the ones before
+/// it count.
+#[test]
+fn an_insecure_burst_is_sequenced_in_order_up_to_a_bad_frame() {
+    let a = Node::join("alice", &["--insecure"]);
+    let mut raw = Raw::plain(&a.addr);
+    raw.send(&Frame::Hello {
+        version: p2p_proto::PROTOCOL_VERSION,
+        name: "burst".into(),
+        session: p2p_proto::random_u64(),
+        addr: None,
+        resume: None,
+        sign_key: None,
+    });
+    raw.read_until("the welcome's state", |f| {
+        matches!(f, Frame::State { last: true, .. })
+    });
+    const N: u64 = 3000;
+    let mut burst = Vec::new();
+    for cs in 1..=N {
+        burst.extend_from_slice(&p2p_proto::encode(&Frame::Say {
+            text: format!("burst {cs}"),
+            client_seq: cs,
+        }));
+    }
+    burst.extend_from_slice(&[0, 0, 0, 9]);
+    burst.extend_from_slice(b"not json!");
+    raw.send_raw(&burst);
+    expect_error(&mut raw, ErrorCode::BadJson);
+    a.wait_message(&format!("burst {N}"));
+    let texts: Vec<String> = a
+        .messages()
+        .into_iter()
+        .map(|(_, _, t)| t)
+        .filter(|t| t.starts_with("burst "))
+        .collect();
+    let want: Vec<String> = (1..=N).map(|cs| format!("burst {cs}")).collect();
+    assert_eq!(texts, want);
+}

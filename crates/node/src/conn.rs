@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use p2p_proto::net::{self, HandshakeError};
 use p2p_proto::secure::{self, ChatKey, Holds, Opener, Sealer};
 use p2p_proto::{decode_body, encode, limits::MAX_FRAME_LEN, ErrorCode, Frame};
@@ -403,21 +403,27 @@ async fn read_loop(
     // when a coordinator holds thousands); the buffer grows with the load.
     let mut records = FramedRead::with_capacity(half, codec, 512);
     let mut first = first_within;
+    // What the stream gave after the frames already read in a turn (a
+    // record, an error or its end), for the next turn.
+    let mut carried = None;
     let reason = loop {
-        let next = match first.take() {
-            Some(limit) => match tokio::time::timeout(limit, records.next()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    let ms = limit.as_millis();
-                    refuse(
-                        &writer,
-                        ErrorCode::HandshakeTimeout,
-                        format!("no frame within {ms} ms of connecting"),
-                    );
-                    break Some("disconnected (handshake timeout)".to_string());
-                }
+        let next = match carried.take() {
+            Some(next) => next,
+            None => match first.take() {
+                Some(limit) => match tokio::time::timeout(limit, records.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        let ms = limit.as_millis();
+                        refuse(
+                            &writer,
+                            ErrorCode::HandshakeTimeout,
+                            format!("no frame within {ms} ms of connecting"),
+                        );
+                        break Some("disconnected (handshake timeout)".to_string());
+                    }
+                },
+                None => records.next().await,
             },
-            None => records.next().await,
         };
         let record = match next {
             None => break None,
@@ -478,6 +484,34 @@ async fn read_loop(
                 }
             }
         }
+        // Decoded: let go of the record at once, so the read buffer it
+        // was cut from is ours alone again and the next read reuses it in
+        // place (while a record lives, the codec allocates a fresh buffer
+        // of just the bytes it still lacks, and reads exactly those).
+        drop(record);
+        // Without a key every frame is a record of its own: take those
+        // already read too, so a burst reaches the actor as one message
+        // (a sealed batch does so by itself).
+        while opener.is_none() && stop.is_none() && frames.len() < MAX_FRAMES_PER_HAND_OFF {
+            // A busy connection: room to read many frames at once (the
+            // codec itself asks the buffer for just the bytes of the next
+            // prefix or body, and a read takes no more than that).
+            records.read_buffer_mut().reserve(BUSY_READ_BUFFER);
+            match records.next().now_or_never() {
+                Some(Some(Ok(body))) => match decode_body(&body) {
+                    Ok(frame) => frames.push(frame),
+                    Err(e) => {
+                        tracing::debug!(conn, error = %e, "bad frame");
+                        stop = Some(e);
+                    }
+                },
+                Some(other) => {
+                    carried = Some(other);
+                    break;
+                }
+                None => break,
+            }
+        }
         let msg = match frames.len() {
             0 => None,
             1 => frames.pop().map(|f| Msg::Input(Input::Frame(conn, f))),
@@ -495,6 +529,14 @@ async fn read_loop(
     };
     let _ = actor.send(Msg::Input(Input::Closed(conn, reason))).await;
 }
+
+/// Read room of a connection without a key while it sends a burst (its
+/// frames come each on its own; a keyed connection's buffer grows to the
+/// size of its records anyway).
+const BUSY_READ_BUFFER: usize = 16 * 1024;
+
+/// Most frames of a connection without a key handed to the actor at once.
+const MAX_FRAMES_PER_HAND_OFF: usize = 512;
 
 /// How many length-prefixed frames `buf` holds; None if the lengths do not
 /// add up (or a frame is past the limit).
