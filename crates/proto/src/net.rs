@@ -27,6 +27,9 @@ pub enum HandshakeError {
     Other(String),
 }
 
+/// Least room a client reads into.
+const READ_ROOM: usize = 16 * 1024;
+
 /// Longest handshake frame accepted (they are a few hundred bytes).
 const MAX_HANDSHAKE_FRAME: usize = 4096;
 
@@ -477,6 +480,11 @@ impl ClientRead {
                 }
                 self.buf.reserve(4 + len - self.buf.len());
             }
+            // Room for more than the next record: `reserve` on a buffer
+            // records were cut from grants just what is asked, and a read
+            // takes no more than the room (small frames without a key
+            // would each cost two reads).
+            self.buf.reserve(READ_ROOM);
             if self.half.read_buf(&mut self.buf).await? == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
