@@ -43,9 +43,10 @@ pub const MAX_RECORD_LEN: usize = MAX_FRAME_LEN + 4 + secure::RECORD_OVERHEAD;
 /// own, and the heap is handed back to the system whenever 128 KiB at its
 /// top come free, so a program that allocates such buffers again at once
 /// takes page faults for each (at one member, a sixth of the coordinator's
-/// CPU time went to them). Freed memory of up to 8 MiB then stays with
-/// the process. Call once, at the start of `main`; no effect elsewhere
-/// than glibc.
+/// CPU time went to them). Freed memory of up to 8 MiB per allocator
+/// arena (glibc keeps one per allocating thread, up to a bound) then stays
+/// with the process. Call once, at the start of `main`; no effect
+/// elsewhere than glibc.
 pub fn keep_buffers_in_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters (under the
