@@ -10,7 +10,9 @@ use nix::sys::signal::Signal;
 use p2p_proto::secure::{self, ChatKey, SignKey};
 use p2p_proto::{Chat, Entry, ErrorCode, Frame, MemberInfo, Resume, Seal, PROTOCOL_VERSION};
 
-use crate::util::{assert_same_sequence, resume_as, wait_until, wait_voters, Handshake, Node, Raw, DEADLINE};
+use crate::util::{
+    assert_same_sequence, hello, resume_as, wait_until, wait_voters, Handshake, Node, Raw, DEADLINE,
+};
 
 fn expect_error(raw: &mut Raw, code: ErrorCode) -> String {
     let frame = raw.read_until("an error", |f| matches!(f, Frame::Error { .. }));
@@ -43,17 +45,6 @@ fn announce(addr: &str) -> Frame {
             session: 5,
             sign_key: None,
         },
-    }
-}
-
-fn hello(name: &str, resume: Option<Resume>) -> Frame {
-    Frame::Hello {
-        version: PROTOCOL_VERSION,
-        name: name.into(),
-        session: p2p_proto::random_u64(),
-        addr: None,
-        resume,
-        sign_key: None,
     }
 }
 

@@ -505,15 +505,9 @@ fn a_batch_of_says_comes_back_in_order_read_in_place() {
         let mut c = Client::connect(&a.addr, Some(&key), Duration::from_secs(10))
             .await
             .expect("connecting to alice");
-        let hello = Frame::Hello {
-            version: PROTOCOL_VERSION,
-            name: "batcher".into(),
-            session: p2p_proto::random_u64(),
-            addr: None,
-            resume: None,
-            sign_key: None,
-        };
-        c.send(&hello).await.expect("sending hello");
+        c.send(&crate::util::hello("batcher", None))
+            .await
+            .expect("sending hello");
         loop {
             match c.recv().await.expect("reading the welcome and state") {
                 Frame::State { last: true, .. } => break,

@@ -195,18 +195,7 @@ fn a_member_that_never_reads_is_cut_off_and_others_carry_on() {
 #[test]
 fn an_insecure_burst_is_sequenced_in_order_up_to_a_bad_frame() {
     let a = Node::join("alice", &["--insecure"]);
-    let mut raw = Raw::plain(&a.addr);
-    raw.send(&Frame::Hello {
-        version: p2p_proto::PROTOCOL_VERSION,
-        name: "burst".into(),
-        session: p2p_proto::random_u64(),
-        addr: None,
-        resume: None,
-        sign_key: None,
-    });
-    raw.read_until("the welcome's state", |f| {
-        matches!(f, Frame::State { last: true, .. })
-    });
+    let mut raw = Raw::plain(&a.addr).joined("burst");
     const N: u64 = 3000;
     let mut burst = Vec::new();
     for cs in 1..=N {

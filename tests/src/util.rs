@@ -674,20 +674,30 @@ impl Raw {
     /// Joins as a client (no server of its own), proving the test key,
     /// and reads up to the end of the welcome's state.
     pub fn hello(addr: &str, name: &str) -> Raw {
-        let mut raw = Raw::connect(addr);
-        raw.send(&Frame::Hello {
-            version: p2p_proto::PROTOCOL_VERSION,
-            name: name.into(),
-            session: p2p_proto::random_u64(),
-            addr: None,
-            resume: None,
-            sign_key: None,
-        });
-        raw.read_until("welcome", |f| matches!(f, Frame::Welcome { .. }));
-        raw.read_until("the welcome's state", |f| {
+        Raw::connect(addr).joined(name)
+    }
+
+    /// Joins as a client on this connection (keyed or not, as it was
+    /// opened) and reads up to the end of the welcome's state.
+    pub fn joined(mut self, name: &str) -> Raw {
+        self.send(&hello(name, None));
+        self.read_until("welcome", |f| matches!(f, Frame::Welcome { .. }));
+        self.read_until("the welcome's state", |f| {
             matches!(f, Frame::State { last: true, .. })
         });
-        raw
+        self
+    }
+}
+
+/// A client's `hello` (no server of its own, a fresh session).
+pub fn hello(name: &str, resume: Option<p2p_proto::Resume>) -> Frame {
+    Frame::Hello {
+        version: p2p_proto::PROTOCOL_VERSION,
+        name: name.into(),
+        session: p2p_proto::random_u64(),
+        addr: None,
+        resume,
+        sign_key: None,
     }
 }
 

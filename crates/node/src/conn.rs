@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use p2p_proto::net::{self, HandshakeError};
 use p2p_proto::secure::{self, ChatKey, Holds, Opener, Sealer};
-use p2p_proto::{decode_body, encode, limits::MAX_FRAME_LEN, ErrorCode, Frame};
+use p2p_proto::{batch_bodies, decode_body, encode, limits::MAX_FRAME_LEN, ErrorCode, Frame};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -452,42 +452,25 @@ async fn read_loop(
             },
         };
         let plain = &record[plain];
-        let count = match holds {
-            Holds::Frame => 1,
-            Holds::Frames => match count_frames(plain) {
-                Some(n) => n,
+        let bodies = match holds {
+            Holds::Frame => vec![plain],
+            Holds::Frames => match batch_bodies(plain) {
+                Some(bodies) => bodies,
                 None => break Some("disconnected (a sealed batch held a malformed frame)".into()),
             },
         };
         // Frames before a bad one still count; the bad one ends the
         // connection. Decoded from the record where it lies.
-        let mut frames = Vec::with_capacity(count.min(1024));
+        let mut frames = Vec::with_capacity(bodies.len().min(1024));
         let mut stop = None;
-        let mut rest = plain;
-        for _ in 0..count {
-            let body = match holds {
-                Holds::Frame => std::mem::take(&mut rest),
-                Holds::Frames => {
-                    // Within bounds: `count_frames` walked these lengths.
-                    let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-                    let (frame, after) = rest.split_at(4 + len);
-                    rest = after;
-                    &frame[4..]
-                }
-            };
-            match decode_body(body) {
-                Ok(frame) => frames.push(frame),
-                Err(e) => {
-                    tracing::debug!(conn, error = %e, "bad frame");
-                    stop = Some(e);
-                    break;
-                }
+        for body in bodies {
+            stop = decode_into(conn, body, &mut frames);
+            if stop.is_some() {
+                break;
             }
         }
-        // Decoded: let go of the record at once, so the read buffer it
-        // was cut from is ours alone again and the next read reuses it in
-        // place (while a record lives, the codec allocates a fresh buffer
-        // of just the bytes it still lacks, and reads exactly those).
+        // Decoded: let go of the record, so the read buffer it was cut
+        // from is ours alone again and can be reused in place.
         drop(record);
         // Without a key every frame is a record of its own: take those
         // already read too, so a burst reaches the actor as one message
@@ -498,13 +481,7 @@ async fn read_loop(
             // prefix or body, and a read takes no more than that).
             records.read_buffer_mut().reserve(BUSY_READ_BUFFER);
             match records.next().now_or_never() {
-                Some(Some(Ok(body))) => match decode_body(&body) {
-                    Ok(frame) => frames.push(frame),
-                    Err(e) => {
-                        tracing::debug!(conn, error = %e, "bad frame");
-                        stop = Some(e);
-                    }
-                },
+                Some(Some(Ok(body))) => stop = decode_into(conn, &body, &mut frames),
                 Some(other) => {
                     carried = Some(other);
                     break;
@@ -538,53 +515,22 @@ const BUSY_READ_BUFFER: usize = 16 * 1024;
 /// Most frames of a connection without a key handed to the actor at once.
 const MAX_FRAMES_PER_HAND_OFF: usize = 512;
 
-/// How many length-prefixed frames `buf` holds; None if the lengths do not
-/// add up (or a frame is past the limit).
-fn count_frames(mut buf: &[u8]) -> Option<usize> {
-    let mut n = 0;
-    while !buf.is_empty() {
-        let prefix: [u8; 4] = buf.get(..4)?.try_into().ok()?;
-        let len = u32::from_be_bytes(prefix) as usize;
-        if len > MAX_FRAME_LEN {
-            return None;
+/// Decodes one frame body onto `frames`; the error if it is bad.
+fn decode_into(conn: ConnId, body: &[u8], frames: &mut Vec<Frame>) -> Option<p2p_proto::ProtoError> {
+    match decode_body(body) {
+        Ok(frame) => {
+            frames.push(frame);
+            None
         }
-        buf = buf.get(4 + len..)?;
-        n += 1;
+        Err(e) => {
+            tracing::debug!(conn, error = %e, "bad frame");
+            Some(e)
+        }
     }
-    Some(n)
 }
 
 /// Best-effort error frame (sealed in a keyed chat), then close.
 fn refuse(writer: &Writer, code: ErrorCode, message: String) {
     let _ = writer.push(encode(&Frame::error(code, message)));
     let _ = writer.tx.send(WriteMsg::Close);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn frame(body: &[u8]) -> Vec<u8> {
-        let mut f = (body.len() as u32).to_be_bytes().to_vec();
-        f.extend_from_slice(body);
-        f
-    }
-
-    #[test]
-    fn a_batch_counts_only_when_its_lengths_add_up() {
-        let two = [frame(b"{}"), frame(b"")].concat();
-        assert_eq!(count_frames(&two), Some(2));
-        assert_eq!(count_frames(b""), Some(0));
-        // Cut anywhere inside: a prefix or a body left short.
-        for cut in 1..two.len() {
-            let whole = cut == 6; // right after the first frame
-            assert_eq!(count_frames(&two[..cut]), whole.then_some(1), "cut at {cut}");
-        }
-        // A length past the limit is refused even with the bytes there.
-        let big = frame(&vec![b'x'; MAX_FRAME_LEN + 1]);
-        assert_eq!(count_frames(&big), None);
-        assert_eq!(count_frames(&frame(&vec![b'x'; MAX_FRAME_LEN])), Some(1));
-        // A length that would overflow the slice.
-        assert_eq!(count_frames(&[0xff, 0xff, 0xff, 0xff, b'x']), None);
-    }
 }

@@ -130,6 +130,24 @@ pub fn encode_entry(entry: &Entry) -> Bytes {
     }
 }
 
+/// The bodies of the length-prefixed frames in `batch` (a sealed batch
+/// record's plaintext), in order. None unless the lengths add up exactly
+/// and every frame is within the body limit: a batch counts whole or not
+/// at all.
+pub fn batch_bodies(mut batch: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut bodies = Vec::new();
+    while !batch.is_empty() {
+        let prefix: [u8; 4] = batch.get(..4)?.try_into().ok()?;
+        let len = u32::from_be_bytes(prefix) as usize;
+        if len > MAX_FRAME_LEN {
+            return None;
+        }
+        bodies.push(batch.get(4..4 + len)?);
+        batch = &batch[4 + len..];
+    }
+    Some(bodies)
+}
+
 /// Takes one whole frame body off the front of `buf`.
 ///
 /// Returns `Ok(None)` when more bytes are needed. The length is checked
@@ -428,6 +446,31 @@ mod tests {
             body,
             r#"{"type":"chat","epoch":1,"seq":2,"from":"a","from_id":1,"client_seq":5,"text":"x"}"#
         );
+    }
+
+    #[test]
+    fn a_batch_counts_only_when_its_lengths_add_up() {
+        let frame = |body: &[u8]| {
+            let mut f = (body.len() as u32).to_be_bytes().to_vec();
+            f.extend_from_slice(body);
+            f
+        };
+        let two = [frame(b"{}"), frame(b"")].concat();
+        assert_eq!(batch_bodies(&two), Some(vec![&b"{}"[..], &b""[..]]));
+        assert_eq!(batch_bodies(b""), Some(vec![]));
+        // Cut anywhere inside: a prefix or a body left short.
+        for cut in 1..two.len() {
+            let whole = cut == 6; // right after the first frame
+            let got = batch_bodies(&two[..cut]).map(|b| b.len());
+            assert_eq!(got, whole.then_some(1), "cut at {cut}");
+        }
+        // A length past the limit is refused even with the bytes there.
+        let big = frame(&vec![b'x'; MAX_FRAME_LEN + 1]);
+        assert_eq!(batch_bodies(&big), None);
+        let largest = frame(&vec![b'x'; MAX_FRAME_LEN]);
+        assert_eq!(batch_bodies(&largest).map(|b| b.len()), Some(1));
+        // A length that would run past the slice.
+        assert_eq!(batch_bodies(&[0xff, 0xff, 0xff, 0xff, b'x']), None);
     }
 
     #[test]

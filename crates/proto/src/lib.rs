@@ -11,7 +11,8 @@ pub mod net;
 pub mod secure;
 
 pub use codec::{
-    decode_body, encode, encode_chat, encode_chat_in, encode_entry, read_frame_sync, split_frame, FrameArena,
+    batch_bodies, decode_body, encode, encode_chat, encode_chat_in, encode_entry, read_frame_sync,
+    split_frame, FrameArena,
 };
 pub use error::{ErrorCode, ProtoError};
 pub use frame::{

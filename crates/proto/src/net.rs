@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::limits::MAX_FRAME_LEN;
 use crate::secure::{self, ChatKey, ClientHandshake, Holds, Link, Opener, Sealer, ServerHandshake};
-use crate::{decode_body, encode, ErrorCode, Frame, PROTOCOL_VERSION};
+use crate::{batch_bodies, decode_body, encode, ErrorCode, Frame, PROTOCOL_VERSION};
 
 /// Why a handshake failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +25,13 @@ pub enum HandshakeError {
     /// The connection failed or was closed during the handshake.
     #[error("{0}")]
     Other(String),
+}
+
+/// What a client says of a sealed batch whose frame lengths do not add up.
+const MALFORMED_BATCH: &str = "the node sent a sealed batch whose frame lengths do not add up";
+
+fn invalid(e: impl ToString) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())
 }
 
 /// Least room a client reads into.
@@ -375,7 +382,7 @@ impl ClientRead {
     /// frame as `InvalidData`.
     pub async fn recv(&mut self) -> std::io::Result<Frame> {
         let body = self.recv_body().await?;
-        decode_body(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        decode_body(&body).map_err(invalid)
     }
 
     /// The next frame's body, undecoded (for callers that only look at
@@ -392,26 +399,14 @@ impl ClientRead {
             let Some(opener) = &mut self.opener else {
                 return Ok(record.freeze());
             };
-            let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
             let mut record = record;
-            let (holds, plain) = opener
-                .open_in_place(&mut record)
-                .map_err(|e| bad(&e.to_string()))?;
-            let mut all = record.freeze().slice(plain);
+            let (holds, plain) = opener.open_in_place(&mut record).map_err(invalid)?;
+            let all = record.freeze().slice(plain);
             if holds == Holds::Frame {
                 return Ok(all);
             }
-            while !all.is_empty() {
-                if all.len() < 4 {
-                    return Err(bad("a sealed batch ends inside a frame prefix"));
-                }
-                let len = u32::from_be_bytes([all[0], all[1], all[2], all[3]]) as usize;
-                if len > MAX_FRAME_LEN || all.len() < 4 + len {
-                    return Err(bad("a sealed batch holds a malformed frame"));
-                }
-                let f = all.split_to(4 + len);
-                self.pending.push_back(f.slice(4..));
-            }
+            let bodies = batch_bodies(&all).ok_or_else(|| invalid(MALFORMED_BATCH))?;
+            self.pending.extend(bodies.into_iter().map(|b| all.slice_ref(b)));
         }
     }
 
@@ -435,29 +430,17 @@ impl ClientRead {
             each(&record);
             return Ok(1);
         };
-        let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
-        let (holds, plain) = opener
-            .open_in_place(&mut record)
-            .map_err(|e| bad(&e.to_string()))?;
-        let mut all = &record[plain];
+        let (holds, plain) = opener.open_in_place(&mut record).map_err(invalid)?;
+        let all = &record[plain];
         if holds == Holds::Frame {
             each(all);
             return Ok(1);
         }
-        let mut n = 0;
-        while !all.is_empty() {
-            let Some(prefix) = all.get(..4) else {
-                return Err(bad("a sealed batch ends inside a frame prefix"));
-            };
-            let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
-            if len > MAX_FRAME_LEN || all.len() < 4 + len {
-                return Err(bad("a sealed batch holds a malformed frame"));
-            }
-            each(&all[4..4 + len]);
-            all = &all[4 + len..];
-            n += 1;
+        let bodies = batch_bodies(all).ok_or_else(|| invalid(MALFORMED_BATCH))?;
+        for body in &bodies {
+            each(body);
         }
-        Ok(n)
+        Ok(bodies.len())
     }
 
     async fn next_record(&mut self) -> std::io::Result<bytes::BytesMut> {
@@ -470,10 +453,9 @@ impl ClientRead {
             if self.buf.len() >= 4 {
                 let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
                 if len > max {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("the node sent a record of {len} bytes, over the limit of {max}"),
-                    ));
+                    return Err(invalid(format!(
+                        "the node sent a record of {len} bytes, over the limit of {max}"
+                    )));
                 }
                 if self.buf.len() >= 4 + len {
                     self.buf.advance(4);
