@@ -452,21 +452,23 @@ async fn read_loop(
             },
         };
         let plain = &record[plain];
-        let bodies = match holds {
-            Holds::Frame => vec![plain],
-            Holds::Frames => match batch_bodies(plain) {
-                Some(bodies) => bodies,
-                None => break Some("disconnected (a sealed batch held a malformed frame)".into()),
-            },
-        };
         // Frames before a bad one still count; the bad one ends the
-        // connection. Decoded from the record where it lies.
-        let mut frames = Vec::with_capacity(bodies.len().min(1024));
+        // connection. Decoded from the record where they lie.
+        let mut frames = Vec::new();
         let mut stop = None;
-        for body in bodies {
-            stop = decode_into(conn, body, &mut frames);
-            if stop.is_some() {
-                break;
+        match holds {
+            Holds::Frame => stop = decode_into(conn, plain, &mut frames),
+            Holds::Frames => {
+                let Some(bodies) = batch_bodies(plain) else {
+                    break Some("disconnected (a sealed batch held a malformed frame)".into());
+                };
+                frames.reserve(bodies.len().min(1024));
+                for body in bodies {
+                    stop = decode_into(conn, body, &mut frames);
+                    if stop.is_some() {
+                        break;
+                    }
+                }
             }
         }
         // Decoded: let go of the record, so the read buffer it was cut

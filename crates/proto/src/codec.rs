@@ -131,22 +131,57 @@ pub fn encode_entry(entry: &Entry) -> Bytes {
 }
 
 /// The bodies of the length-prefixed frames in `batch` (a sealed batch
-/// record's plaintext), in order. None unless the lengths add up exactly
-/// and every frame is within the body limit: a batch counts whole or not
-/// at all.
-pub fn batch_bodies(mut batch: &[u8]) -> Option<Vec<&[u8]>> {
-    let mut bodies = Vec::new();
-    while !batch.is_empty() {
-        let prefix: [u8; 4] = batch.get(..4)?.try_into().ok()?;
-        let len = u32::from_be_bytes(prefix) as usize;
-        if len > MAX_FRAME_LEN {
+/// record's plaintext), in order, where they lie. None unless the lengths
+/// add up exactly and every frame is within the body limit: a batch
+/// counts whole or not at all.
+pub fn batch_bodies(batch: &[u8]) -> Option<BatchBodies<'_>> {
+    let (mut rest, mut count) = (batch, 0);
+    while !rest.is_empty() {
+        let (_, after) = next_body(rest)?;
+        rest = after;
+        count += 1;
+    }
+    Some(BatchBodies {
+        rest: batch,
+        left: count,
+    })
+}
+
+/// One frame off the front of a batch: its body and what follows.
+fn next_body(batch: &[u8]) -> Option<(&[u8], &[u8])> {
+    let prefix: [u8; 4] = batch.get(..4)?.try_into().ok()?;
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME_LEN {
+        return None;
+    }
+    Some((batch.get(4..4 + len)?, batch.get(4 + len..)?))
+}
+
+/// The frame bodies of a batch checked by [`batch_bodies`].
+pub struct BatchBodies<'a> {
+    rest: &'a [u8],
+    left: usize,
+}
+
+impl<'a> Iterator for BatchBodies<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.left == 0 {
             return None;
         }
-        bodies.push(batch.get(4..4 + len)?);
-        batch = &batch[4 + len..];
+        let (body, rest) = next_body(self.rest)?;
+        self.rest = rest;
+        self.left -= 1;
+        Some(body)
     }
-    Some(bodies)
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
 }
+
+impl ExactSizeIterator for BatchBodies<'_> {}
 
 /// Takes one whole frame body off the front of `buf`.
 ///
@@ -456,8 +491,9 @@ mod tests {
             f
         };
         let two = [frame(b"{}"), frame(b"")].concat();
-        assert_eq!(batch_bodies(&two), Some(vec![&b"{}"[..], &b""[..]]));
-        assert_eq!(batch_bodies(b""), Some(vec![]));
+        let all = |b: &[u8]| batch_bodies(b).map(|i| i.map(<[u8]>::to_vec).collect::<Vec<_>>());
+        assert_eq!(all(&two), Some(vec![b"{}".to_vec(), Vec::new()]));
+        assert_eq!(all(b""), Some(vec![]));
         // Cut anywhere inside: a prefix or a body left short.
         for cut in 1..two.len() {
             let whole = cut == 6; // right after the first frame
@@ -466,11 +502,11 @@ mod tests {
         }
         // A length past the limit is refused even with the bytes there.
         let big = frame(&vec![b'x'; MAX_FRAME_LEN + 1]);
-        assert_eq!(batch_bodies(&big), None);
+        assert!(batch_bodies(&big).is_none());
         let largest = frame(&vec![b'x'; MAX_FRAME_LEN]);
         assert_eq!(batch_bodies(&largest).map(|b| b.len()), Some(1));
         // A length that would run past the slice.
-        assert_eq!(batch_bodies(&[0xff, 0xff, 0xff, 0xff, b'x']), None);
+        assert!(batch_bodies(&[0xff, 0xff, 0xff, 0xff, b'x']).is_none());
     }
 
     #[test]

@@ -12,7 +12,7 @@ pub mod secure;
 
 pub use codec::{
     batch_bodies, decode_body, encode, encode_chat, encode_chat_in, encode_entry, read_frame_sync,
-    split_frame, FrameArena,
+    split_frame, BatchBodies, FrameArena,
 };
 pub use error::{ErrorCode, ProtoError};
 pub use frame::{

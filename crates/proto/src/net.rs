@@ -406,7 +406,7 @@ impl ClientRead {
                 return Ok(all);
             }
             let bodies = batch_bodies(&all).ok_or_else(|| invalid(MALFORMED_BATCH))?;
-            self.pending.extend(bodies.into_iter().map(|b| all.slice_ref(b)));
+            self.pending.extend(bodies.map(|b| all.slice_ref(b)));
         }
     }
 
@@ -437,10 +437,9 @@ impl ClientRead {
             return Ok(1);
         }
         let bodies = batch_bodies(all).ok_or_else(|| invalid(MALFORMED_BATCH))?;
-        for body in &bodies {
-            each(body);
-        }
-        Ok(bodies.len())
+        let n = bodies.len();
+        bodies.for_each(each);
+        Ok(n)
     }
 
     async fn next_record(&mut self) -> std::io::Result<bytes::BytesMut> {
