@@ -10,7 +10,7 @@
 //! silently skips a message.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -52,7 +52,10 @@ struct Logger {
     cfg: Config,
     /// The transcript inside the data directory.
     path: PathBuf,
-    out: BufWriter<File>,
+    file: File,
+    /// Lines not yet written to `file` (encoded here in place: no line is
+    /// copied before the write).
+    out: Vec<u8>,
     /// This chat's identity (every line carries it).
     chat: String,
     /// Last seq of this chat in the transcript, once known (0: none yet).
@@ -60,8 +63,6 @@ struct Logger {
     /// Inside a run of replayed history (after a takeover).
     replaying: bool,
     last_flush: Instant,
-    /// The line being encoded (kept, so it is allocated once).
-    line: Vec<u8>,
     /// `{"type":"message","chat":"…"`: how every message line starts.
     head: Vec<u8>,
     /// The time stamped on this batch's lines (read once per batch: a
@@ -73,6 +74,7 @@ struct Logger {
 
 /// Room for a whole batch in the file buffer, so `flush: every` writes a
 /// batch with one system call (a batch is a few hundred lines at most).
+/// Past it the buffer is written out whatever the flush setting.
 const BUFFER: usize = 256 * 1024;
 
 fn now_ms() -> u64 {
@@ -190,13 +192,13 @@ impl Logger {
         Logger {
             cfg,
             path,
-            out: BufWriter::with_capacity(BUFFER, file),
+            file,
+            out: Vec::with_capacity(BUFFER + 4096),
             head,
             chat,
             last_seq: None,
             replaying: false,
             last_flush: Instant::now(),
-            line: Vec::with_capacity(512),
             batch_time: 0,
             time_left: 0,
         }
@@ -208,19 +210,18 @@ impl Logger {
     /// # Errors
     /// What the file system said; the caller quarantines the logger.
     fn write(&mut self, line: &impl Serialize, batch_ends: bool) -> std::io::Result<()> {
-        json::to_writer(&mut self.out, line)?;
-        self.out.write_all(b"\n")?;
+        // Serialising into a Vec cannot fail.
+        let _ = json::to_writer(&mut self.out, line);
+        self.out.push(b'\n');
         self.flush_if_due(batch_ends)
     }
 
     /// [`Logger::write`] for a message line, the hot one: its start is
     /// kept encoded (`head`), the rest written after it.
     fn write_message(&mut self, line: &MessageLine, batch_ends: bool) -> std::io::Result<()> {
-        self.line.clear();
-        self.line.extend_from_slice(&self.head);
-        line.encode_tail(&mut self.line);
-        self.line.push(b'\n');
-        self.out.write_all(&self.line)?;
+        self.out.extend_from_slice(&self.head);
+        line.encode_tail(&mut self.out);
+        self.out.push(b'\n');
         self.flush_if_due(batch_ends)
     }
 
@@ -243,17 +244,39 @@ impl Logger {
         };
         if due {
             self.flush()?;
+        } else if self.out.len() >= BUFFER {
+            self.write_out()?;
         }
         Ok(())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.last_flush = Instant::now();
-        self.out.flush()?;
+        self.write_out()?;
         if self.cfg.fsync {
-            self.out.get_ref().sync_data()?;
+            self.file.sync_data()?;
         }
         Ok(())
+    }
+
+    /// Writes the buffered lines to the file. What a failed write left
+    /// unwritten stays buffered, and only that is tried again (on drop):
+    /// no line is written twice.
+    fn write_out(&mut self) -> std::io::Result<()> {
+        let mut done = 0;
+        let result = loop {
+            if done == self.out.len() {
+                break Ok(());
+            }
+            match self.file.write(&self.out[done..]) {
+                Ok(0) => break Err(ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.out.drain(..done);
+        result
     }
 
     /// Learns where the transcript stands from the file itself (another
@@ -513,6 +536,43 @@ mod tests {
             times[times.len() - 66..times.len() - 64],
             [1, 1],
             "seq 6 and 7 share the batch's time"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_batch_longer_than_the_buffer_is_written_as_it_fills_and_once() {
+        let dir = std::env::temp_dir().join(format!("p2p-logger-long-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.jsonl");
+        let file = OpenOptions::new().create(true).append(true).open(&path).unwrap();
+        let mut l = logger(file, path.clone(), "c");
+        let host = Host::detached();
+        let mut seq = 0;
+        while std::fs::metadata(&path).unwrap().len() == 0 {
+            seq += 1;
+            assert!(
+                seq < 100_000,
+                "nothing written after {} buffered bytes",
+                l.out.len()
+            );
+            l.on_delivered(&in_batch(seq, false), &host);
+            assert!(l.out.len() < BUFFER + 512, "the buffer stays bounded");
+        }
+        for _ in 0..10 {
+            seq += 1;
+            l.on_delivered(&in_batch(seq, false), &host);
+        }
+        drop(l);
+        let seqs: Vec<u64> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| json::from_str::<json::Value>(l).unwrap()["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            seqs,
+            (1..=seq).collect::<Vec<_>>(),
+            "every line once, in order, after the drop"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
