@@ -498,12 +498,19 @@ impl PluginHost {
         Ok((instance, api, ctx))
     }
 
+    /// Whether plugin `i` is still called for `hook` (not quarantined, and
+    /// it has not said it does nothing there).
+    fn hears(&self, i: usize, hook: Hook) -> bool {
+        let p = &self.loaded[i];
+        p.quarantined.is_none() && p.skip & hook as u8 == 0
+    }
+
     /// Calls hook `hook` of plugin `i`; quarantines it on an error or panic.
     fn call(&mut self, i: usize, hook: Hook, f: impl FnOnce(&Loaded) -> i32) -> Option<CallState> {
-        let p = &mut self.loaded[i];
-        if p.quarantined.is_some() || p.skip & hook as u8 != 0 {
+        if !self.hears(i, hook) {
             return None;
         }
+        let p = &mut self.loaded[i];
         // No reset before the call: the state is taken (emptied) after every
         // call, so it starts empty (one lock per call, not two).
         // Time one call in TIME_SAMPLE (the clock costs more than most
@@ -674,7 +681,7 @@ impl Hooks for PluginHost {
         let mut verdicts = Vec::new();
         let mut posts = Vec::new();
         for i in 0..self.loaded.len() {
-            if msg.bot == Some(self.loaded[i].name.as_str()) {
+            if !self.hears(i, Hook::Message) || msg.bot == Some(self.loaded[i].name.as_str()) {
                 continue;
             }
             let current = HookMessage {
@@ -750,7 +757,10 @@ impl Hooks for PluginHost {
         let m = message_in(msg, flags);
         let mut posts = Vec::new();
         for i in 0..self.loaded.len() {
-            if msg.bot == Some(self.loaded[i].name.as_str()) || !self.loaded[i].wants(msg.text) {
+            if !self.hears(i, Hook::Delivered)
+                || msg.bot == Some(self.loaded[i].name.as_str())
+                || !self.loaded[i].wants(msg.text)
+            {
                 continue;
             }
             // SAFETY: instance from load; `m` borrows strings that outlive the call.
