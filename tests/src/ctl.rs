@@ -9,7 +9,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-use crate::util::{bin, wait_until};
+use p2p_proto::Frame;
+
+use crate::util::{bin, wait_until, Handshake, Raw};
 
 /// A temporary directory with a cluster file; tears the cluster down and
 /// removes itself on drop.
@@ -274,6 +276,91 @@ fn restarted_node_rejoins_and_chat_agrees() {
     assert!(logs.contains("bob: hello after restart"), "{logs}");
     let merged = c.ok(&["logs"]);
     assert!(merged.contains("alice") && merged.contains("carol"), "{merged}");
+}
+
+/// `say` reports what became of its own line, not of another line the
+/// same node posted just before it: with the other voters paused, a post
+/// waits at the coordinator, `say`'s line queues behind it, and once the
+/// voters run again the other line is delivered first.
+#[test]
+fn say_reports_its_own_line_not_one_queued_before_it() {
+    let c = TestCluster::new(&["alice", "bob", "carol"], "");
+    c.up();
+    let rows = c.wait_ps("three voters", |rows| {
+        all_running(3)(rows) && coordinators(rows).len() == 1 && rows.iter().all(|r| r["voter"] == true)
+    });
+    let coord = coordinators(&rows)[0];
+    let name = coord["name"].as_str().unwrap().to_string();
+    let addr = coord["addr"].as_str().unwrap().to_string();
+    let key = p2p_proto::secure::read_key_file(&c.state_dir().join("chat.key")).expect("the cluster's key");
+    let connect = || match Raw::connect_with(&addr, &key) {
+        Handshake::Done(raw) => raw,
+        _ => panic!("the coordinator {name} at {addr} refused the cluster's key"),
+    };
+    let queued = || {
+        let mut raw = connect();
+        raw.send(&Frame::StatusRequest { log: false });
+        match raw.read_until("status", |f| matches!(f, Frame::Status { .. })) {
+            Frame::Status { queued, .. } => queued,
+            _ => unreachable!(),
+        }
+    };
+    let paused: Vec<Pid> = rows
+        .iter()
+        .filter(|r| r["role"] != "coordinator")
+        .map(|r| Pid::from_raw(r["pid"].as_i64().unwrap() as i32))
+        .collect();
+    for p in &paused {
+        kill(*p, Signal::SIGSTOP).unwrap();
+    }
+    let mut raw = connect();
+    raw.send(&Frame::Post {
+        text: "posted first".into(),
+    });
+    let first = raw.read_until("posted", |f| matches!(f, Frame::Posted { .. }));
+    assert_eq!(
+        first,
+        Frame::Posted { client_seq: 1 },
+        "the node's first own line"
+    );
+    assert_eq!(queued(), 1, "no majority: the line waits");
+    let say = Command::new(bin("p2pctl"))
+        .arg("-f")
+        .arg(&c.file)
+        .args(["say", &name, "said second"])
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running p2pctl say");
+    wait_until("say's line to queue behind the first", || {
+        (queued() == 2).then_some(())
+    });
+    for p in &paused {
+        kill(*p, Signal::SIGCONT).unwrap();
+    }
+    let out = say.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seq: u64 = stdout
+        .trim()
+        .strip_prefix("delivered at seq ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("say reports its own line, unchanged: {stdout}"));
+    wait_until("both lines delivered", || (queued() == 0).then_some(()));
+    let logs = c.ok(&["logs", &name]);
+    let first_at = logs
+        .find(&format!("{name}: posted first"))
+        .expect("the first line delivered");
+    let second_at = logs
+        .find(&format!("{name}: said second"))
+        .expect("say's line delivered");
+    assert!(first_at < second_at, "delivered in the order queued: {logs}");
+    assert!(seq >= 2, "say's line comes after the first: seq {seq}");
 }
 
 /// `check` never leaves a node out quietly: a hung one makes it disagree

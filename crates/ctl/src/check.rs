@@ -25,11 +25,13 @@ async fn connect(addr: &str, key: &Key) -> std::io::Result<Client> {
         })
 }
 
-/// Asks the node at `addr` to post `text` as its own user.
+/// Asks the node at `addr` to post `text` as its own user. Returns the
+/// `client_seq` the node queued it under (none from a node that answers
+/// with its status, as nodes before the `posted` answer did).
 ///
 /// # Errors
 /// If the node cannot be reached in time, or refuses the text.
-pub async fn post(addr: &str, text: &str, key: &Key) -> std::io::Result<()> {
+pub async fn post(addr: &str, text: &str, key: &Key) -> std::io::Result<Option<u64>> {
     p2p_proto::limits::check_text(text)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let attempt = async {
@@ -42,7 +44,8 @@ pub async fn post(addr: &str, text: &str, key: &Key) -> std::io::Result<()> {
         // after another keep their order.
         match c.recv().await? {
             Frame::Error { message, .. } => Err(std::io::Error::other(message)),
-            _ => Ok(()),
+            Frame::Posted { client_seq } => Ok(Some(client_seq)),
+            _ => Ok(None),
         }
     };
     tokio::time::timeout(IO_TIMEOUT, attempt)

@@ -651,7 +651,7 @@ impl Supervisor {
         tokio::spawn(async move {
             let r = crate::check::post(&addr, &text, &key).await;
             let _ = reply.send(match r {
-                Ok(()) => Response::ok(json!({"node": node})),
+                Ok(client_seq) => Response::ok(json!({"node": node, "client_seq": client_seq})),
                 Err(e) => Response::err(format!("cannot reach node {node} at {addr}: {e}")),
             });
         });

@@ -506,6 +506,16 @@ pub enum Frame {
         /// for a majority of voters).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         waiting: Option<String>,
+        /// Lines posted at this node as its own (its user's, or `post`)
+        /// that are neither delivered nor rejected yet.
+        #[serde(default)]
+        queued: u32,
+    },
+    /// Answer to `post`: the line is queued as the node's own under
+    /// `client_seq`; the `message` or `rejected` event for it carries the
+    /// same number.
+    Posted {
+        client_seq: u64,
     },
 
     // ---- member → coordinator ----
@@ -610,6 +620,7 @@ impl Frame {
         "error",
         "probe_reply",
         "status",
+        "posted",
         "say",
         "pong",
         "leave",
@@ -655,6 +666,7 @@ impl Frame {
             Frame::Error { .. } => "error",
             Frame::ProbeReply { .. } => "probe_reply",
             Frame::Status { .. } => "status",
+            Frame::Posted { .. } => "posted",
             Frame::Say { .. } => "say",
             Frame::Pong { .. } => "pong",
             Frame::Leave {} => "leave",

@@ -249,24 +249,31 @@ async fn call(cluster: &Cluster, req: Request) -> anyhow::Result<serde_json::Val
     Ok(resp.data.unwrap_or(serde_json::Value::Null))
 }
 
-/// Waits for what became of a line `node` posted: delivered (maybe
-/// rewritten by a bot) or dropped by a bot. Returns the exit code.
+/// Waits for what became of the line `node` queued under `client_seq`:
+/// delivered (maybe rewritten by a bot) or dropped by a bot. Other lines
+/// posted at the same node meanwhile carry other numbers. Without a number
+/// (a node from before the `posted` answer), the node's first own line
+/// delivered or rejected counts. Returns the exit code.
 async fn say_outcome(
     events: &mut tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>,
     node: &str,
     text: &str,
+    client_seq: Option<u64>,
 ) -> i32 {
+    let ours = |event: &serde_json::Value| client_seq.is_none_or(|cs| event["client_seq"] == cs);
     let wait = async {
         while let Ok(Some(line)) = events.next_line().await {
             let Ok(p2p_ctl::supervisor::CtlEvent::Node { node: n, event }) = serde_json::from_str(&line)
             else {
                 continue;
             };
-            if n != node {
+            if n != node || !ours(&event) {
                 continue;
             }
             match event["event"].as_str() {
-                Some("message") if event["from"] == node && event["bot"].is_null() => {
+                Some("message")
+                    if event["from"] == node && event["bot"].is_null() && event["replay"] != true =>
+                {
                     let seq = &event["seq"];
                     return match event["text"].as_str() {
                         Some(t) if t == text => {
@@ -471,7 +478,7 @@ async fn say(cluster: &Cluster, node: String, text: String) -> anyhow::Result<i3
     p2p_proto::limits::check_text(&text).map_err(|e| anyhow::anyhow!("cannot send that: {e}"))?;
     // Listen first, so the outcome cannot slip past.
     let mut events = control::subscribe(&cluster.state_dir, &cluster.name).await?;
-    call(
+    let posted = call(
         cluster,
         Request::Say {
             node: node.clone(),
@@ -479,7 +486,7 @@ async fn say(cluster: &Cluster, node: String, text: String) -> anyhow::Result<i3
         },
     )
     .await?;
-    Ok(say_outcome(&mut events, &node, &text).await)
+    Ok(say_outcome(&mut events, &node, &text, posted["client_seq"].as_u64()).await)
 }
 
 /// `attach --config`: YAML or JSON text, or `@FILE`; none is `{}`.

@@ -883,10 +883,11 @@ impl Core {
                 if let Err(e) = limits::check_text(&text) {
                     return self.refuse(conn, ErrorCode::BadField, format!("not posted: {e}"));
                 }
-                // Answer once queued, so a poster's messages keep their order.
-                self.on_user_text(text);
-                let status = self.status(false);
-                self.send(conn, &status);
+                // Answer once queued, so a poster's messages keep their
+                // order, with the number its delivery will carry.
+                if let Some(client_seq) = self.on_user_text(text) {
+                    self.send(conn, &Frame::Posted { client_seq });
+                }
             }
             Frame::Attach { name, config } => self.on_plugin_change(conn, PluginChange::Attach(PluginRef { name, config })),
             Frame::Detach { name } => self.on_plugin_change(conn, PluginChange::Detach(name)),
@@ -1053,17 +1054,21 @@ impl Core {
                 code: None,
                 message: format!("unknown command {cmd}; commands are /who, /help and /quit"),
             }),
-            _ => self.on_user_text(line),
+            _ => {
+                self.on_user_text(line);
+            }
         }
     }
 
-    /// Queues our own chat message and sends it where it can go now.
-    fn on_user_text(&mut self, text: String) {
+    /// Queues our own chat message and sends it where it can go now;
+    /// returns its `client_seq` (none for an invalid text).
+    fn on_user_text(&mut self, text: String) -> Option<u64> {
         if let Err(e) = limits::check_text(&text) {
-            return self.emit(Event::Error {
+            self.emit(Event::Error {
                 code: None,
                 message: format!("not sent: {e}"),
             });
+            return None;
         }
         let client_seq = self.next_client_seq;
         self.next_client_seq += 1;
@@ -1074,6 +1079,7 @@ impl Core {
             // Joining, electing, or still loading: sent, in order, once settled.
             _ => {}
         }
+        Some(client_seq)
     }
 
     fn quit(&mut self) {
@@ -1140,6 +1146,7 @@ impl Core {
             log: with_log.then(Vec::new),
             plugins: self.hooks.status(),
             waiting,
+            queued: u32::try_from(self.pending.len()).unwrap_or(u32::MAX),
         };
         // Whatever the members' names and addresses, the answer fits the
         // frame limit: members take at most 2/5 of the room left by the
