@@ -20,7 +20,6 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 use crate::nodes;
-use crate::report::{percentiles, Pct};
 
 /// A message broker to compare with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,8 +246,8 @@ pub async fn throughput(broker: Broker, addr: &str, n: usize, size: usize, m: u6
 }
 
 /// Latency one message at a time: publish, wait until every subscriber
-/// has it, repeat `count` times. Microseconds from the publish to the last
-/// subscriber's copy.
+/// has it, repeat `count` times. Returns the samples: microseconds from
+/// the publish to the last subscriber's copy.
 ///
 /// # Errors
 /// On connection failures or when deliveries stall for 30 s.
@@ -258,7 +257,7 @@ pub async fn one_at_a_time(
     n: usize,
     size: usize,
     count: u64,
-) -> anyhow::Result<Pct> {
+) -> anyhow::Result<Vec<f64>> {
     let mut run = setup(broker, addr, n, size).await?;
     let mut samples = Vec::with_capacity(count as usize);
     let mut last_progress = (Instant::now(), 0u64);
@@ -268,7 +267,7 @@ pub async fn one_at_a_time(
         reach(broker, &run.counts, &run.progress, k, &mut last_progress).await?;
         samples.push(t0.elapsed().as_secs_f64() * 1e6);
     }
-    Ok(percentiles(&mut samples))
+    Ok(samples)
 }
 
 /// Waits until the slowest subscriber has counted `target`, woken as they

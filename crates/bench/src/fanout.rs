@@ -260,11 +260,18 @@ pub async fn latency(
 
 /// Latency one message at a time, as `compare` measures the brokers: a
 /// member publishes, waits until every member (itself included) has the
-/// message, and publishes the next. Microseconds, publish to last copy.
+/// message, and publishes the next. Returns the samples: microseconds,
+/// publish to last copy.
 ///
 /// # Errors
 /// On connection failures, or when a member's connection ends.
-pub async fn one_at_a_time(addr: &str, key: &Key, n: usize, size: usize, count: u64) -> anyhow::Result<Pct> {
+pub async fn one_at_a_time(
+    addr: &str,
+    key: &Key,
+    n: usize,
+    size: usize,
+    count: u64,
+) -> anyhow::Result<Vec<f64>> {
     let joined = members(addr, key, n, count, None, Instant::now(), true).await?;
     let text = "x".repeat(size);
     let mut samples = Vec::with_capacity(count as usize);
@@ -294,7 +301,7 @@ pub async fn one_at_a_time(addr: &str, key: &Key, n: usize, size: usize, count: 
     for j in joined {
         j.done.await??;
     }
-    Ok(percentiles(&mut samples))
+    Ok(samples)
 }
 
 /// A coordinator for one fanout run.

@@ -408,23 +408,40 @@ async fn compare_cmd(
             .map(|(name, v)| format!("{name} {:.2} M", v / 1e6))
             .collect();
         let (keyed, plain) = (medians[medians.len() - 2].1, medians[medians.len() - 1].1);
-        // Latency, one message at a time, each target once (interleaved
-        // with the others, after the throughput rounds).
-        let count = if quick { 300 } else { 2000 };
-        let mut lat: Vec<(String, report::Pct)> = Vec::new();
-        for b in &brokers {
-            lat.push((
-                b.broker.name().to_string(),
-                compare::one_at_a_time(b.broker, &b.addr, n, size, count).await?,
-            ));
+        // Latency, one message at a time, after the throughput rounds: in
+        // each round every target takes `per_round` samples, the order
+        // turning by one each round, and each target's samples are pooled.
+        // A slow phase of the machine (they come and go within seconds on
+        // a VM) then falls on every target alike, and the p99 rests on
+        // `count` samples rather than on one stretch of time per target.
+        let (rounds, per_round) = if quick { (1, 300) } else { (5, 1000) };
+        let count = rounds * per_round;
+        let targets = brokers.len() + 2;
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); targets];
+        for round in 0..rounds as usize {
+            for t in (0..targets).map(|i| (i + round) % targets) {
+                let taken = if let Some(b) = brokers.get(t) {
+                    compare::one_at_a_time(b.broker, &b.addr, n, size, per_round).await?
+                } else {
+                    let args = if t == brokers.len() {
+                        &[][..]
+                    } else {
+                        &insecure[..]
+                    };
+                    let coord = fanout::coordinator(args).await?;
+                    fanout::one_at_a_time(&coord.addr, &coord.key, n, size, per_round).await?
+                };
+                samples[t].extend(taken);
+            }
         }
-        for (args, name) in [(&[][..], "p2pnode"), (&insecure[..], "p2pnode --insecure")] {
-            let coord = fanout::coordinator(args).await?;
-            lat.push((
-                name.to_string(),
-                fanout::one_at_a_time(&coord.addr, &coord.key, n, size, count).await?,
-            ));
-        }
+        let names = brokers
+            .iter()
+            .map(|b| b.broker.name())
+            .chain(["p2pnode", "p2pnode --insecure"]);
+        let lat: Vec<(String, report::Pct)> = names
+            .zip(samples)
+            .map(|(name, mut s)| (name.to_string(), report::percentiles(&mut s)))
+            .collect();
         let best_p99 = lat[..brokers.len()]
             .iter()
             .map(|(_, p)| p.p99)
