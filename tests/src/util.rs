@@ -41,19 +41,29 @@ pub fn bin_dir() -> &'static Path {
             .to_path_buf();
         if let Ok(cargo) = std::env::var("CARGO") {
             let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--quiet"]);
-            for p in [
-                "p2p-node",
-                "p2p-ctl",
-                "p2p-plugin-echo",
-                "p2p-plugin-moderation",
-                "p2p-plugin-logger",
-                "p2p-plugin-test-panic",
-                "p2p-plugin-test-oldabi",
-                "p2p-plugin-test-nosymbol",
-                "p2p-bench",
-            ] {
-                cmd.args(["-p", p]);
+            // The whole workspace, as `cargo build --workspace` does: the
+            // same packages give the same features, so neither build
+            // makes the other rebuild the binaries.
+            cmd.args(["build", "--quiet", "--workspace"]);
+            // Not the variables cargo sets for this test run: a build
+            // script that watches one (ring's watches CARGO_MANIFEST_DIR)
+            // would rerun, and everything above it be rebuilt, here and
+            // again at the next plain `cargo build`.
+            for (var, _) in std::env::vars_os() {
+                let name = var.to_string_lossy();
+                if name.starts_with("CARGO_PKG_")
+                    || [
+                        "CARGO_MANIFEST_DIR",
+                        "CARGO_MANIFEST_PATH",
+                        "CARGO_CRATE_NAME",
+                        "CARGO_BIN_NAME",
+                        "CARGO_TARGET_TMPDIR",
+                        "CARGO_PRIMARY_PACKAGE",
+                    ]
+                    .contains(&name.as_ref())
+                {
+                    cmd.env_remove(&var);
+                }
             }
             if dir.ends_with("release") {
                 cmd.arg("--release");
