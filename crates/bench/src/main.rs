@@ -550,10 +550,13 @@ async fn plugins_cmd(report: &Report, members: &[usize], quick: bool) -> anyhow:
         "--plugin".into(),
         r#"logger:{"path":"transcript.jsonl"}"#.into(),
     ];
+    // Five pairs, not three: the figure is a difference of two medians,
+    // and on a VM one slow run in three moves it by several points.
+    let pairs = if quick { 1 } else { 5 };
     for &n in members {
         // Interleaved pairs, so drift in the machine hits both sides alike.
         let (mut without, mut withp, mut cpu0, mut cpu1) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..reps(quick) {
+        for _ in 0..pairs {
             let a = throughput_median(&[], n, 64, m, 1, 1).await?;
             let b = throughput_median(&with, n, 64, m, 1, 1).await?;
             without.push(a.deliveries_per_s);
@@ -568,7 +571,7 @@ async fn plugins_cmd(report: &Report, members: &[usize], quick: bool) -> anyhow:
         let cpu_cost = 100.0 * (c1 / c0 - 1.0);
         report.emit(
             "plugins",
-            json!({"members": n, "size": 64, "messages": m, "runs": reps(quick), "plugins": ["echo", "moderation", "logger"], "logger_flush": "every"}),
+            json!({"members": n, "size": 64, "messages": m, "runs": pairs, "plugins": ["echo", "moderation", "logger"], "logger_flush": "every"}),
             json!({"without_deliveries_per_s": base, "with_deliveries_per_s": bots, "cost_percent": cost,
                    "without_cpu_us_per_msg": c0, "with_cpu_us_per_msg": c1, "cpu_cost_percent": cpu_cost}),
             format!("plugins N={n:<4}: {base:>12.0} deliveries/s without, {bots:>12.0} with echo+moderation+logger ({cost:.1}% fewer); coordinator CPU {c0:.2} → {c1:.2} µs/message ({cpu_cost:+.1}%)"),
