@@ -516,13 +516,7 @@ fn a_batch_of_says_comes_back_in_order_read_in_place() {
             }
         }
         const N: u64 = 400;
-        let mut frames = Vec::new();
-        for cs in 1..=N {
-            frames.extend_from_slice(&p2p_proto::encode(&Frame::Say {
-                text: format!("batched {cs}"),
-                client_seq: cs,
-            }));
-        }
+        let frames = crate::util::says("batched", N);
         let mut wire = Vec::new();
         c.write.seal_batch_into(&frames, &mut wire);
         c.write.write_all(&wire).await.expect("sending the batch");

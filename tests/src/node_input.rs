@@ -197,13 +197,7 @@ fn an_insecure_burst_is_sequenced_in_order_up_to_a_bad_frame() {
     let a = Node::join("alice", &["--insecure"]);
     let mut raw = Raw::plain(&a.addr).joined("burst");
     const N: u64 = 3000;
-    let mut burst = Vec::new();
-    for cs in 1..=N {
-        burst.extend_from_slice(&p2p_proto::encode(&Frame::Say {
-            text: format!("burst {cs}"),
-            client_seq: cs,
-        }));
-    }
+    let mut burst = crate::util::says("burst", N);
     burst.extend_from_slice(&[0, 0, 0, 9]);
     burst.extend_from_slice(b"not json!");
     raw.send_raw(&burst);

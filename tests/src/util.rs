@@ -699,6 +699,19 @@ impl Raw {
     }
 }
 
+/// `say` frames `"{prefix} 1"` … `"{prefix} {n}"` (client_seq 1 to n),
+/// each encoded with its length prefix, back to back.
+pub fn says(prefix: &str, n: u64) -> Vec<u8> {
+    let mut wire = Vec::new();
+    for cs in 1..=n {
+        wire.extend_from_slice(&p2p_proto::encode(&Frame::Say {
+            text: format!("{prefix} {cs}"),
+            client_seq: cs,
+        }));
+    }
+    wire
+}
+
 /// A client's `hello` (no server of its own, a fresh session).
 pub fn hello(name: &str, resume: Option<p2p_proto::Resume>) -> Frame {
     Frame::Hello {

@@ -385,6 +385,18 @@ mod tests {
         )
     }
 
+    /// A logger of chat `c` on an empty transcript in a directory of its
+    /// own (`tag` tells the tests' directories apart): the directory, the
+    /// transcript's path, the logger.
+    fn fresh_transcript(tag: &str) -> (PathBuf, PathBuf, Logger) {
+        let dir = std::env::temp_dir().join(format!("p2p-logger-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.jsonl");
+        let file = OpenOptions::new().create(true).append(true).open(&path).unwrap();
+        let l = logger(file, path.clone(), "c");
+        (dir, path, l)
+    }
+
     /// A delivered message that ends its batch.
     fn message(seq: u64) -> Message<'static> {
         in_batch(seq, true)
@@ -491,11 +503,7 @@ mod tests {
 
     #[test]
     fn a_batch_is_written_once_and_before_it_ends() {
-        let dir = std::env::temp_dir().join(format!("p2p-logger-batch-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("t.jsonl");
-        let file = OpenOptions::new().create(true).append(true).open(&path).unwrap();
-        let mut l = logger(file, path.clone(), "c");
+        let (dir, path, mut l) = fresh_transcript("batch");
         let host = Host::detached();
         let on_disk = || last_seq_in(&path, "c").unwrap();
         l.on_delivered(&in_batch(1, false), &host);
@@ -542,11 +550,7 @@ mod tests {
 
     #[test]
     fn a_batch_longer_than_the_buffer_is_written_as_it_fills_and_once() {
-        let dir = std::env::temp_dir().join(format!("p2p-logger-long-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("t.jsonl");
-        let file = OpenOptions::new().create(true).append(true).open(&path).unwrap();
-        let mut l = logger(file, path.clone(), "c");
+        let (dir, path, mut l) = fresh_transcript("long");
         let host = Host::detached();
         let mut seq = 0;
         while std::fs::metadata(&path).unwrap().len() == 0 {
