@@ -34,6 +34,8 @@ pub(super) struct Candidate {
     waiting_said: bool,
     /// Our binding before we ran: restored if we withdraw.
     bound_before: u64,
+    /// When we started running (a candidacy that cannot win stands down).
+    ran_at: Millis,
 }
 
 /// A connection that sent us a resume.
@@ -59,6 +61,11 @@ struct Recovery {
     entries: Vec<Entry>,
     bytes: usize,
 }
+
+/// Heartbeats a candidacy may last without winning before the candidate
+/// stands down (plus up to as many again, staggered by member id), and
+/// how long it then lets other voters run.
+const CANDIDACY_HEARTBEATS: u64 = 10;
 
 /// Most bytes of entries a recovery takes from one voter (a node holds at
 /// most this much history).
@@ -86,6 +93,7 @@ impl Candidate {
             waiting: None,
             waiting_said: false,
             bound_before,
+            ran_at: now,
         }
     }
 
@@ -302,6 +310,14 @@ impl Core {
             c.next_probe = now + 2 * hb;
             self.cand_probe();
         }
+        let me = self.me.id;
+        let Some(c) = self.cand() else { return };
+        // Heartbeats a candidacy may last without winning (staggered by id,
+        // so two stuck candidates do not stand down together).
+        let limit = (CANDIDACY_HEARTBEATS + me % CANDIDACY_HEARTBEATS) * hb;
+        if c.recovery.is_none() && now.saturating_sub(c.ran_at) >= limit {
+            return self.stand_down();
+        }
         let Some(c) = self.cand() else { return };
         if !c.waiting_said && c.recovery.is_none() && now.saturating_sub(c.since) >= 2 * hb {
             if let Some(reason) = c.waiting.clone() {
@@ -309,6 +325,22 @@ impl Core {
                 self.emit(Event::Waiting { reason });
             }
         }
+    }
+
+    /// Gives up a candidacy that could not win in time and lets the next
+    /// voter run: our view of the voters may be stale (a voter change we
+    /// missed while cut off counts voters we cannot reach), or another
+    /// candidate keeps taking the same votes. Withdrawing never affects
+    /// safety; it only hands the turn on.
+    fn stand_down(&mut self) {
+        let hb = self.cfg.heartbeat_ms;
+        self.stand_down_until = self.now + CANDIDACY_HEARTBEATS * hb;
+        let epoch = self.cand().map_or(0, |c| c.epoch);
+        tracing::info!(
+            epoch,
+            "could not win the election in time; standing down for the next voter"
+        );
+        self.withdraw(None, "could not win in time; standing down");
     }
 
     /// Probes every voter that has not voted and is not known dead.

@@ -1036,12 +1036,16 @@ impl Core {
         self.try_successor();
     }
 
-    /// The next voter to ask, in join order: not proven dead, not skipped.
+    /// The next voter to ask, in join order: not proven dead, not skipped,
+    /// and not us while we stand down (unless no other voter is left).
     fn successor(&self, skip: &BTreeSet<u64>) -> Option<u64> {
-        self.tip
-            .all_voters()
+        let voters = self.tip.all_voters();
+        let me = self.me.id;
+        let others_live = voters.iter().any(|id| *id != me && !self.dead.contains(id));
+        let pass_me = self.standing_down() && others_live;
+        voters
             .into_iter()
-            .find(|id| !self.dead.contains(id) && !skip.contains(id))
+            .find(|id| !(self.dead.contains(id) || skip.contains(id) || (pass_me && *id == me)))
     }
 
     /// Dials the direct target, or votes for the next voter, or becomes a
@@ -1189,6 +1193,13 @@ impl Core {
                 h.conn,
                 ErrorCode::Electing,
                 "this node cannot coordinate; retry with the next voter",
+            );
+        }
+        if self.standing_down() && matches!(self.role, State::Electing(_)) {
+            return self.refuse(
+                h.conn,
+                ErrorCode::Electing,
+                "this node stood down from the election; retry with the next voter",
             );
         }
         // We agree the coordinator is gone: run for the next epoch. The

@@ -372,6 +372,10 @@ pub struct Core {
     /// After waking from a stall (SIGSTOP, starvation) timeouts wait until
     /// here, so buffered frames are read before silence is judged.
     stall_until: Millis,
+    /// After a candidacy that could not win (section 8 of PROTOCOL.md,
+    /// "Standing down"), this node neither runs nor takes votes until here,
+    /// so the next voter gets its turn.
+    stand_down_until: Millis,
     role: State,
     out: Vec<Output>,
     hooks: Box<dyn Hooks>,
@@ -425,6 +429,7 @@ impl Core {
             now,
             last_tick: now,
             stall_until: 0,
+            stand_down_until: 0,
             role: State::Stopped,
             out: Vec::new(),
             hooks,
@@ -614,6 +619,12 @@ impl Core {
     /// True while timeouts must wait (just woke from a stall).
     fn stalled(&self) -> bool {
         self.now < self.stall_until
+    }
+
+    /// True while this node lets other voters run (after a candidacy that
+    /// could not win).
+    fn standing_down(&self) -> bool {
+        self.now < self.stand_down_until
     }
 
     fn note_epoch(&mut self, epoch: u64) {

@@ -8,6 +8,13 @@
 //! address refuses new ones; a paused node accepts connections but reads
 //! nothing until it resumes; a restarted node is a new process on the same
 //! address. The outputs are performed the way `server.rs` performs them.
+//!
+//! A partition cuts pairs of addresses: what one sends the other (frames,
+//! a close, a reset) waits in the network until the cut heals and then
+//! arrives in order, as TCP's retransmissions would bring it; a dial across
+//! a cut gets no answer and times out as `server.rs`'s does (never a
+//! refusal: a refusal is taken as proof of death); a notification across
+//! it is lost.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
@@ -22,6 +29,12 @@ use super::{ConnId, Core, CoreConfig, Event, Group, Input, Millis, Output};
 pub fn trace() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("P2P_SIM_TRACE").is_some())
+}
+
+/// `P2P_SIM_FRAMES=1` prints every frame as it arrives, too.
+fn trace_frames() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("P2P_SIM_FRAMES").is_some())
 }
 
 /// A small, fast, seedable generator (splitmix64).
@@ -116,7 +129,7 @@ enum Ev {
     Refused(usize, u32, ConnId),
     Tick(usize, u32),
     Dial(usize, u32, ConnId, String, Bytes),
-    Notify(String, Bytes),
+    Notify(usize, String, Bytes),
 }
 
 pub struct Sim {
@@ -140,6 +153,20 @@ pub struct Sim {
     /// many acknowledged chunks.
     pub catch_up_bytes: usize,
     pub steps: u64,
+    /// Pairs of node indices (lower first) that cannot reach each other.
+    cuts: BTreeSet<(usize, usize)>,
+    /// What reached a cut, per receiving end, in the order it was sent:
+    /// the receiver's process generation and the frame (None: the close,
+    /// with its reason).
+    stalled: BTreeMap<(usize, ConnId), VecDeque<(u32, Stalled)>>,
+    /// Partitions begun so far (for the runs' statistics).
+    pub partitions: u64,
+}
+
+/// Something held at a cut.
+enum Stalled {
+    Frame(Bytes),
+    Closed(Option<String>),
 }
 
 impl Sim {
@@ -161,6 +188,9 @@ impl Sim {
             max_members: p2p_proto::limits::MAX_MEMBERS,
             catch_up_bytes: 1 << 20,
             steps: 0,
+            cuts: BTreeSet::new(),
+            stalled: BTreeMap::new(),
+            partitions: 0,
         }
     }
 
@@ -306,6 +336,80 @@ impl Sim {
         n.peers.clear();
         n.clients.clear();
         n.held.clear();
+        // Nobody will read what waits at a cut for the dead process.
+        self.stalled.retain(|(n, _), _| *n != idx);
+    }
+
+    /// Cuts every node in `side` off from every node not in it (adding to
+    /// the cuts already made).
+    pub fn partition(&mut self, side: &[usize]) {
+        if trace() {
+            let names: Vec<&str> = side.iter().map(|i| self.nodes[*i].name.as_str()).collect();
+            eprintln!("{:>6} PARTITION {names:?} from the rest", self.now);
+        }
+        self.partitions += 1;
+        for a in side {
+            for b in 0..self.nodes.len() {
+                if !side.contains(&b) {
+                    self.cuts.insert((*a.min(&b), *a.max(&b)));
+                }
+            }
+        }
+    }
+
+    /// Cuts `a` off from `b` only (each still reaches everyone else).
+    pub fn cut(&mut self, a: usize, b: usize) {
+        if trace() {
+            eprintln!(
+                "{:>6} CUT {} / {}",
+                self.now, self.nodes[a].name, self.nodes[b].name
+            );
+        }
+        if a != b {
+            self.partitions += 1;
+            self.cuts.insert((a.min(b), a.max(b)));
+        }
+    }
+
+    fn is_cut(&self, a: usize, b: usize) -> bool {
+        self.cuts.contains(&(a.min(b), a.max(b)))
+    }
+
+    /// Removes every cut: what waited at one arrives now, in order per
+    /// connection.
+    pub fn heal(&mut self) {
+        if self.cuts.is_empty() {
+            return;
+        }
+        if trace() {
+            eprintln!("{:>6} HEALED", self.now);
+        }
+        self.cuts.clear();
+        let stalled = std::mem::take(&mut self.stalled);
+        for ((idx, conn), held) in stalled {
+            for (inc, what) in held {
+                match what {
+                    Stalled::Frame(b) => self.arrive(idx, inc, conn, b),
+                    Stalled::Closed(reason) => self.closed(idx, inc, conn, reason),
+                }
+            }
+        }
+    }
+
+    /// If `idx`'s end `conn` leads across a cut (or something before it on
+    /// that connection waits at one), queues `what` there and says so.
+    fn stall(&mut self, idx: usize, inc: u32, conn: ConnId, what: Stalled) -> Result<(), Stalled> {
+        let across = match self.pipes.get(&(idx, conn)) {
+            Some(p) => self.is_cut(idx, p.peer.0),
+            None => false,
+        };
+        let key = (idx, conn);
+        if across || self.stalled.contains_key(&key) {
+            self.stalled.entry(key).or_default().push_back((inc, what));
+            Ok(())
+        } else {
+            Err(what)
+        }
     }
 
     pub fn pause(&mut self, idx: usize) {
@@ -478,7 +582,7 @@ impl Sim {
             }
             Output::Notify { addr, frame } => {
                 let at = self.now + self.delay();
-                self.schedule(at, Ev::Notify(addr, frame));
+                self.schedule(at, Ev::Notify(idx, addr, frame));
             }
             Output::Event(e) => {
                 if trace() {
@@ -509,6 +613,7 @@ impl Sim {
         let n = &mut self.nodes[idx];
         n.peers.clear();
         n.clients.clear();
+        self.stalled.retain(|(n, _), _| *n != idx);
     }
 
     fn send(&mut self, idx: usize, conn: ConnId, b: Bytes) {
@@ -593,6 +698,37 @@ impl Sim {
         self.step(idx, input);
     }
 
+    /// A frame reaches `idx`'s end `conn`.
+    fn arrive(&mut self, idx: usize, inc: u32, conn: ConnId, b: Bytes) {
+        if !self.pipes.contains_key(&(idx, conn)) {
+            return; // closed here meanwhile
+        }
+        let frame = decode_body(&b[4..]).expect("cores only send valid frames");
+        if trace_frames() {
+            let from = self
+                .pipes
+                .get(&(idx, conn))
+                .map_or("?", |p| self.nodes[p.peer.0].name.as_str());
+            eprintln!(
+                "{:>6} {from} -> {}#{inc}:{conn} {frame:?}",
+                self.now, self.nodes[idx].name
+            );
+        }
+        self.deliver(idx, inc, Input::Frame(conn, frame));
+    }
+
+    /// The other end of `idx`'s `conn` closed (or reset) it.
+    fn closed(&mut self, idx: usize, inc: u32, conn: ConnId, reason: Option<String>) {
+        // Our side of it is gone too.
+        self.pipes.remove(&(idx, conn));
+        let n = &mut self.nodes[idx];
+        if n.inc == inc {
+            n.peers.remove(&conn);
+            n.clients.remove(&conn);
+        }
+        self.deliver(idx, inc, Input::Closed(conn, reason));
+    }
+
     fn fire(&mut self, ev: Ev) {
         match ev {
             Ev::Frame(idx, inc, conn, b) => {
@@ -602,18 +738,14 @@ impl Sim {
                     Some(p) if p.reset_at.is_some_and(|r| r < self.now) => return,
                     Some(_) => {}
                 }
-                let frame = decode_body(&b[4..]).expect("cores only send valid frames");
-                self.deliver(idx, inc, Input::Frame(conn, frame));
+                if let Err(Stalled::Frame(b)) = self.stall(idx, inc, conn, Stalled::Frame(b)) {
+                    self.arrive(idx, inc, conn, b);
+                }
             }
             Ev::Closed(idx, inc, conn, reason) => {
-                // Our side of it is gone too.
-                self.pipes.remove(&(idx, conn));
-                let n = &mut self.nodes[idx];
-                if n.inc == inc {
-                    n.peers.remove(&conn);
-                    n.clients.remove(&conn);
+                if let Err(Stalled::Closed(reason)) = self.stall(idx, inc, conn, Stalled::Closed(reason)) {
+                    self.closed(idx, inc, conn, reason);
                 }
-                self.deliver(idx, inc, Input::Closed(conn, reason));
             }
             Ev::Refused(idx, inc, conn) => self.deliver(idx, inc, Input::Refused(conn)),
             Ev::Tick(idx, inc) => {
@@ -627,6 +759,18 @@ impl Sim {
             }
             Ev::Dial(idx, inc, conn, addr, hello) => {
                 if self.nodes[idx].inc != inc || !self.nodes[idx].alive() {
+                    return;
+                }
+                let cut = self
+                    .nodes
+                    .iter()
+                    .position(|n| n.addr == addr)
+                    .is_some_and(|peer| self.is_cut(idx, peer));
+                if cut {
+                    // No answer: the dial times out as the server's does.
+                    let at = self.now + (10 * self.hb).max(500);
+                    let reason = format!("timed out connecting to {addr}");
+                    self.schedule(at, Ev::Closed(idx, inc, conn, Some(reason)));
                     return;
                 }
                 match self.nodes.iter().position(|n| n.addr == addr && n.alive()) {
@@ -659,8 +803,10 @@ impl Sim {
                     }
                 }
             }
-            Ev::Notify(addr, frame) => {
-                if let Some(peer) = self.nodes.iter().position(|n| n.addr == addr && n.alive()) {
+            Ev::Notify(from, addr, frame) => {
+                let peer = self.nodes.iter().position(|n| n.addr == addr && n.alive());
+                // Lost at a cut.
+                if let Some(peer) = peer.filter(|p| !self.is_cut(from, *p)) {
                     let pinc = self.nodes[peer].inc;
                     let pconn = self.nodes[peer].next_inbound;
                     self.nodes[peer].next_inbound += 1;
