@@ -155,9 +155,8 @@ pub struct Sim {
     pub steps: u64,
     /// Pairs of node indices (lower first) that cannot reach each other.
     cuts: BTreeSet<(usize, usize)>,
-    /// What reached a cut, per receiving end, in the order it was sent:
-    /// the receiver's process generation and the frame (None: the close,
-    /// with its reason).
+    /// What reached a cut, per receiving end (node, connection), in the
+    /// order it was sent, with the receiver's process generation.
     stalled: BTreeMap<(usize, ConnId), VecDeque<(u32, Stalled)>>,
     /// Partitions begun so far (for the runs' statistics).
     pub partitions: u64,
