@@ -2,6 +2,8 @@
 //! storm must not starve the coordinator's heartbeats (no peer dropped, no
 //! election); a member that reads slowly but steadily through a burst is
 //! alive; a client cut off and re-admitted keeps its id (nothing twice);
+//! a coordinator cut off by the network (`--cut-file`) is replaced, and
+//! once the cut heals nothing typed on either side is lost or doubled;
 //! and a short seeded torture run ends with no violation.
 
 use std::time::{Duration, Instant};
@@ -214,14 +216,95 @@ fn a_client_cut_off_and_readmitted_keeps_its_id_and_is_never_a_voter() {
     );
 }
 
-/// A short run of the torture harness (seeded kills, hangs and restarts of
-/// real nodes, judged by its history checker); the long runs are in
+/// Failover issue, partitions between real processes: the coordinator is
+/// cut off from both other voters (both sides of the cut written, as
+/// `p2pbench torture --partitions` does). The majority elects a new
+/// coordinator and goes on; the old one cannot deliver what is typed into
+/// it while cut off. Once healed, all three deliver one sequence holding
+/// every line exactly once.
+#[test]
+fn a_coordinator_cut_off_by_the_network_is_replaced_and_nothing_is_lost_once_healed() {
+    let _heavy = crate::util::heavy();
+    let dir = crate::util::bin_dir().join(format!("p2p-cuts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory for the cut files");
+    let file = |n: &str| dir.join(format!("{n}.cut"));
+    let cut =
+        |n: &str, addrs: &[&str]| std::fs::write(file(n), addrs.join("\n")).expect("writing a cut file");
+    let node = |name: &str, join: Option<&str>| {
+        let path = file(name);
+        let mut args = vec![
+            "--heartbeat-ms",
+            "50",
+            "--cut-file",
+            path.to_str().expect("a UTF-8 path"),
+        ];
+        if let Some(j) = join {
+            args.extend(["--join", j]);
+        }
+        Node::join(name, &args)
+    };
+    let mut a = node("alice", None);
+    let b = node("bob", Some(&a.addr));
+    let mut c = node("carol", Some(&a.addr));
+    wait_voters(&[&a, &b, &c]);
+    a.say("before the cut");
+    c.wait_message("before the cut");
+
+    cut("alice", &[&b.addr, &c.addr]);
+    cut("bob", &[&a.addr]);
+    cut("carol", &[&a.addr]);
+    let took_over = |n: &Node| n.has_event(|e| e["event"] == "role" && e["role"] == "coordinator");
+    crate::util::wait_until("bob or carol to take over", || {
+        (took_over(&b) || took_over(&c)).then_some(())
+    });
+    // The cut is in force on both sides now (the majority gave up on alice).
+    a.say("typed on the cut-off side");
+    c.say("typed on the majority side");
+    b.wait_message("typed on the majority side");
+    assert!(
+        !a.messages().iter().any(|m| m.2.starts_with("typed on")),
+        "alice delivered across the cut: {:?}",
+        a.messages()
+    );
+
+    for n in ["alice", "bob", "carol"] {
+        cut(n, &[]);
+    }
+    for n in [&a, &b, &c] {
+        n.wait_message("typed on the cut-off side");
+        n.wait_message("typed on the majority side");
+    }
+    let seq = crate::util::assert_same_sequence(&[&a, &b, &c]);
+    for text in [
+        "before the cut",
+        "typed on the cut-off side",
+        "typed on the majority side",
+    ] {
+        let copies = seq.iter().filter(|m| m.2 == text).count();
+        assert_eq!(copies, 1, "{text:?} delivered {copies} times: {seq:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A short run of the torture harness (seeded kills, hangs, restarts and
+/// network partitions of real nodes, judged by its history checker); the long runs are in
 /// docs/BENCHMARKS.md.
 #[test]
 fn a_short_torture_run_finds_no_violation() {
     let _heavy = crate::util::heavy();
     let out = std::process::Command::new(crate::util::bin("p2pbench"))
-        .args(["torture", "--seed", "3", "--kills", "6", "--stops", "4", "--json"])
+        .args([
+            "torture",
+            "--seed",
+            "3",
+            "--kills",
+            "6",
+            "--stops",
+            "4",
+            "--partitions",
+            "4",
+            "--json",
+        ])
         .env("P2PNODE_BIN", crate::util::bin("p2pnode"))
         .output()
         .expect("running p2pbench torture");
@@ -235,6 +318,7 @@ fn a_short_torture_run_finds_no_violation() {
     assert!(out.status.success(), "violations: {v}");
     assert_eq!(v["kills"], 6, "{v}");
     assert_eq!(v["stops"], 4, "{v}");
+    assert_eq!(v["partitions"], 4, "{v}");
     assert!(
         v["messages"].as_u64() > Some(100),
         "the run typed too little: {v}"

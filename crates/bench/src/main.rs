@@ -81,7 +81,7 @@ enum Cmd {
         members: Vec<usize>,
     },
     /// Seeded faults against real processes (SIGKILL, SIGSTOP/SIGCONT,
-    /// restarts, CPU hogs) while every node is typed into; checks every
+    /// restarts, network partitions, CPU hogs) while every node is typed into; checks every
     /// node's delivered history and prints violations by category.
     Torture {
         #[arg(long, default_value_t = 1)]
@@ -94,6 +94,11 @@ enum Cmd {
         kills: usize,
         #[arg(long, default_value_t = 50)]
         stops: usize,
+        /// Network partitions of 0.2-3 s (one node cut off, often the
+        /// coordinator, or a random split), one at a time, made with each
+        /// node's --cut-file.
+        #[arg(long, default_value_t = 0)]
+        partitions: usize,
         /// Busy-loop processes to run beside the nodes.
         #[arg(long, default_value_t = 0)]
         hogs: usize,
@@ -198,6 +203,7 @@ async fn main() {
             heartbeat_ms,
             kills,
             stops,
+            partitions,
             hogs,
             hog_secs,
             type_every_ms,
@@ -209,6 +215,7 @@ async fn main() {
                 heartbeat_ms,
                 kills,
                 stops,
+                partitions,
                 hogs,
                 hog_secs,
                 type_every_ms,
@@ -243,8 +250,17 @@ async fn torture_cmd(report: &Report, plan: torture::Plan) -> anyhow::Result<()>
             )
         };
         println!(
-            "torture seed {} ({} nodes, heartbeat {} ms, {} hogs): {} kills, {} stops, {} restarts, {} messages in {:.0} s",
-            plan.seed, plan.nodes, plan.heartbeat_ms, plan.hogs, out.kills, out.stops, out.restarts, out.messages, out.secs
+            "torture seed {} ({} nodes, heartbeat {} ms, {} hogs): {} kills, {} stops, {} partitions, {} restarts, {} messages in {:.0} s",
+            plan.seed,
+            plan.nodes,
+            plan.heartbeat_ms,
+            plan.hogs,
+            out.kills,
+            out.stops,
+            out.partitions,
+            out.restarts,
+            out.messages,
+            out.secs
         );
         println!(
             "  failover after SIGKILL of the coordinator: {}",

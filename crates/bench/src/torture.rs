@@ -1,8 +1,9 @@
 //! torture: a seeded schedule of faults against real `p2pnode` processes
 //! on 127.0.0.1 — SIGKILL of coordinators and members (some right after a
 //! takeover), SIGSTOP/SIGCONT of either for 0.2–2 s, restarts on the same
-//! address, optional CPU hogs — while lines are typed into every node. Its
-//! own history checker (`history.rs`) judges what each process printed.
+//! address, network partitions of 0.2–3 s (each node's `--cut-file`),
+//! optional CPU hogs — while lines are typed into every node. Its own
+//! history checker (`history.rs`) judges what each process printed.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -29,6 +30,8 @@ pub struct Plan {
     pub kills: usize,
     /// SIGSTOP/SIGCONT cycles of 0.2–2 s.
     pub stops: usize,
+    /// Network partitions of 0.2–3 s, one at a time.
+    pub partitions: usize,
     /// Busy-loop processes competing for the cores, and for how long.
     pub hogs: usize,
     pub hog_secs: u64,
@@ -93,6 +96,7 @@ pub struct Outcome {
     pub hang_ms: Vec<f64>,
     pub kills: usize,
     pub stops: usize,
+    pub partitions: usize,
     pub restarts: usize,
     pub messages: usize,
     pub secs: f64,
@@ -105,6 +109,7 @@ impl Outcome {
         v["seed"] = json!(plan.seed);
         v["kills"] = json!(self.kills);
         v["stops"] = json!(self.stops);
+        v["partitions"] = json!(self.partitions);
         v["restarts"] = json!(self.restarts);
         v["messages"] = json!(self.messages);
         v["secs"] = json!(self.secs);
@@ -145,8 +150,9 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
     }
     let mut hist = History::default();
     let addrs: Vec<String> = slots.iter().map(|s| s.addr.clone()).collect();
+    let cuts = Cuts::new(plan.seed, slots.len())?;
     for i in 0..slots.len() {
-        spawn(&mut slots, i, &addrs, &plan, i == 0, &tx)?;
+        spawn(&mut slots, i, &addrs, &plan, i == 0, &tx, &cuts)?;
         // Join one at a time, so the voters grow in a known order.
         let (p, want) = ((i, 0u32), "ready");
         wait_event(&mut rx, &mut hist, Duration::from_secs(10), |q, v| {
@@ -165,7 +171,9 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         .collect::<anyhow::Result<_>>()?;
     let hog_end = Instant::now() + Duration::from_secs(plan.hog_secs);
     let start = Instant::now();
-    let (mut kills, mut stops, mut restarts) = (0, 0, 0);
+    let (mut kills, mut stops, mut restarts, mut partitions) = (0, 0, 0, 0);
+    // The partition in force: when it heals.
+    let mut heal_at: Option<Instant> = None;
     let mut crash_ms = Vec::new();
     let mut hang_ms = Vec::new();
     let mut timing: Option<Timing> = None;
@@ -176,6 +184,8 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
     let mut hogs = Some(hogs);
     while kills < plan.kills
         || stops < plan.stops
+        || partitions < plan.partitions
+        || heal_at.is_some()
         || slots
             .iter()
             .any(|s| s.stopped_until.is_some() || s.restart_at.is_some())
@@ -227,7 +237,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
             if slots[i].restart_at.is_some_and(|t| now >= t) {
                 slots[i].restart_at = None;
                 restarts += 1;
-                spawn(&mut slots, i, &addrs, &plan, false, &tx)?;
+                spawn(&mut slots, i, &addrs, &plan, false, &tx, &cuts)?;
             }
             // A process that exited on its own is restarted too.
             if let Some(c) = slots[i].child.as_mut() {
@@ -236,6 +246,10 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
                     slots[i].restart_at = Some(now + Duration::from_millis(200));
                 }
             }
+        }
+        if heal_at.is_some_and(|t| now >= t) {
+            heal_at = None;
+            cuts.heal()?;
         }
         // Typing.
         if now >= next_type {
@@ -262,6 +276,21 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
                     timing = Some(fault(&mut slots, c, Signal::SIGKILL, &roles, &mut rng));
                 }
             }
+        }
+        // A partition now and then, one at a time (no draw at all without
+        // partitions, so older seeds keep their schedules).
+        let left = plan.partitions - partitions;
+        if now >= next_fault
+            && left > 0
+            && heal_at.is_none()
+            && rng.below(((plan.kills + plan.stops).saturating_sub(kills + stops) + left) as u64)
+                < left as u64
+        {
+            next_fault = now + Duration::from_millis(rng.range(150, 600));
+            partitions += 1;
+            let sides = split(&slots, coordinator, &mut rng);
+            cuts.cut(&sides, &addrs)?;
+            heal_at = Some(now + Duration::from_millis(rng.range(200, 3000)));
         }
         if now >= next_fault && (kills < plan.kills || stops < plan.stops) {
             next_fault = now + Duration::from_millis(rng.range(150, 600));
@@ -296,6 +325,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     drop(hogs);
+    cuts.heal()?;
     // Heal: everyone runs; wait until they settle on one sequence.
     let converged = settle(&mut slots, &mut rx, &mut hist, &mut roles).await;
     let secs = start.elapsed().as_secs_f64();
@@ -316,10 +346,84 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         hang_ms,
         kills,
         stops,
+        partitions,
         restarts,
         messages,
         secs,
     })
+}
+
+/// Each node's cut file, in a directory of this run's own.
+struct Cuts {
+    dir: std::path::PathBuf,
+    nodes: usize,
+}
+
+impl Cuts {
+    fn new(seed: u64, nodes: usize) -> anyhow::Result<Cuts> {
+        let dir = std::env::temp_dir().join(format!("p2p-torture-{}-{seed}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let cuts = Cuts { dir, nodes };
+        cuts.heal()?;
+        Ok(cuts)
+    }
+
+    fn path(&self, i: usize) -> std::path::PathBuf {
+        self.dir.join(format!("n{i}.cut"))
+    }
+
+    /// Cuts every node off from the nodes on the other side.
+    fn cut(&self, sides: &[bool], addrs: &[String]) -> anyhow::Result<()> {
+        for i in 0..self.nodes {
+            let others: String = (0..self.nodes)
+                .filter(|j| sides[*j] != sides[i])
+                .map(|j| format!("{}\n", addrs[j]))
+                .collect();
+            self.write(i, &others)?;
+        }
+        Ok(())
+    }
+
+    fn heal(&self) -> anyhow::Result<()> {
+        (0..self.nodes).try_for_each(|i| self.write(i, ""))
+    }
+
+    /// Replaces a file whole (a node never reads half of it).
+    fn write(&self, i: usize, text: &str) -> anyhow::Result<()> {
+        let (path, tmp) = (self.path(i), self.dir.join(format!("n{i}.cut.tmp")));
+        std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+impl Drop for Cuts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The two sides of a partition (true: the side cut off): the coordinator
+/// or another node alone, or a random split.
+fn split(slots: &[Slot], coordinator: Option<usize>, rng: &mut Rng) -> Vec<bool> {
+    let n = slots.len();
+    let mut sides = vec![false; n];
+    if rng.chance(50) {
+        let alone = match coordinator {
+            Some(c) if rng.chance(60) => c,
+            _ => rng.below(n as u64) as usize,
+        };
+        sides[alone] = true;
+    } else {
+        for s in sides.iter_mut() {
+            *s = rng.chance(50);
+        }
+        // Both sides non-empty.
+        let k = rng.below(n as u64) as usize;
+        let other = (k + 1 + rng.below(n as u64 - 1) as usize) % n;
+        sides[k] = true;
+        sides[other] = false;
+    }
+    sides
 }
 
 /// Starts the process of slot `i` (a new generation there).
@@ -330,6 +434,7 @@ fn spawn(
     plan: &Plan,
     create: bool,
     tx: &mpsc::UnboundedSender<(Proc, Instant, Value)>,
+    cuts: &Cuts,
 ) -> anyhow::Result<()> {
     if slots[i].spawned {
         slots[i].inc += 1;
@@ -346,6 +451,8 @@ fn spawn(
         "json",
     ])
     .args(["--heartbeat-ms", &plan.heartbeat_ms.to_string()])
+    .arg("--cut-file")
+    .arg(cuts.path(i))
     .args(crate::nodes::key_args(false)?.0)
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())

@@ -23,6 +23,7 @@ use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::task::TaskTracker;
 
 use crate::core::{ConnId, Input};
+use crate::cuts::Gate;
 
 /// The chat key, when the chat has one (`None`: `--insecure`, no
 /// handshake, plain frames).
@@ -80,6 +81,8 @@ pub struct Writer {
     sealer: Arc<Mutex<Option<Sealer>>>,
     reader: AbortHandle,
     writer: AbortHandle,
+    /// Holds the traffic both ways while the peer is cut off (`--cut-file`).
+    gate: Arc<Gate>,
 }
 
 /// The queue is over its byte limit.
@@ -120,7 +123,7 @@ impl Writer {
     /// holds the order lock).
     fn hand_on(&self, frame: Bytes) -> Result<(), Overflow> {
         let queued = self.queued.load(Ordering::Acquire);
-        let rest = if queued == 0 {
+        let rest = if queued == 0 && !self.gate.is_cut() {
             match self.half.try_write(&frame) {
                 Ok(n) if n == frame.len() => return Ok(()),
                 Ok(n) => frame.slice(n..),
@@ -164,6 +167,11 @@ impl Writer {
             tokio::time::sleep(Duration::from_secs(3)).await;
             writer.abort();
         });
+    }
+
+    /// Cuts the connection off (holding its traffic both ways) or heals it.
+    pub fn set_cut(&self, cut: bool) {
+        self.gate.set(cut);
     }
 
     /// Drops the connection at once, discarding what is queued.
@@ -248,7 +256,14 @@ async fn register(
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
     let drained = Arc::new(AtomicU64::new(0));
-    let writer_task = tracker.spawn(write_loop(half.clone(), rx, queued.clone(), drained.clone()));
+    let gate = Arc::new(Gate::default());
+    let writer_task = tracker.spawn(write_loop(
+        half.clone(),
+        rx,
+        queued.clone(),
+        drained.clone(),
+        gate.clone(),
+    ));
     let (sealer, opener) = match link {
         Some(l) => (Some(l.send), Some(l.recv)),
         None => (None, None),
@@ -274,6 +289,7 @@ async fn register(
         sealer,
         reader: reader_task.abort_handle(),
         writer: writer_task.abort_handle(),
+        gate,
     };
     if let Some(frame) = first {
         let _ = writer.push(frame);
@@ -328,6 +344,7 @@ async fn write_loop(
     mut rx: mpsc::UnboundedReceiver<WriteMsg>,
     queued: Arc<AtomicUsize>,
     drained: Arc<AtomicU64>,
+    gate: Arc<Gate>,
 ) {
     // Grows only if a member falls behind (direct writes need no buffer).
     let mut batch: Vec<u8> = Vec::new();
@@ -352,6 +369,7 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
+        gate.pass().await;
         let mut off = 0;
         while off < batch.len() {
             if half.writable().await.is_err() {
@@ -425,6 +443,8 @@ async fn read_loop(
                 None => records.next().await,
             },
         };
+        // Across a cut, nothing read counts (not even the end) until it heals.
+        writer.gate.pass().await;
         let record = match next {
             None => break None,
             Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {

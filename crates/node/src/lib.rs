@@ -7,6 +7,7 @@
 
 mod conn;
 pub mod core;
+mod cuts;
 pub mod output;
 pub mod plugins;
 mod server;

@@ -21,6 +21,7 @@ use p2p_proto::secure::{self, GroupKey};
 
 use crate::conn::{self, ConnLimits, Msg, Security, Side, Writer};
 use crate::core::{ConnId, Core, CoreConfig, Group, Input, Output};
+use crate::cuts::CutFile;
 use crate::output::Sink;
 
 /// Everything a node needs besides its listener.
@@ -39,6 +40,9 @@ pub struct NodeConfig {
     pub security: Security,
     /// The only directory plugins may write in.
     pub data_dir: std::path::PathBuf,
+    /// Fault testing: a file listing the addresses this node is cut off
+    /// from, read every tick (see `cuts.rs`).
+    pub cut_file: Option<std::path::PathBuf>,
 }
 
 impl NodeConfig {
@@ -51,6 +55,7 @@ impl NodeConfig {
             plugin_dir: default_plugin_dir(),
             security: None,
             data_dir: "p2pchat-data".into(),
+            cut_file: None,
         }
     }
 }
@@ -131,7 +136,10 @@ pub async fn run(
         sink,
         name,
         exit: None,
+        cuts: cfg.cut_file.clone().map(CutFile::new),
+        dialled: HashMap::new(),
     };
+    driver.reload_cuts();
     driver.apply(now());
     let mut ticker = tokio::time::interval(Duration::from_millis(driver.core.tick_ms()));
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -156,6 +164,7 @@ pub async fn run(
                 None => break,
             },
             _ = ticker.tick() => {
+                driver.reload_cuts();
                 let t = now();
                 let progress = driver.progress();
                 if !progress.is_empty() {
@@ -214,6 +223,10 @@ struct Driver {
     sink: Sink,
     name: String,
     exit: Option<i32>,
+    /// Fault testing: the addresses this node is cut off from.
+    cuts: Option<CutFile>,
+    /// Where each connection this node dialled goes (a cut holds those).
+    dialled: HashMap<ConnId, String>,
 }
 
 /// Inputs handled before the outputs are performed.
@@ -223,6 +236,9 @@ impl Driver {
     fn on_msg(&mut self, msg: Msg, now: u64) {
         match msg {
             Msg::Registered(conn, writer) => {
+                if self.cut_off(conn) {
+                    writer.set_cut(true);
+                }
                 self.writers.insert(conn, writer);
             }
             Msg::Input(Input::Closed(conn, reason)) => {
@@ -243,7 +259,26 @@ impl Driver {
         }
     }
 
+    /// Whether `conn` is a dialled connection to an address cut off now.
+    fn cut_off(&self, conn: ConnId) -> bool {
+        match (&self.cuts, self.dialled.get(&conn)) {
+            (Some(cuts), Some(addr)) => cuts.set.is_cut(addr),
+            _ => false,
+        }
+    }
+
+    /// Reads the cut file again; holds or releases connections to match.
+    fn reload_cuts(&mut self) {
+        if !self.cuts.as_mut().is_some_and(CutFile::reload) {
+            return;
+        }
+        for (conn, w) in &self.writers {
+            w.set_cut(self.cut_off(*conn));
+        }
+    }
+
     fn ungroup(&mut self, conn: ConnId) {
+        self.dialled.remove(&conn);
         self.peers.retain(|(c, _)| *c != conn);
         self.clients.retain(|(c, _)| *c != conn);
         self.drained_seen.remove(&conn);
@@ -346,7 +381,11 @@ impl Driver {
                     }
                     Output::Dial { conn, addr, hello } => self.dial(conn, addr, hello),
                     Output::Notify { addr, frame } => {
-                        tokio::spawn(notify(addr, frame, self.security.clone()));
+                        if self.cuts.as_ref().is_some_and(|c| c.set.is_cut(&addr)) {
+                            tracing::debug!(%addr, "notification lost: the address is cut off");
+                        } else {
+                            tokio::spawn(notify(addr, frame, self.security.clone()));
+                        }
                     }
                     Output::Event(e) => self.sink.emit(&e, &self.name),
                     Output::Exit(code) => {
@@ -370,12 +409,24 @@ impl Driver {
         }
     }
 
-    fn dial(&self, conn: ConnId, addr: String, hello: Bytes) {
+    fn dial(&mut self, conn: ConnId, addr: String, hello: Bytes) {
         let tx = self.tx.clone();
         let limits = self.dial_limits;
         let tracker = self.tracker.clone();
         let security = self.security.clone();
+        let cuts = self.cuts.as_ref().map(|c| c.set.clone());
+        if cuts.is_some() {
+            self.dialled.insert(conn, addr.clone());
+        }
         tokio::spawn(async move {
+            // Across a cut the connection attempt goes unanswered.
+            if let Some(cuts) = cuts {
+                if !cuts.wait_open(&addr, limits.handshake).await {
+                    let reason = format!("timed out connecting to {addr}");
+                    let _ = tx.send(Msg::Input(Input::Closed(conn, Some(reason)))).await;
+                    return;
+                }
+            }
             match tokio::time::timeout(limits.handshake, TcpStream::connect(&addr)).await {
                 Ok(Ok(stream)) => {
                     conn::start(

@@ -83,6 +83,11 @@ struct Args {
     /// Bytes that may wait unread for one member before it is disconnected.
     #[arg(long, default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(65_536..=1 << 30))]
     queue_limit_bytes: u64,
+    /// Fault testing: a file listing addresses (one per line) this node is
+    /// cut off from, as if the network between them dropped every packet;
+    /// read every heartbeat/4 (cargo xtask torture --partitions writes it).
+    #[arg(long, value_name = "FILE")]
+    cut_file: Option<std::path::PathBuf>,
 }
 
 fn main() {
@@ -173,6 +178,7 @@ async fn serve(args: Args) -> anyhow::Result<i32> {
         cfg.plugin_dir = dir;
     }
     cfg.data_dir = args.data_dir;
+    cfg.cut_file = args.cut_file;
     let mut sink = Sink::stdout(args.events);
     {
         use std::io::IsTerminal;
