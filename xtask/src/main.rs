@@ -19,7 +19,7 @@ fn main() {
                  tasks:\n  \
                  demo [-f FILE]   build release binaries and run `p2pctl demo` on cluster.example.yaml\n  \
                  bench [--quick] [--json]   build release binaries and run every p2pbench scenario\n  \
-                 torture [--seed N] [...]   seeded kills, hangs, restarts and CPU hogs against real nodes, checked\n  \
+                 torture [--seed N] [...]   seeded kills, hangs, restarts, partitions and CPU hogs against real nodes, checked\n  \
                  ci               run .ci/run (fmt, clippy, tests)"
             );
             std::process::exit(2);

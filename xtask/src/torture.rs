@@ -1,6 +1,6 @@
 //! `cargo xtask torture [--seed N] [FLAGS]`: release-build the node and
 //! `p2pbench`, then run `p2pbench torture` (seeded SIGKILL, SIGSTOP/SIGCONT,
-//! restarts and CPU hogs against real processes, with a history checker).
+//! restarts, network partitions and CPU hogs against real processes, with a history checker).
 //! Flags pass through; `p2pbench torture --help` lists them.
 
 use std::process::Command;

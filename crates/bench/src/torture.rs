@@ -124,6 +124,9 @@ impl Outcome {
     }
 }
 
+/// How long the faults may find no target before the run counts as stuck.
+const STUCK: Duration = Duration::from_secs(60);
+
 /// A pending failover measurement: fault time, epoch of the victim.
 struct Timing {
     at: Instant,
@@ -174,6 +177,11 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
     let (mut kills, mut stops, mut restarts, mut partitions) = (0, 0, 0, 0);
     // The partition in force: when it heals.
     let mut heal_at: Option<Instant> = None;
+    // Faults wait while they would leave a voter set without a majority;
+    // a chat that never gets there again is stuck: stop and let the
+    // checker say so.
+    let mut last_fault = Instant::now();
+    let mut gave_up = false;
     let mut crash_ms = Vec::new();
     let mut hang_ms = Vec::new();
     let mut timing: Option<Timing> = None;
@@ -182,15 +190,20 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
     let mut next_fault = Instant::now() + Duration::from_millis(500);
     let mut chase: Option<Instant> = None;
     let mut hogs = Some(hogs);
-    while kills < plan.kills
-        || stops < plan.stops
-        || partitions < plan.partitions
+    while (!gave_up && (kills < plan.kills || stops < plan.stops || partitions < plan.partitions))
         || heal_at.is_some()
         || slots
             .iter()
             .any(|s| s.stopped_until.is_some() || s.restart_at.is_some())
     {
         let now = Instant::now();
+        if !gave_up && now.duration_since(last_fault) > STUCK {
+            eprintln!(
+                "torture: no fault allowed for {} s (no voter set with a majority running to spare); ending the faults",
+                STUCK.as_secs()
+            );
+            gave_up = true;
+        }
         if now > hog_end {
             hogs.take();
         }
@@ -268,11 +281,12 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         }
         // Faults.
         let coordinator = coordinator_slot(&slots, &roles);
-        if chase.is_some_and(|t| now >= t) {
+        if chase.is_some_and(|t| now >= t) && !gave_up {
             chase = None;
             if let Some(c) = coordinator {
                 if allowed(&slots, &hist, c).await {
                     kills += 1;
+                    last_fault = now;
                     timing = Some(fault(&mut slots, c, Signal::SIGKILL, &roles, &mut rng));
                 }
             }
@@ -281,6 +295,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         // partitions, so older seeds keep their schedules).
         let left = plan.partitions - partitions;
         if now >= next_fault
+            && !gave_up
             && left > 0
             && heal_at.is_none()
             && rng.below(((plan.kills + plan.stops).saturating_sub(kills + stops) + left) as u64)
@@ -288,11 +303,12 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         {
             next_fault = now + Duration::from_millis(rng.range(150, 600));
             partitions += 1;
+            last_fault = now;
             let sides = split(&slots, coordinator, &mut rng);
             cuts.cut(&sides, &addrs)?;
             heal_at = Some(now + Duration::from_millis(rng.range(200, 3000)));
         }
-        if now >= next_fault && (kills < plan.kills || stops < plan.stops) {
+        if now >= next_fault && !gave_up && (kills < plan.kills || stops < plan.stops) {
             next_fault = now + Duration::from_millis(rng.range(150, 600));
             let want_kill = stops >= plan.stops || (kills < plan.kills && rng.chance(60));
             let on_coordinator = rng.chance(70);
@@ -308,12 +324,14 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
                     let is_coord = Some(t) == coordinator;
                     if want_kill {
                         kills += 1;
+                        last_fault = now;
                         let f = fault(&mut slots, t, Signal::SIGKILL, &roles, &mut rng);
                         if is_coord {
                             timing = Some(f);
                         }
                     } else {
                         stops += 1;
+                        last_fault = now;
                         let f = fault(&mut slots, t, Signal::SIGSTOP, &roles, &mut rng);
                         if is_coord {
                             timing = Some(f);
@@ -543,34 +561,39 @@ fn fault(
     }
 }
 
-/// A fault may not leave fewer than a majority of the voters running (the
-/// chat would then wait, by design, and the run would test nothing more).
+/// A fault may not leave fewer than a majority of any voter set in force
+/// running: a killed voter never comes back (its restart is a new member),
+/// and without a majority of a set the chat waits for ever, by design.
+/// Every node's view of the voters counts, and while a change of the
+/// voters is not known to be in force (`stable` false) the previous set,
+/// which no status shows, still counts for elections: no fault then.
 async fn allowed(slots: &[Slot], hist: &History, target: usize) -> bool {
-    let mut voters: Option<Vec<u64>> = None;
+    let mut sets: Vec<Vec<u64>> = Vec::new();
     for s in slots.iter().filter(|s| s.running()) {
-        if let Ok(p2p_proto::Frame::Status { voters: v, role, .. }) =
+        if let Ok(p2p_proto::Frame::Status { voters, stable, .. }) =
             tokio::time::timeout(Duration::from_millis(300), status(&s.addr))
                 .await
                 .unwrap_or(Err(anyhow::anyhow!("timeout")))
         {
-            let is_coord = role == p2p_proto::Role::Coordinator;
-            if voters.is_none() || is_coord {
-                voters = Some(v);
+            if !stable {
+                return false;
             }
-            if is_coord {
-                break;
+            if !voters.is_empty() && !sets.contains(&voters) {
+                sets.push(voters);
             }
         }
     }
-    let Some(voters) = voters else { return false };
-    let healthy = voters
-        .iter()
-        .filter(|id| {
-            (0..slots.len())
-                .any(|i| i != target && slots[i].running() && hist.ids.get(&(i, slots[i].inc)) == Some(id))
-        })
-        .count();
-    2 * healthy > voters.len()
+    let healthy = |voters: &Vec<u64>| {
+        voters
+            .iter()
+            .filter(|id| {
+                (0..slots.len()).any(|i| {
+                    i != target && slots[i].running() && hist.ids.get(&(i, slots[i].inc)) == Some(id)
+                })
+            })
+            .count()
+    };
+    !sets.is_empty() && sets.iter().all(|v| 2 * healthy(v) > v.len())
 }
 
 async fn status(addr: &str) -> anyhow::Result<p2p_proto::Frame> {
