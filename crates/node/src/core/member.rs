@@ -783,7 +783,13 @@ impl Core {
         let Some(t) = &e.target else { return };
         let candidate = t.id;
         let may = epoch > self.voted.0 || self.voted == (epoch, candidate);
-        if !may || !self.tip.all_voters().contains(&self.me.id) {
+        // Vote even if our own log does not name us a voter: the candidate
+        // asks because its log does (we were made a voter by an entry that
+        // never reached us). Refusing left such a chat without a quorum for
+        // good once the other new voters were gone (a torture run with
+        // partitions). A vote only binds us to later epochs and hands over
+        // our log; whether it counts is the candidate's reckoning.
+        if !may {
             self.close(conn);
             return self.uplink_closed(conn, Some("cannot vote again at that epoch".into()), false);
         }

@@ -332,6 +332,58 @@ fn a_hung_successor_that_wakes_to_stale_votes_never_shares_an_epoch() {
 
 /// Failover issue, mechanism 4: coordinator and successor killed while an
 /// earlier-joined voter hangs; the chat must not split into two.
+/// Found by `p2pbench torture --partitions`: a newcomer made a voter by an
+/// entry that never reached it (cut off from the coordinator) refused to
+/// vote when a candidate asked, because its own log did not name it. With
+/// the coordinator and another old voter then dead, the old set still had
+/// its quorum (half, the rest proven dead) but the new one needed the
+/// newcomer's vote: no coordinator, for ever.
+#[test]
+fn a_voter_that_never_heard_it_was_made_one_still_votes_when_asked() {
+    let mut sim = cluster(4);
+    // A voter change that cannot be in force yet (n3 is paused and holds
+    // no copy): the next one, which would add a newcomer, waits for it.
+    sim.pause(3);
+    let a = sim.spawn("a", vec![sim.nodes[0].addr.clone()]);
+    assert!(settle(&mut sim, 10 * HB, |s| s.role(a) == Some(Role::Member)));
+    let b = sim.spawn("b", vec![sim.nodes[0].addr.clone()]);
+    assert!(settle(&mut sim, 10 * HB, |s| s.role(b) == Some(Role::Member)));
+    let id = sim.nodes[b].core().me.id;
+    run_for(&mut sim, 2 * HB);
+    assert!(
+        !sim.nodes[0].core().tip.voters.contains(&id),
+        "b became a voter too soon"
+    );
+    // b is cut off from the coordinator; n3 wakes, the first change takes
+    // force, and the one that adds b reaches everyone but b.
+    sim.cut(0, b);
+    sim.resume(3);
+    assert!(settle(&mut sim, 20 * HB, |s| [1, 2, 3, a].iter().all(|i| s
+        .nodes[*i]
+        .core()
+        .tip
+        .voters
+        .contains(&id))));
+    assert!(
+        !sim.nodes[b].core().tip.all_voters().contains(&id),
+        "the change reached b; the scenario needs it not to"
+    );
+    // Without the coordinator and n3, the new voters (six) need b's vote:
+    // three of them are left besides b, and b is not dead.
+    sim.kill(0);
+    sim.kill(3);
+    let text = sim.say(2).unwrap();
+    let left = [1, 2, a, b];
+    assert!(
+        settle(&mut sim, 60 * HB, |s| s.coordinators().len() == 1
+            && left.iter().all(|i| s.pending(*i) == 0)
+            && s.texts(b).iter().any(|t| t.ends_with(&text))),
+        "no coordinator after the old voters died: roles {:?}",
+        left.map(|i| sim.role(i))
+    );
+    assert_agree(&sim, &left);
+}
+
 #[test]
 fn coordinator_and_successor_killed_while_a_voter_hangs_never_split() {
     let mut sim = cluster(5);
