@@ -198,6 +198,7 @@ pub fn start(
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     security: Security,
     side: Side,
+    gate: Arc<Gate>,
 ) {
     let tracker2 = tracker.clone();
     tracker.spawn(async move {
@@ -236,7 +237,7 @@ pub fn start(
                 }
             }
         };
-        register(stream, conn, first, actor, limits, &tracker2, permit, link).await;
+        register(stream, conn, first, actor, limits, &tracker2, permit, link, gate).await;
     });
 }
 
@@ -250,13 +251,13 @@ async fn register(
     tracker: &TaskTracker,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
     link: Option<secure::Link>,
+    gate: Arc<Gate>,
 ) {
     let (read, write) = stream.into_split();
     let half = Arc::new(write);
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
     let drained = Arc::new(AtomicU64::new(0));
-    let gate = Arc::new(Gate::default());
     let writer_task = tracker.spawn(write_loop(
         half.clone(),
         rx,

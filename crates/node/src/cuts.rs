@@ -20,6 +20,10 @@
 //!   refusal proves the peer dead);
 //! - a one-frame notification to a cut address is lost.
 //!
+//! Not modelled: one-way cuts, and the key handshake of a connection that
+//! was already connecting when the cut began (it completes; what follows
+//! is held).
+//!
 //! Only the dialling side needs to know the other's address: every
 //! connection has a dialler, and it holds both directions. So does a
 //! connection the harness opens itself (status requests): never cut.

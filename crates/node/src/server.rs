@@ -21,7 +21,7 @@ use p2p_proto::secure::{self, GroupKey};
 
 use crate::conn::{self, ConnLimits, Msg, Security, Side, Writer};
 use crate::core::{ConnId, Core, CoreConfig, Group, Input, Output};
-use crate::cuts::CutFile;
+use crate::cuts::{CutFile, Gate};
 use crate::output::Sink;
 
 /// Everything a node needs besides its listener.
@@ -420,7 +420,7 @@ impl Driver {
         }
         tokio::spawn(async move {
             // Across a cut the connection attempt goes unanswered.
-            if let Some(cuts) = cuts {
+            if let Some(cuts) = &cuts {
                 if !cuts.wait_open(&addr, limits.handshake).await {
                     let reason = format!("timed out connecting to {addr}");
                     let _ = tx.send(Msg::Input(Input::Closed(conn, Some(reason)))).await;
@@ -429,6 +429,11 @@ impl Driver {
             }
             match tokio::time::timeout(limits.handshake, TcpStream::connect(&addr)).await {
                 Ok(Ok(stream)) => {
+                    // Held from its first frame if a cut began while it
+                    // connected (the actor checks again when it registers;
+                    // the key handshake itself is not held).
+                    let gate = Arc::new(Gate::default());
+                    gate.set(cuts.is_some_and(|c| c.is_cut(&addr)));
                     conn::start(
                         stream,
                         conn,
@@ -439,6 +444,7 @@ impl Driver {
                         None,
                         security,
                         Side::Client,
+                        gate,
                     );
                 }
                 Ok(Err(e)) => {
@@ -570,6 +576,7 @@ async fn accept_loop(
             Some(permit),
             security.clone(),
             Side::Server,
+            Arc::default(),
         );
     }
 }
