@@ -135,7 +135,7 @@ impl Core {
 
     /// A resume (possibly carrying a vote) reached us as candidate.
     pub(super) fn cand_hello(&mut self, h: Hello) {
-        let Some(r) = h.resume else {
+        let Some(mut r) = h.resume else {
             return self.refuse(
                 h.conn,
                 ErrorCode::Electing,
@@ -146,10 +146,24 @@ impl Core {
         for d in &r.dead {
             self.proven_dead(*d);
         }
-        let known = self
+        let mut known = self
             .tip
             .member(r.member_id)
             .is_some_and(|m| m.session == h.session);
+        if !known && r.member_id != 0 {
+            // The same process under another id in our log (branches of
+            // the log admitted it twice): its session proves it, and its
+            // vote counts for the id our voter sets name it by.
+            if let Some(m) = self
+                .tip
+                .members
+                .iter()
+                .find(|m| m.session == h.session && !self.dead.contains(&m.id))
+            {
+                r.member_id = m.id;
+                known = true;
+            }
+        }
         let is_voter = known && self.tip.all_voters().contains(&r.member_id);
         let resumer = Resumer {
             conn: h.conn,
@@ -582,6 +596,9 @@ impl Core {
             return self.take_over();
         };
         if let Err(why) = self.seal_trusted(&seal, r.voter) {
+            if seal.signer == r.voter && !self.coordinators.contains_key(&seal.epoch) {
+                self.self_vouched += 1;
+            }
             return self.recovery_failed(conn, &why);
         }
         // The entries must follow on from where we (or the snapshot) stand,

@@ -263,6 +263,19 @@ impl Core {
         }
         let id = match self.tip.member(r.resume.member_id) {
             Some(m) if m.session == r.session => Some(m.id),
+            // The same process, known to the chat under another id: the
+            // entry that gave it the id it comes back with was never
+            // committed, and a later coordinator admitted it again. The
+            // session proves it (only its process knows the secret behind
+            // it); its welcome tells it the id. Without this it was told
+            // "cut off a moment ago; retry" for ever (the simulator's
+            // edge-of-quorum schedules).
+            _ if returning => self
+                .tip
+                .members
+                .iter()
+                .find(|m| m.session == r.session && !self.dead.contains(&m.id))
+                .map(|m| m.id),
             _ => None,
         };
         if let Some(id) = id {

@@ -16,6 +16,11 @@ const MAX_REDIRECTS: u32 = 8;
 /// How long a joiner keeps retrying peers that answer "electing".
 const JOIN_PATIENCE_HEARTBEATS: u64 = 50;
 
+/// How long a join candidate may take to answer our hello before we try
+/// the next: a peer that accepted the connection and then hung (paused
+/// right after the handshake) never answers.
+const JOIN_ANSWER_HEARTBEATS: u64 = 10;
+
 pub(super) struct Joining {
     candidates: Vec<String>,
     next: usize,
@@ -25,6 +30,8 @@ pub(super) struct Joining {
     busy_seen: bool,
     retry_at: Option<Millis>,
     give_up_at: Millis,
+    /// When the hello on `conn` was sent.
+    asked_at: Millis,
 }
 
 pub(super) struct Uplink {
@@ -139,6 +146,7 @@ impl Core {
             busy_seen: false,
             retry_at: None,
             give_up_at,
+            asked_at: self.now,
         });
         self.join_next();
     }
@@ -152,8 +160,10 @@ impl Core {
         if let Some(addr) = j.candidates.get(j.next).cloned() {
             j.next += 1;
             let conn = self.dial(&addr, &hello);
+            let now = self.now;
             if let State::Joining(j) = &mut self.role {
                 j.conn = Some(conn);
+                j.asked_at = now;
             }
             return;
         }
@@ -769,8 +779,10 @@ impl Core {
                 tracing::debug!(%addr, "redirected to the coordinator");
                 let hello = self.hello(None);
                 let conn = self.dial(&addr, &hello);
+                let now = self.now;
                 if let State::Joining(j) = &mut self.role {
                     j.conn = Some(conn);
+                    j.asked_at = now;
                 }
             }
             State::Member(_) | State::Electing(_) => self.follow(0, addr, "redirected to the coordinator"),
@@ -944,6 +956,7 @@ impl Core {
 
     pub(super) fn member_tick(&mut self) {
         let now = self.now;
+        let hb = self.cfg.heartbeat_ms;
         let dead_after = self.heartbeat_dead_after();
         let stalled = self.stalled();
         match &mut self.role {
@@ -972,6 +985,18 @@ impl Core {
             }
             State::Joining(j) if j.retry_at.is_some_and(|t| now >= t) => {
                 j.retry_at = None;
+                self.join_next();
+            }
+            State::Joining(j)
+                if !stalled && j.conn.is_some() && now >= j.asked_at + JOIN_ANSWER_HEARTBEATS * hb =>
+            {
+                // Silent, perhaps only paused: try the others, then this
+                // one again, until the patience runs out.
+                let conn = j.conn.take();
+                j.busy_seen = true;
+                if let Some(c) = conn {
+                    self.close(c);
+                }
                 self.join_next();
             }
             _ => {}

@@ -376,6 +376,10 @@ pub struct Core {
     /// "Standing down"), this node neither runs nor takes votes until here,
     /// so the next voter gets its turn.
     stand_down_until: Millis,
+    /// Votes this node dropped as a candidate because the voter's log
+    /// was sealed only by the voter itself, for an epoch we did not see
+    /// (nobody vouches for its own history; PROTOCOL.md section 14).
+    pub(crate) self_vouched: u64,
     role: State,
     out: Vec<Output>,
     hooks: Box<dyn Hooks>,
@@ -430,6 +434,7 @@ impl Core {
             last_tick: now,
             stall_until: 0,
             stand_down_until: 0,
+            self_vouched: 0,
             role: State::Stopped,
             out: Vec::new(),
             hooks,
