@@ -729,10 +729,8 @@ fn run_seed(seed: u64, chaos: Chaos) -> Result<Stats, String> {
         };
         let Some(target) = target else { continue };
         if chaos.edge {
-            if roll <= 9 || roll == 28 {
-                if !quorum_survives(&sim, target) {
-                    continue;
-                }
+            if (roll <= 9 || roll == 28) && !quorum_survives(&sim, target) {
+                continue;
             }
         } else if chaos.live && !fault_allowed(&sim, target) && roll < 40 {
             continue;
