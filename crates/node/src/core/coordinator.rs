@@ -937,6 +937,24 @@ impl Core {
         let State::Coordinator(c) = &mut self.role else {
             return;
         };
+        // A committed change with a later one still pending behind it (a
+        // log taken over mid-change) is in force by the same test: until
+        // it is, commits also need the set before it, which may have lost
+        // its quorum for good (the simulator's edge-of-quorum runner: a
+        // coordinator that could never commit again).
+        let committed_at = self.state.voters_seq;
+        if committed_at > c.effective_through && committed_at <= self.log.commit() {
+            let all_hold = self
+                .state
+                .voters
+                .iter()
+                .chain(&self.state.prev_voters)
+                .filter(|v| **v != me && !self.dead.contains(v))
+                .all(|v| c.acked.get(v).is_some_and(|a| *a >= committed_at));
+            if all_hold {
+                c.effective_through = committed_at;
+            }
+        }
         let pending_at = self.tip.voters_seq;
         if pending_at > c.effective_through {
             if self.log.commit() < pending_at {
