@@ -155,6 +155,10 @@ pub struct Sim {
     pub steps: u64,
     /// Pairs of node indices (lower first) that cannot reach each other.
     cuts: BTreeSet<(usize, usize)>,
+    /// (from, to): `from` cannot open a connection to `to`, while `to` can
+    /// still reach `from` and connections already open carry on
+    /// (asymmetric reachability: a firewall or a NAT in one direction).
+    no_dial: BTreeSet<(usize, usize)>,
     /// What reached a cut, per receiving end (node, connection), in the
     /// order it was sent, with the receiver's process generation.
     stalled: BTreeMap<(usize, ConnId), VecDeque<(u32, Stalled)>>,
@@ -188,6 +192,7 @@ impl Sim {
             catch_up_bytes: 1 << 20,
             steps: 0,
             cuts: BTreeSet::new(),
+            no_dial: BTreeSet::new(),
             stalled: BTreeMap::new(),
             partitions: 0,
         }
@@ -370,6 +375,19 @@ impl Sim {
         }
     }
 
+    /// `from` can no longer open connections to `to` (until `heal`).
+    pub fn block_dials(&mut self, from: usize, to: usize) {
+        if trace() {
+            eprintln!(
+                "{:>6} NO DIAL {} -> {}",
+                self.now, self.nodes[from].name, self.nodes[to].name
+            );
+        }
+        if from != to {
+            self.no_dial.insert((from, to));
+        }
+    }
+
     fn is_cut(&self, a: usize, b: usize) -> bool {
         self.cuts.contains(&(a.min(b), a.max(b)))
     }
@@ -377,6 +395,7 @@ impl Sim {
     /// Removes every cut: what waited at one arrives now, in order per
     /// connection.
     pub fn heal(&mut self) {
+        self.no_dial.clear();
         if self.cuts.is_empty() {
             return;
         }
@@ -764,7 +783,7 @@ impl Sim {
                     .nodes
                     .iter()
                     .position(|n| n.addr == addr)
-                    .is_some_and(|peer| self.is_cut(idx, peer));
+                    .is_some_and(|peer| self.is_cut(idx, peer) || self.no_dial.contains(&(idx, peer)));
                 if cut {
                     // No answer: the dial times out as the server's does.
                     let at = self.now + (10 * self.hb).max(500);
@@ -804,8 +823,10 @@ impl Sim {
             }
             Ev::Notify(from, addr, frame) => {
                 let peer = self.nodes.iter().position(|n| n.addr == addr && n.alive());
-                // Lost at a cut.
-                if let Some(peer) = peer.filter(|p| !self.is_cut(from, *p)) {
+                // Lost at a cut (or where it may not dial).
+                if let Some(peer) =
+                    peer.filter(|p| !self.is_cut(from, *p) && !self.no_dial.contains(&(from, *p)))
+                {
                     let pinc = self.nodes[peer].inc;
                     let pconn = self.nodes[peer].next_inbound;
                     self.nodes[peer].next_inbound += 1;

@@ -567,6 +567,10 @@ struct Chaos {
     /// killed voter never comes back; exactly half with the rest dead is a
     /// quorum). Pauses and cuts are free: they end before the check.
     edge: bool,
+    /// With `partitions`: a fourth kind of cut, asymmetric reachability
+    /// (each ordered pair of nodes, with a chance of 30%, may no longer
+    /// dial; connections already open carry on), healed like the others.
+    one_way: bool,
 }
 
 /// Faults aimed at new coordinators (see `Chaos::strike_takeovers`).
@@ -639,6 +643,8 @@ struct Stats {
     partitions: u64,
     /// Runs that ended waiting by design (see `Chaos::edge`).
     waited: u64,
+    /// Asymmetric cuts made (see `Chaos::one_way`).
+    one_way: u64,
 }
 
 fn run_seed(seed: u64, chaos: Chaos) -> Result<Stats, String> {
@@ -753,7 +759,19 @@ fn run_seed(seed: u64, chaos: Chaos) -> Result<Stats, String> {
             }
             r if r >= 30 && r < 30 + chaos.partitions && heal_at.is_none() => {
                 let n = sim.nodes.len();
-                match rng.below(3) {
+                // No fourth draw without one-way cuts: older seeds keep
+                // their schedules.
+                match rng.below(if chaos.one_way { 4 } else { 3 }) {
+                    3 => {
+                        stats.one_way += 1;
+                        for a in 0..n {
+                            for b in 0..n {
+                                if rng.chance(30) {
+                                    sim.block_dials(a, b);
+                                }
+                            }
+                        }
+                    }
                     0 => sim.partition(&[target]),
                     1 => {
                         let side: Vec<usize> = (0..n).filter(|_| rng.chance(50)).collect();
@@ -941,6 +959,7 @@ fn run_many(chaos: Chaos, default_seeds: u64) {
                 total.acked += s.acked;
                 total.partitions += s.partitions;
                 total.waited += s.waited;
+                total.one_way += s.one_way;
                 converged += usize::from(s.converged);
             }
             Err(e) => {
@@ -965,6 +984,10 @@ fn run_many(chaos: Chaos, default_seeds: u64) {
         total.kills > 0 && total.pauses > 0 && total.epochs > 0 && total.messages > 0,
         "the runs did nothing: {total:?}"
     );
+    assert!(
+        !chaos.one_way || total.one_way > 0,
+        "no one-way cut was made: {total:?}"
+    );
 }
 
 #[test]
@@ -978,6 +1001,7 @@ fn random_crashes_pauses_and_restarts_keep_every_guarantee_and_converge() {
             strike_takeovers: false,
             partitions: 0,
             edge: false,
+            one_way: false,
         },
         400,
     );
@@ -994,6 +1018,7 @@ fn random_faults_on_a_slow_network_never_fork_the_chat() {
             strike_takeovers: false,
             partitions: 20,
             edge: false,
+            one_way: false,
         },
         400,
     );
@@ -1014,6 +1039,7 @@ fn random_partitions_never_fork_the_chat_and_it_converges_once_healed() {
             strike_takeovers: false,
             partitions: 20,
             edge: false,
+            one_way: false,
         },
         400,
     );
@@ -1033,6 +1059,28 @@ fn random_faults_to_the_edge_of_the_quorum_converge() {
             strike_takeovers: false,
             partitions: 20,
             edge: true,
+            one_way: false,
+        },
+        400,
+    );
+}
+
+/// Asymmetric reachability among the cuts: some nodes may not dial some
+/// others for a while (connections already open carry on), on top of the
+/// crashes, pauses, restarts and partitions; safe throughout, and the
+/// chat converges once healed.
+#[test]
+fn random_one_way_reachability_never_forks_the_chat_and_it_converges() {
+    run_many(
+        Chaos {
+            nodes: 5,
+            duration_ms: 4_000,
+            live: true,
+            slow_net: false,
+            strike_takeovers: false,
+            partitions: 20,
+            edge: false,
+            one_way: true,
         },
         400,
     );
@@ -1050,6 +1098,7 @@ fn random_faults_to_the_edge_on_a_slow_network_converge() {
             strike_takeovers: false,
             partitions: 20,
             edge: true,
+            one_way: false,
         },
         400,
     );
@@ -1071,6 +1120,7 @@ fn the_seeds_that_stalled_after_a_partition_healed_converge() {
         strike_takeovers: false,
         partitions: 70,
         edge: false,
+        one_way: false,
     };
     for seed in [381, 595, 1237] {
         if let Err(e) = run_seed(seed, chaos) {
@@ -1097,6 +1147,7 @@ fn the_seeds_at_the_edge_of_the_quorum_that_stalled_converge() {
         strike_takeovers: false,
         partitions: 20,
         edge: true,
+        one_way: false,
     };
     for seed in [1658, 5728, 6410] {
         match run_seed(seed, chaos) {
@@ -1132,6 +1183,7 @@ fn random_strikes_at_new_coordinators_never_fork_the_chat() {
             strike_takeovers: true,
             partitions: 0,
             edge: false,
+            one_way: false,
         },
         400,
     );
@@ -1148,6 +1200,7 @@ fn random_faults_on_three_nodes_with_quorum_loss_never_fork() {
             strike_takeovers: false,
             partitions: 20,
             edge: false,
+            one_way: false,
         },
         400,
     );
@@ -1167,6 +1220,7 @@ fn the_seeds_that_found_a_proof_going_backwards_stay_clean() {
         strike_takeovers: false,
         partitions: 0,
         edge: false,
+        one_way: false,
     };
     for seed in [3848, 4721, 5568, 6126] {
         if let Err(e) = run_seed(seed, chaos) {
@@ -1186,6 +1240,7 @@ fn a_seed_replays_exactly() {
         strike_takeovers: false,
         partitions: 0,
         edge: false,
+        one_way: false,
     };
     let a = run_seed(42, chaos);
     let b = run_seed(42, chaos);
