@@ -304,7 +304,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
             next_fault = now + Duration::from_millis(rng.range(150, 600));
             partitions += 1;
             last_fault = now;
-            let sides = split(&slots, coordinator, &mut rng);
+            let sides = split(slots.len(), coordinator, &mut rng);
             cuts.cut(&sides, &addrs)?;
             heal_at = Some(now + Duration::from_millis(rng.range(200, 3000)));
         }
@@ -422,8 +422,7 @@ impl Drop for Cuts {
 
 /// The two sides of a partition (true: the side cut off): the coordinator
 /// or another node alone, or a random split.
-fn split(slots: &[Slot], coordinator: Option<usize>, rng: &mut Rng) -> Vec<bool> {
-    let n = slots.len();
+fn split(n: usize, coordinator: Option<usize>, rng: &mut Rng) -> Vec<bool> {
     let mut sides = vec![false; n];
     if rng.chance(50) {
         let alone = match coordinator {

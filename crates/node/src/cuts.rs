@@ -137,7 +137,14 @@ impl CutFile {
                 tracing::warn!(path = %self.path.display(), "cut file over {MAX_CUT_FILE} bytes, ignored");
                 return false;
             }
-            Ok(_) => std::fs::read_to_string(&self.path).unwrap_or_default(),
+            Ok(_) => match std::fs::read_to_string(&self.path) {
+                Ok(text) => text,
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot read the cut file (one address per line, UTF-8); keeping the cuts as they were");
+                    return false;
+                }
+            },
+            // Missing: nothing is cut.
             Err(_) => String::new(),
         };
         if self.last.as_deref() == Some(text.as_str()) {

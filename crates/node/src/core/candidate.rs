@@ -154,13 +154,9 @@ impl Core {
             // The same process under another id in our log (branches of
             // the log admitted it twice): its session proves it, and its
             // vote counts for the id our voter sets name it by.
-            if let Some(m) = self
-                .tip
-                .members
-                .iter()
-                .find(|m| m.session == h.session && !self.dead.contains(&m.id))
-            {
-                r.member_id = m.id;
+            let other = self.tip.member_by_session(h.session).map(|m| m.id);
+            if let Some(id) = other.filter(|id| !self.dead.contains(id)) {
+                r.member_id = id;
                 known = true;
             }
         }

@@ -272,10 +272,9 @@ impl Core {
             // edge-of-quorum schedules).
             _ if returning => self
                 .tip
-                .members
-                .iter()
-                .find(|m| m.session == r.session && !self.dead.contains(&m.id))
-                .map(|m| m.id),
+                .member_by_session(r.session)
+                .map(|m| m.id)
+                .filter(|id| !self.dead.contains(id)),
             _ => None,
         };
         if let Some(id) = id {

@@ -379,7 +379,7 @@ pub struct Core {
     /// Votes this node dropped as a candidate because the voter's log
     /// was sealed only by the voter itself, for an epoch we did not see
     /// (nobody vouches for its own history; PROTOCOL.md section 14).
-    pub(crate) self_vouched: u64,
+    self_vouched: u64,
     role: State,
     out: Vec<Output>,
     hooks: Box<dyn Hooks>,

@@ -70,6 +70,12 @@ impl ChatState {
         self.members.iter().find(|m| m.id == id)
     }
 
+    /// The member a process session belongs to (whatever id the process
+    /// itself believes it has).
+    pub fn member_by_session(&self, session: u64) -> Option<&MemberInfo> {
+        self.members.iter().find(|m| m.session == session)
+    }
+
     pub fn is_voter(&self, id: u64) -> bool {
         self.voters.binary_search(&id).is_ok()
     }
