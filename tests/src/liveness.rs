@@ -286,6 +286,54 @@ fn a_coordinator_cut_off_by_the_network_is_replaced_and_nothing_is_lost_once_hea
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// One-way cuts between real processes (`nodial` in a cut file, as
+/// `p2pbench torture --one-way` writes): a newcomer that cannot open a
+/// connection to the coordinator it is redirected to keeps trying (and
+/// says so) instead of giving up at the first miss; once it can, it joins
+/// and gets the history. The chat meanwhile goes on.
+#[test]
+fn a_newcomer_cut_off_one_way_from_the_coordinator_joins_once_it_can() {
+    let _heavy = crate::util::heavy();
+    let dir = crate::util::bin_dir().join(format!("p2p-one-way-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory for the cut file");
+    let file = dir.join("dave.cut");
+    let mut a = Node::join("alice", &["--heartbeat-ms", "100"]);
+    let b = Node::join("bob", &["--heartbeat-ms", "100", "--join", &a.addr]);
+    std::fs::write(&file, format!("nodial {}\n", a.addr)).expect("writing the cut file");
+    let d = Node::start(
+        "dave",
+        &[
+            "--heartbeat-ms",
+            "100",
+            "--join",
+            &b.addr,
+            "--cut-file",
+            file.to_str().expect("a UTF-8 path"),
+        ],
+    );
+    d.wait_event("the retry notice", |e| {
+        e["event"] == "info"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("could not reach the chat's coordinator"))
+    });
+    assert!(
+        !d.has_event(|e| e["event"] == "ready"),
+        "dave joined across the cut: {:?}",
+        d.events()
+    );
+    a.say("while dave waited");
+    b.wait_message("while dave waited");
+
+    std::fs::write(&file, "").expect("healing the cut");
+    d.wait_event("ready", |e| e["event"] == "ready");
+    d.wait_message("while dave waited");
+    a.say("after dave joined");
+    d.wait_message("after dave joined");
+    crate::util::assert_same_sequence(&[&a, &b, &d]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A short run of the torture harness (seeded kills, hangs, restarts and
 /// network partitions of real nodes, judged by its history checker); the long runs are in
 /// docs/BENCHMARKS.md.
@@ -303,6 +351,8 @@ fn a_short_torture_run_finds_no_violation() {
             "4",
             "--partitions",
             "4",
+            "--one-way",
+            "3",
             "--json",
         ])
         .env("P2PNODE_BIN", crate::util::bin("p2pnode"))
@@ -319,6 +369,7 @@ fn a_short_torture_run_finds_no_violation() {
     assert_eq!(v["kills"], 6, "{v}");
     assert_eq!(v["stops"], 4, "{v}");
     assert_eq!(v["partitions"], 4, "{v}");
+    assert_eq!(v["one_way"], 3, "{v}");
     assert!(
         v["messages"].as_u64() > Some(100),
         "the run typed too little: {v}"

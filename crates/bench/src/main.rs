@@ -81,7 +81,7 @@ enum Cmd {
         members: Vec<usize>,
     },
     /// Seeded faults against real processes (SIGKILL, SIGSTOP/SIGCONT,
-    /// restarts, network partitions, CPU hogs) while every node is typed into; checks every
+    /// restarts, network partitions, one-way cuts, CPU hogs) while every node is typed into; checks every
     /// node's delivered history and prints violations by category.
     Torture {
         #[arg(long, default_value_t = 1)]
@@ -99,6 +99,12 @@ enum Cmd {
         /// node's --cut-file.
         #[arg(long, default_value_t = 0)]
         partitions: usize,
+        /// One-way cuts of 0.2-5 s: the nodes on one side of a random split
+        /// cannot dial those on the other (as behind a firewall or a NAT),
+        /// while open connections and dials the other way carry on; one
+        /// cut of either kind at a time.
+        #[arg(long, default_value_t = 0)]
+        one_way: usize,
         /// Busy-loop processes to run beside the nodes.
         #[arg(long, default_value_t = 0)]
         hogs: usize,
@@ -204,6 +210,7 @@ async fn main() {
             kills,
             stops,
             partitions,
+            one_way,
             hogs,
             hog_secs,
             type_every_ms,
@@ -216,6 +223,7 @@ async fn main() {
                 kills,
                 stops,
                 partitions,
+                one_way,
                 hogs,
                 hog_secs,
                 type_every_ms,
@@ -250,7 +258,7 @@ async fn torture_cmd(report: &Report, plan: torture::Plan) -> anyhow::Result<()>
             )
         };
         println!(
-            "torture seed {} ({} nodes, heartbeat {} ms, {} hogs): {} kills, {} stops, {} partitions, {} restarts, {} messages in {:.0} s",
+            "torture seed {} ({} nodes, heartbeat {} ms, {} hogs): {} kills, {} stops, {} partitions, {} one-way cuts, {} restarts, {} messages in {:.0} s",
             plan.seed,
             plan.nodes,
             plan.heartbeat_ms,
@@ -258,6 +266,7 @@ async fn torture_cmd(report: &Report, plan: torture::Plan) -> anyhow::Result<()>
             out.kills,
             out.stops,
             out.partitions,
+            out.one_way,
             out.restarts,
             out.messages,
             out.secs

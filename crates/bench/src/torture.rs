@@ -1,8 +1,8 @@
 //! torture: a seeded schedule of faults against real `p2pnode` processes
 //! on 127.0.0.1 — SIGKILL of coordinators and members (some right after a
 //! takeover), SIGSTOP/SIGCONT of either for 0.2–2 s, restarts on the same
-//! address, network partitions of 0.2–3 s (each node's `--cut-file`),
-//! optional CPU hogs — while lines are typed into every node. Its own
+//! address, network partitions of 0.2–3 s and one-way cuts of 0.2–5 s
+//! (each node's `--cut-file`), optional CPU hogs — while lines are typed into every node. Its own
 //! history checker (`history.rs`) judges what each process printed.
 
 use std::collections::BTreeMap;
@@ -32,6 +32,9 @@ pub struct Plan {
     pub stops: usize,
     /// Network partitions of 0.2–3 s, one at a time.
     pub partitions: usize,
+    /// One-way cuts of 0.2–5 s (some nodes cannot dial some others; open
+    /// connections carry on), one cut of either kind at a time.
+    pub one_way: usize,
     /// Busy-loop processes competing for the cores, and for how long.
     pub hogs: usize,
     pub hog_secs: u64,
@@ -97,6 +100,7 @@ pub struct Outcome {
     pub kills: usize,
     pub stops: usize,
     pub partitions: usize,
+    pub one_way: usize,
     pub restarts: usize,
     pub messages: usize,
     pub secs: f64,
@@ -110,6 +114,7 @@ impl Outcome {
         v["kills"] = json!(self.kills);
         v["stops"] = json!(self.stops);
         v["partitions"] = json!(self.partitions);
+        v["one_way"] = json!(self.one_way);
         v["restarts"] = json!(self.restarts);
         v["messages"] = json!(self.messages);
         v["secs"] = json!(self.secs);
@@ -174,7 +179,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         .collect::<anyhow::Result<_>>()?;
     let hog_end = Instant::now() + Duration::from_secs(plan.hog_secs);
     let start = Instant::now();
-    let (mut kills, mut stops, mut restarts, mut partitions) = (0, 0, 0, 0);
+    let (mut kills, mut stops, mut restarts, mut partitions, mut one_way) = (0, 0, 0, 0, 0);
     // The partition in force: when it heals.
     let mut heal_at: Option<Instant> = None;
     // Faults wait while they would leave a voter set without a majority;
@@ -190,7 +195,11 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
     let mut next_fault = Instant::now() + Duration::from_millis(500);
     let mut chase: Option<Instant> = None;
     let mut hogs = Some(hogs);
-    while (!gave_up && (kills < plan.kills || stops < plan.stops || partitions < plan.partitions))
+    while (!gave_up
+        && (kills < plan.kills
+            || stops < plan.stops
+            || partitions < plan.partitions
+            || one_way < plan.one_way))
         || heal_at.is_some()
         || slots
             .iter()
@@ -291,9 +300,12 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
                 }
             }
         }
-        // A partition now and then, one at a time (no draw at all without
-        // partitions, so older seeds keep their schedules).
-        let left = plan.partitions - partitions;
+        // A partition or a one-way cut now and then, one at a time (no
+        // draw at all without them, and none between the two kinds without
+        // one-way cuts, so older seeds keep their schedules).
+        let two_way_left = plan.partitions - partitions;
+        let one_way_left = plan.one_way - one_way;
+        let left = two_way_left + one_way_left;
         if now >= next_fault
             && !gave_up
             && left > 0
@@ -302,11 +314,20 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
                 < left as u64
         {
             next_fault = now + Duration::from_millis(rng.range(150, 600));
-            partitions += 1;
             last_fault = now;
+            let is_one_way = plan.one_way > 0 && rng.below(left as u64) < one_way_left as u64;
             let sides = split(slots.len(), coordinator, &mut rng);
-            cuts.cut(&sides, &addrs)?;
-            heal_at = Some(now + Duration::from_millis(rng.range(200, 3000)));
+            if is_one_way {
+                one_way += 1;
+                // Which side cannot dial the other.
+                let dialler = rng.chance(50);
+                cuts.one_way(&sides, dialler, &addrs)?;
+                heal_at = Some(now + Duration::from_millis(rng.range(200, 5000)));
+            } else {
+                partitions += 1;
+                cuts.cut(&sides, &addrs)?;
+                heal_at = Some(now + Duration::from_millis(rng.range(200, 3000)));
+            }
         }
         if now >= next_fault && !gave_up && (kills < plan.kills || stops < plan.stops) {
             next_fault = now + Duration::from_millis(rng.range(150, 600));
@@ -365,6 +386,7 @@ pub async fn run(plan: Plan) -> anyhow::Result<Outcome> {
         kills,
         stops,
         partitions,
+        one_way,
         restarts,
         messages,
         secs,
@@ -398,6 +420,19 @@ impl Cuts {
                 .map(|j| format!("{}\n", addrs[j]))
                 .collect();
             self.write(i, &others)?;
+        }
+        Ok(())
+    }
+
+    /// The nodes on side `from` cannot dial the nodes on the other side;
+    /// every open connection, and every dial the other way, carries on.
+    fn one_way(&self, sides: &[bool], from: bool, addrs: &[String]) -> anyhow::Result<()> {
+        for i in 0..self.nodes {
+            let blocked: String = (0..self.nodes)
+                .filter(|j| sides[i] == from && sides[*j] != from)
+                .map(|j| format!("nodial {}\n", addrs[j]))
+                .collect();
+            self.write(i, &blocked)?;
         }
         Ok(())
     }

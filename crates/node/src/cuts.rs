@@ -6,7 +6,10 @@
 //! inside the nodes. The cut file lists, one per line, the addresses this
 //! node is cut off from (as it dials them: the peers' advertised
 //! addresses); the node reads it every tick. A harness writes both sides
-//! of a cut.
+//! of a cut. A line `nodial ADDR` is a one-way cut: this node cannot open
+//! a connection to ADDR (as behind a firewall or a NAT in one direction),
+//! while every open connection, and ADDR's own dials to this node, carry
+//! on.
 //!
 //! A cut behaves like a network that silently stops carrying packets, not
 //! like a closed connection:
@@ -20,9 +23,9 @@
 //!   refusal proves the peer dead);
 //! - a one-frame notification to a cut address is lost.
 //!
-//! Not modelled: one-way cuts, and the key handshake of a connection that
-//! was already connecting when the cut began (it completes; what follows
-//! is held).
+//! Not modelled: links that lose or delay some packets only, and the key
+//! handshake of a connection that was already connecting when the cut
+//! began (it completes; what follows is held).
 //!
 //! Only the dialling side needs to know the other's address: every
 //! connection has a dialler, and it holds both directions. So does a
@@ -73,29 +76,65 @@ impl Gate {
     }
 }
 
+/// What the cut file says.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Cuts {
+    /// Cut off both ways.
+    both: HashSet<String>,
+    /// This node cannot dial them (one-way).
+    no_dial: HashSet<String>,
+}
+
+impl Cuts {
+    fn parse(text: &str) -> Cuts {
+        let mut cuts = Cuts::default();
+        for line in text.lines().map(str::trim) {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            match line.strip_prefix("nodial ") {
+                Some(addr) => cuts.no_dial.insert(addr.trim().to_string()),
+                None => cuts.both.insert(line.to_string()),
+            };
+        }
+        cuts
+    }
+}
+
 /// The addresses this node is cut off from now, shared with dial tasks.
 #[derive(Default)]
 pub struct CutSet {
-    addrs: Mutex<HashSet<String>>,
+    cuts: Mutex<Cuts>,
     changed: Notify,
 }
 
 impl CutSet {
-    pub fn is_cut(&self, addr: &str) -> bool {
-        self.addrs
+    fn cuts(&self) -> std::sync::MutexGuard<'_, Cuts> {
+        self.cuts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(addr)
     }
 
-    /// Waits until `addr` is not cut; false if that takes longer than `limit`.
+    /// Whether traffic to and from `addr` is held (a two-way cut).
+    pub fn is_cut(&self, addr: &str) -> bool {
+        self.cuts().both.contains(addr)
+    }
+
+    /// Whether a connection to `addr` can be opened now.
+    pub fn may_dial(&self, addr: &str) -> bool {
+        let cuts = self.cuts();
+        !cuts.both.contains(addr) && !cuts.no_dial.contains(addr)
+    }
+
+    /// Waits until `addr` may be dialled; false if that takes longer than
+    /// `limit`.
     pub async fn wait_open(&self, addr: &str, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            if !self.is_cut(addr) {
+            if self.may_dial(addr) {
                 return true;
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
@@ -104,11 +143,8 @@ impl CutSet {
         }
     }
 
-    fn replace(&self, addrs: HashSet<String>) {
-        *self
-            .addrs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = addrs;
+    fn replace(&self, cuts: Cuts) {
+        *self.cuts() = cuts;
         self.changed.notify_waiters();
     }
 }
@@ -150,14 +186,9 @@ impl CutFile {
         if self.last.as_deref() == Some(text.as_str()) {
             return false;
         }
-        let addrs: HashSet<String> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .map(str::to_string)
-            .collect();
-        tracing::info!(cut = ?addrs, "cut file changed");
-        self.set.replace(addrs);
+        let cuts = Cuts::parse(&text);
+        tracing::info!(cut = ?cuts.both, no_dial = ?cuts.no_dial, "cut file changed");
+        self.set.replace(cuts);
         self.last = Some(text);
         true
     }
@@ -207,5 +238,20 @@ mod tests {
         );
         assert!(file.set.is_cut("127.0.0.1:2"));
         std::fs::remove_dir_all(&dir).expect("clean up");
+    }
+
+    #[tokio::test]
+    async fn a_one_way_cut_stops_dials_but_holds_no_traffic() {
+        let set = CutSet::default();
+        set.replace(Cuts::parse(
+            "nodial 127.0.0.1:3\n127.0.0.1:4\n  nodial   127.0.0.1:5 \n",
+        ));
+        assert!(!set.is_cut("127.0.0.1:3"), "open connections to it carry on");
+        assert!(!set.may_dial("127.0.0.1:3") && !set.may_dial("127.0.0.1:5"));
+        assert!(set.is_cut("127.0.0.1:4") && !set.may_dial("127.0.0.1:4"));
+        assert!(set.may_dial("127.0.0.1:6"));
+        assert!(!set.wait_open("127.0.0.1:3", Duration::from_millis(20)).await);
+        set.replace(Cuts::parse("127.0.0.1:4\n"));
+        assert!(set.wait_open("127.0.0.1:3", Duration::from_millis(20)).await);
     }
 }

@@ -381,8 +381,8 @@ impl Driver {
                     }
                     Output::Dial { conn, addr, hello } => self.dial(conn, addr, hello),
                     Output::Notify { addr, frame } => {
-                        if self.cuts.as_ref().is_some_and(|c| c.set.is_cut(&addr)) {
-                            tracing::debug!(%addr, "notification lost: the address is cut off");
+                        if self.cuts.as_ref().is_some_and(|c| !c.set.may_dial(&addr)) {
+                            tracing::debug!(%addr, "notification lost: the address cannot be dialled (cut off)");
                         } else {
                             tokio::spawn(notify(addr, frame, self.security.clone()));
                         }
@@ -419,7 +419,7 @@ impl Driver {
             self.dialled.insert(conn, addr.clone());
         }
         tokio::spawn(async move {
-            // Across a cut the connection attempt goes unanswered.
+            // Across a cut (either way) the connection attempt goes unanswered.
             if let Some(cuts) = &cuts {
                 if !cuts.wait_open(&addr, limits.handshake).await {
                     let reason = format!("timed out connecting to {addr}");

@@ -84,8 +84,10 @@ struct Args {
     #[arg(long, default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(65_536..=1 << 30))]
     queue_limit_bytes: u64,
     /// Fault testing: a file listing addresses (one per line) this node is
-    /// cut off from, as if the network between them dropped every packet;
-    /// read every heartbeat/4 (cargo xtask torture --partitions writes it).
+    /// cut off from, as if the network between them dropped every packet,
+    /// or, as `nodial ADDR`, cannot open connections to (one way); read
+    /// every heartbeat/4 (cargo xtask torture --partitions and --one-way
+    /// write it).
     #[arg(long, value_name = "FILE")]
     cut_file: Option<std::path::PathBuf>,
 }

@@ -32,6 +32,11 @@ pub(super) struct Joining {
     give_up_at: Millis,
     /// When the hello on `conn` was sent.
     asked_at: Millis,
+    /// The coordinator a peer sent us to, while `conn` dials it.
+    redirected: Option<String>,
+    /// The last coordinator we were sent to and could not reach, and why
+    /// (for the final error).
+    unreached: Option<String>,
 }
 
 pub(super) struct Uplink {
@@ -147,6 +152,8 @@ impl Core {
             retry_at: None,
             give_up_at,
             asked_at: self.now,
+            redirected: None,
+            unreached: None,
         });
         self.join_next();
     }
@@ -157,6 +164,7 @@ impl Core {
         let State::Joining(j) = &mut self.role else {
             return;
         };
+        j.redirected = None;
         if let Some(addr) = j.candidates.get(j.next).cloned() {
             j.next += 1;
             let conn = self.dial(&addr, &hello);
@@ -172,19 +180,29 @@ impl Core {
             j.busy_seen = false;
             j.next = 0;
             j.retry_at = Some(self.now + self.cfg.heartbeat_ms);
+            if let Some(coordinator) = j.unreached.take() {
+                self.emit(Event::Info {
+                    message: format!("could not reach the chat's coordinator at {coordinator}; trying again"),
+                });
+            }
             return;
         }
         let tried = j.candidates.join(", ");
-        if self.cfg.create_if_alone {
+        let unreached = j.unreached.take();
+        if self.cfg.create_if_alone && unreached.is_none() {
             tracing::info!(%tried, "no peer answered; starting a new chat");
             self.create();
         } else {
-            self.emit(Event::Error {
-                code: None,
-                message: format!(
+            let message = match unreached {
+                // A chat exists: starting another one would split it.
+                Some(coordinator) => format!(
+                    "could not join: {tried} sent us to the chat's coordinator at {coordinator}; check that this node can connect to it"
+                ),
+                None => format!(
                     "could not join: no peer answered at {tried}; check the addresses, or pass --create-if-alone to start a new chat"
                 ),
-            });
+            };
+            self.emit(Event::Error { code: None, message });
             self.role = State::Stopped;
             self.out.push(Output::Exit(2));
         }
@@ -783,6 +801,7 @@ impl Core {
                 if let State::Joining(j) = &mut self.role {
                     j.conn = Some(conn);
                     j.asked_at = now;
+                    j.redirected = Some(addr);
                 }
             }
             State::Member(_) | State::Electing(_) => self.follow(0, addr, "redirected to the coordinator"),
@@ -923,6 +942,15 @@ impl Core {
         match &mut self.role {
             State::Joining(j) => {
                 j.conn = None;
+                if let Some(addr) = j.redirected.take() {
+                    // A peer vouched that a chat runs there: its coordinator
+                    // may have just died (an election follows) or be out of
+                    // reach for a moment. Try again, within the patience,
+                    // rather than give up at the first miss.
+                    let why = reason.unwrap_or_else(|| "connection closed".into());
+                    j.busy_seen = true;
+                    j.unreached = Some(format!("{addr} ({why})"));
+                }
                 self.join_next();
             }
             State::Member(_) => {
@@ -994,6 +1022,9 @@ impl Core {
                 // one again, until the patience runs out.
                 let conn = j.conn.take();
                 j.busy_seen = true;
+                if let Some(addr) = j.redirected.take() {
+                    j.unreached = Some(format!("{addr} (accepted the connection, then did not answer)"));
+                }
                 if let Some(c) = conn {
                     self.close(c);
                 }

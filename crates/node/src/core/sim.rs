@@ -148,6 +148,8 @@ pub struct Sim {
     /// Members a chat admits (`CoreConfig::max_members`) for nodes booted
     /// from now on.
     pub max_members: usize,
+    /// `CoreConfig::create_if_alone` for nodes booted from now on.
+    pub create_if_alone: bool,
     /// History a coordinator sends a catching-up peer at once
     /// (`CoreConfig::catch_up_bytes`): small values split a catch-up into
     /// many acknowledged chunks.
@@ -189,6 +191,7 @@ impl Sim {
             check: Checker::default(),
             session_base,
             max_members: p2p_proto::limits::MAX_MEMBERS,
+            create_if_alone: false,
             catch_up_bytes: 1 << 20,
             steps: 0,
             cuts: BTreeSet::new(),
@@ -229,6 +232,7 @@ impl Sim {
         cfg.replay = 20;
         cfg.keep = 1 << 20;
         cfg.max_members = self.max_members;
+        cfg.create_if_alone = self.create_if_alone;
         cfg.catch_up_bytes = self.catch_up_bytes;
         cfg
     }

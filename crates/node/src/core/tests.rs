@@ -501,6 +501,53 @@ fn a_newcomer_moves_on_from_a_peer_that_accepted_and_hung() {
     assert_clean(&sim);
 }
 
+/// A peer that redirects a newcomer vouches that a chat runs at the
+/// coordinator's address: a newcomer that cannot reach it (only just dead,
+/// or out of reach one way for a moment) tries again within its patience,
+/// instead of giving up at the first miss (found with one-way cuts between
+/// real processes); once it can, it joins.
+#[test]
+fn a_newcomer_that_cannot_reach_the_coordinator_yet_tries_again() {
+    let mut sim = cluster(3);
+    let n = sim.spawn("late", vec![sim.nodes[1].addr.clone()]);
+    sim.block_dials(n, 0);
+    run_for(&mut sim, 25 * HB);
+    assert_eq!(
+        sim.nodes[n].exit, None,
+        "gave up while the coordinator was out of reach"
+    );
+    assert_eq!(sim.role(n), Some(Role::Joining));
+    assert!(sim.check.events(n, 0).iter().any(|e| matches!(e,
+        Event::Info { message } if message.contains("could not reach the chat's coordinator"))));
+    sim.heal();
+    assert!(
+        settle(&mut sim, 20 * HB, |s| s.role(n) == Some(Role::Member)),
+        "still {:?} after the heal",
+        sim.role(n)
+    );
+    assert_clean(&sim);
+}
+
+/// ... and when it never can, it says which coordinator it could not reach
+/// (not "no peer answered"), and starts no chat of its own even with
+/// `--create-if-alone`: that would split the chat.
+#[test]
+fn a_newcomer_that_never_reaches_the_coordinator_says_so_and_starts_no_chat() {
+    let mut sim = cluster(3);
+    sim.create_if_alone = true;
+    let n = sim.spawn("late", vec![sim.nodes[1].addr.clone()]);
+    sim.block_dials(n, 0);
+    run_for(&mut sim, 80 * HB);
+    assert!(
+        sim.check.events(n, 0).iter().any(|e| matches!(e,
+        Event::Error { message, .. } if message.contains("sent us to the chat's coordinator at"))),
+        "{:?}",
+        sim.check.events(n, 0)
+    );
+    assert_ne!(sim.role(n), Some(Role::Coordinator), "started a second chat");
+    assert_clean(&sim);
+}
+
 #[test]
 fn a_full_chat_refuses_newcomers_clearly() {
     let mut sim = Sim::new(7, HB, NetConfig::default());
