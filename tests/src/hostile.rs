@@ -467,6 +467,7 @@ fn a_member_cannot_forge_history_in_a_sync() {
             vote: Some(2),
             min_epoch: 2,
             dead: vec![alice_id],
+            chat: String::new(),
         };
         raw.send(&m.hello(Some(resume.clone())));
         while let Ok(f) = raw.read() {

@@ -44,6 +44,9 @@ pub enum ErrorCode {
     /// The connection did not prove it holds the chat key, or a resume did
     /// not prove it is the member it names.
     Unauthenticated,
+    /// A `resume` for another chat reached a node of this one (the process
+    /// the resumer knew at this address is gone).
+    AnotherChat,
     /// A code from a newer peer that this version does not know.
     #[serde(other)]
     Unknown,
@@ -71,6 +74,7 @@ impl ErrorCode {
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::PluginRefused => "plugin_refused",
             ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::AnotherChat => "another_chat",
             ErrorCode::Unknown => "unknown",
         }
     }

@@ -248,6 +248,11 @@ pub struct Resume {
     /// Voters it proved dead (their address refused it).
     #[serde(default)]
     pub dead: Vec<u64>,
+    /// The id of the chat it comes back to (`welcome.chat_id`); a node of
+    /// another chat refuses it (`another_chat`) instead of admitting it as
+    /// a newcomer. Empty from nodes before this field.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub chat: String,
 }
 
 /// One bot plugin of the chat: a name (never a path: each node resolves it
@@ -750,5 +755,30 @@ mod tests {
         let b = serde_json::to_string(&e.clone().into_frame()).unwrap();
         assert_eq!(a, b);
         assert_eq!(e.clone().into_frame().into_entry().unwrap(), e);
+    }
+
+    #[test]
+    fn a_resume_names_its_chat_and_one_without_it_still_reads() {
+        let r = Resume {
+            member_id: 3,
+            epoch: 2,
+            chat: "ab".repeat(16),
+            ..Resume::default()
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert!(
+            text.contains(&format!("\"chat\":\"{}\"", "ab".repeat(16))),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Resume>(&text).unwrap(), r);
+        // From a node before the field: no chat, and nothing written for it.
+        let old: Resume =
+            serde_json::from_str(r#"{"member_id":3,"epoch":2,"commit":0,"log_epoch":0,"last_seq":0}"#)
+                .unwrap();
+        assert!(old.chat.is_empty());
+        assert!(!serde_json::to_string(&old).unwrap().contains("chat"));
+        let code: ErrorCode = serde_json::from_str("\"another_chat\"").unwrap();
+        assert_eq!(code, ErrorCode::AnotherChat);
+        assert_eq!(code.as_str(), "another_chat");
     }
 }

@@ -458,13 +458,25 @@ impl Core {
             .copied()
             .filter(|v| !yes.contains(v) && !dead.contains(v))
             .collect();
-        let reason = format!(
-            "waiting for a majority of voters: {} of {} agree; proven dead: [{}]; not answering or following another: [{}]",
-            yes.iter().filter(|v| all.contains(v)).count(),
-            all.len(),
-            names(&mut all.iter().filter(|v| dead.contains(v))).join(", "),
-            names(&mut missing.iter()).join(", "),
-        );
+        let alive: BTreeSet<u64> = all.iter().copied().filter(|v| !dead.contains(v)).collect();
+        let reason = if configs.iter().all(|cfg| is_quorum(cfg, &alive, &dead)) {
+            format!(
+                "waiting for a majority of voters: {} of {} agree; proven dead: [{}]; not answering or following another: [{}]",
+                yes.iter().filter(|v| all.contains(v)).count(),
+                all.len(),
+                names(&mut all.iter().filter(|v| dead.contains(v))).join(", "),
+                names(&mut missing.iter()).join(", "),
+            )
+        } else {
+            // A dead process never comes back (a restart is a new member),
+            // so no quorum can form again; wait anyway, in case a voter
+            // change this node missed left voters it does not know of.
+            format!(
+                "this chat cannot go on, as far as this node knows: of its {} voters, [{}] are gone for good and no majority is left to confirm messages; restart this node (or start a new chat) to chat again",
+                all.len(),
+                names(&mut all.iter().filter(|v| dead.contains(v))).join(", "),
+            )
+        };
         let reason = self.with_names(reason, &all);
         if let Some(c) = self.cand() {
             c.waiting = Some(reason);

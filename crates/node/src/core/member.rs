@@ -876,6 +876,13 @@ impl Core {
                 j.conn = None;
                 self.join_next();
             }
+            State::Member(_) if code == ErrorCode::AnotherChat => {
+                // Another process of another chat listens where our
+                // coordinator did: ours is gone.
+                let id = self.coordinator;
+                self.proven_dead(id);
+                self.start_election("the coordinator's address now runs another chat".into(), None);
+            }
             State::Member(_) if code == ErrorCode::ShuttingDown => {
                 // The coordinator left cleanly: it is gone for good.
                 let id = self.coordinator;
@@ -915,7 +922,9 @@ impl Core {
                             e.retry_at = Some(retry_at);
                         }
                     }
-                    ErrorCode::ShuttingDown => {
+                    // Gone for good: it left, or another process (of another
+                    // chat) listens at its address.
+                    ErrorCode::ShuttingDown | ErrorCode::AnotherChat => {
                         if let Some(t) = target {
                             self.proven_dead(t.id);
                         }

@@ -575,6 +575,7 @@ impl Core {
             vote,
             min_epoch: self.bound_epoch,
             dead: self.dead.iter().copied().collect(),
+            chat: self.state.chat_id.clone(),
         }
     }
 
@@ -950,6 +951,19 @@ impl Core {
         }
         if let Err(e) = limits::check_name(&name) {
             self.refuse(conn, ErrorCode::BadName, e);
+            return None;
+        }
+        if let Some(r) = resume
+            .as_ref()
+            .filter(|r| !r.chat.is_empty() && !self.state.chat_id.is_empty() && r.chat != self.state.chat_id)
+        {
+            // Admitting it as a newcomer would only add a member that
+            // leaves at once (it never joins another chat) to our log.
+            let message = format!(
+                "this node runs another chat ({}), not chat {}: the node you knew at this address is gone",
+                self.state.chat_id, r.chat
+            );
+            self.refuse(conn, ErrorCode::AnotherChat, message);
             return None;
         }
         if let Some(Err(e)) = addr.as_deref().map(limits::check_addr) {

@@ -224,7 +224,9 @@ impl Sim {
         cfg.session = self
             .session_base
             .wrapping_add(((idx as u64) << 20) + u64::from(node.inc));
-        cfg.chat_id = format!("{:032x}", self.session_base);
+        // A node that starts a chat gives it this id (each process its
+        // own, as real nodes draw one at random).
+        cfg.chat_id = format!("{:016x}{:016x}", self.session_base, cfg.session);
         let mut seed = [0u8; 32];
         seed[..8].copy_from_slice(&cfg.session.to_be_bytes());
         cfg.sign_seed = seed;

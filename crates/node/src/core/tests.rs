@@ -548,6 +548,65 @@ fn a_newcomer_that_never_reaches_the_coordinator_says_so_and_starts_no_chat() {
     assert_clean(&sim);
 }
 
+/// A member of a chat whose every other node was restarted into a new
+/// chat (no node keeps its chat across a restart; `p2pctl restart` of every
+/// node at once can do this) comes back to their addresses with a `resume`
+/// naming its chat. The new chat refuses it (`another_chat`) and it counts
+/// each as gone, instead of being admitted as a newcomer, seeing the other
+/// chat's id in the welcome and leaving, over and over: every round added
+/// a `joined` and a `left` entry to the new chat's log (seen with p2pctl).
+#[test]
+fn a_member_of_a_chat_that_is_gone_is_not_admitted_to_the_new_one_at_the_same_addresses() {
+    let mut sim = cluster(4);
+    sim.pause(3);
+    for i in 0..3 {
+        sim.kill(i);
+    }
+    sim.create_if_alone = true;
+    sim.restart(0);
+    assert!(
+        settle(&mut sim, 80 * HB, |s| s.role(0) == Some(Role::Coordinator)),
+        "the restarted n0 started no chat: {:?}",
+        sim.role(0)
+    );
+    sim.restart(1);
+    sim.restart(2);
+    assert!(settle(&mut sim, 30 * HB, |s| s.role(1) == Some(Role::Member)
+        && s.role(2) == Some(Role::Member)));
+    let new_chat = sim.nodes[0].core().members().len();
+    assert_eq!(new_chat, 3);
+    sim.resume(3);
+    run_for(&mut sim, 60 * HB);
+    let names: Vec<&str> = sim.nodes[0]
+        .core()
+        .members()
+        .iter()
+        .map(|m| m.name.as_str())
+        .collect();
+    assert_eq!(names.len(), 3, "the new chat admitted the old member: {names:?}");
+    assert!(
+        sim.check
+            .events(0, 1)
+            .iter()
+            .all(|e| !matches!(e, Event::Joined { name, .. } if name == "n3")),
+        "n3 joined the new chat: {:?}",
+        sim.check.events(0, 1)
+    );
+    assert_ne!(
+        sim.role(3),
+        Some(Role::Member),
+        "n3 follows a coordinator of its gone chat"
+    );
+    // It says why it waits (it cannot know for sure that no voter change
+    // it missed left live voters it does not know of).
+    assert!(
+        sim.check.events(3, 0).iter().any(|e| matches!(e,
+            Event::Waiting { reason } if reason.contains("cannot go on") && reason.contains("n0, n1, n2"))),
+        "{:?}",
+        sim.check.events(3, 0)
+    );
+}
+
 #[test]
 fn a_full_chat_refuses_newcomers_clearly() {
     let mut sim = Sim::new(7, HB, NetConfig::default());
