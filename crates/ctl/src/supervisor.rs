@@ -149,6 +149,8 @@ pub struct Supervisor {
     /// During `down`: the coordinator, stopped once every other node is
     /// gone (so the chat ends without electing a successor on the way out).
     down_last: Option<usize>,
+    /// The last node started with `--create-if-alone` (slot, generation).
+    creator: Option<(usize, u64)>,
     /// The chat key and its file (handed to every node).
     key: crate::check::Key,
     key_file: PathBuf,
@@ -194,6 +196,7 @@ impl Supervisor {
             start_deadline: Instant::now(),
             stopping: Vec::new(),
             down_last: None,
+            creator: None,
         }
     }
 
@@ -271,7 +274,30 @@ impl Supervisor {
         }
     }
 
-    fn node_args(&self, idx: usize, restart: bool) -> Vec<String> {
+    /// Whether a node started now may start a new chat if no peer answers:
+    /// the first of `up`, or the only one running; and a restarted node
+    /// (its peers may all be gone), unless another node that may start one
+    /// is still starting. Nodes keep no chat across a restart, so when
+    /// every node restarts at once (`p2pctl restart` of each), more than
+    /// one could find nobody in a chat and start one each: the cluster
+    /// would then run several chats side by side.
+    fn may_create(&self, idx: usize, restart: bool) -> bool {
+        let others_running = self
+            .slots
+            .iter()
+            .enumerate()
+            .any(|(i, s)| i != idx && s.pid.is_some());
+        if !others_running {
+            return true;
+        }
+        let creator_starting = self.creator.is_some_and(|(i, gen)| {
+            let s = &self.slots[i];
+            i != idx && s.gen == gen && s.pid.is_some() && s.role.is_none()
+        });
+        restart && !creator_starting
+    }
+
+    fn node_args(&self, idx: usize, create: bool) -> Vec<String> {
         let slot = &self.slots[idx];
         let listen = std::net::SocketAddr::new(self.cluster.host, slot.port);
         let mut args = vec![
@@ -303,25 +329,35 @@ impl Supervisor {
             args.push("--plugin".into());
             args.push(format!("{}:{}", p.name, p.config_json()));
         }
+        // Every other running node, listening yet or not: a node started
+        // with no --join starts a chat of its own, so one started while
+        // the others were restarting too (`p2pctl restart` of each at
+        // once) started a second chat beside theirs. A port of 0 is known
+        // only once its node says where it listens.
         let peers: Vec<String> = self
             .slots
             .iter()
             .enumerate()
             .filter(|(i, s)| *i != idx && s.pid.is_some())
-            .filter_map(|(_, s)| s.addr.clone())
+            .filter_map(|(_, s)| {
+                s.addr.clone().or_else(|| {
+                    (s.port != 0).then(|| std::net::SocketAddr::new(self.cluster.host, s.port).to_string())
+                })
+            })
             .collect();
         if !peers.is_empty() {
             args.push("--join".into());
             args.push(peers.join(","));
         }
-        if restart || peers.is_empty() {
+        if create {
             args.push("--create-if-alone".into());
         }
         args
     }
 
     fn spawn(&mut self, idx: usize, restart: bool) {
-        let args = self.node_args(idx, restart);
+        let create = self.may_create(idx, restart);
+        let args = self.node_args(idx, create);
         let log = self.logs_dir().join(format!("{}.log", self.slots[idx].name));
         let slot = &mut self.slots[idx];
         slot.gen += 1;
@@ -332,6 +368,9 @@ impl Supervisor {
         slot.restart_after_exit = false;
         let gen = slot.gen;
         let name = slot.name.clone();
+        if create {
+            self.creator = Some((idx, gen));
+        }
         match proc::spawn(
             &self.node_bin,
             &args,

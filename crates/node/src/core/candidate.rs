@@ -459,7 +459,30 @@ impl Core {
             .filter(|v| !yes.contains(v) && !dead.contains(v))
             .collect();
         let alive: BTreeSet<u64> = all.iter().copied().filter(|v| !dead.contains(v)).collect();
-        let reason = if configs.iter().all(|cfg| is_quorum(cfg, &alive, &dead)) {
+        let lost_for_good = !configs.iter().all(|cfg| is_quorum(cfg, &alive, &dead));
+        if lost_for_good
+            && self
+                .tip
+                .members
+                .iter()
+                .all(|m| m.id == me || m.addr.is_none() || dead.contains(&m.id))
+        {
+            // Not a voter change we missed either: every peer we know of
+            // is gone (refused, left, or another chat at its address), so
+            // there is nobody left to reach this chat through.
+            let gone = names(&mut all.iter().filter(|v| dead.contains(v))).join(", ");
+            let message = self.with_names(
+                format!(
+                    "this chat is over: a majority of its voters ([{gone}]) and every other peer are gone for good; start a new chat (p2pctl restarts this node into the cluster's chat)"
+                ),
+                &all,
+            );
+            self.emit(Event::Error { code: None, message });
+            self.role = State::Stopped;
+            self.out.push(super::Output::Exit(3));
+            return;
+        }
+        let reason = if !lost_for_good {
             format!(
                 "waiting for a majority of voters: {} of {} agree; proven dead: [{}]; not answering or following another: [{}]",
                 yes.iter().filter(|v| all.contains(v)).count(),
