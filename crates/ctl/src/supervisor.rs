@@ -920,3 +920,68 @@ pub async fn serve_control(listener: tokio::net::UnixListener, handle: Handle) {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn supervisor(nodes: usize) -> Supervisor {
+        let mut text = String::from("name: t\nnodes:\n");
+        for i in 0..nodes {
+            text.push_str(&format!("  - name: n{i}\n    port: {}\n", 7001 + i));
+        }
+        let cluster = Cluster::parse(&text, std::path::Path::new("t.yaml")).expect("a valid cluster file");
+        Supervisor::new(cluster, PathBuf::from("p2pnode"), None, PathBuf::from("t.key"))
+    }
+
+    /// What `spawn` records for a node started now: a new generation, a
+    /// process, no role yet; `--create-if-alone` makes it the creator.
+    fn started(s: &mut Supervisor, idx: usize) {
+        let create = s.may_create(idx, true);
+        let slot = &mut s.slots[idx];
+        slot.gen += 1;
+        slot.pid = Some(1000 + idx as u32);
+        slot.role = None;
+        if create {
+            s.creator = Some((idx, slot.gen));
+        }
+    }
+
+    #[test]
+    fn only_one_node_restarting_at_a_time_may_start_a_chat() {
+        let mut s = supervisor(3);
+        assert!(s.may_create(0, false), "the first node of up starts the chat");
+        started(&mut s, 0);
+        assert!(!s.may_create(1, false), "the others of up join it");
+        // Every node restarting at once: the first may start a chat, the
+        // others only join while it has not said it is ready.
+        started(&mut s, 1);
+        started(&mut s, 2);
+        assert_eq!(s.creator.map(|(i, _)| i), Some(0));
+        assert!(!s.may_create(1, true) && !s.may_create(2, true));
+        // Once it is in a chat (or gone), a restarted node may again: its
+        // peers may all be gone, and with a chat running it joins that.
+        s.slots[0].role = Some("coordinator".into());
+        assert!(s.may_create(1, true));
+        s.slots[0].role = None;
+        s.slots[0].pid = None;
+        assert!(s.may_create(2, true));
+    }
+
+    #[test]
+    fn a_node_started_while_the_others_restart_is_given_them_all_to_join() {
+        let mut s = supervisor(3);
+        started(&mut s, 1);
+        started(&mut s, 2);
+        s.slots[2].addr = Some("127.0.0.1:7999".into());
+        let args = s.node_args(0, false);
+        let join = args
+            .iter()
+            .position(|a| a == "--join")
+            .map(|i| args[i + 1].clone())
+            .expect("a --join list");
+        // Node 1 has not said where it listens yet: its configured port.
+        assert_eq!(join, "127.0.0.1:7002,127.0.0.1:7999");
+        assert!(!args.iter().any(|a| a == "--create-if-alone"));
+    }
+}
