@@ -2,7 +2,7 @@
 //! temporary directory, nodes on free ports, and nothing left behind.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use nix::sys::signal::{kill, Signal};
@@ -34,11 +34,16 @@ pub fn alive(pid: i32) -> bool {
 impl TestCluster {
     /// A cluster of `nodes` on free ports; `extra` is appended to the YAML.
     pub fn new(nodes: &[&str], extra: &str) -> TestCluster {
+        TestCluster::with_heartbeat(nodes, extra, 200)
+    }
+
+    /// The same, with the chat's heartbeat in milliseconds.
+    pub fn with_heartbeat(nodes: &[&str], extra: &str, heartbeat_ms: u64) -> TestCluster {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let name = format!("t{n}");
         let dir = std::env::temp_dir().join(format!("p2pctl-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let mut yaml = format!("name: {name}\nheartbeat_ms: 200\nstop_grace_ms: 1000\nnodes:\n");
+        let mut yaml = format!("name: {name}\nheartbeat_ms: {heartbeat_ms}\nstop_grace_ms: 1000\nnodes:\n");
         for node in nodes {
             yaml.push_str(&format!("  - name: {node}\n    port: 0\n"));
         }
@@ -276,6 +281,47 @@ fn restarted_node_rejoins_and_chat_agrees() {
     assert!(logs.contains("bob: hello after restart"), "{logs}");
     let merged = c.ok(&["logs"]);
     assert!(merged.contains("alice") && merged.contains("carol"), "{merged}");
+}
+
+/// Restarting every node at once (a `p2pctl restart` of each in the same
+/// moment) ends the chat, as nodes keep nothing on disk; the cluster must
+/// come back as one chat, not several side by side. Before, a node started
+/// while the others restarted was given nobody to join and started a chat
+/// of its own, every restarted node could start one, and a node left in
+/// the old chat stayed there, dialling its own address.
+#[test]
+fn restarting_every_node_at_once_brings_back_one_chat() {
+    let _heavy = crate::util::heavy();
+    let names = ["alice", "bob", "carol"];
+    // A node that finds nobody in a chat waits 50 heartbeats before it
+    // starts one: keep a storm well inside the test's deadline.
+    let c = TestCluster::with_heartbeat(&names, "", 50);
+    c.up();
+    for storm in 0..2 {
+        c.ok(&["kill", "--coordinator"]);
+        let restarts: Vec<_> = names
+            .iter()
+            .map(|n| {
+                Command::new(bin("p2pctl"))
+                    .arg("-f")
+                    .arg(&c.file)
+                    .args(["restart", n])
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("running p2pctl restart")
+            })
+            .collect();
+        for mut r in restarts {
+            assert!(r.wait().expect("p2pctl restart ran").success());
+        }
+        c.wait_ps(&format!("storm {storm}: three nodes in one chat"), |rows| {
+            all_running(3)(rows) && coordinators(rows).len() == 1 && c.ctl(&["check"]).status.success()
+        });
+    }
+    let out = c.ok(&["say", "bob", "one chat again"]);
+    assert!(out.starts_with("delivered at seq "), "{out}");
+    let out = c.ok(&["check"]);
+    assert!(out.contains("3 nodes agree"), "{out}");
 }
 
 /// `say` reports what became of its own line, not of another line the

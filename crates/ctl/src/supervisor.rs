@@ -87,6 +87,8 @@ enum UserDown {
 
 struct Slot {
     name: String,
+    /// The port it listens on: the configured one, or, for port 0, the one
+    /// its first process was given (a restarted node keeps its address).
     port: u16,
     state: NodeState,
     pid: Option<u32>,
@@ -333,7 +335,7 @@ impl Supervisor {
         // with no --join starts a chat of its own, so one started while
         // the others were restarting too (`p2pctl restart` of each at
         // once) started a second chat beside theirs. A port of 0 is known
-        // only once its node says where it listens.
+        // once its first process said where it listens.
         let peers: Vec<String> = self
             .slots
             .iter()
@@ -452,7 +454,20 @@ impl Supervisor {
             event: v.clone(),
         });
         match kind.as_str() {
-            "listening" => self.slots[idx].addr = v["addr"].as_str().map(str::to_string),
+            "listening" => {
+                let addr = v["addr"].as_str().map(str::to_string);
+                let slot = &mut self.slots[idx];
+                if slot.port == 0 {
+                    if let Some(port) = addr
+                        .as_deref()
+                        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                        .map(|a| a.port())
+                    {
+                        slot.port = port;
+                    }
+                }
+                slot.addr = addr;
+            }
             "config" => {
                 // The newest voter set any node delivered.
                 if let (Some(seq), Some(ids)) = (v["seq"].as_u64(), v["voters"].as_array()) {

@@ -357,6 +357,12 @@ impl Core {
     fn cand_probe(&mut self) {
         let voters = self.tip.all_voters();
         let me = self.me.id;
+        // A voter with a `left` entry was proven dead by a coordinator.
+        for v in &voters {
+            if self.member(*v).is_none() {
+                self.proven_dead(*v);
+            }
+        }
         let State::Candidate(c) = &self.role else { return };
         let probing: BTreeSet<u64> = c.probes.values().copied().collect();
         let targets: Vec<(u64, String)> = voters

@@ -1156,11 +1156,26 @@ impl Core {
             Some(id) if id == self.me.id && is_voter => self.become_candidate(),
             Some(id) => {
                 let Some(addr) = self.member(id).and_then(|m| m.addr.clone()) else {
-                    if let State::Electing(e) = &mut self.role {
+                    if self.member(id).is_none() {
+                        // A voter with a `left` entry: a coordinator
+                        // proposes one for a voter only once it proved it
+                        // dead (or it left). Skipping it, round after
+                        // round, kept a member whose every voter was gone
+                        // electing for ever instead of ending its chat.
+                        self.proven_dead(id);
+                    } else if let State::Electing(e) = &mut self.role {
                         e.skip.insert(id);
                     }
                     return self.try_successor();
                 };
+                if self.me.addr.as_deref() == Some(addr.as_str()) {
+                    // Our own address: that member was this node's previous
+                    // process (a restart on the same address), gone for good.
+                    // Dialling it reached ourselves, which cannot answer for
+                    // it, so it was skipped round after round.
+                    self.proven_dead(id);
+                    return self.try_successor();
+                }
                 let vote = is_voter.then(|| {
                     if self.voted.1 == id && self.voted.0 > self.epoch {
                         self.voted.0
