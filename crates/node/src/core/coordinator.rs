@@ -536,13 +536,31 @@ impl Core {
         let Some(c) = self.coord() else { return };
         if let Some(id) = c.probes.remove(&conn) {
             self.close(conn);
-            if let Frame::ProbeReply { session, epoch, .. } = frame {
+            if let Frame::ProbeReply {
+                session,
+                epoch,
+                role,
+                coordinator,
+                ..
+            } = frame
+            {
                 let expected = self.member(id).map(|m| m.session);
                 if expected != Some(session) {
                     self.proven_dead(id);
                 } else if epoch > self.epoch {
                     self.note_epoch(epoch);
-                    self.step_down(None, "a voter follows a newer coordinator");
+                    // Go to that coordinator, as an announcement would send
+                    // us. Electing instead made this node (often the
+                    // earliest-joined voter, back from a pause) run against
+                    // a healthy reign and win it back: one more failover
+                    // for nothing (seen with p2pctl kill -s STOP, then CONT).
+                    let to = coordinator
+                        .filter(|a| {
+                            matches!(role, p2p_proto::Role::Member | p2p_proto::Role::Coordinator)
+                                && limits::check_addr(a).is_ok()
+                        })
+                        .map(|a| (0, a));
+                    self.step_down(to, "a voter follows a newer coordinator");
                 }
             }
             return;

@@ -1334,3 +1334,32 @@ fn a_status_answer_fits_the_frame_limit_at_the_largest_chat() {
         }
     }
 }
+
+/// A coordinator back from a pause, told by a voter's probe answer (not by
+/// an announcement: here the new coordinator cannot dial it) that a newer
+/// reign exists, goes to that coordinator. Before, it ran for election
+/// itself, the earliest-joined voter, and won the chat back from a
+/// healthy reign: one more failover for nothing (seen with `p2pctl kill
+/// -s STOP` then `CONT`).
+#[test]
+fn a_coordinator_back_from_a_pause_follows_the_new_one_instead_of_running() {
+    let mut sim = cluster(5);
+    run_for(&mut sim, 10 * HB);
+    sim.pause(0);
+    for i in 1..5 {
+        sim.block_dials(i, 0);
+    }
+    assert!(settle(&mut sim, 20 * HB, |s| s.role(1) == Some(Role::Coordinator)));
+    run_for(&mut sim, 5 * HB);
+    let epoch = sim.nodes[1].core().epoch();
+    sim.resume(0);
+    assert!(
+        settle(&mut sim, 30 * HB, |s| s.role(0) == Some(Role::Member)),
+        "n0 is {:?}",
+        sim.role(0)
+    );
+    run_for(&mut sim, 10 * HB);
+    assert_eq!(sim.role(1), Some(Role::Coordinator), "n1 lost its reign");
+    assert_eq!(sim.nodes[1].core().epoch(), epoch, "a needless election");
+    assert_clean(&sim);
+}
