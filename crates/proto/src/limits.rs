@@ -49,6 +49,22 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a chat id as a `resume` names it: 32 hex digits (nodes draw
+/// them at random when a chat starts).
+///
+/// # Errors
+/// Returns a sentence saying what is wrong with the id.
+pub fn check_chat_id(id: &str) -> Result<(), String> {
+    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(format!(
+            "resume.chat must be a chat id of 32 hex digits, got {} bytes",
+            id.len()
+        ))
+    }
+}
+
 /// Checks a member's listening address: `host:port`, at most
 /// [`MAX_ADDR_LEN`] bytes, the host made of letters, digits, `.`, `-`, `_`
 /// or a bracketed IPv6 literal, the port a number from 1 to 65535.
@@ -138,6 +154,15 @@ fn has_control(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chat_ids_are_32_hex_digits() {
+        assert!(check_chat_id("0123456789abcdef0123456789ABCDEF").is_ok());
+        for bad in ["", "abc", &"a".repeat(33), &"g".repeat(32), &"x".repeat(100_000)] {
+            let e = check_chat_id(bad).unwrap_err();
+            assert!(e.contains(&format!("got {} bytes", bad.len())), "{e}");
+        }
+    }
 
     #[test]
     fn names() {

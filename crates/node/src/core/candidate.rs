@@ -355,14 +355,9 @@ impl Core {
 
     /// Probes every voter that has not voted and is not known dead.
     fn cand_probe(&mut self) {
+        self.departed_voters_dead();
         let voters = self.tip.all_voters();
         let me = self.me.id;
-        // A voter with a `left` entry was proven dead by a coordinator.
-        for v in &voters {
-            if self.member(*v).is_none() {
-                self.proven_dead(*v);
-            }
-        }
         let State::Candidate(c) = &self.role else { return };
         let probing: BTreeSet<u64> = c.probes.values().copied().collect();
         let targets: Vec<(u64, String)> = voters
@@ -465,6 +460,7 @@ impl Core {
             .filter(|v| !yes.contains(v) && !dead.contains(v))
             .collect();
         let alive: BTreeSet<u64> = all.iter().copied().filter(|v| !dead.contains(v)).collect();
+        let gone = names(&mut all.iter().filter(|v| dead.contains(v))).join(", ");
         let lost_for_good = !configs.iter().all(|cfg| is_quorum(cfg, &alive, &dead));
         if lost_for_good
             && self
@@ -476,7 +472,6 @@ impl Core {
             // Not a voter change we missed either: every peer we know of
             // is gone (refused, left, or another chat at its address), so
             // there is nobody left to reach this chat through.
-            let gone = names(&mut all.iter().filter(|v| dead.contains(v))).join(", ");
             let message = self.with_names(
                 format!(
                     "this chat is over: a majority of its voters ([{gone}]) and every other peer are gone for good; start a new chat (p2pctl restarts this node into the cluster's chat)"
@@ -493,7 +488,7 @@ impl Core {
                 "waiting for a majority of voters: {} of {} agree; proven dead: [{}]; not answering or following another: [{}]",
                 yes.iter().filter(|v| all.contains(v)).count(),
                 all.len(),
-                names(&mut all.iter().filter(|v| dead.contains(v))).join(", "),
+                gone,
                 names(&mut missing.iter()).join(", "),
             )
         } else {
@@ -501,9 +496,8 @@ impl Core {
             // so no quorum can form again; wait anyway, in case a voter
             // change this node missed left voters it does not know of.
             format!(
-                "this chat cannot go on, as far as this node knows: of its {} voters, [{}] are gone for good and no majority is left to confirm messages; restart this node (or start a new chat) to chat again",
+                "this chat cannot go on, as far as this node knows: of its {} voters, [{gone}] are gone for good and no majority is left to confirm messages; restart this node (or start a new chat) to chat again",
                 all.len(),
-                names(&mut all.iter().filter(|v| dead.contains(v))).join(", "),
             )
         };
         let reason = self.with_names(reason, &all);

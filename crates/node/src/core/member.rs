@@ -1139,6 +1139,9 @@ impl Core {
             return;
         }
         let skip = e.skip.clone();
+        // Skipping departed voters round after round kept a member whose
+        // every voter was gone electing for ever instead of ending its chat.
+        self.departed_voters_dead();
         let next = match self.successor(&skip) {
             Some(id) => Some(id),
             None if !skip.is_empty() => {
@@ -1156,14 +1159,7 @@ impl Core {
             Some(id) if id == self.me.id && is_voter => self.become_candidate(),
             Some(id) => {
                 let Some(addr) = self.member(id).and_then(|m| m.addr.clone()) else {
-                    if self.member(id).is_none() {
-                        // A voter with a `left` entry: a coordinator
-                        // proposes one for a voter only once it proved it
-                        // dead (or it left). Skipping it, round after
-                        // round, kept a member whose every voter was gone
-                        // electing for ever instead of ending its chat.
-                        self.proven_dead(id);
-                    } else if let State::Electing(e) = &mut self.role {
+                    if let State::Electing(e) = &mut self.role {
                         e.skip.insert(id);
                     }
                     return self.try_successor();

@@ -637,6 +637,17 @@ impl Core {
         self.max_epoch = self.max_epoch.max(epoch);
     }
 
+    /// Voters (of the current or the previous set) with a `left` entry are
+    /// proven dead: a coordinator appends one for a voter only once it
+    /// proved it dead (or it left).
+    fn departed_voters_dead(&mut self) {
+        for v in self.tip.all_voters() {
+            if self.member(v).is_none() {
+                self.proven_dead(v);
+            }
+        }
+    }
+
     /// Marks a member proven dead.
     fn proven_dead(&mut self, id: u64) {
         if id != 0 && id != self.me.id && self.dead.insert(id) {
@@ -951,6 +962,14 @@ impl Core {
         }
         if let Err(e) = limits::check_name(&name) {
             self.refuse(conn, ErrorCode::BadName, e);
+            return None;
+        }
+        if let Some(Err(e)) = resume
+            .as_ref()
+            .filter(|r| !r.chat.is_empty())
+            .map(|r| limits::check_chat_id(&r.chat))
+        {
+            self.refuse(conn, ErrorCode::BadField, e);
             return None;
         }
         if let Some(r) = resume
