@@ -324,6 +324,54 @@ fn restarting_every_node_at_once_brings_back_one_chat() {
     assert!(out.contains("3 nodes agree"), "{out}");
 }
 
+/// Three nodes of five killed at once (SIGKILL from outside, so p2pctl
+/// restarts them): the restarted three start a new chat, and the two
+/// survivors, whose chat can never confirm a message again, end it and are
+/// restarted into the new one. Before, the survivors waited in the dead
+/// chat for ever and `check` reported two chats.
+#[test]
+fn killing_a_majority_at_once_brings_back_one_chat() {
+    let _heavy = crate::util::heavy();
+    let names = ["alice", "bob", "carol", "dave", "erin"];
+    let c = TestCluster::with_heartbeat(&names, "", 50);
+    c.up();
+    let rows = c.wait_ps("five voters", |rows| {
+        all_running(5)(rows) && coordinators(rows).len() == 1 && rows.iter().all(|r| r["voter"] == true)
+    });
+    let doomed: Vec<i32> = ["alice", "carol", "dave"]
+        .iter()
+        .map(|n| {
+            TestCluster::row(&rows, n)["pid"]
+                .as_i64()
+                .expect("a running node's pid") as i32
+        })
+        .collect();
+    for pid in &doomed {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("killing a node");
+    }
+    let rows = c.wait_ps("five nodes in one chat again", |rows| {
+        all_running(5)(rows) && coordinators(rows).len() == 1 && c.ctl(&["check"]).status.success()
+    });
+    for survivor in ["bob", "erin"] {
+        let row = TestCluster::row(&rows, survivor);
+        assert_eq!(row["restarts"], 1, "{survivor} did not end the old chat: {row}");
+        let log = std::fs::read_to_string(c.state_dir().join("logs").join(format!("{survivor}.log")))
+            .unwrap_or_default();
+        assert!(
+            log.contains("this chat is over"),
+            "{survivor}'s log says nothing of ending its chat:\n{log}"
+        );
+    }
+    let out = c.ok(&["say", "bob", "one chat again"]);
+    assert!(out.starts_with("delivered at seq "), "{out}");
+    let out = c.ok(&["check"]);
+    assert!(out.contains("5 nodes agree"), "{out}");
+}
+
 /// `say` reports what became of its own line, not of another line the
 /// same node posted just before it: with the other voters paused, a post
 /// waits at the coordinator, `say`'s line queues behind it, and once the

@@ -319,6 +319,9 @@ impl Core {
         if now >= c.next_probe {
             c.next_probe = now + 2 * hb;
             self.cand_probe();
+            // Also looks again at who came to us meanwhile (a peer that is
+            // not a voter, say): it may show the chat cannot go on.
+            self.cand_check();
         }
         let me = self.me.id;
         let Some(c) = self.cand() else { return };
@@ -462,21 +465,31 @@ impl Core {
         let alive: BTreeSet<u64> = all.iter().copied().filter(|v| !dead.contains(v)).collect();
         let gone = names(&mut all.iter().filter(|v| dead.contains(v))).join(", ");
         let lost_for_good = !configs.iter().all(|cfg| is_quorum(cfg, &alive, &dead));
-        if lost_for_good
-            && self
-                .tip
-                .members
-                .iter()
-                .all(|m| m.id == me || m.addr.is_none() || dead.contains(&m.id))
-        {
+        let live_peers: BTreeSet<u64> = self
+            .tip
+            .members
+            .iter()
+            .filter(|m| m.id != me && m.addr.is_some() && !dead.contains(&m.id))
+            .map(|m| m.id)
+            .collect();
+        if lost_for_good && (live_peers.is_empty() || self.stuck_with_us(&live_peers)) {
             // Not a voter change we missed either: every peer we know of
-            // is gone (refused, left, or another chat at its address), so
-            // there is nobody left to reach this chat through.
+            // is gone (refused, left, or another chat at its address), or
+            // every live one voted for us and can prove nothing we cannot
+            // (so knows of no voter set we do not), so there is nobody
+            // left to bring this chat back through.
+            let everyone = if live_peers.is_empty() {
+                "every other peer is gone".to_string()
+            } else {
+                let stuck = names(&mut live_peers.iter()).join(", ");
+                format!("every other live peer ([{stuck}]) is stuck in it too")
+            };
+            let known: BTreeSet<u64> = all.union(&live_peers).copied().collect();
             let message = self.with_names(
                 format!(
-                    "this chat is over: a majority of its voters ([{gone}]) and every other peer are gone for good; start a new chat (p2pctl restarts this node into the cluster's chat)"
+                    "this chat is over: a majority of its voters ([{gone}]) are gone for good and {everyone}; start a new chat (p2pctl restarts this node into the cluster's chat)"
                 ),
-                &all,
+                &known,
             );
             self.emit(Event::Error { code: None, message });
             self.role = State::Stopped;
@@ -504,6 +517,31 @@ impl Core {
         if let Some(c) = self.cand() {
             c.waiting = Some(reason);
         }
+    }
+
+    /// Whether every peer in `live` came to us (a voter with its vote, a
+    /// non-voter waiting for the election) and none of them can prove more
+    /// of the log than we can, with no peer we do not know among them:
+    /// then none of us knows of a voter set we do not, and no quorum of
+    /// the sets we know can form again.
+    fn stuck_with_us(&self, live: &BTreeSet<u64>) -> bool {
+        let mine = self.provable();
+        let State::Candidate(c) = &self.role else {
+            return false;
+        };
+        let peers: Vec<&Resumer> = c
+            .votes
+            .values()
+            .chain(c.held.values())
+            .filter(|r| r.addr.is_some())
+            .collect();
+        let behind = |r: &Resumer| (r.resume.log_epoch, r.resume.last_seq) <= mine;
+        peers
+            .iter()
+            .all(|r| live.contains(&r.resume.member_id) && behind(r))
+            && live
+                .iter()
+                .all(|id| peers.iter().any(|r| r.resume.member_id == *id))
     }
 
     /// Replaces `#id` in a sentence by member names.

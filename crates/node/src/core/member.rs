@@ -1198,13 +1198,17 @@ impl Core {
                 // Every voter is proven gone, for good: nobody can confirm
                 // anything, and nobody can know what they confirmed last.
                 let names: Vec<String> = self.tip.all_voters().iter().map(|v| self.name_of(*v)).collect();
-                self.emit(Event::Error {
-                    code: None,
-                    message: format!(
+                let message = if names.is_empty() {
+                    // Welcomed, then cut off before the chat's state came:
+                    // we know no voter to turn to.
+                    "lost the coordinator before the chat's state arrived, so this node knows no peer to turn to; start it again to rejoin".to_string()
+                } else {
+                    format!(
                         "this chat is over: every node that could confirm messages is gone ({}); start a new chat",
                         names.join(", ")
-                    ),
-                });
+                    )
+                };
+                self.emit(Event::Error { code: None, message });
                 self.role = State::Stopped;
                 self.out.push(Output::Exit(3));
             }

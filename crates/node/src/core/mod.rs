@@ -1019,6 +1019,16 @@ impl Core {
             State::Coordinator(_) => self.coord_hello(h),
             State::Candidate(_) => self.cand_hello(h),
             State::Member(_) | State::Electing(_) => self.member_hello(h),
+            // A node joins only as a new process (it keeps nothing across
+            // a restart): whoever comes back to this address knew another
+            // process, gone for good. Saying "retry" kept it electing until
+            // this node, answered "an election is under way" in turn, ran
+            // out of patience (5 s at the default heartbeat).
+            State::Joining(_) if h.resume.is_some() => self.refuse(
+                h.conn,
+                ErrorCode::AnotherChat,
+                "this node is a new process that has not joined a chat yet: the node you knew at this address is gone",
+            ),
             State::Joining(_) | State::Stopped => self.refuse(
                 h.conn,
                 ErrorCode::Electing,

@@ -166,6 +166,8 @@ pub struct Sim {
     stalled: BTreeMap<(usize, ConnId), VecDeque<(u32, Stalled)>>,
     /// Partitions begun so far (for the runs' statistics).
     pub partitions: u64,
+    /// Processes that ended their chat (exit status 3) so far.
+    pub chats_ended: u64,
 }
 
 /// Something held at a cut.
@@ -198,6 +200,7 @@ impl Sim {
             no_dial: BTreeSet::new(),
             stalled: BTreeMap::new(),
             partitions: 0,
+            chats_ended: 0,
         }
     }
 
@@ -615,6 +618,7 @@ impl Sim {
                 self.check.event(idx, inc, self.now, &e)
             }
             Output::Exit(code) => {
+                self.chats_ended += u64::from(code == 3);
                 self.nodes[idx].exit = Some(code);
                 self.nodes[idx].core = None;
                 self.check.died(idx, inc);

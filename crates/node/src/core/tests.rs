@@ -605,6 +605,110 @@ fn a_member_of_a_chat_that_is_gone_is_not_admitted_to_the_new_one_at_the_same_ad
     );
 }
 
+/// A majority of the voters killed at once and restarted into a new chat
+/// (`p2pctl` does this after `kill -9` of three nodes out of five): the
+/// two survivors can never confirm a message again, as each of the dead
+/// voters is proven gone (another chat answers at its address). Each saw
+/// the other alive, so each waited for ever, and the cluster stayed split
+/// in two chats. Once every live peer has voted for the candidate and
+/// none of them can prove more than it, nobody can bring the chat back:
+/// the candidate ends it, the other survivor then finds every peer gone
+/// and ends it too (p2pctl restarts both into the new chat).
+#[test]
+fn the_survivors_of_a_majority_killed_at_once_end_their_chat_together() {
+    survivors_end_their_chat(5, 3);
+}
+
+/// The same with a peer that is not a voter among the survivors (a chat
+/// has at most seven voters): it waits for the election like the others,
+/// and ends the chat with them.
+#[test]
+fn survivors_that_are_not_voters_end_the_dead_chat_too() {
+    survivors_end_their_chat(8, 4);
+}
+
+/// Kills nodes 0..`killed` of a chat of `n` at once, restarts them into a
+/// new chat, and expects every survivor to end the old one.
+fn survivors_end_their_chat(n: usize, killed: usize) {
+    let mut sim = cluster(n);
+    for i in 0..killed {
+        sim.kill(i);
+    }
+    // One is back at once (before anyone found its address refusing),
+    // allowed to start a chat.
+    sim.create_if_alone = true;
+    sim.restart(0);
+    // Within 30 heartbeats: a survivor that came back to the address of a
+    // killed node found a new process there still joining, was told "retry"
+    // and kept electing until that process ran out of patience (50).
+    assert!(
+        settle(&mut sim, 30 * HB, |s| (killed..n)
+            .all(|i| s.nodes[i].exit.is_some())),
+        "the survivors still wait: {:?}",
+        (killed..n).map(|i| sim.role(i)).collect::<Vec<_>>()
+    );
+    for i in killed..n {
+        assert_eq!(sim.nodes[i].exit, Some(3));
+        assert!(
+            sim.check.events(i, 0).iter().any(|e| matches!(e,
+                Event::Error { message, .. } if message.contains("this chat is over"))),
+            "n{i}: {:?}",
+            sim.check.events(i, 0)
+        );
+    }
+    // The restarted nodes make one new chat (the survivors would join it
+    // when restarted).
+    assert!(
+        settle(&mut sim, 80 * HB, |s| s.role(0) == Some(Role::Coordinator)),
+        "the restarted n0 started no chat: {:?}",
+        sim.role(0)
+    );
+    for i in 1..killed {
+        sim.restart(i);
+    }
+    assert!(
+        settle(&mut sim, 30 * HB, |s| (1..killed)
+            .all(|i| s.role(i) == Some(Role::Member))),
+        "not one new chat: {:?}",
+        (0..killed).map(|i| sim.role(i)).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        sim.nodes[0].core().members().len(),
+        killed,
+        "the new chat lost members"
+    );
+}
+
+/// The rule above must not end a chat that a live peer can still bring
+/// back: one voter of five left alive beside the candidate's camp is
+/// enough to wait for (here the killed voters are only cut off, not
+/// proven dead, so the chat comes back when the cut heals).
+#[test]
+fn survivors_wait_for_voters_that_are_only_cut_off() {
+    let mut sim = cluster(5);
+    for i in 0..3 {
+        sim.pause(i);
+    }
+    run_for(&mut sim, 60 * HB);
+    assert_eq!(
+        sim.nodes[3].exit, None,
+        "n3 ended a chat its voters may still confirm"
+    );
+    assert_eq!(
+        sim.nodes[4].exit, None,
+        "n4 ended a chat its voters may still confirm"
+    );
+    for i in 0..3 {
+        sim.resume(i);
+    }
+    assert!(settle(&mut sim, 100 * HB, |s| (0..5)
+        .filter(|&i| s.role(i) == Some(Role::Coordinator))
+        .count()
+        == 1
+        && (0..5).filter(|&i| s.role(i) == Some(Role::Member)).count() == 4));
+    assert_clean(&sim);
+}
+
 #[test]
 fn a_full_chat_refuses_newcomers_clearly() {
     let mut sim = Sim::new(7, HB, NetConfig::default());
@@ -762,6 +866,8 @@ struct Stats {
     waited: u64,
     /// Asymmetric cuts made (see `Chaos::one_way`).
     one_way: u64,
+    /// Processes that ended a chat nobody could bring back (exit 3).
+    ended: u64,
 }
 
 fn run_seed(seed: u64, chaos: Chaos) -> Result<Stats, String> {
@@ -984,6 +1090,7 @@ fn run_seed(seed: u64, chaos: Chaos) -> Result<Stats, String> {
     stats.acked = sim.check.acked.len();
     stats.converged = converged;
     stats.partitions = sim.partitions;
+    stats.ended = sim.chats_ended;
     Ok(stats)
 }
 
@@ -1070,6 +1177,7 @@ fn run_many(chaos: Chaos, default_seeds: u64) {
                 total.partitions += s.partitions;
                 total.waited += s.waited;
                 total.one_way += s.one_way;
+                total.ended += s.ended;
                 converged += usize::from(s.converged);
             }
             Err(e) => {
