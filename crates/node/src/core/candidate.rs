@@ -472,6 +472,13 @@ impl Core {
             .filter(|m| m.id != me && m.addr.is_some() && !dead.contains(&m.id))
             .map(|m| m.id)
             .collect();
+        if lost_for_good {
+            // A peer that has not come to us (one that is not a voter is
+            // never probed for the election) may be gone: find out.
+            for id in self.not_come_to_us(&live_peers) {
+                self.check_identity(id);
+            }
+        }
         if lost_for_good && (live_peers.is_empty() || self.stuck_with_us(&live_peers)) {
             // Not a voter change we missed either: every peer we know of
             // is gone (refused, left, or another chat at its address), or
@@ -542,6 +549,17 @@ impl Core {
             && live
                 .iter()
                 .all(|id| peers.iter().any(|r| r.resume.member_id == *id))
+    }
+
+    /// The peers in `live` that neither voted for us nor wait on us.
+    fn not_come_to_us(&self, live: &BTreeSet<u64>) -> Vec<u64> {
+        let State::Candidate(c) = &self.role else {
+            return Vec::new();
+        };
+        live.iter()
+            .copied()
+            .filter(|id| !c.votes.contains_key(id) && !c.held.values().any(|r| r.resume.member_id == *id))
+            .collect()
     }
 
     /// Replaces `#id` in a sentence by member names.

@@ -5,6 +5,10 @@
 //! - no gaps: a node's deliveries are consecutive from where it started;
 //! - exactly once: a sender's message (id, client_seq) sits at one seq;
 //! - one coordinator per epoch.
+//!
+//! Each of these holds per chat: a restart storm ends a chat and starts
+//! another (nodes keep nothing across a restart), whose seqs and epochs
+//! start again at 1. A process belongs to one chat for its life.
 
 use std::collections::BTreeMap;
 
@@ -14,18 +18,24 @@ use super::{Event, Millis};
 
 type Who = (usize, u32);
 
+/// A chat's id (empty before a process joined one).
+type ChatId = String;
+
 #[derive(Default)]
 pub struct Checker {
-    /// seq → (entry, who delivered it first).
-    global: BTreeMap<u64, (Entry, Who)>,
+    /// (chat, seq) → (entry, who delivered it first).
+    global: BTreeMap<(ChatId, u64), (Entry, Who)>,
+    /// The chat each process delivered in.
+    chat_of: BTreeMap<Who, ChatId>,
     /// Per node incarnation: delivered seqs in order, and texts.
     delivered: BTreeMap<Who, Vec<u64>>,
-    /// (sender id, client_seq) → seq.
-    by_msg: BTreeMap<(u64, u64), u64>,
-    /// epoch → coordinator.
-    epochs: BTreeMap<u64, Who>,
-    /// Messages acknowledged to their sender (delivered there): text → seq.
-    pub acked: BTreeMap<String, u64>,
+    /// (chat, sender id, client_seq) → seq.
+    by_msg: BTreeMap<(ChatId, u64, u64), u64>,
+    /// (chat, epoch) → coordinator.
+    epochs: BTreeMap<(ChatId, u64), Who>,
+    /// Messages acknowledged to their sender (delivered there): text →
+    /// (chat, seq).
+    pub acked: BTreeMap<String, (ChatId, u64)>,
     /// Texts typed by each incarnation.
     typed: BTreeMap<Who, Vec<String>>,
     events: BTreeMap<Who, Vec<Event>>,
@@ -50,7 +60,8 @@ impl Checker {
         self.dead.insert((node, inc), true);
     }
 
-    pub fn event(&mut self, node: usize, inc: u32, now: Millis, e: &Event) {
+    /// An event of a process, in chat `chat` (its chat when it emitted it).
+    pub fn event(&mut self, node: usize, inc: u32, chat: &str, now: Millis, e: &Event) {
         match e {
             Event::Role {
                 role: Role::Coordinator,
@@ -59,27 +70,28 @@ impl Checker {
                 ..
             } => {
                 self.takeovers.push((now, *epoch, *election_ms));
-                self.coordinator(*epoch, (node, inc));
+                self.coordinator(chat, *epoch, (node, inc));
             }
             Event::Ready {
                 created: true, epoch, ..
-            } => self.coordinator(*epoch, (node, inc)),
+            } => self.coordinator(chat, *epoch, (node, inc)),
             _ => {}
         }
         self.events.entry((node, inc)).or_default().push(e.clone());
     }
 
-    fn coordinator(&mut self, epoch: u64, who: Who) {
-        match self.epochs.get(&epoch) {
+    fn coordinator(&mut self, chat: &str, epoch: u64, who: Who) {
+        let key = (chat.to_string(), epoch);
+        match self.epochs.get(&key) {
             Some(prev) if *prev != who => {
                 let v = format!(
-                    "two coordinators in epoch {epoch}: node {:?} and node {:?}",
+                    "two coordinators in epoch {epoch} of chat {chat}: node {:?} and node {:?}",
                     prev, who
                 );
                 self.violation(v);
             }
             _ => {
-                self.epochs.insert(epoch, who);
+                self.epochs.insert(key, who);
             }
         }
     }
@@ -87,16 +99,29 @@ impl Checker {
     /// Entries a node delivered since the last look (None: not held, i.e.
     /// skipped). `first`: the node's first deliveries (a newcomer starts
     /// wherever its history starts).
+    #[allow(clippy::too_many_arguments)]
     pub fn delivered(
         &mut self,
         node: usize,
         inc: u32,
+        chat: &str,
         me: u64,
         first: bool,
         entries: &[(u64, Option<Entry>)],
         gaps: u64,
     ) {
         let who = (node, inc);
+        match self.chat_of.get(&who) {
+            Some(c) if c != chat => {
+                let v = format!("node {who:?} delivered in chat {c}, then in chat {chat}");
+                self.violation(v);
+            }
+            Some(_) => {}
+            None if entries.iter().any(|(_, e)| e.is_some()) => {
+                self.chat_of.insert(who, chat.to_string());
+            }
+            None => {}
+        }
         if gaps > 0
             && !self
                 .violations
@@ -124,10 +149,11 @@ impl Checker {
                     self.violation(v);
                 }
             }
-            match self.global.get(seq) {
+            let at = (chat.to_string(), *seq);
+            match self.global.get(&at) {
                 Some((e, by)) if e != entry => {
                     let v = format!(
-                        "seq {seq}: node {who:?} delivered {} but node {by:?} delivered {}",
+                        "seq {seq} of chat {chat}: node {who:?} delivered {} but node {by:?} delivered {}",
                         describe(entry),
                         describe(e)
                     );
@@ -135,17 +161,17 @@ impl Checker {
                 }
                 Some(_) => {}
                 None => {
-                    self.global.insert(*seq, (entry.clone(), who));
+                    self.global.insert(at, (entry.clone(), who));
                 }
             }
             if let Entry::Chat(c) = entry {
                 if c.from_id != 0 && c.client_seq > 0 {
-                    let key = (c.from_id, c.client_seq);
+                    let key = (chat.to_string(), c.from_id, c.client_seq);
                     match self.by_msg.get(&key) {
                         Some(s) if s != seq => {
                             let v = format!(
-                                "message {:?} ({}) delivered at seq {s} and at seq {seq}",
-                                key, c.text
+                                "message ({}, {}) ({}) of chat {chat} delivered at seq {s} and at seq {seq}",
+                                c.from_id, c.client_seq, c.text
                             );
                             self.violation(v);
                         }
@@ -154,7 +180,7 @@ impl Checker {
                         }
                     }
                     if c.from_id == me {
-                        self.acked.insert(c.text.clone(), *seq);
+                        self.acked.insert(c.text.clone(), (chat.to_string(), *seq));
                     }
                 }
             }
@@ -163,11 +189,12 @@ impl Checker {
 
     /// Delivered chat texts of one incarnation, in order.
     pub fn texts(&self, node: usize, inc: u32) -> Vec<String> {
+        let chat = self.chat_of.get(&(node, inc)).cloned().unwrap_or_default();
         self.delivered
             .get(&(node, inc))
             .into_iter()
             .flatten()
-            .filter_map(|s| match &self.global.get(s)?.0 {
+            .filter_map(|s| match &self.global.get(&(chat.clone(), *s))?.0 {
                 Entry::Chat(c) => Some(format!("{}:{}", c.from, c.text)),
                 _ => None,
             })
@@ -200,9 +227,11 @@ impl Checker {
             .acked
             .iter()
             .filter(
-                |(text, seq)| !matches!(self.global.get(seq), Some((Entry::Chat(c), _)) if &c.text == *text),
+                |(text, at)| !matches!(self.global.get(at), Some((Entry::Chat(c), _)) if &c.text == *text),
             )
-            .map(|(text, seq)| format!("acknowledged message {text} (seq {seq}) is not in the final order"))
+            .map(|(text, (chat, seq))| {
+                format!("acknowledged message {text} (seq {seq} of chat {chat}) is not in the final order")
+            })
             .collect();
         for v in bad {
             self.violation(v);
@@ -216,8 +245,18 @@ impl Checker {
             .count()
     }
 
+    /// The highest epoch any chat reached.
     pub fn max_epoch(&self) -> u64 {
-        self.epochs.keys().next_back().copied().unwrap_or(0)
+        self.epochs.keys().map(|(_, e)| *e).max().unwrap_or(0)
+    }
+
+    /// How many chats had a coordinator.
+    pub fn chats(&self) -> usize {
+        self.epochs
+            .keys()
+            .map(|(c, _)| c)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
     }
 }
 

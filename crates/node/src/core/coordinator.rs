@@ -289,7 +289,19 @@ impl Core {
             let base = Some(r.resume.commit);
             return self.welcome(conn, id, r.name, r.addr.is_some(), base);
         }
-        // Gone, or new: check the name, then a `joined` entry.
+        // Gone, or new. Not while a majority of the voters is out of
+        // contact: its `joined` entry could not be confirmed, and a
+        // newcomer admitted then was ready in a chat that might never go
+        // on (after a majority was killed at once, the restarted nodes
+        // joined the survivors' dead chat and stayed in it).
+        if self.coord().is_some_and(|c| c.waiting.is_some()) {
+            return self.refuse(
+                conn,
+                ErrorCode::Electing,
+                "this chat cannot confirm messages right now (a majority of its voters is out of contact); retry in a moment",
+            );
+        }
+        // Check the name, then a `joined` entry.
         if let Some(m) = self.tip.members.iter().find(|m| m.name == r.name).cloned() {
             if m.addr.is_some() && m.addr == r.addr && m.session != r.session {
                 // A new process listens where that member did: it is gone.

@@ -933,12 +933,19 @@ impl Core {
                     _ => {
                         // Not yet (still joining, or voted elsewhere): try the
                         // next one, come back to this one later.
-                        if let Some(t) = target {
-                            if t.id != 0 {
-                                e.skip.insert(t.id);
-                            }
+                        let busy_id = target.as_ref().map_or(0, |t| t.id);
+                        if busy_id != 0 {
+                            e.skip.insert(busy_id);
                         }
                         e.retry_at = Some(retry_at);
+                        // Meanwhile find out whether the member we know
+                        // still answers there: after a restart storm a new
+                        // member of this chat (electing too) may listen at a
+                        // dead voter's address, and its "retry" kept us
+                        // electing for ever.
+                        if busy_id != 0 {
+                            self.check_identity(busy_id);
+                        }
                     }
                 }
             }

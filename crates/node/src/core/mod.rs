@@ -388,6 +388,9 @@ pub struct Core {
     /// Announcements being checked: the probe connection, and what was
     /// announced. Nobody steps down on hearsay.
     announced: BTreeMap<ConnId, (u64, MemberInfo)>,
+    /// Probes checking who answers at a member's address: the probe
+    /// connection → (member id, the session we know it by).
+    identity_checks: BTreeMap<ConnId, (u64, u64)>,
 }
 
 impl Core {
@@ -440,6 +443,7 @@ impl Core {
             hooks,
             hooks_set: Vec::new(),
             announced: BTreeMap::new(),
+            identity_checks: BTreeMap::new(),
             cfg,
         };
         if core.cfg.join.is_empty() {
@@ -865,6 +869,14 @@ impl Core {
             self.close(conn);
             return self.announce_checked(epoch, coordinator, frame);
         }
+        if let Some((id, session)) = self.identity_checks.remove(&conn) {
+            self.close(conn);
+            if matches!(frame, Frame::ProbeReply { session: s, .. } if s != session) {
+                // Another process answers at its address: it is gone.
+                self.proven_dead(id);
+            }
+            return;
+        }
         match &self.role {
             State::Coordinator(c) if c.owns(conn) => return self.coord_frame(conn, frame),
             State::Candidate(c) if c.owns(conn) => return self.cand_frame(conn, frame),
@@ -1040,6 +1052,12 @@ impl Core {
     fn on_closed(&mut self, conn: ConnId, reason: Option<String>, refused: bool) {
         if self.announced.remove(&conn).is_some() {
             tracing::info!("an announced coordinator could not be reached; ignoring the announcement");
+            return;
+        }
+        if let Some((id, _)) = self.identity_checks.remove(&conn) {
+            if refused {
+                self.proven_dead(id);
+            }
             return;
         }
         match &self.role {
@@ -1264,6 +1282,26 @@ impl Core {
         }
         let conn = self.dial(&addr, &Frame::Probe {});
         self.announced.insert(conn, (epoch, coordinator));
+    }
+
+    /// Probes the address of member `id` to learn whether the process we
+    /// know still answers there (a busy answer does not say who gave it).
+    pub(super) fn check_identity(&mut self, id: u64) {
+        const MAX_CHECKS: usize = 16;
+        if self.dead.contains(&id)
+            || self.identity_checks.len() >= MAX_CHECKS
+            || self.identity_checks.values().any(|(i, _)| *i == id)
+        {
+            return;
+        }
+        let Some((addr, session)) = self
+            .member(id)
+            .and_then(|m| m.addr.clone().map(|a| (a, m.session)))
+        else {
+            return;
+        };
+        let conn = self.dial(&addr, &Frame::Probe {});
+        self.identity_checks.insert(conn, (id, session));
     }
 
     /// The announced coordinator answered our probe: follow it if it is

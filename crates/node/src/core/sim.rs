@@ -615,7 +615,12 @@ impl Sim {
                 if trace() {
                     eprintln!("{:>6} {}#{} {:?}", self.now, self.nodes[idx].name, inc, e);
                 }
-                self.check.event(idx, inc, self.now, &e)
+                let chat = self.nodes[idx]
+                    .core
+                    .as_ref()
+                    .map(|c| c.state.chat_id.clone())
+                    .unwrap_or_default();
+                self.check.event(idx, inc, &chat, self.now, &e)
             }
             Output::Exit(code) => {
                 self.chats_ended += u64::from(code == 3);
@@ -679,13 +684,13 @@ impl Sim {
             let entries: Vec<(u64, Option<p2p_proto::Entry>)> = (from..=applied)
                 .map(|s| (s, core.log.entry(s).cloned()))
                 .collect();
-            let (me, inc) = (core.me.id, n.inc);
+            let (me, inc, chat) = (core.me.id, n.inc, core.state.chat_id.clone());
             if applied > 0 || n.started {
                 n.started = true;
             }
             n.seen_applied = applied;
             self.check
-                .delivered(idx, inc, me, first, &entries, core.log.gaps());
+                .delivered(idx, inc, &chat, me, first, &entries, core.log.gaps());
         }
     }
 

@@ -779,6 +779,13 @@ struct Chaos {
     /// (each ordered pair of nodes, with a chance of 30%, may no longer
     /// dial; connections already open carry on), healed like the others.
     one_way: bool,
+    /// Restart storms, and a supervisor like p2pctl's: now and then most
+    /// or all nodes are killed at once and restarted within a few
+    /// heartbeats; every process that exits is restarted after a short
+    /// backoff; one starting process at a time may start a chat. A chat
+    /// whose voters died for good ends and its survivors join the new one;
+    /// after healing, the live nodes must be one chat.
+    restart_storms: bool,
 }
 
 /// Five nodes for 4 s, a majority of voters kept healthy, nothing else:
@@ -792,7 +799,39 @@ const LIVE: Chaos = Chaos {
     partitions: 0,
     edge: false,
     one_way: false,
+    restart_storms: false,
 };
+
+/// What p2pctl does for a cluster, in the simulator: restarts what exits
+/// and lets one starting process at a time start a chat.
+#[derive(Default)]
+struct Supervisor {
+    /// The process given `--create-if-alone`, while it is starting.
+    creator: Option<(usize, u32)>,
+}
+
+impl Supervisor {
+    fn restart(&mut self, sim: &mut Sim, idx: usize) {
+        let creating = self.creator.is_some_and(|(i, inc)| {
+            sim.nodes[i].inc == inc && sim.nodes[i].alive() && sim.role(i) == Some(Role::Joining)
+        });
+        sim.create_if_alone = !creating;
+        sim.restart(idx);
+        sim.create_if_alone = false;
+        if !creating {
+            self.creator = Some((idx, sim.nodes[idx].inc));
+        }
+    }
+
+    /// Schedules a restart of every process that exited on its own.
+    fn watch(&self, sim: &Sim, rng: &mut Rng, restart_at: &mut BTreeMap<usize, Millis>) {
+        for idx in 0..sim.nodes.len() {
+            if !sim.nodes[idx].alive() && sim.nodes[idx].exit.is_some() && !restart_at.contains_key(&idx) {
+                restart_at.insert(idx, sim.now + rng.range(HB, 5 * HB));
+            }
+        }
+    }
+}
 
 /// Faults aimed at new coordinators (see `Chaos::strike_takeovers`).
 #[derive(Default)]
@@ -868,6 +907,9 @@ struct Stats {
     one_way: u64,
     /// Processes that ended a chat nobody could bring back (exit 3).
     ended: u64,
+    /// Restart storms (see `Chaos::restart_storms`) and chats started.
+    storms: u64,
+    chats: u64,
 }
 
 fn run_seed(seed: u64, chaos: Chaos) -> Result<Stats, String> {
@@ -902,6 +944,7 @@ fn run_seed(seed: u64, chaos: Chaos) -> Result<Stats, String> {
     let mut storms = 0;
     let mut striker = Striker::default();
     let mut heal_at: Option<Millis> = None;
+    let mut sup = Supervisor::default();
     while sim.now < end {
         if heal_at.is_some_and(|at| sim.now >= at) {
             heal_at = None;
@@ -932,7 +975,30 @@ fn run_seed(seed: u64, chaos: Chaos) -> Result<Stats, String> {
                 restart_at.remove(&idx);
                 if !sim.nodes[idx].alive() {
                     stats.restarts += 1;
-                    sim.restart(idx);
+                    if chaos.restart_storms {
+                        sup.restart(&mut sim, idx);
+                    } else {
+                        sim.restart(idx);
+                    }
+                }
+            }
+        }
+        if chaos.restart_storms {
+            sup.watch(&sim, &mut rng, &mut restart_at);
+            let live = sim.live();
+            if rng.below(1000) < 8 && 2 * live.len() > sim.nodes.len() {
+                // Kill a majority of the nodes, or all, at once.
+                stats.storms += 1;
+                let n = sim.nodes.len() as u64;
+                let k = rng.range(n / 2 + 1, n) as usize;
+                let mut doomed = live;
+                while doomed.len() > k {
+                    doomed.remove(rng.below(doomed.len() as u64) as usize);
+                }
+                for idx in doomed {
+                    stats.kills += 1;
+                    sim.kill(idx);
+                    restart_at.insert(idx, sim.now + rng.range(0, 5 * HB));
                 }
             }
         }
@@ -1029,11 +1095,40 @@ fn run_seed(seed: u64, chaos: Chaos) -> Result<Stats, String> {
     }
     for idx in 0..sim.nodes.len() {
         if !sim.nodes[idx].alive() && chaos.live {
-            sim.restart(idx);
+            if chaos.restart_storms {
+                sup.restart(&mut sim, idx);
+            } else {
+                sim.restart(idx);
+            }
         }
     }
-    let settle = sim.now + 100 * HB;
-    let converged = settle_until(&mut sim, settle, converged);
+    let converged = if chaos.restart_storms {
+        // The supervisor keeps restarting what exits (a survivor ending
+        // its dead chat, a newcomer out of patience) while the chat forms.
+        let settle = sim.now + 300 * HB;
+        let mut restart_at = BTreeMap::new();
+        loop {
+            if converged(&sim) {
+                break true;
+            }
+            if sim.now >= settle {
+                break false;
+            }
+            let next = sim.now + 5;
+            sim.run_until(next);
+            sup.watch(&sim, &mut rng, &mut restart_at);
+            for (idx, at) in restart_at.clone() {
+                if sim.now >= at {
+                    restart_at.remove(&idx);
+                    stats.restarts += 1;
+                    sup.restart(&mut sim, idx);
+                }
+            }
+        }
+    } else {
+        let settle = sim.now + 100 * HB;
+        settle_until(&mut sim, settle, converged)
+    };
     sim.check.check_acked();
     if chaos.live && converged {
         // Whatever a live node's user typed was delivered (exactly once).
@@ -1091,6 +1186,7 @@ fn run_seed(seed: u64, chaos: Chaos) -> Result<Stats, String> {
     stats.converged = converged;
     stats.partitions = sim.partitions;
     stats.ended = sim.chats_ended;
+    stats.chats = sim.check.chats() as u64;
     Ok(stats)
 }
 
@@ -1142,7 +1238,8 @@ fn converged(sim: &Sim) -> bool {
     let c = sim.nodes[coords[0]].core();
     live.iter().all(|i| {
         let n = sim.nodes[*i].core();
-        (n.role() == Role::Member || n.role() == Role::Coordinator)
+        n.state.chat_id == c.state.chat_id
+            && (n.role() == Role::Member || n.role() == Role::Coordinator)
             && n.epoch() == c.epoch()
             && n.last_seq() == c.last_seq()
             && n.pending.is_empty()
@@ -1178,6 +1275,8 @@ fn run_many(chaos: Chaos, default_seeds: u64) {
                 total.waited += s.waited;
                 total.one_way += s.one_way;
                 total.ended += s.ended;
+                total.storms += s.storms;
+                total.chats += s.chats;
                 converged += usize::from(s.converged);
             }
             Err(e) => {
@@ -1201,6 +1300,10 @@ fn run_many(chaos: Chaos, default_seeds: u64) {
     assert!(
         total.kills > 0 && total.pauses > 0 && total.epochs > 0 && total.messages > 0,
         "the runs did nothing: {total:?}"
+    );
+    assert!(
+        !chaos.restart_storms || total.storms > 0,
+        "no restart storm was made: {total:?}"
     );
     assert!(
         !chaos.one_way || total.one_way > 0,
@@ -1269,6 +1372,21 @@ fn random_one_way_reachability_never_forks_the_chat_and_it_converges() {
             ..LIVE
         },
         400,
+    );
+}
+
+/// Restart storms under a supervisor like p2pctl's (see
+/// `Chaos::restart_storms`), with crashes, pauses and partitions between
+/// them: no chat ever forks, and once healed the nodes are one chat again.
+#[test]
+fn random_restart_storms_never_fork_a_chat_and_bring_back_one() {
+    run_many(
+        Chaos {
+            partitions: 10,
+            restart_storms: true,
+            ..LIVE
+        },
+        300,
     );
 }
 
