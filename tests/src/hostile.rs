@@ -315,6 +315,26 @@ fn plugins_and_fields_are_bounded_and_confined() {
     });
     let m = expect_error(&mut raw, ErrorCode::BadField);
     assert!(m.contains("not posted"), "{m}");
+    // A resume with more voter sets than a chat has, or sets longer than
+    // its voters can be.
+    for voters in [vec![vec![1]; 3], vec![(1..=8).collect()]] {
+        let mut raw = Raw::connect(&a.addr);
+        raw.send(&Frame::Hello {
+            version: PROTOCOL_VERSION,
+            name: "voters".into(),
+            session: 1,
+            addr: None,
+            resume: Some(p2p_proto::Resume {
+                member_id: 1,
+                epoch: 1,
+                voters,
+                ..Default::default()
+            }),
+            sign_key: None,
+        });
+        let m = expect_error(&mut raw, ErrorCode::BadField);
+        assert!(m.contains("resume.voters"), "{m}");
+    }
     // A peer without a signing key cannot join (it could coordinate).
     let mut raw = Raw::connect(&a.addr);
     raw.send(&Frame::Hello {
@@ -468,6 +488,7 @@ fn a_member_cannot_forge_history_in_a_sync() {
             min_epoch: 2,
             dead: vec![alice_id],
             chat: String::new(),
+            voters: Vec::new(),
         };
         raw.send(&m.hello(Some(resume.clone())));
         while let Ok(f) = raw.read() {

@@ -253,6 +253,12 @@ pub struct Resume {
     /// a newcomer. Empty from nodes before this field.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub chat: String,
+    /// The voter sets in force as it knows them (one, or two during a
+    /// change; at most 7 ids each): a candidate of a chat that cannot go on
+    /// learns whether a peer holding entries it lacks knows of a set that
+    /// could. Empty from nodes before this field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub voters: Vec<Vec<u64>>,
 }
 
 /// One bot plugin of the chat: a name (never a path: each node resolves it
@@ -473,6 +479,12 @@ pub enum Frame {
         /// Address of the coordinator this node follows, if any.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         coordinator: Option<String>,
+        /// The id of its chat (empty while joining, and from nodes before
+        /// this field): a prober of another chat knows the member it
+        /// looked for is gone, even if this process once was admitted to
+        /// its chat too.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        chat: String,
     },
     /// Answer to `status_request`.
     Status {
@@ -763,6 +775,7 @@ mod tests {
             member_id: 3,
             epoch: 2,
             chat: "ab".repeat(16),
+            voters: vec![vec![1, 2, 3]],
             ..Resume::default()
         };
         let text = serde_json::to_string(&r).unwrap();
@@ -775,8 +788,13 @@ mod tests {
         let old: Resume =
             serde_json::from_str(r#"{"member_id":3,"epoch":2,"commit":0,"log_epoch":0,"last_seq":0}"#)
                 .unwrap();
-        assert!(old.chat.is_empty());
-        assert!(!serde_json::to_string(&old).unwrap().contains("chat"));
+        assert!(old.chat.is_empty() && old.voters.is_empty());
+        assert!(text.contains("\"voters\":[[1,2,3]]"), "{text}");
+        let written = serde_json::to_string(&old).unwrap();
+        assert!(
+            !written.contains("chat") && !written.contains("voters"),
+            "{written}"
+        );
         let code: ErrorCode = serde_json::from_str("\"another_chat\"").unwrap();
         assert_eq!(code, ErrorCode::AnotherChat);
         assert_eq!(code.as_str(), "another_chat");

@@ -242,10 +242,18 @@ impl Core {
                 role,
                 epoch,
                 coordinator,
+                chat,
                 ..
             } = frame
             {
-                return self.cand_probe_reply(id, session, role, epoch, coordinator);
+                let expected = self.member(id).map(|m| m.session);
+                if expected.is_none_or(|e| self.another_process(e, session, &chat)) {
+                    // Another process (or another chat's) answers at that
+                    // address: ours is gone.
+                    self.proven_dead(id);
+                    return self.cand_check();
+                }
+                return self.cand_probe_reply(id, role, epoch, coordinator);
             }
             return;
         }
@@ -379,20 +387,7 @@ impl Core {
         }
     }
 
-    fn cand_probe_reply(
-        &mut self,
-        id: u64,
-        session: u64,
-        role: Role,
-        epoch: u64,
-        coordinator: Option<String>,
-    ) {
-        let expected = self.member(id).map(|m| m.session);
-        if expected != Some(session) {
-            // Another process answers at that address: ours is gone.
-            self.proven_dead(id);
-            return self.cand_check();
-        }
+    fn cand_probe_reply(&mut self, id: u64, role: Role, epoch: u64, coordinator: Option<String>) {
         self.note_epoch(epoch);
         if role == Role::Candidate && id < self.me.id {
             // An earlier-joined voter runs too: it goes first; vote for it.
@@ -527,10 +522,11 @@ impl Core {
     }
 
     /// Whether every peer in `live` came to us (a voter with its vote, a
-    /// non-voter waiting for the election) and none of them can prove more
-    /// of the log than we can, with no peer we do not know among them:
-    /// then none of us knows of a voter set we do not, and no quorum of
-    /// the sets we know can form again.
+    /// non-voter waiting for the election) and every peer that came to us
+    /// (one we do not know included: admitted in a branch of the log we
+    /// do not hold) either proves no more of the log than we can or knows
+    /// only voter sets that cannot make a quorum either: then none of us
+    /// knows of a voter set that could, and none can form again.
     fn stuck_with_us(&self, live: &BTreeSet<u64>) -> bool {
         let mine = self.provable();
         let State::Candidate(c) = &self.role else {
@@ -542,10 +538,19 @@ impl Core {
             .chain(c.held.values())
             .filter(|r| r.addr.is_some())
             .collect();
-        let behind = |r: &Resumer| (r.resume.log_epoch, r.resume.last_seq) <= mine;
-        peers
-            .iter()
-            .all(|r| live.contains(&r.resume.member_id) && behind(r))
+        // A peer that holds entries we lack may know a voter set we do
+        // not: it must say which sets it knows, and none of them may be
+        // able to make a quorum of live voters either.
+        let dead = &self.dead;
+        let hopeless = |cfg: &Vec<u64>| {
+            let alive: BTreeSet<u64> = cfg.iter().copied().filter(|v| !dead.contains(v)).collect();
+            !is_quorum(cfg, &alive, dead)
+        };
+        let behind = |r: &Resumer| {
+            (r.resume.log_epoch, r.resume.last_seq) <= mine
+                || (!r.resume.voters.is_empty() && r.resume.voters.iter().any(hopeless))
+        };
+        peers.iter().all(|r| behind(r))
             && live
                 .iter()
                 .all(|id| peers.iter().any(|r| r.resume.member_id == *id))

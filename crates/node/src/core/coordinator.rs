@@ -553,11 +553,12 @@ impl Core {
                 epoch,
                 role,
                 coordinator,
+                chat,
                 ..
             } = frame
             {
                 let expected = self.member(id).map(|m| m.session);
-                if expected != Some(session) {
+                if expected.is_none_or(|e| self.another_process(e, session, &chat)) {
                     self.proven_dead(id);
                 } else if epoch > self.epoch {
                     self.note_epoch(epoch);

@@ -580,6 +580,12 @@ impl Core {
             min_epoch: self.bound_epoch,
             dead: self.dead.iter().copied().collect(),
             chat: self.state.chat_id.clone(),
+            voters: self
+                .tip
+                .election_configs(self.stable)
+                .into_iter()
+                .map(<[u64]>::to_vec)
+                .collect(),
         }
     }
 
@@ -871,7 +877,8 @@ impl Core {
         }
         if let Some((id, session)) = self.identity_checks.remove(&conn) {
             self.close(conn);
-            if matches!(frame, Frame::ProbeReply { session: s, .. } if s != session) {
+            if matches!(&frame, Frame::ProbeReply { session: s, chat, .. } if self.another_process(session, *s, chat))
+            {
                 // Another process answers at its address: it is gone.
                 self.proven_dead(id);
             }
@@ -915,6 +922,7 @@ impl Core {
                         State::Member(_) | State::Coordinator(_) => self.coordinator_addr(),
                         _ => None,
                     },
+                    chat: self.state.chat_id.clone(),
                 };
                 self.send(conn, &reply);
                 self.close(conn);
@@ -981,6 +989,17 @@ impl Core {
             .filter(|r| !r.chat.is_empty())
             .map(|r| limits::check_chat_id(&r.chat))
         {
+            self.refuse(conn, ErrorCode::BadField, e);
+            return None;
+        }
+        if resume
+            .as_ref()
+            .is_some_and(|r| r.voters.len() > 2 || r.voters.iter().any(|v| v.len() > state::MAX_VOTERS))
+        {
+            let e = format!(
+                "resume.voters: at most 2 voter sets of at most {} ids",
+                state::MAX_VOTERS
+            );
             self.refuse(conn, ErrorCode::BadField, e);
             return None;
         }
@@ -1282,6 +1301,15 @@ impl Core {
         }
         let conn = self.dial(&addr, &Frame::Probe {});
         self.announced.insert(conn, (epoch, coordinator));
+    }
+
+    /// Whether a probe answer (its `session` and `chat`) came from another
+    /// process than the member we know by `expected` (its session): a new
+    /// session, or a process of another chat (which may once have been
+    /// admitted to ours too, then started its own).
+    fn another_process(&self, expected: u64, session: u64, chat: &str) -> bool {
+        session != expected
+            || (!chat.is_empty() && !self.state.chat_id.is_empty() && chat != self.state.chat_id)
     }
 
     /// Probes the address of member `id` to learn whether the process we
