@@ -477,9 +477,9 @@ impl Core {
         if lost_for_good && (live_peers.is_empty() || self.stuck_with_us(&live_peers)) {
             // Not a voter change we missed either: every peer we know of
             // is gone (refused, left, or another chat at its address), or
-            // every live one voted for us and can prove nothing we cannot
-            // (so knows of no voter set we do not), so there is nobody
-            // left to bring this chat back through.
+            // every live one came to us and none knows of a voter set that
+            // could still make a quorum (see `stuck_with_us`), so there is
+            // nobody left to bring this chat back through.
             let everyone = if live_peers.is_empty() {
                 "every other peer is gone".to_string()
             } else {
@@ -546,11 +546,11 @@ impl Core {
             let alive: BTreeSet<u64> = cfg.iter().copied().filter(|v| !dead.contains(v)).collect();
             !is_quorum(cfg, &alive, dead)
         };
-        let behind = |r: &Resumer| {
+        let no_way_back = |r: &Resumer| {
             (r.resume.log_epoch, r.resume.last_seq) <= mine
                 || (!r.resume.voters.is_empty() && r.resume.voters.iter().any(hopeless))
         };
-        peers.iter().all(|r| behind(r))
+        peers.iter().all(|r| no_way_back(r))
             && live
                 .iter()
                 .all(|id| peers.iter().any(|r| r.resume.member_id == *id))
