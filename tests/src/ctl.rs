@@ -139,6 +139,15 @@ fn coordinators(rows: &[Value]) -> Vec<&Value> {
     rows.iter().filter(|r| r["role"] == "coordinator").collect()
 }
 
+/// The cluster is one chat again: a line bob says is delivered, and `check`
+/// finds all `n` nodes agreeing.
+fn assert_one_chat(c: &TestCluster, n: usize) {
+    let out = c.ok(&["say", "bob", "one chat again"]);
+    assert!(out.starts_with("delivered at seq "), "{out}");
+    let out = c.ok(&["check"]);
+    assert!(out.contains(&format!("{n} nodes agree")), "{out}");
+}
+
 #[test]
 fn up_ps_down_leaves_no_process() {
     let c = TestCluster::new(&["alice", "bob", "carol"], "");
@@ -318,10 +327,7 @@ fn restarting_every_node_at_once_brings_back_one_chat() {
             all_running(3)(rows) && coordinators(rows).len() == 1 && c.ctl(&["check"]).status.success()
         });
     }
-    let out = c.ok(&["say", "bob", "one chat again"]);
-    assert!(out.starts_with("delivered at seq "), "{out}");
-    let out = c.ok(&["check"]);
-    assert!(out.contains("3 nodes agree"), "{out}");
+    assert_one_chat(&c, 3);
 }
 
 /// Three nodes of five killed at once (SIGKILL from outside, so p2pctl
@@ -386,10 +392,7 @@ fn killing_a_majority_at_once_brings_back_one_chat() {
             "{survivor}'s log says nothing of ending its chat:\n{log}"
         );
     }
-    let out = c.ok(&["say", "bob", "one chat again"]);
-    assert!(out.starts_with("delivered at seq "), "{out}");
-    let out = c.ok(&["check"]);
-    assert!(out.contains("5 nodes agree"), "{out}");
+    assert_one_chat(&c, 5);
 }
 
 /// `say` reports what became of its own line, not of another line the
