@@ -151,12 +151,19 @@ pub async fn run(
                 Some(msg) => {
                     // One clock reading serves the batch.
                     let t = now();
+                    let mut frames = msg.frames();
                     driver.on_msg(msg, t);
                     // Take whatever else is already queued, so one round of
                     // outputs (and one wakeup per member) serves a batch.
                     for _ in 0..MAX_BATCH {
+                        if frames >= TURN_FRAMES {
+                            break;
+                        }
                         match rx.try_recv() {
-                            Ok(msg) => driver.on_msg(msg, t),
+                            Ok(msg) => {
+                                frames += msg.frames();
+                                driver.on_msg(msg, t)
+                            }
                             Err(_) => break,
                         }
                     }
@@ -231,6 +238,13 @@ struct Driver {
 
 /// Inputs handled before the outputs are performed.
 const MAX_BATCH: usize = 512;
+
+/// A turn also ends once it has taken this many frames, so its outputs go
+/// out while the readers go on reading. Without it one turn took a
+/// publisher's whole window, and the reader, the actor, the writers and the
+/// publisher each waited for the others instead of overlapping (a machine
+/// a third idle while the actor was the bottleneck).
+const TURN_FRAMES: usize = 512;
 
 impl Driver {
     fn on_msg(&mut self, msg: Msg, now: u64) {
