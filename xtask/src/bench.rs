@@ -74,10 +74,41 @@ fn summary(line: &str) -> String {
             "members  N={}: {:.0} joins/s, views complete in {:.2} s, {:.1} KiB coordinator RSS per member, {:.2} M deliveries/s",
             p["members"], n(&f["joins_per_s"]), n(&f["view_complete_s"]), n(&f["rss_per_member_kib"]), n(&f["deliveries_per_s"]) / 1e6
         ),
+        "handshake" => format!(
+            "handshake x{}: connect + one status round trip {:.0} µs keyed, {:.0} µs --insecure (the key exchange: {:.0} µs)",
+            p["connections"], n(&f["keyed_us"]), n(&f["insecure_us"]), n(&f["handshake_us"])
+        ),
         "failover" => format!(
             "failover {:<7} x{}: chat flowing again after p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; no loss, no duplicates",
             p["signal"].as_str().unwrap_or(""), p["reps"], n(&f["ms"]["p50"]), n(&f["ms"]["p99"]), n(&f["ms"]["max"])
         ),
         _ => line.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summary;
+
+    /// Every scenario `p2pbench all` reports reads as a sentence, not as
+    /// the JSON line it came from.
+    #[test]
+    fn every_scenario_has_a_readable_line() {
+        let lines = [
+            r#"{"scenario":"fanout","params":{"members":1,"size":64,"publishers":1},"figures":{"deliveries_per_s":1.2e6,"latency_us":{"p50":90}}}"#,
+            r#"{"scenario":"plugins","params":{"members":10},"figures":{"cost_percent":10.2}}"#,
+            r#"{"scenario":"handshake","params":{"connections":1000},"figures":{"keyed_us":547.7,"insecure_us":418.3,"handshake_us":129.4}}"#,
+            r#"{"scenario":"members","params":{"members":1000},"figures":{"rss_per_member_kib":9.2}}"#,
+            r#"{"scenario":"failover","params":{"signal":"sigkill","reps":10},"figures":{"ms":{"p50":4.3}}}"#,
+        ];
+        for line in lines {
+            let s = summary(line);
+            assert!(!s.starts_with('{'), "printed as JSON: {s}");
+        }
+        let hs = summary(lines[2]);
+        assert!(
+            hs.contains("548 µs keyed") && hs.contains("418 µs --insecure") && hs.contains("129 µs"),
+            "{hs}"
+        );
     }
 }
