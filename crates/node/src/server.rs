@@ -138,6 +138,8 @@ pub async fn run(
         exit: None,
         cuts: cfg.cut_file.clone().map(CutFile::new),
         dialled: HashMap::new(),
+        outputs: Vec::new(),
+        run: Vec::new(),
     };
     driver.reload_cuts();
     driver.apply(now());
@@ -234,6 +236,10 @@ struct Driver {
     cuts: Option<CutFile>,
     /// Where each connection this node dialled goes (a cut holds those).
     dialled: HashMap<ConnId, String>,
+    /// The core's outputs being performed, and the broadcasts gathered
+    /// from them (buffers reused turn after turn).
+    outputs: Vec<Output>,
+    run: Vec<(Group, Bytes)>,
 }
 
 /// Inputs handled before the outputs are performed.
@@ -356,14 +362,17 @@ impl Driver {
 
     /// Performs every output of the core, feeding back slow-consumer drops.
     fn apply(&mut self, now: u64) {
-        let mut run: Vec<(Group, Bytes)> = Vec::new();
+        // Buffers kept across turns (taken here, put back on return).
+        let mut run = std::mem::take(&mut self.run);
+        let mut outputs = std::mem::take(&mut self.outputs);
         loop {
-            let outputs: Vec<Output> = self.core.drain().collect();
+            self.core.take_outputs(&mut outputs);
             if outputs.is_empty() {
+                (self.run, self.outputs) = (run, outputs);
                 return;
             }
             let mut overflowed: Vec<(ConnId, usize)> = Vec::new();
-            for out in outputs {
+            for out in outputs.drain(..) {
                 // Keep order: broadcasts gathered so far go out before any
                 // other output that touches a connection.
                 if !matches!(out, Output::Broadcast(..) | Output::Event(_)) {

@@ -21,6 +21,9 @@ const MAX_BOT_DEPTH: u32 = 3;
 
 pub(super) struct Coord {
     links: BTreeMap<ConnId, Link>,
+    /// How many of `links` are peers (nodes with an address): with none, a
+    /// `chat` entry has nobody to go to before it is committed.
+    peer_links: usize,
     by_member: BTreeMap<u64, ConnId>,
     /// Highest seq each voter acknowledged in this epoch.
     acked: BTreeMap<u64, u64>,
@@ -88,6 +91,19 @@ struct Link {
 }
 
 impl Coord {
+    /// Forgets the link on `conn`, keeping the peer count.
+    fn remove_link(&mut self, conn: ConnId) -> Option<Link> {
+        let link = self.links.remove(&conn)?;
+        self.peer_links -= usize::from(link.peer);
+        Some(link)
+    }
+
+    /// Whether some link is a peer (checked against the links in tests).
+    fn has_peers(&self) -> bool {
+        debug_assert_eq!(self.peer_links, self.links.values().filter(|l| l.peer).count());
+        self.peer_links > 0
+    }
+
     /// Member `id` left cleanly (its `left` entry will say so).
     pub(super) fn note_left(&mut self, id: u64) {
         self.gone_reason.insert(id, "left".into());
@@ -96,6 +112,7 @@ impl Coord {
     pub(super) fn new(next_id: u64, now: Millis) -> Coord {
         Coord {
             links: BTreeMap::new(),
+            peer_links: 0,
             by_member: BTreeMap::new(),
             acked: BTreeMap::new(),
             next_id,
@@ -281,7 +298,7 @@ impl Core {
             // Still a member: re-attach.
             let Some(c) = self.coord() else { return };
             if let Some(old) = c.by_member.remove(&id) {
-                c.links.remove(&old);
+                c.remove_link(old);
                 self.close(old);
             }
             let c = self.coord().expect("coordinator");
@@ -369,6 +386,8 @@ impl Core {
     fn welcome(&mut self, conn: ConnId, id: u64, name: String, peer: bool, returning_base: Option<u64>) {
         let now = self.now;
         let Some(c) = self.coord() else { return };
+        c.remove_link(conn);
+        c.peer_links += usize::from(peer);
         c.links.insert(
             conn,
             Link {
@@ -762,11 +781,15 @@ impl Core {
                 c.bot_depth.insert(chat.seq, s.depth);
             }
         }
-        let frame = match self.coord() {
-            Some(c) => p2p_proto::encode_chat_in(&mut c.arena, &chat),
-            None => p2p_proto::encode_chat(&chat),
+        let (frame, peers) = match self.coord() {
+            Some(c) => (p2p_proto::encode_chat_in(&mut c.arena, &chat), c.has_peers()),
+            None => (p2p_proto::encode_chat(&chat), true),
         };
-        self.broadcast(Group::Peers, frame.clone());
+        // Peers get entries before they are committed; clients get them at
+        // the commit. A coordinator without peers skips the first push.
+        if peers {
+            self.broadcast(Group::Peers, frame.clone());
+        }
         let entry = Entry::Chat(chat);
         self.tip.apply(&entry);
         if let Err(e) = self.log.append_encoded(entry, frame) {
@@ -873,7 +896,7 @@ impl Core {
     /// Made only when some peer is there to use it.
     fn seal_through(&mut self, seq: u64) -> Option<p2p_proto::Seal> {
         let newer = match self.coord() {
-            Some(c) => c.sealed.as_ref().is_none_or(|s| s.seq < seq) && c.links.values().any(|l| l.peer),
+            Some(c) => c.sealed.as_ref().is_none_or(|s| s.seq < seq) && c.has_peers(),
             None => false,
         };
         if !newer {
@@ -1084,7 +1107,7 @@ impl Core {
     fn drop_link(&mut self, conn: ConnId, reason: String) {
         let now = self.now;
         let Some(c) = self.coord() else { return };
-        let Some(link) = c.links.remove(&conn) else { return };
+        let Some(link) = c.remove_link(conn) else { return };
         c.by_member.remove(&link.id);
         c.acked.remove(&link.id);
         self.close(conn);

@@ -486,6 +486,14 @@ impl Core {
         self.out.drain(..)
     }
 
+    /// Takes the outputs produced so far by swapping buffers with `spare`
+    /// (which must be empty): no copy of each output, and both buffers keep
+    /// their room for the next turn.
+    pub fn take_outputs(&mut self, spare: &mut Vec<Output>) {
+        debug_assert!(spare.is_empty());
+        std::mem::swap(&mut self.out, spare);
+    }
+
     pub fn role(&self) -> Role {
         match self.role {
             State::Joining(_) | State::Stopped => Role::Joining,
