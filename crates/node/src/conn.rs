@@ -422,9 +422,8 @@ async fn write_loop(
         queued.fetch_sub(out.len(), Ordering::AcqRel);
         // A burst (a welcome with a large state, or two broadcast records
         // met in one wakeup) must not leave every member holding a buffer
-        // of its size for the rest of its life: at 1,000 members, keeping
-        // what two records took cost 2 KiB of memory per member. Beyond a
-        // few frames, a new buffer per coalesced write is cheap next to it.
+        // of its size for the rest of its life. Beyond a few frames, a new
+        // buffer per coalesced write is cheap next to the write.
         if batch.capacity() > 4 * 1024 {
             batch = Vec::new();
         }
