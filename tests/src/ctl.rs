@@ -792,7 +792,9 @@ fn the_demo_story_runs_from_a_relative_cluster_file() {
         "chat key ./.p2pctl/",
         "is turned away: ",
         "uses another chat key",
-        "bob | ★ coordinator (epoch 2)",
+        // The earliest-joined survivor takes over; in which epoch is not
+        // the point (under load an election may take a second round).
+        "bob | ★ coordinator (epoch ",
         "still echoing after the failover [bot]",
         "was dropped by the rate limit",
         "check: all 4 nodes agree on",
