@@ -246,8 +246,7 @@ impl Core {
                 ..
             } = frame
             {
-                let expected = self.member(id).map(|m| m.session);
-                if expected.is_none_or(|e| self.another_process(e, session, &chat)) {
+                if self.not_member_answering(id, session, &chat) {
                     // Another process (or another chat's) answers at that
                     // address: ours is gone.
                     self.proven_dead(id);

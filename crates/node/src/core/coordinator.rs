@@ -91,6 +91,13 @@ struct Link {
 }
 
 impl Coord {
+    /// Adds (or replaces) the link on `conn`, keeping the peer count.
+    fn add_link(&mut self, conn: ConnId, link: Link) {
+        self.remove_link(conn);
+        self.peer_links += usize::from(link.peer);
+        self.links.insert(conn, link);
+    }
+
     /// Forgets the link on `conn`, keeping the peer count.
     fn remove_link(&mut self, conn: ConnId) -> Option<Link> {
         let link = self.links.remove(&conn)?;
@@ -386,9 +393,7 @@ impl Core {
     fn welcome(&mut self, conn: ConnId, id: u64, name: String, peer: bool, returning_base: Option<u64>) {
         let now = self.now;
         let Some(c) = self.coord() else { return };
-        c.remove_link(conn);
-        c.peer_links += usize::from(peer);
-        c.links.insert(
+        c.add_link(
             conn,
             Link {
                 id,
@@ -576,8 +581,7 @@ impl Core {
                 ..
             } = frame
             {
-                let expected = self.member(id).map(|m| m.session);
-                if expected.is_none_or(|e| self.another_process(e, session, &chat)) {
+                if self.not_member_answering(id, session, &chat) {
                     self.proven_dead(id);
                 } else if epoch > self.epoch {
                     self.note_epoch(epoch);

@@ -1320,6 +1320,13 @@ impl Core {
             || (!chat.is_empty() && !self.state.chat_id.is_empty() && chat != self.state.chat_id)
     }
 
+    /// Whether a probe answer at member `id`'s address came from another
+    /// process than that member (or the member is unknown).
+    pub(super) fn not_member_answering(&self, id: u64, session: u64, chat: &str) -> bool {
+        self.member(id)
+            .is_none_or(|m| self.another_process(m.session, session, chat))
+    }
+
     /// Probes the address of member `id` to learn whether the process we
     /// know still answers there (a busy answer does not say who gave it).
     pub(super) fn check_identity(&mut self, id: u64) {
