@@ -610,32 +610,12 @@ impl Core {
 
     fn recovery_frame(&mut self, conn: ConnId, frame: Frame) {
         match frame {
-            Frame::State {
-                at,
-                last,
-                members,
-                seen,
-                voters,
-                prev_voters,
-                voters_seq,
-                next_id,
-                plugins,
-            } => {
+            frame @ Frame::State { at, .. } => {
                 let chat_id = self.state.chat_id.clone();
                 let Some(c) = self.cand() else { return };
                 let Some(r) = &mut c.recovery else { return };
                 let loader = r.loader.get_or_insert_with(StateLoader::default);
-                match loader.add(
-                    &chat_id,
-                    last,
-                    members,
-                    seen,
-                    voters,
-                    prev_voters,
-                    voters_seq,
-                    next_id,
-                    plugins,
-                ) {
+                match loader.add(&chat_id, frame) {
                     Ok(None) => {}
                     Ok(Some(state)) => {
                         r.loader = None;

@@ -264,33 +264,13 @@ impl Core {
                     },
                 )
             }
-            Frame::State {
-                at: _,
-                last,
-                members,
-                seen,
-                voters,
-                prev_voters,
-                voters_seq,
-                next_id,
-                plugins,
-            } => {
+            frame @ Frame::State { .. } => {
                 let chat_id = self.state.chat_id.clone();
                 let State::Member(u) = &mut self.role else { return };
                 let Some(loader) = &mut u.loading else {
                     return self.resync(conn, "a state frame outside a welcome");
                 };
-                match loader.add(
-                    &chat_id,
-                    last,
-                    members,
-                    seen,
-                    voters,
-                    prev_voters,
-                    voters_seq,
-                    next_id,
-                    plugins,
-                ) {
+                match loader.add(&chat_id, frame) {
                     Ok(None) => {}
                     Ok(Some(state)) => {
                         let at = u.history_until;

@@ -261,24 +261,26 @@ pub struct StateLoader {
 const MAX_STATE_FRAMES: usize = 64;
 
 impl StateLoader {
-    /// Takes one `state` frame's fields; returns the whole state after the
-    /// last one.
+    /// Takes one `state` frame; returns the whole state after the last one.
     ///
     /// # Errors
-    /// A sentence if the frames are inconsistent or too many.
-    #[allow(clippy::too_many_arguments)]
-    pub fn add(
-        &mut self,
-        chat_id: &str,
-        last: bool,
-        members: Vec<MemberInfo>,
-        seen: Vec<Seen>,
-        voters: Option<Vec<u64>>,
-        prev_voters: Option<Vec<u64>>,
-        voters_seq: Option<u64>,
-        next_id: Option<u64>,
-        plugins: Option<Vec<PluginRef>>,
-    ) -> Result<Option<ChatState>, String> {
+    /// A sentence if the frames are inconsistent or too many, or `frame` is
+    /// not a `state` frame.
+    pub fn add(&mut self, chat_id: &str, frame: Frame) -> Result<Option<ChatState>, String> {
+        let Frame::State {
+            last,
+            members,
+            seen,
+            voters,
+            prev_voters,
+            voters_seq,
+            next_id,
+            plugins,
+            ..
+        } = frame
+        else {
+            return Err(format!("a {} frame among the state frames", frame.kind()));
+        };
         self.chunks += 1;
         if self.chunks > MAX_STATE_FRAMES {
             return Err("too many state frames".into());
@@ -463,33 +465,7 @@ mod tests {
                 "a state frame of {} bytes",
                 encoded.len()
             );
-            let Frame::State {
-                last,
-                members,
-                seen,
-                voters,
-                prev_voters,
-                voters_seq,
-                next_id,
-                plugins,
-                ..
-            } = f
-            else {
-                unreachable!()
-            };
-            got = loader
-                .add(
-                    "c",
-                    last,
-                    members,
-                    seen,
-                    voters,
-                    prev_voters,
-                    voters_seq,
-                    next_id,
-                    plugins,
-                )
-                .unwrap();
+            got = loader.add("c", f).unwrap();
         }
         let mut got = got.expect("complete");
         for r in got.seen.values_mut() {
@@ -506,6 +482,18 @@ mod tests {
             got.next_id,
             got.plugins.len()
         );
+    }
+
+    #[test]
+    fn a_loader_refuses_a_frame_that_is_not_state() {
+        let s = ChatState::new_chat("c".into(), member(1), vec![]);
+        let mut frames = s.to_frames(0, true).into_iter();
+        let mut loader = StateLoader::default();
+        let err = loader.add("c", Frame::Ping { nonce: 1 }).unwrap_err();
+        assert!(err.contains("ping"), "{err}");
+        // The refused frame does not count: the state still loads.
+        let got = loader.add("c", frames.next().expect("one frame")).unwrap();
+        assert_eq!(got.map(|g| g.voters), Some(vec![1]));
     }
 
     #[test]
