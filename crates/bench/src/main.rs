@@ -84,39 +84,8 @@ enum Cmd {
     /// restarts, network partitions, one-way cuts, CPU hogs) while every node is typed into; checks every
     /// node's delivered history and prints violations by category.
     Torture {
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        #[arg(long, default_value_t = 5)]
-        nodes: usize,
-        #[arg(long, default_value_t = 100)]
-        heartbeat_ms: u64,
-        #[arg(long, default_value_t = 100)]
-        kills: usize,
-        #[arg(long, default_value_t = 50)]
-        stops: usize,
-        /// Network partitions of 0.2-3 s (one node cut off, often the
-        /// coordinator, or a random split), one at a time, made with each
-        /// node's --cut-file.
-        #[arg(long, default_value_t = 0)]
-        partitions: usize,
-        /// One-way cuts of 0.2-5 s: the nodes on one side of a random split
-        /// cannot dial those on the other (as behind a firewall or a NAT),
-        /// while open connections and dials the other way carry on; one
-        /// cut of either kind at a time.
-        #[arg(long, default_value_t = 0)]
-        one_way: usize,
-        /// Busy-loop processes to run beside the nodes.
-        #[arg(long, default_value_t = 0)]
-        hogs: usize,
-        /// How long the hogs run, in seconds.
-        #[arg(long, default_value_t = 60)]
-        hog_secs: u64,
-        /// Type a line into a random node this often.
-        #[arg(long, default_value_t = 5)]
-        type_every_ms: u64,
-        /// Keep each process's diagnostics in DIR (NAME.GENERATION.log).
-        #[arg(long, value_name = "DIR")]
-        logs: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        plan: torture::Plan,
     },
     /// One-publisher fan-out against nats-server and redis-server (started
     /// here if installed: apt-get install nats-server redis-server), and
@@ -203,34 +172,7 @@ async fn main() {
             failover_cmd(&report, reps.unwrap_or(if args.quick { 3 } else { 10 })).await
         }
         Cmd::Plugins { members } => plugins_cmd(&report, &members, args.quick).await,
-        Cmd::Torture {
-            seed,
-            nodes,
-            heartbeat_ms,
-            kills,
-            stops,
-            partitions,
-            one_way,
-            hogs,
-            hog_secs,
-            type_every_ms,
-            logs,
-        } => {
-            let plan = torture::Plan {
-                seed,
-                nodes,
-                heartbeat_ms,
-                kills,
-                stops,
-                partitions,
-                one_way,
-                hogs,
-                hog_secs,
-                type_every_ms,
-                logs,
-            };
-            torture_cmd(&report, plan).await
-        }
+        Cmd::Torture { plan } => torture_cmd(&report, plan).await,
         Cmd::All => all(&report, args.quick).await,
     };
     nodes::remove_bench_key();

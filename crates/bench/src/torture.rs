@@ -20,27 +20,45 @@ use tokio::sync::mpsc;
 use crate::history::{History, Proc, Verdict};
 use crate::nodes::{free_port, node_bin};
 
-/// What a run does.
-#[derive(Debug, Clone)]
+/// What a run does (`p2pbench torture`'s options).
+#[derive(Debug, Clone, clap::Args)]
 pub struct Plan {
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    #[arg(long, default_value_t = 5)]
     pub nodes: usize,
+    #[arg(long, default_value_t = 100)]
     pub heartbeat_ms: u64,
-    /// SIGKILLs (coordinators most of the time, some right after a takeover).
+    /// SIGKILLs (coordinators most of the time, some right after a
+    /// takeover).
+    #[arg(long, default_value_t = 100)]
     pub kills: usize,
-    /// SIGSTOP/SIGCONT cycles of 0.2–2 s.
+    /// SIGSTOP/SIGCONT cycles of 0.2-2 s.
+    #[arg(long, default_value_t = 50)]
     pub stops: usize,
-    /// Network partitions of 0.2–3 s, one at a time.
+    /// Network partitions of 0.2-3 s (one node cut off, often the
+    /// coordinator, or a random split), one at a time, made with each
+    /// node's --cut-file.
+    #[arg(long, default_value_t = 0)]
     pub partitions: usize,
-    /// One-way cuts of 0.2–5 s (some nodes cannot dial some others; open
-    /// connections carry on), one cut of either kind at a time.
+    /// One-way cuts of 0.2-5 s: the nodes on one side of a random split
+    /// cannot dial those on the other (as behind a firewall or a NAT),
+    /// while open connections and dials the other way carry on; one
+    /// cut of either kind at a time.
+    #[arg(long, default_value_t = 0)]
     pub one_way: usize,
-    /// Busy-loop processes competing for the cores, and for how long.
+    /// Busy-loop processes to run beside the nodes.
+    #[arg(long, default_value_t = 0)]
     pub hogs: usize,
+    /// How long the hogs run, in seconds.
+    #[arg(long, default_value_t = 60)]
     pub hog_secs: u64,
-    /// A line is typed into a random running node this often.
+    /// Type a line into a random node this often.
+    #[arg(long, default_value_t = 5)]
     pub type_every_ms: u64,
-    /// Keep each process's diagnostics (`RUST_LOG=info`) in this directory.
+    /// Keep each process's diagnostics (RUST_LOG=info) in DIR
+    /// (NAME.GENERATION.log).
+    #[arg(long, value_name = "DIR")]
     pub logs: Option<std::path::PathBuf>,
 }
 
