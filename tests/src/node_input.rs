@@ -121,6 +121,34 @@ fn bad_input_gets_an_error_and_disturbs_nobody() {
     assert_eq!(a.events().iter().filter(|e| e["event"] == "error").count(), 0);
 }
 
+/// What is typed on a node's stdin is text whatever its bytes: a line
+/// holding a byte that is not UTF-8 (a Latin-1 file piped in) is sent with
+/// U+FFFD in its place, and the node reads on. It used to take that byte
+/// for the end of its input and leave the chat.
+#[test]
+fn a_typed_line_that_is_not_utf8_is_sent_and_the_node_reads_on() {
+    let mut a = Node::join("alice", &[]);
+    a.wait_event("ready", |e| e["event"] == "ready");
+    a.type_bytes(b"caf\xe9 au lait\n");
+    a.say("the next line");
+    a.wait_message("the next line");
+    let texts: Vec<String> = a.messages().into_iter().map(|(_, _, t)| t).collect();
+    assert_eq!(texts, ["caf\u{fffd} au lait", "the next line"]);
+    // A line far over the text limit is refused, and reading goes on.
+    let mut long = vec![b'x'; 100_000];
+    long.push(b'\n');
+    a.type_bytes(&long);
+    a.say("after the long one");
+    a.wait_message("after the long one");
+    assert!(
+        a.has_event(
+            |e| e["event"] == "error" && e["message"].as_str().is_some_and(|m| m.starts_with("not sent"))
+        ),
+        "the long line was not refused"
+    );
+    assert_eq!(a.messages().len(), 3);
+}
+
 fn rss_kib(pid: nix::unistd::Pid) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()

@@ -207,6 +207,14 @@ impl Node {
         Pid::from_raw(self.child.id() as i32)
     }
 
+    /// Writes raw bytes to the node's stdin (a terminal or a pipe may
+    /// carry anything).
+    pub fn type_bytes(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("node started without stdin");
+        stdin.write_all(bytes).expect("writing to the node's stdin");
+        stdin.flush().expect("flushing the node's stdin");
+    }
+
     /// Types a line on the node's stdin.
     pub fn say(&mut self, text: &str) {
         let stdin = self.stdin.as_mut().expect("node started without stdin");

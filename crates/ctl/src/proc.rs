@@ -6,7 +6,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use p2p_proto::net::read_text_line;
+use tokio::io::BufReader;
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
@@ -84,8 +85,8 @@ pub fn spawn(
     let tx_out = tx.clone();
     let out_task = tokio::spawn(async move {
         let Some(stdout) = stdout else { return };
-        let mut lines = BufReader::new(stdout).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
+        let (mut out, mut buf) = (BufReader::new(stdout), Vec::new());
+        while let Ok(Some(line)) = read_text_line(&mut out, &mut buf, MAX_LINE).await {
             if let Ok(mut log) = log_file.lock() {
                 log.write_line(&line);
             }
@@ -100,8 +101,8 @@ pub fn spawn(
     });
     let err_task = tokio::spawn(async move {
         let Some(stderr) = stderr else { return };
-        let mut lines = BufReader::new(stderr).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
+        let (mut err, mut buf) = (BufReader::new(stderr), Vec::new());
+        while let Ok(Some(line)) = read_text_line(&mut err, &mut buf, MAX_LINE).await {
             if let Ok(mut log) = log_err.lock() {
                 log.write_line(&format!("stderr: {}", strip_ansi(&line)));
             }
@@ -129,6 +130,13 @@ pub fn spawn(
     });
     Ok(pid)
 }
+
+/// Longest line kept whole from a node's stdout or stderr (4 times the
+/// frame limit; the node's own events are far shorter). A longer one is
+/// read in pieces of this size, and bytes that are not UTF-8 are replaced
+/// ([`p2p_proto::net::read_text_line`]): whatever a node or a plugin
+/// inside it prints, every line reaches the supervisor and the log.
+pub const MAX_LINE: usize = 1 << 20;
 
 /// What a spawned node's watchers report, for slot `idx`, generation `gen`.
 pub enum ProcMsg {
@@ -216,6 +224,53 @@ mod tests {
             "2026  WARN dropping"
         );
         assert_eq!(strip_ansi("plain ünïcode"), "plain ünïcode");
+    }
+
+    /// A process that prints bytes that are not UTF-8, then more than a
+    /// pipe holds, on both streams: every line reaches the supervisor and
+    /// the log, the ones after the bad bytes included.
+    #[tokio::test]
+    async fn a_process_printing_binary_is_read_to_its_end() {
+        let dir = std::env::temp_dir().join(format!("p2pctl-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("n.log");
+        let script = "printf 'a\\377b\\n'; printf 'c\\376d\\n' >&2; \
+                      head -c 300000 /dev/zero | tr '\\0' y >&2; echo >&2; \
+                      head -c 300000 /dev/zero | tr '\\0' z; echo; echo done";
+        let (tx, mut rx) = mpsc::channel::<ProcMsg>(1024);
+        spawn(
+            Path::new("/bin/sh"),
+            &["-c".to_string(), script.to_string()],
+            &dir,
+            log.clone(),
+            0,
+            1,
+            tx,
+        )
+        .unwrap();
+        let mut lines = Vec::new();
+        let info = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                match rx.recv().await {
+                    Some(ProcMsg::Line { line, .. }) => lines.push(line),
+                    Some(ProcMsg::Exited { info, .. }) => return info,
+                    None => panic!("the watchers stopped before the exit"),
+                }
+            }
+        })
+        .await
+        .expect("the process did not end");
+        assert!(info.success(), "{}", info.describe());
+        assert_eq!(lines.first().map(String::as_str), Some("a\u{fffd}b"));
+        assert_eq!(lines.last().map(String::as_str), Some("done"));
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            text.contains("stderr: c\u{fffd}d\n"),
+            "{}",
+            &text[..200.min(text.len())]
+        );
+        assert!(text.contains(&"y".repeat(300_000)) && text.contains(&"z".repeat(300_000)));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -604,10 +604,15 @@ async fn accept_loop(
     }
 }
 
+/// Longest line read from stdin in one piece (16 times the longest text a
+/// message may carry, which the core checks: a longer line is refused
+/// with a message, piece by piece, and memory stays bounded).
+const STDIN_LINE_MAX: usize = 16 * p2p_proto::limits::MAX_TEXT_LEN;
+
 async fn stdin_loop(tx: mpsc::Sender<Msg>) {
-    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let (mut stdin, mut buf) = (BufReader::new(tokio::io::stdin()), Vec::new());
     loop {
-        match lines.next_line().await {
+        match p2p_proto::net::read_text_line(&mut stdin, &mut buf, STDIN_LINE_MAX).await {
             Ok(Some(line)) => {
                 if tx.send(Msg::Input(Input::User(line))).await.is_err() {
                     return;

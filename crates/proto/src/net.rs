@@ -1,13 +1,14 @@
 //! Sockets (feature `net`): the chat-key handshake over any tokio stream,
 //! and a small client connection that seals what it sends and opens what
 //! it reads. Nodes use the handshake; `p2pctl`, `p2pbench` and tools use
-//! [`Client`].
+//! [`Client`]; and [`read_text_line`], for the lines a person or a
+//! process types or prints.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -471,5 +472,57 @@ impl ClientRead {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
         }
+    }
+}
+
+/// The next line of text from `r` (a terminal, a pipe from a child
+/// process), without its line ending: at most `max` bytes (a longer line
+/// comes in pieces of `max`), with bytes that are not UTF-8 replaced by
+/// U+FFFD. Reading with `lines()` instead ends at the first such byte: a
+/// node took a stray Latin-1 byte on its stdin for the end of its input
+/// and left the chat, and p2pctl stopped reading a node's output (and
+/// closed the pipe) when a plugin printed one. `Ok(None)` at the end.
+///
+/// # Errors
+/// When reading fails.
+pub async fn read_text_line<R: AsyncBufRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<String>> {
+    buf.clear();
+    if (&mut *r).take(max as u64).read_until(b'\n', buf).await? == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+    }
+    Ok(Some(String::from_utf8_lossy(buf).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn text_lines_are_read_whatever_bytes_they_hold() {
+        let mut input = b"ok\r\n\xff\xfe bad\n".to_vec();
+        input.extend(std::iter::repeat_n(b'x', 1000 + 10));
+        input.extend_from_slice(b"\n\nno newline at the end");
+        let (mut r, mut buf) = (tokio::io::BufReader::new(&input[..]), Vec::new());
+        let mut got = Vec::new();
+        while let Some(line) = read_text_line(&mut r, &mut buf, 1000).await.unwrap() {
+            got.push(line);
+        }
+        let lens: Vec<usize> = got.iter().map(String::len).collect();
+        assert_eq!(lens.len(), 6, "{lens:?}");
+        assert_eq!(got[0], "ok");
+        assert_eq!(got[1], "\u{fffd}\u{fffd} bad");
+        assert_eq!((lens[2], lens[3]), (1000, 10), "a long line comes in pieces");
+        assert_eq!(got[4], "", "an empty line is a line");
+        assert_eq!(got[5], "no newline at the end");
     }
 }
