@@ -149,6 +149,55 @@ fn a_typed_line_that_is_not_utf8_is_sent_and_the_node_reads_on() {
     assert_eq!(a.messages().len(), 3);
 }
 
+/// A node run by hand whose stderr is a closed pipe (`p2pnode 2>&1 |
+/// head`, a terminal gone) carries on: what it has to say there is lost,
+/// not the node. `eprintln!` panicked on the first error it printed.
+#[test]
+fn a_node_whose_stderr_is_gone_carries_on() {
+    use std::io::{BufRead, Write};
+    use std::process::{Command, Stdio};
+    let data = crate::util::bin_dir().join("p2p-tests-data");
+    let mut child = Command::new(crate::util::bin("p2pnode"))
+        .args([
+            "--name",
+            "solo",
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning p2pnode");
+    drop(child.stderr.take());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut stdin = child.stdin.take().expect("stdin");
+    // A line over the text limit: refused, and the refusal goes to stderr.
+    writeln!(stdin, "{}", "x".repeat(5000)).unwrap();
+    writeln!(stdin, "still here").unwrap();
+    stdin.flush().unwrap();
+    let mut seen = Vec::new();
+    wait_until("solo to print its message", || {
+        seen.extend(rx.try_iter());
+        seen.iter().any(|l| l.ends_with("still here")).then_some(())
+    });
+    assert!(child.try_wait().unwrap().is_none(), "solo exited: {seen:?}");
+    drop(stdin);
+    let status = crate::util::wait_until("solo to leave at the end of its input", || {
+        child.try_wait().unwrap()
+    });
+    assert!(status.success(), "{status}: {seen:?}");
+}
+
 fn rss_kib(pid: nix::unistd::Pid) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap()

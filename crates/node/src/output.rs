@@ -123,7 +123,7 @@ impl Sink {
             // A human reads errors on stderr, like the argument errors.
             EventFormat::Human if matches!(event, Event::Error { .. }) => {
                 if let Some(line) = human(event, me, self.style) {
-                    eprintln!("{line}");
+                    to_stderr(&line);
                 }
                 return;
             }
@@ -148,6 +148,12 @@ impl Sink {
             let _ = t.join();
         }
     }
+}
+
+/// Writes a line to stderr, whether or not anyone reads it: `eprintln!`
+/// panics when stderr is a closed pipe, which took the whole node down.
+pub fn to_stderr(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 fn print_loop(rx: Receiver<String>, out: std::io::Stdout) {

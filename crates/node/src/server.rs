@@ -619,8 +619,8 @@ async fn stdin_loop(tx: mpsc::Sender<Msg>) {
                 }
             }
             Ok(None) | Err(_) => {
-                eprintln!(
-                    "p2pnode: end of input: leaving the chat (give --headless to keep running without a terminal)"
+                crate::output::to_stderr(
+                    "p2pnode: end of input: leaving the chat (give --headless to keep running without a terminal)",
                 );
                 let _ = tx.send(Msg::Input(Input::Quit)).await;
                 return;

@@ -119,7 +119,7 @@ fn main() {
     let code = match runtime.block_on(serve(args)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("p2pnode: {e:#}");
+            p2p_node::output::to_stderr(&format!("p2pnode: {e:#}"));
             1
         }
     };
