@@ -290,6 +290,28 @@ fn restarted_node_rejoins_and_chat_agrees() {
     assert!(logs.contains("bob: hello after restart"), "{logs}");
     let merged = c.ok(&["logs"]);
     assert!(merged.contains("alice") && merged.contains("carol"), "{merged}");
+    assert!(
+        !merged.contains("{\""),
+        "every event reads as a sentence: {merged}"
+    );
+    // Read by a pipe that is closed at once (`p2pctl logs | head -1`):
+    // the command ends quietly.
+    let mut logs = Command::new(bin("p2pctl"))
+        .arg("-f")
+        .arg(&c.file)
+        .arg("logs")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running p2pctl logs");
+    drop(logs.stdout.take());
+    let out = logs.wait_with_output().expect("p2pctl logs ends");
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Restarting every node at once (a `p2pctl restart` of each in the same
@@ -829,6 +851,31 @@ fn completions_man_page_and_version_name_p2pctl() {
     assert!(version.starts_with("p2pctl "), "{version}");
     let node = Command::new(bin("p2pnode")).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&node.stdout).starts_with("p2pnode "));
+    // A reader that leaves at once (`| head -1`) is not an error; a full
+    // disk is, said in one line (generating into stdout panicked on both).
+    for args in [&["completions", "zsh"][..], &["man"]] {
+        let mut early = Command::new(bin("p2pctl"))
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(early.stdout.take());
+        let out = early.wait_with_output().unwrap();
+        assert!(out.status.success(), "p2pctl {args:?} | head: {out:?}");
+        let full = Command::new(bin("p2pctl"))
+            .args(args)
+            .stdout(std::fs::File::create("/dev/full").unwrap())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&full.stderr);
+        assert!(
+            full.status.code() == Some(1)
+                && err.starts_with("p2pctl: cannot write to stdout")
+                && !err.contains("panicked"),
+            "p2pctl {args:?} > /dev/full: {full:?}"
+        );
+    }
 }
 
 /// `plugin_dir` in the cluster file: bots built anywhere (say a debug

@@ -156,10 +156,11 @@ pub fn log_line(line: &str) -> Option<String> {
     Some(match e["event"].as_str()? {
         "listening" => format!("listening on {}", s("addr")),
         "ready" => format!(
-            "ready: coordinator {}, epoch {}, {} members",
+            "ready: coordinator {}, epoch {}, {} member{}",
             s("coordinator"),
             e["epoch"],
-            e["members"]
+            e["members"],
+            if e["members"] == 1 { "" } else { "s" }
         ),
         "message" => format!("{}: {}", s("from"), s("text")),
         "joined" => format!("* {} joined", s("name")),
@@ -185,8 +186,40 @@ pub fn log_line(line: &str) -> Option<String> {
             s("rule")
         ),
         "plugin" => format!("* plugin {} {} {}", s("name"), s("state"), s("detail")),
+        "config" => match (e["voters"].as_array(), e["plugins"].as_array()) {
+            (Some(ids), _) => format!("* voters are now members {}", list(ids, |v| v.to_string())),
+            (None, Some(names)) if names.is_empty() => "* no plugins now".to_string(),
+            (None, Some(names)) => format!(
+                "* plugins are now {}",
+                list(names, |v| v.as_str().unwrap_or("?").to_string())
+            ),
+            (None, None) => format!("* configuration changed at seq {}", e["seq"]),
+        },
+        "waiting" => format!("* waiting: {}", s("reason")),
+        "unreachable" => format!("* {} stopped answering ({})", s("name"), s("reason")),
+        "who" => format!(
+            "* members: {}",
+            list(e["members"].as_array().map_or(&[][..], Vec::as_slice), |m| {
+                m["name"].as_str().unwrap_or("?").to_string()
+            })
+        ),
+        "info" => format!("* {}", s("message")),
+        "dropped" => format!(
+            "* {} events not printed (stdout was not read fast enough)",
+            e["count"]
+        ),
+        "key" => match (e["id"].as_str(), e["created"] == true) {
+            (None, _) => "* no chat key (--insecure): traffic is not encrypted".to_string(),
+            (Some(id), true) => format!("* created the chat key {} (id {id})", s("path")),
+            (Some(id), false) => format!("* chat key {id} ({}): traffic is encrypted", s("path")),
+        },
         other => format!("{other}: {e}"),
     })
+}
+
+/// `items` joined with ", " (each shown by `show`).
+fn list(items: &[Value], show: impl Fn(&Value) -> String) -> String {
+    items.iter().map(show).collect::<Vec<_>>().join(", ")
 }
 
 /// The `ps` table.
@@ -217,4 +250,67 @@ pub fn ps_table(rows: &[Value]) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every event PROTOCOL.md lists (section 13) reads as a sentence in
+    /// `p2pctl logs`, not as the JSON the node printed.
+    #[test]
+    fn every_documented_event_has_a_sentence() {
+        let doc = include_str!("../../../docs/PROTOCOL.md");
+        let section = doc
+            .split("## 13. Events")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("PROTOCOL.md has section 13");
+        let names: Vec<&str> = section
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `")?.split('`').next())
+            .filter(|name| *name != "event")
+            .collect();
+        assert!(names.len() >= 19, "{names:?}");
+        let sample = serde_json::json!({
+            "name": "bob", "addr": "127.0.0.1:7102", "coordinator": "alice", "epoch": 2,
+            "members": [{"id": 1, "name": "alice"}, {"id": 2, "name": "bob"}], "from": "bob",
+            "text": "hi", "reason": "left", "lost": "alice", "seq": 7, "voters": [1, 2],
+            "message": "hello", "count": 3, "plugin": "moderation", "rule": "r", "action": "drop",
+            "member": "bob", "state": "loaded", "detail": "", "id": "547b9ef9", "path": "chat.key",
+            "created": true, "role": "member", "client_seq": 1,
+        });
+        for name in names {
+            let mut e = sample.clone();
+            e["event"] = name.into();
+            if name == "ready" {
+                e["members"] = 5.into(); // a count here, a list in `who`
+            }
+            let line = log_line(&e.to_string()).expect("a line");
+            assert!(!line.contains('{'), "{name} is shown as JSON: {line}");
+        }
+    }
+
+    #[test]
+    fn config_key_and_ready_read_as_sentences() {
+        let show = |v: serde_json::Value| log_line(&v.to_string()).unwrap();
+        use serde_json::json;
+        assert_eq!(
+            show(json!({"event": "config", "seq": 4, "voters": [1, 2, 3]})),
+            "* voters are now members 1, 2, 3"
+        );
+        assert_eq!(
+            show(json!({"event": "config", "seq": 5, "plugins": ["echo", "logger"]})),
+            "* plugins are now echo, logger"
+        );
+        assert_eq!(
+            show(json!({"event": "key", "id": "547b9ef9", "path": "c.key", "created": false})),
+            "* chat key 547b9ef9 (c.key): traffic is encrypted"
+        );
+        assert!(show(json!({"event": "key", "id": null})).contains("--insecure"));
+        assert_eq!(
+            show(json!({"event": "ready", "coordinator": "alice", "epoch": 1, "members": 1})),
+            "ready: coordinator alice, epoch 1, 1 member"
+        );
+    }
 }

@@ -11,6 +11,13 @@ use anyhow::bail;
 use crate::config::Cluster;
 use crate::display::{log_line, Display};
 
+/// Prints a line; false once stdout is gone (`p2pctl logs | head`), which
+/// ends the command quietly (`println!` panicked there).
+fn print(line: &str) -> bool {
+    use std::io::Write;
+    writeln!(std::io::stdout(), "{line}").is_ok()
+}
+
 fn time_of(line: &str) -> Option<u64> {
     serde_json::from_str::<serde_json::Value>(line).ok()?["t"].as_u64()
 }
@@ -68,7 +75,9 @@ pub async fn logs(
         .collect();
     let skip = tail.map_or(0, |n| shown.len().saturating_sub(n));
     for l in &shown[skip..] {
-        println!("{l}");
+        if !print(l) {
+            return Ok(0);
+        }
     }
     if !follow {
         return Ok(0);
@@ -97,7 +106,9 @@ pub async fn logs(
             while let Some(pos) = pending[i].find('\n') {
                 let line: String = pending[i].drain(..=pos).collect();
                 if let Some(l) = log_line(line.trim_end()) {
-                    println!("{}", display.prefixed(name, &l));
+                    if !print(&display.prefixed(name, &l)) {
+                        return Ok(0);
+                    }
                 }
             }
         }

@@ -213,6 +213,19 @@ impl Cmd {
     }
 }
 
+/// Writes `bytes` to stdout. A reader that left early (`p2pctl man |
+/// head`) is not an error; a full disk is.
+fn write_out(bytes: &[u8]) -> anyhow::Result<i32> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(anyhow::anyhow!("cannot write to stdout: {e}"))
+        }
+        _ => Ok(0),
+    }
+}
+
 fn main() {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -315,13 +328,16 @@ async fn dispatch(args: Args) -> anyhow::Result<i32> {
     match &args.cmd {
         Cmd::Completions { shell } => {
             use clap::CommandFactory;
-            clap_complete::generate(*shell, &mut Args::command(), "p2pctl", &mut std::io::stdout());
-            return Ok(0);
+            // Into a buffer first: `generate` panics when a write fails.
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Args::command(), "p2pctl", &mut script);
+            return write_out(&script);
         }
         Cmd::Man => {
             use clap::CommandFactory;
-            clap_mangen::Man::new(Args::command()).render(&mut std::io::stdout())?;
-            return Ok(0);
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Args::command()).render(&mut page)?;
+            return write_out(&page);
         }
         _ => {}
     }
