@@ -312,6 +312,27 @@ fn restarted_node_rejoins_and_chat_agrees() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
+    // Following, read by `head -1`: it ends once head has its line, even
+    // though no new line comes to fail to print.
+    let mut follow = Command::new(bin("p2pctl"))
+        .arg("-f")
+        .arg(&c.file)
+        .args(["logs", "-f"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("running p2pctl logs -f");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(follow.stdout.take().expect("stdout")),
+        &mut first,
+    )
+    .expect("a first line");
+    assert!(!first.is_empty());
+    let status = crate::util::wait_until("p2pctl logs -f to end after its reader left", || {
+        follow.try_wait().expect("p2pctl logs -f")
+    });
+    assert!(status.success(), "{status}");
 }
 
 /// Restarting every node at once (a `p2pctl restart` of each in the same

@@ -18,6 +18,19 @@ fn print(line: &str) -> bool {
     writeln!(std::io::stdout(), "{line}").is_ok()
 }
 
+/// True once nobody can read stdout any more (a pipe whose reader left),
+/// so following ends without waiting for a line to fail to print.
+fn stdout_gone() -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let out = std::io::stdout();
+    let mut fds = [PollFd::new(out.as_fd(), PollFlags::empty())];
+    poll(&mut fds, PollTimeout::ZERO).is_ok()
+        && fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLERR | PollFlags::POLLHUP))
+}
+
 fn time_of(line: &str) -> Option<u64> {
     serde_json::from_str::<serde_json::Value>(line).ok()?["t"].as_u64()
 }
@@ -87,6 +100,9 @@ pub async fn logs(
         tokio::select! {
             _ = crate::run::signals() => return Ok(0),
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        if stdout_gone() {
+            return Ok(0); // `p2pctl logs -f | head`: head has what it wanted
         }
         for (i, (name, path)) in paths.iter().enumerate() {
             let Ok(mut f) = std::fs::File::open(path) else {
