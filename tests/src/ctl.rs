@@ -190,6 +190,40 @@ fn up_ps_down_leaves_no_process() {
     assert!(out.contains("nothing running"), "{out}");
 }
 
+/// `p2pctl up` whose output nobody reads any more (`p2pctl up | head`; a
+/// full disk under `up -d`, whose output is its log): the cluster carries
+/// on. The supervisor panicked on its first line, and its nodes died with
+/// it.
+#[test]
+fn a_supervisor_whose_output_is_gone_keeps_its_cluster() {
+    let c = TestCluster::new(&["alice", "bob"], "");
+    let mut up = Command::new(bin("p2pctl"))
+        .arg("-f")
+        .arg(&c.file)
+        .arg("up")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("running p2pctl up");
+    drop(up.stdout.take());
+    wait_until("the supervisor to answer", || {
+        c.ctl(&["ps", "--json"]).status.success().then_some(())
+    });
+    c.wait_ps("both nodes running", |rows| {
+        rows.iter().filter(|r| r["state"] == "running").count() == 2
+    });
+    let out = c.ok(&["say", "bob", "still", "here"]);
+    assert!(out.starts_with("delivered at seq "), "{out}");
+    assert!(up.try_wait().unwrap().is_none(), "the supervisor ended");
+    // Ctrl-C ends it as usual.
+    kill(Pid::from_raw(up.id() as i32), Signal::SIGINT).unwrap();
+    let status = wait_until("p2pctl up to end after Ctrl-C", || up.try_wait().unwrap());
+    assert!(status.success(), "{status}");
+    assert!(c.ctl(&["ps"]).status.code() != Some(0), "nothing runs after it");
+}
+
 /// A supervisor that no longer answers (stopped) gets a clear message
 /// within the time limit instead of a hang.
 #[test]

@@ -2,6 +2,7 @@
 //! stream, Ctrl-C stops it), or detached (`-d`: a background supervisor,
 //! and this process returns once every node is ready).
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -206,7 +207,7 @@ pub async fn wait_ready(running: &mut Running, display: &mut Display, n: usize, 
                     b.finish_and_clear();
                 }
                 if let Some(l) = display.line(&ev) {
-                    eprintln!("{l}");
+                    let _ = writeln!(std::io::stderr(), "{l}");
                 }
                 return false;
             }
@@ -221,7 +222,7 @@ pub async fn wait_ready(running: &mut Running, display: &mut Display, n: usize, 
                 if let (Some(l), false) = (line, quiet) {
                     match &bar {
                         Some(b) if !b.is_hidden() => b.println(l),
-                        _ => println!("{l}"),
+                        _ => say(&l),
                     }
                 }
             }
@@ -229,6 +230,14 @@ pub async fn wait_ready(running: &mut Running, display: &mut Display, n: usize, 
             Err(_) => return false,
         }
     }
+}
+
+/// Prints a line of the supervisor's story. Output that cannot be written
+/// (a full disk under `up -d`'s log, a reader gone from `p2pctl up |
+/// head`) is lost; the cluster carries on (`println!` panicked, and the
+/// nodes died with the supervisor).
+fn say(line: &str) {
+    let _ = writeln!(std::io::stdout(), "{line}");
 }
 
 /// `p2pctl up` in the foreground.
@@ -244,19 +253,19 @@ pub async fn up_foreground(cluster: Cluster, quiet: bool) -> anyhow::Result<i32>
     let mut display = Display::new(&names);
     let ok = wait_ready(&mut running, &mut display, n, quiet).await;
     if ok && !quiet {
-        println!(
+        say(&format!(
             "cluster {name} is up ({n} nodes). Ctrl-C stops it; from another terminal: p2pctl -f {} ps | kill --coordinator | logs -f",
             file.display()
-        );
+        ));
     }
     while let Some(ev) = running.next_event().await {
         if let (Some(l), false) = (display.line(&ev), quiet) {
-            println!("{l}");
+            say(&l);
         }
     }
     running.finish().await;
     if !quiet {
-        println!("cluster {name} stopped");
+        say(&format!("cluster {name} stopped"));
     }
     Ok(if ok { 0 } else { 1 })
 }
