@@ -237,14 +237,41 @@ impl std::fmt::Display for Location {
     }
 }
 
+/// Largest cluster file read (a real one is a few KiB of YAML).
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// A cluster file's text: at most [`MAX_FILE_BYTES`], and UTF-8.
+fn read_text(file: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let unreadable = |why: String| ConfigError::Unreadable {
+        file: file.to_path_buf(),
+        why,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| unreadable(e.to_string()))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(unreadable(format!(
+            "it holds more than {} KiB; a cluster file is a few KiB of YAML",
+            MAX_FILE_BYTES >> 10
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = 1 + e.as_bytes()[..at].iter().filter(|b| **b == b'\n').count();
+        unreadable(format!("line {line} is not UTF-8 text; write the file in UTF-8"))
+    })
+}
+
 /// A cluster file that cannot be used. Its `Display` is the sentence to
 /// show: where, what, and what to change.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("no cluster file: neither cluster.yaml nor cluster.example.yaml is in the current directory; pass -f FILE")]
     NoFile,
-    #[error("{}: cannot read the cluster file: {source}", .file.display())]
-    Unreadable { file: PathBuf, source: std::io::Error },
+    #[error("{}: cannot read the cluster file: {why}", .file.display())]
+    Unreadable { file: PathBuf, why: String },
     #[error("{} is empty; a cluster file needs at least `name:` and `nodes:` (cluster.example.yaml documents every key)", .file.display())]
     Empty { file: PathBuf },
     /// Text YAML cannot read, or a `${VAR}` that cannot be replaced.
@@ -266,8 +293,8 @@ pub enum ConfigError {
     /// Plugins `p2pnode --check-plugins` refused, each at its line.
     #[error("{}", join_lines(.0))]
     PluginsRefused(Vec<PluginRefusal>),
-    #[error("cannot run {} to check the plugins: {source}", .bin.display())]
-    CheckerMissing { bin: PathBuf, source: std::io::Error },
+    #[error("cannot run {} to check the plugins: {why}", .bin.display())]
+    CheckerMissing { bin: PathBuf, why: std::io::Error },
     #[error("{} --check-plugins failed: {stderr}", .bin.display())]
     CheckerFailed { bin: PathBuf, stderr: String },
 }
@@ -391,11 +418,7 @@ impl Cluster {
     /// # Errors
     /// The problems found, each with file and line.
     pub fn load_unbound(file: &Path) -> Result<Cluster, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Unreadable {
-            file: file.to_path_buf(),
-            source,
-        })?;
-        Cluster::parse(&text, file)
+        Cluster::parse(&read_text(file)?, file)
     }
 
     /// Parses and checks cluster-file text (ports not probed).
@@ -451,7 +474,7 @@ impl Cluster {
 
     /// Fails if any fixed port is already taken.
     fn check_ports_free(&self) -> Result<(), ConfigError> {
-        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+        let text = read_text(&self.file).unwrap_or_default();
         let lines = Lines {
             text: &text,
             file: &self.file,
@@ -624,7 +647,7 @@ impl Cluster {
     /// Where a plugin's entry is in the file (just the file if it cannot be
     /// found).
     pub fn plugin_location(&self, name: &str) -> Location {
-        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+        let text = read_text(&self.file).unwrap_or_default();
         Location::line(&self.file, find_line(&text, "name", name, 0))
     }
 
@@ -647,9 +670,9 @@ impl Cluster {
         for p in &self.plugins {
             cmd.arg("--plugin").arg(format!("{}:{}", p.name, p.config_json()));
         }
-        let out = cmd.output().map_err(|source| ConfigError::CheckerMissing {
+        let out = cmd.output().map_err(|why| ConfigError::CheckerMissing {
             bin: node_bin.to_path_buf(),
-            source,
+            why,
         })?;
         let mut refused = Vec::new();
         for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -980,6 +1003,32 @@ mod tests {
         );
         assert_eq!(parse("").unwrap_err().to_string().lines().count(), 1);
         assert!(matches!(parse("  \n"), Err(ConfigError::Empty { .. })));
+    }
+
+    /// A file that is not a cluster file (binary, endless, a directory)
+    /// gets one sentence naming it, read no further than the limit.
+    #[test]
+    fn unreadable_files_are_named_once() {
+        let dir = std::env::temp_dir().join(format!("p2pctl-read-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let latin1 = dir.join("latin1.yaml");
+        std::fs::write(&latin1, b"name: demo\n# caf\xe9\nnodes: []\n").unwrap();
+        let cases = [
+            (latin1.clone(), "line 2 is not UTF-8 text"),
+            (PathBuf::from("/dev/zero"), "holds more than 1024 KiB"),
+            (dir.clone(), "Is a directory"),
+            (dir.join("missing.yaml"), "No such file"),
+        ];
+        for (file, want) in cases {
+            let e = Cluster::load_unbound(&file).unwrap_err();
+            let shown = format!("{:#}", anyhow::Error::from(e));
+            assert!(
+                shown.starts_with(&format!("{}: cannot read the cluster file: ", file.display()))
+                    && shown.matches(want).count() == 1,
+                "{shown}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
