@@ -766,22 +766,41 @@ pub enum KeyFileError {
 /// # Errors
 /// [`KeyFileError`] naming the file and the fix.
 pub fn read_key_file(path: &std::path::Path) -> Result<ChatKey, KeyFileError> {
+    use std::io::Read;
     let shown = path.display().to_string();
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(KeyFileError::Missing(shown)),
         Err(error) => return Err(KeyFileError::Io { path: shown, error }),
     };
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(path) {
+    let bad = |what: String| KeyFileError::Bad {
+        path: shown.clone(),
+        error: SecureError::BadKey(what),
+    };
+    if let Ok(meta) = file.metadata() {
+        if !meta.is_file() {
+            return Err(bad("found no regular file there".into()));
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
             let mode = meta.permissions().mode() & 0o777;
             if mode & 0o077 != 0 {
                 return Err(KeyFileError::Exposed { path: shown, mode });
             }
         }
     }
+    // A key file is 64 hex digits and a newline: read no more than a few
+    // times that.
+    const MAX_KEY_FILE: u64 = 4096;
+    let mut bytes = Vec::new();
+    if let Err(error) = file.take(MAX_KEY_FILE + 1).read_to_end(&mut bytes) {
+        return Err(KeyFileError::Io { path: shown, error });
+    }
+    if bytes.len() as u64 > MAX_KEY_FILE {
+        return Err(bad(format!("found more than {MAX_KEY_FILE} bytes")));
+    }
+    let text = String::from_utf8(bytes).map_err(|_| bad("found bytes that are not text".into()))?;
     ChatKey::from_hex(&text).map_err(|error| KeyFileError::Bad { path: shown, error })
 }
 
@@ -1010,6 +1029,29 @@ mod tests {
         }
         let e = read_key_file(&dir.join("bad")).unwrap_err().to_string();
         assert!(e.contains("64 hexadecimal digits") && e.contains("bad"), "{e}");
+        // Not text, far too long, not a file: said, and read no further
+        // than the limit (a path to /dev/zero was read without end).
+        let private = |name: &str, bytes: &[u8]| {
+            let p = dir.join(name);
+            std::fs::write(&p, bytes).unwrap();
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            }
+            p
+        };
+        let cases = [
+            (private("latin1", b"caf\xe9"), "not text"),
+            (private("long", &[b'a'; 5000]), "more than 4096 bytes"),
+            (dir.clone(), "no regular file"),
+            #[cfg(unix)]
+            (std::path::PathBuf::from("/dev/zero"), "no regular file"),
+        ];
+        for (path, want) in cases {
+            let e = read_key_file(&path).unwrap_err().to_string();
+            assert!(e.contains(want), "{}: {e}", path.display());
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
