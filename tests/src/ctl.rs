@@ -886,6 +886,19 @@ fn the_demo_story_runs_from_a_relative_cluster_file() {
     assert!(c.supervisor_pid().is_none_or(|p| !alive(p)));
 }
 
+/// `attach --config @FILE` reads a file a person wrote: no further than
+/// its limit (a path to /dev/zero was read without end), and says so.
+#[test]
+fn attach_reads_a_config_file_no_further_than_its_limit() {
+    let c = TestCluster::new(&["alice"], "");
+    let out = c.ctl(&["attach", "echo", "--config", "@/dev/zero"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1) && err.contains("/dev/zero") && err.contains("more than 64 KiB"),
+        "{out:?}"
+    );
+}
+
 /// Shell completions, the manual page and --version come from the same
 /// command definition, and name the binary as users type it.
 #[test]

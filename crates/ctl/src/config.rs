@@ -242,25 +242,33 @@ pub const MAX_FILE_BYTES: u64 = 1 << 20;
 
 /// A cluster file's text: at most [`MAX_FILE_BYTES`], and UTF-8.
 fn read_text(file: &Path) -> Result<String, ConfigError> {
+    read_small_text(file, MAX_FILE_BYTES, "a cluster file is a few KiB of YAML").map_err(|why| {
+        ConfigError::Unreadable {
+            file: file.to_path_buf(),
+            why,
+        }
+    })
+}
+
+/// A small text file a person wrote: at most `max` bytes, and UTF-8.
+/// Otherwise the reason, in words (`what` says what the file should be).
+///
+/// # Errors
+/// The file cannot be read, holds more than `max` bytes, or a line of it
+/// is not UTF-8.
+pub fn read_small_text(file: &Path, max: u64, what: &str) -> Result<String, String> {
     use std::io::Read;
-    let unreadable = |why: String| ConfigError::Unreadable {
-        file: file.to_path_buf(),
-        why,
-    };
     let mut bytes = Vec::new();
     std::fs::File::open(file)
-        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(|e| unreadable(e.to_string()))?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(unreadable(format!(
-            "it holds more than {} KiB; a cluster file is a few KiB of YAML",
-            MAX_FILE_BYTES >> 10
-        )));
+        .and_then(|f| f.take(max + 1).read_to_end(&mut bytes))
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > max {
+        return Err(format!("it holds more than {} KiB; {what}", max >> 10));
     }
     String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
         let line = 1 + e.as_bytes()[..at].iter().filter(|b| **b == b'\n').count();
-        unreadable(format!("line {line} is not UTF-8 text; write the file in UTF-8"))
+        format!("line {line} is not UTF-8 text; write the file in UTF-8")
     })
 }
 

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
 use p2p_ctl::config::{default_file, Cluster};
 use p2p_ctl::control::{self, Request, Response};
@@ -511,8 +511,12 @@ fn plugin_config_arg(config: Option<String>) -> anyhow::Result<String> {
         return Ok("{}".to_string());
     };
     let text = match c.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the plugin configuration file {path}"))?,
+        Some(path) => p2p_ctl::config::read_small_text(
+            std::path::Path::new(path),
+            64 << 10,
+            "a plugin's configuration is at most 8 KiB of JSON",
+        )
+        .map_err(|why| anyhow::anyhow!("cannot read the plugin configuration file {path}: {why}"))?,
         None => c,
     };
     let v: serde_yaml::Value =
