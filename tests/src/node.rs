@@ -378,6 +378,34 @@ fn join_tries_each_peer_and_fails_clearly_when_none_answers() {
     );
 }
 
+/// Addresses are checked before anything starts: an empty `--join` entry
+/// (an unset variable) used to start a chat of its own instead of
+/// joining, and every failure to listen was blamed on another node.
+#[test]
+fn bad_addresses_are_refused_before_anything_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let cases: [(&[&str], &str); 5] = [
+        (&["--join", ""], "--join holds an empty address"),
+        (&["--join", "127.0.0.1:7101,"], "--join holds an empty address"),
+        (&["--join", "not an address"], "is not host:port"),
+        (&["--listen", &taken], "the port is in use"),
+        (&["--listen", "127.0.0.1:99999"], "give --listen HOST:PORT"),
+    ];
+    for (args, want) in cases {
+        let out = std::process::Command::new(crate::util::bin("p2pnode"))
+            .args(["--name", "z", "--insecure", "--headless"])
+            .args(args)
+            .output()
+            .expect("running p2pnode");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(1) && err.contains(want) && out.stdout.is_empty(),
+            "{args:?}: {out:?}"
+        );
+    }
+}
+
 #[test]
 fn quit_and_ctrl_c_leave_cleanly() {
     let a = Node::join("alice", &[]);

@@ -535,7 +535,7 @@ fn spawn(
             std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
         cmd.stderr(file).env("RUST_LOG", "p2p_node=info");
     }
-    if !create {
+    if !create && addrs.len() > 1 {
         let others: Vec<&str> = addrs
             .iter()
             .filter(|a| **a != slots[i].addr)

@@ -128,14 +128,27 @@ fn main() {
 }
 
 async fn serve(args: Args) -> anyhow::Result<i32> {
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {}; is another node using that port? choose another --listen",
-                args.listen
-            )
-        })?;
+    // Every --join entry is an address: an empty one (an unset variable,
+    // a stray comma) started a chat of its own instead of joining.
+    for j in &args.join {
+        if j.trim().is_empty() {
+            anyhow::bail!(
+                "--join holds an empty address (an unset variable?); give HOST:PORT of a peer, or leave --join out to start a new chat"
+            );
+        }
+        p2p_proto::limits::check_addr(j).map_err(|e| anyhow::anyhow!("--join {j}: {e}"))?;
+    }
+    let listener = match tokio::net::TcpListener::bind(&args.listen).await {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => anyhow::bail!(
+            "cannot listen on {}: the port is in use (another node?); choose another --listen",
+            args.listen
+        ),
+        Err(e) => anyhow::bail!(
+            "cannot listen on {}: {e}; give --listen HOST:PORT, e.g. 127.0.0.1:7101 (port 0 picks a free one)",
+            args.listen
+        ),
+    };
     let local = listener
         .local_addr()
         .context("while reading the listening address")?;
@@ -150,7 +163,7 @@ async fn serve(args: Args) -> anyhow::Result<i32> {
         None => local.to_string(),
     };
     p2p_proto::limits::check_addr(&advertise).map_err(|e| anyhow::anyhow!("--advertise: {e}"))?;
-    let starts = args.join.iter().all(|j| j.trim().is_empty()) || args.create_if_alone;
+    let starts = args.join.is_empty() || args.create_if_alone;
     let key = if args.insecure {
         None
     } else {
@@ -163,7 +176,7 @@ async fn serve(args: Args) -> anyhow::Result<i32> {
     let mut core = CoreConfig::new(args.name, advertise);
     core.session = p2p_proto::random_u64();
     core.chat_id = format!("{:016x}{:016x}", p2p_proto::random_u64(), p2p_proto::random_u64());
-    core.join = args.join.into_iter().filter(|j| !j.trim().is_empty()).collect();
+    core.join = args.join;
     core.create_if_alone = args.create_if_alone;
     core.heartbeat_ms = args.heartbeat_ms;
     core.replay = args.history as usize;
