@@ -13,15 +13,22 @@ fn main() {
         Some("ci") => ci::run(),
         Some("bench") => bench::run(&args[1..]),
         Some("torture") => torture::run(&args[1..]),
-        _ => {
-            eprintln!(
-                "usage: cargo xtask <task>\n\n\
+        other => {
+            let help = matches!(other, Some("-h" | "--help" | "help"));
+            if let (Some(task), false) = (other, help) {
+                eprintln!("xtask: no task named {task:?}\n");
+            }
+            let usage = "usage: cargo xtask <task>\n\n\
                  tasks:\n  \
                  demo [-f FILE]   build release binaries and run `p2pctl demo` on cluster.example.yaml\n  \
                  bench [--quick] [--json]   build release binaries and run every p2pbench scenario\n  \
                  torture [--seed N] [...]   seeded kills, hangs, restarts, partitions and CPU hogs against real nodes, checked\n  \
-                 ci               run .ci/run (fmt, clippy, tests)"
-            );
+                 ci               run .ci/run (fmt, clippy, tests)";
+            if help {
+                println!("{usage}");
+                std::process::exit(0);
+            }
+            eprintln!("{usage}");
             std::process::exit(2);
         }
     };
