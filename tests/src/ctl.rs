@@ -53,14 +53,15 @@ impl TestCluster {
         TestCluster { dir, file, name }
     }
 
+    /// `p2pctl -f <this cluster's file> args…`, to run as the test likes.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("p2pctl"));
+        cmd.arg("-f").arg(&self.file).args(args).env("NO_COLOR", "1");
+        cmd
+    }
+
     pub fn ctl(&self, args: &[&str]) -> Output {
-        Command::new(bin("p2pctl"))
-            .arg("-f")
-            .arg(&self.file)
-            .args(args)
-            .env("NO_COLOR", "1")
-            .output()
-            .expect("running p2pctl")
+        self.command(args).output().expect("running p2pctl")
     }
 
     /// Runs p2pctl and asserts success; returns stdout.
@@ -197,11 +198,8 @@ fn up_ps_down_leaves_no_process() {
 #[test]
 fn a_supervisor_whose_output_is_gone_keeps_its_cluster() {
     let c = TestCluster::new(&["alice", "bob"], "");
-    let mut up = Command::new(bin("p2pctl"))
-        .arg("-f")
-        .arg(&c.file)
-        .arg("up")
-        .env("NO_COLOR", "1")
+    let mut up = c
+        .command(&["up"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -330,10 +328,8 @@ fn restarted_node_rejoins_and_chat_agrees() {
     );
     // Read by a pipe that is closed at once (`p2pctl logs | head -1`):
     // the command ends quietly.
-    let mut logs = Command::new(bin("p2pctl"))
-        .arg("-f")
-        .arg(&c.file)
-        .arg("logs")
+    let mut logs = c
+        .command(&["logs"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -348,10 +344,8 @@ fn restarted_node_rejoins_and_chat_agrees() {
     );
     // Following, read by `head -1`: it ends once head has its line, even
     // though no new line comes to fail to print.
-    let mut follow = Command::new(bin("p2pctl"))
-        .arg("-f")
-        .arg(&c.file)
-        .args(["logs", "-f"])
+    let mut follow = c
+        .command(&["logs", "-f"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -388,10 +382,7 @@ fn restarting_every_node_at_once_brings_back_one_chat() {
         let restarts: Vec<_> = names
             .iter()
             .map(|n| {
-                Command::new(bin("p2pctl"))
-                    .arg("-f")
-                    .arg(&c.file)
-                    .args(["restart", n])
+                c.command(&["restart", n])
                     .stdout(Stdio::null())
                     .spawn()
                     .expect("running p2pctl restart")
@@ -518,11 +509,8 @@ fn say_reports_its_own_line_not_one_queued_before_it() {
         "the node's first own line"
     );
     assert_eq!(queued(), 1, "no majority: the line waits");
-    let say = Command::new(bin("p2pctl"))
-        .arg("-f")
-        .arg(&c.file)
-        .args(["say", &name, "said second"])
-        .env("NO_COLOR", "1")
+    let say = c
+        .command(&["say", &name, "said second"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -801,11 +789,8 @@ fn foreground_up_streams_events_and_ctrl_c_stops_everything() {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
     let c = TestCluster::new(&["alice", "bob", "carol"], "");
-    let mut up = Command::new(bin("p2pctl"))
-        .arg("-f")
-        .arg(&c.file)
-        .arg("up")
-        .env("NO_COLOR", "1")
+    let mut up = c
+        .command(&["up"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -983,10 +968,7 @@ fn plugins_load_from_the_plugin_dir_the_cluster_file_names() {
 fn cluster_files_take_variables_from_the_environment() {
     let c = TestCluster::new(&[], "  - name: ${NODE_NAME:-solo}\n    port: ${NODE_PORT:-0}\n");
     let validate = |vars: &[(&str, &str)]| {
-        Command::new(bin("p2pctl"))
-            .arg("-f")
-            .arg(&c.file)
-            .arg("validate")
+        c.command(&["validate"])
             .env_remove("NODE_NAME")
             .envs(vars.iter().copied())
             .output()
