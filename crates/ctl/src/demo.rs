@@ -5,6 +5,14 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+/// A line of the story on stdout; a reader that left or a full disk loses
+/// it, never the story's clean-up ([`crate::run::say`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        crate::run::say(&format!($($arg)*))
+    };
+}
+
 use anyhow::{bail, Context};
 use console::Style;
 use serde_json::Value;
@@ -42,7 +50,7 @@ struct Story {
 }
 
 fn step(text: &str) {
-    println!(
+    out!(
         "\n{} {}",
         Style::new().bold().cyan().apply_to("==>"),
         Style::new().bold().apply_to(text)
@@ -80,7 +88,7 @@ impl Story {
             _ => {}
         }
         if let Some(l) = self.display.line(ev) {
-            println!("{l}");
+            out!("{l}");
         }
     }
 
@@ -178,7 +186,7 @@ pub async fn demo(cluster: Cluster, pace: Duration) -> anyhow::Result<i32> {
     story.running.finish().await;
     match result {
         Ok(()) => {
-            println!(
+            out!(
                 "all nodes stopped; nothing left running. The whole story took {} ms.",
                 started.elapsed().as_millis()
             );
@@ -193,7 +201,7 @@ pub async fn demo(cluster: Cluster, pace: Duration) -> anyhow::Result<i32> {
 async fn show_the_key(story: &Story, ps: &Value) -> anyhow::Result<()> {
     let path = story.state_dir.join("chat.key");
     let key = p2p_proto::secure::read_key_file(&path)?;
-    println!(
+    out!(
         "chat key {} (id {}): every connection proves it both ways, then everything is encrypted",
         path.display(),
         key.id()
@@ -206,7 +214,7 @@ async fn show_the_key(story: &Story, ps: &Value) -> anyhow::Result<()> {
     let stranger = p2p_proto::secure::ChatKey::generate();
     match p2p_proto::net::Client::connect(addr, Some(&stranger), Duration::from_secs(3)).await {
         Ok(_) => bail!("a client with another key got into {addr}"),
-        Err(e) => println!(
+        Err(e) => out!(
             "a client with another key (id {}) is turned away: {e}",
             stranger.id()
         ),
@@ -274,14 +282,14 @@ async fn opening(story: &mut Story, names: &[String], started: Instant) -> anyho
         .and_then(|r| r["name"].as_str())
         .context("no coordinator after start-up")?
         .to_string();
-    println!(
+    out!(
         "{} nodes up in {} ms; coordinator {coord} (epoch 1)",
         names.len(),
         started.elapsed().as_millis()
     );
-    print!(
+    out!(
         "{}",
-        crate::display::ps_table(ps.as_array().map(Vec::as_slice).unwrap_or(&[]))
+        crate::display::ps_table(ps.as_array().map(Vec::as_slice).unwrap_or(&[])).trim_end()
     );
     if story.keyed {
         show_the_key(story, &ps).await?;
@@ -340,7 +348,7 @@ async fn failover(story: &mut Story, names: &[String], coord: &str) -> anyhow::R
     let elected_ms = t0.elapsed().as_secs_f64() * 1000.0;
     until_all_delivered(story, "the message to reach every survivor", &survivors, &[probe]).await?;
     let flowing = t0.elapsed();
-    println!(
+    out!(
         "{} {new_coord} took over (epoch {epoch}); p2pctl saw it {elected_ms:.1} ms after the kill; \
          chat flowing again (message delivered to all {} survivors) {:.1} ms after the kill",
         Style::new().green().bold().apply_to("failover:"),
@@ -381,10 +389,10 @@ async fn moderation(story: &mut Story, names: &[String], speaker: &str, coord: &
         })
         .await;
     if let Err(e) = attached {
-        println!("moderation not attached: {e:#} (build the plugins: cargo build -p p2p-plugin-moderation)");
+        out!("moderation not attached: {e:#} (build the plugins: cargo build -p p2p-plugin-moderation)");
         return Ok(());
     }
-    println!("attached moderation: banned words masked, at most 3 messages per 10 s per member");
+    out!("attached moderation: banned words masked, at most 3 messages per 10 s per member");
     story.say(speaker, "great deal, totally not SPAM").await?;
     for i in 1..=4 {
         story.say(coord, &format!("flood {i}")).await?;
@@ -401,7 +409,7 @@ async fn moderation(story: &mut Story, names: &[String], speaker: &str, coord: &
             s.verdicts >= 2
         })
         .await?;
-    println!("(flood 4 was dropped by the rate limit: no node delivered it; {coord} was told why)");
+    out!("(flood 4 was dropped by the rate limit: no node delivered it; {coord} was told why)");
     Ok(())
 }
 
@@ -412,7 +420,7 @@ async fn final_check(story: &mut Story) -> anyhow::Result<()> {
     if check["agree"] != true {
         bail!("the nodes disagree: {}", check["difference"]);
     }
-    println!(
+    out!(
         "{} all {} nodes agree on {} messages (same order, no gaps, no duplicates)",
         Style::new().green().bold().apply_to("check:"),
         check["nodes"].as_array().map(Vec::len).unwrap_or(0),
@@ -439,7 +447,7 @@ async fn final_check(story: &mut Story) -> anyhow::Result<()> {
             transcript.display(),
         );
     }
-    println!(
+    out!(
         "{} the logger's transcript {} holds every agreed message ({}) across the failover: no gap, no duplicate",
         Style::new().green().bold().apply_to("transcript:"),
         transcript.display(),

@@ -236,7 +236,7 @@ pub async fn wait_ready(running: &mut Running, display: &mut Display, n: usize, 
 /// (a full disk under `up -d`'s log, a reader gone from `p2pctl up |
 /// head`) is lost; the cluster carries on (`println!` panicked, and the
 /// nodes died with the supervisor).
-fn say(line: &str) {
+pub(crate) fn say(line: &str) {
     let _ = writeln!(std::io::stdout(), "{line}");
 }
 

@@ -132,16 +132,16 @@ pub async fn watch(cluster: &Cluster, owner: Owner) -> anyhow::Result<i32> {
     drop(terminal);
     drop(guard);
     if stopped {
-        println!("cluster {} stopped", cluster.name);
+        crate::run::say(&format!("cluster {} stopped", cluster.name));
         return Ok(0);
     }
     if owner == Owner::Foreground {
         let _ = control::call(&cluster.state_dir, &cluster.name, &Request::Down).await;
     } else {
-        println!(
+        crate::run::say(&format!(
             "left the dashboard; cluster {} keeps running (p2pctl down stops it)",
             cluster.name
-        );
+        ));
     }
     Ok(0)
 }
