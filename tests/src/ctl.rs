@@ -165,6 +165,18 @@ fn up_ps_down_leaves_no_process() {
     assert_eq!(coordinators(&rows).len(), 1);
     let table = c.ok(&["ps"]);
     assert!(table.contains("NAME") && table.contains("coordinator"), "{table}");
+    // Read by a pipe closed at once (`p2pctl ps | true`): no panic.
+    for args in [&["ps"][..], &["check"]] {
+        let mut gone = c
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running p2pctl");
+        drop(gone.stdout.take());
+        let out = gone.wait_with_output().expect("p2pctl ends");
+        assert!(out.status.success(), "p2pctl {args:?} | true: {out:?}");
+    }
     let mut pids = c.node_pids();
     pids.push(c.supervisor_pid().unwrap());
     let out = c.ok(&["down"]);

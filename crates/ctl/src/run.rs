@@ -236,8 +236,13 @@ pub async fn wait_ready(running: &mut Running, display: &mut Display, n: usize, 
 /// (a full disk under `up -d`'s log, a reader gone from `p2pctl up |
 /// head`) is lost; the cluster carries on (`println!` panicked, and the
 /// nodes died with the supervisor).
-pub(crate) fn say(line: &str) {
+pub fn say(line: &str) {
     let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// [`say`] for text that ends its own lines (a table).
+pub fn say_text(text: &str) {
+    let _ = std::io::stdout().write_all(text.as_bytes());
 }
 
 /// `p2pctl up` in the foreground.
@@ -355,13 +360,13 @@ pub async fn up_detached(cluster: &Cluster) -> anyhow::Result<i32> {
                     .iter()
                     .find(|r| r["role"] == "coordinator")
                     .and_then(|r| r["name"].as_str());
-                println!(
+                say(&format!(
                     "cluster {} is up in the background: {n} nodes, coordinator {} (supervisor pid {}); `p2pctl -f {} down` stops it",
                     cluster.name,
                     coord.unwrap_or("?"),
                     child.id(),
                     cluster.file.display()
-                );
+                ));
                 return Ok(0);
             }
         }

@@ -213,6 +213,21 @@ impl Cmd {
     }
 }
 
+/// A line on stdout ([`p2p_ctl::run::say`]: a reader that left early or a
+/// full disk loses it, and never panics the command).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        p2p_ctl::run::say(&format!($($arg)*))
+    };
+}
+
+/// Text that ends its own lines (a table), on stdout the same way.
+macro_rules! out_text {
+    ($($arg:tt)*) => {
+        p2p_ctl::run::say_text(&format!($($arg)*))
+    };
+}
+
 /// Writes `bytes` to stdout. A reader that left early (`p2pctl man |
 /// head`) is not an error; a full disk is.
 fn write_out(bytes: &[u8]) -> anyhow::Result<i32> {
@@ -290,11 +305,11 @@ async fn say_outcome(
                     let seq = &event["seq"];
                     return match event["text"].as_str() {
                         Some(t) if t == text => {
-                            println!("delivered at seq {seq}");
+                            out!("delivered at seq {seq}");
                             0
                         }
                         Some(t) => {
-                            println!("delivered at seq {seq}, rewritten by a bot to: {t}");
+                            out!("delivered at seq {seq}, rewritten by a bot to: {t}");
                             0
                         }
                         None => 0,
@@ -315,7 +330,7 @@ async fn say_outcome(
     match tokio::time::timeout(std::time::Duration::from_secs(5), wait).await {
         Ok(code) => code,
         Err(_) => {
-            println!(
+            out!(
                 "queued at {node}; not delivered within 5 s (is a majority of the voters running? p2pctl ps)"
             );
             0
@@ -347,7 +362,7 @@ async fn dispatch(args: Args) -> anyhow::Result<i32> {
             let c = Cluster::load(&file)?;
             c.check_plugins(&run::node_bin()?)?;
             let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
-            println!(
+            out!(
                 "{}: cluster {} is valid: {} on {}, {} (each loads), restart policy {}",
                 file.display(),
                 c.name,
@@ -397,9 +412,9 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
         Cmd::Ps { json, .. } => {
             let rows = call(cluster, Request::Ps).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                out!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                print!("{}", ps_table(rows.as_array().map(Vec::as_slice).unwrap_or(&[])));
+                out_text!("{}", ps_table(rows.as_array().map(Vec::as_slice).unwrap_or(&[])));
             }
         }
         Cmd::Kill {
@@ -422,7 +437,7 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
             } else {
                 ""
             };
-            println!(
+            out!(
                 "sent SIG{} to {}{role}, pid {}",
                 d["signal"].as_str().unwrap_or("?").trim_start_matches("SIG"),
                 d["node"].as_str().unwrap_or("?"),
@@ -431,15 +446,15 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
         }
         Cmd::Start { node, .. } => {
             call(cluster, Request::Start { node: node.clone() }).await?;
-            println!("starting {node}");
+            out!("starting {node}");
         }
         Cmd::Stop { node, .. } => {
             call(cluster, Request::Stop { node: node.clone() }).await?;
-            println!("stopping {node}");
+            out!("stopping {node}");
         }
         Cmd::Restart { node, .. } => {
             call(cluster, Request::Restart { node: node.clone() }).await?;
-            println!("restarting {node}");
+            out!("restarting {node}");
         }
         Cmd::Say { node, text, .. } => return say(cluster, node, text.join(" ")).await,
         Cmd::Attach { name, config, .. } => {
@@ -452,22 +467,22 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
                 },
             )
             .await?;
-            println!(
+            out!(
                 "attached {name} (coordinator {})",
                 d["coordinator"].as_str().unwrap_or("?")
             );
         }
         Cmd::Detach { name, .. } => {
             call(cluster, Request::Detach { name: name.clone() }).await?;
-            println!("detached {name}");
+            out!("detached {name}");
         }
         Cmd::Plugins { json, .. } => {
             let d = call(cluster, Request::Plugins).await?;
             let list = d["plugins"].as_array().cloned().unwrap_or_default();
             if json {
-                println!("{}", serde_json::to_string_pretty(&list)?);
+                out!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                print!(
+                out_text!(
                     "{}",
                     plugins_table(&list, d["coordinator"].as_str().unwrap_or("?"))
                 );
@@ -476,9 +491,9 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
         Cmd::Check { json, .. } => {
             let d = call(cluster, Request::Check).await?;
             if json {
-                println!("{d}");
+                out!("{d}");
             } else {
-                print!("{}", check_report(&d));
+                out_text!("{}", check_report(&d));
             }
             return Ok(if d["agree"] == true { 0 } else { 1 });
         }
@@ -587,7 +602,7 @@ async fn down(cluster: &Cluster) -> anyhow::Result<()> {
     let pid = std::fs::read_to_string(cluster.state_dir.join("supervisor.pid")).unwrap_or_default();
     match control::call(&cluster.state_dir, &cluster.name, &Request::Down).await {
         Err(control::ClientError::NotRunning { .. }) => {
-            println!("cluster {}: nothing running", cluster.name);
+            out!("cluster {}: nothing running", cluster.name);
             return Ok(());
         }
         Err(e) => return Err(anyhow::Error::new(e).context("while stopping the cluster")),
@@ -604,6 +619,6 @@ async fn down(cluster: &Cluster) -> anyhow::Result<()> {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
-    println!("cluster {} stopped", cluster.name);
+    out!("cluster {} stopped", cluster.name);
     Ok(())
 }
