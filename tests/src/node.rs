@@ -91,6 +91,7 @@ fn human_output_is_plain_lines() {
     writeln!(stdin, "hello there").unwrap();
     writeln!(stdin, "/help").unwrap();
     writeln!(stdin, "/who").unwrap();
+    writeln!(stdin, "//shrug is not a command").unwrap();
     writeln!(stdin, "/quit").unwrap();
     // Read in a thread: a node that never exits fails the deadline below
     // instead of hanging the suite.
@@ -116,6 +117,10 @@ fn human_output_is_plain_lines() {
     let key = p2p_proto::secure::read_key_file(&dir.join("p2pchat.key")).expect("a private key file");
     assert!(lines[0].contains(&key.id()), "{lines:?}");
     assert!(lines.contains(&"alice: hello there".to_string()), "{lines:?}");
+    assert!(
+        lines.contains(&"alice: /shrug is not a command".to_string()),
+        "// sends a line that begins with /: {lines:?}"
+    );
     assert!(
         lines
             .iter()

@@ -1151,12 +1151,18 @@ impl Core {
             }),
             "/quit" => self.quit(),
             "/help" => self.emit(Event::Info {
-                message: "type a line to send it to everyone; /who lists the members, /quit (or Ctrl-D) leaves the chat"
+                message: "type a line to send it to everyone (start it with // to send one that begins with /); /who lists the members, /quit (or Ctrl-D) leaves the chat"
                     .into(),
             }),
+            // `//text` sends `/text`, as in IRC clients.
+            escaped if escaped.starts_with("//") => {
+                self.on_user_text(line.replacen('/', "", 1));
+            }
             cmd if cmd.starts_with('/') => self.emit(Event::Error {
                 code: None,
-                message: format!("unknown command {cmd}; commands are /who, /help and /quit"),
+                message: format!(
+                    "unknown command {cmd}; commands are /who, /help and /quit (start a line with // to send one that begins with /)"
+                ),
             }),
             _ => {
                 self.on_user_text(line);
