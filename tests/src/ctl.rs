@@ -459,6 +459,15 @@ fn killing_a_majority_at_once_brings_back_one_chat() {
             nix::sys::signal::kill(*pid, signal).expect("signalling a node");
         }
     }
+    // The supervisor first sees the three gone (the cluster looked whole
+    // for a moment after the kills, and a loaded machine once checked it
+    // then: the survivors had not ended anything yet).
+    c.wait_ps("the killed nodes seen gone", |rows| {
+        rows.iter().all(|r| {
+            pids.iter()
+                .all(|p| r["pid"].as_i64() != Some(i64::from(p.as_raw())))
+        })
+    });
     let rows = c.wait_ps("five nodes in one chat again", |rows| {
         all_running(5)(rows) && coordinators(rows).len() == 1 && c.ctl(&["check"]).status.success()
     });
