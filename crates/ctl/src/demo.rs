@@ -421,10 +421,14 @@ async fn final_check(story: &mut Story) -> anyhow::Result<()> {
         bail!("the nodes disagree: {}", check["difference"]);
     }
     out!(
-        "{} all {} nodes agree on {} messages (same order, no gaps, no duplicates)",
+        "{} all {} agree on {} (same order, no gaps, no duplicates)",
         Style::new().green().bold().apply_to("check:"),
-        check["nodes"].as_array().map(Vec::len).unwrap_or(0),
-        check["messages"]
+        crate::display::count(
+            &check["nodes"].as_array().map_or(0, Vec::len).into(),
+            "node",
+            "nodes"
+        ),
+        crate::display::count(&check["messages"], "message", "messages")
     );
     if !story.plugins.iter().any(|p| p == "logger") {
         return Ok(());

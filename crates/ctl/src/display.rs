@@ -156,11 +156,10 @@ pub fn log_line(line: &str) -> Option<String> {
     Some(match e["event"].as_str()? {
         "listening" => format!("listening on {}", s("addr")),
         "ready" => format!(
-            "ready: coordinator {}, epoch {}, {} member{}",
+            "ready: coordinator {}, epoch {}, {}",
             s("coordinator"),
             e["epoch"],
-            e["members"],
-            if e["members"] == 1 { "" } else { "s" }
+            count(&e["members"], "member", "members")
         ),
         "message" => format!("{}: {}", s("from"), s("text")),
         "joined" => format!("* {} joined", s("name")),
@@ -215,6 +214,12 @@ pub fn log_line(line: &str) -> Option<String> {
         },
         other => format!("{other}: {e}"),
     })
+}
+
+/// `n` and its noun, `one` if `n` is 1, else `many` ("1 message",
+/// "2 messages").
+pub fn count(n: &serde_json::Value, one: &str, many: &str) -> String {
+    format!("{n} {}", if n.as_u64() == Some(1) { one } else { many })
 }
 
 /// `items` joined with ", " (each shown by `show`).
@@ -312,5 +317,7 @@ mod tests {
             show(json!({"event": "ready", "coordinator": "alice", "epoch": 1, "members": 1})),
             "ready: coordinator alice, epoch 1, 1 member"
         );
+        assert_eq!(count(&1.into(), "log entry", "log entries"), "1 log entry");
+        assert_eq!(count(&0.into(), "message", "messages"), "0 messages");
     }
 }

@@ -361,14 +361,14 @@ async fn dispatch(args: Args) -> anyhow::Result<i32> {
         Cmd::Validate { .. } => {
             let c = Cluster::load(&file)?;
             c.check_plugins(&run::node_bin()?)?;
-            let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+            use p2p_ctl::display::count;
             out!(
                 "{}: cluster {} is valid: {} on {}, {} (each loads), restart policy {}",
                 file.display(),
                 c.name,
-                plural(c.nodes.len(), "node"),
+                count(&c.nodes.len().into(), "node", "nodes"),
                 c.host,
-                plural(c.plugins.len(), "plugin"),
+                count(&c.plugins.len().into(), "plugin", "plugins"),
                 c.restart.policy
             );
             Ok(0)
@@ -577,10 +577,10 @@ fn check_report(d: &serde_json::Value) -> String {
     let nodes = d["nodes"].as_array().cloned().unwrap_or_default();
     if d["agree"] == true {
         return format!(
-            "ok: {} nodes agree on {} messages ({} log entries up to seq {}; same order, no gaps, no duplicates)\n",
-            nodes.len(),
-            d["messages"],
-            d["entries"],
+            "ok: {} agree on {} ({} up to seq {}; same order, no gaps, no duplicates)\n",
+            p2p_ctl::display::count(&nodes.len().into(), "node", "nodes"),
+            p2p_ctl::display::count(&d["messages"], "message", "messages"),
+            p2p_ctl::display::count(&d["entries"], "log entry", "log entries"),
             d["last_seq"]
         );
     }

@@ -188,9 +188,13 @@ fn act(cluster: &Cluster, tx: &mpsc::Sender<Answer>, what: String, req: Request)
 fn outcome(what: &str, req: &Request, data: Value) -> String {
     match req {
         Request::Check if data["agree"] == true => format!(
-            "check: all {} nodes agree on {} messages (up to seq {})",
-            data["nodes"].as_array().map_or(0, Vec::len),
-            data["messages"],
+            "check: all {} agree on {} (up to seq {})",
+            crate::display::count(
+                &data["nodes"].as_array().map_or(0, Vec::len).into(),
+                "node",
+                "nodes"
+            ),
+            crate::display::count(&data["messages"], "message", "messages"),
             data["last_seq"]
         ),
         Request::Check => format!("check: DISAGREE: {}", data["difference"].as_str().unwrap_or("?")),
