@@ -64,6 +64,18 @@ impl TestCluster {
         self.command(args).output().expect("running p2pctl")
     }
 
+    /// Runs p2pctl with its stdout read by nobody (`p2pctl … | true`).
+    pub fn ctl_unread(&self, args: &[&str]) -> Output {
+        let mut child = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running p2pctl");
+        drop(child.stdout.take());
+        child.wait_with_output().expect("p2pctl ends")
+    }
+
     /// Runs p2pctl and asserts success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.ctl(args);
@@ -167,14 +179,7 @@ fn up_ps_down_leaves_no_process() {
     assert!(table.contains("NAME") && table.contains("coordinator"), "{table}");
     // Read by a pipe closed at once (`p2pctl ps | true`): no panic.
     for args in [&["ps"][..], &["check"]] {
-        let mut gone = c
-            .command(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("running p2pctl");
-        drop(gone.stdout.take());
-        let out = gone.wait_with_output().expect("p2pctl ends");
+        let out = c.ctl_unread(args);
         assert!(out.status.success(), "p2pctl {args:?} | true: {out:?}");
     }
     let mut pids = c.node_pids();
@@ -340,20 +345,8 @@ fn restarted_node_rejoins_and_chat_agrees() {
     );
     // Read by a pipe that is closed at once (`p2pctl logs | head -1`):
     // the command ends quietly.
-    let mut logs = c
-        .command(&["logs"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running p2pctl logs");
-    drop(logs.stdout.take());
-    let out = logs.wait_with_output().expect("p2pctl logs ends");
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = c.ctl_unread(&["logs"]);
+    assert!(out.status.success(), "p2pctl logs | true: {out:?}");
     // Following, read by `head -1`: it ends once head has its line, even
     // though no new line comes to fail to print.
     let mut follow = c
