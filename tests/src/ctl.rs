@@ -182,6 +182,26 @@ fn up_ps_down_leaves_no_process() {
         let out = c.ctl_unread(args);
         assert!(out.status.success(), "p2pctl {args:?} | true: {out:?}");
     }
+    // A control request far over its limit, with no end of line: cut,
+    // refused, and the supervisor reads no more of it.
+    {
+        use std::io::{BufRead, Write};
+        let sock = std::os::unix::net::UnixStream::connect(c.state_dir().join("ctl.sock")).unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut w = sock.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            let _ = w.write_all(&vec![b'x'; 2 << 20]);
+        });
+        let mut answer = String::new();
+        std::io::BufReader::new(&sock)
+            .read_line(&mut answer)
+            .expect("an answer to an endless request");
+        assert!(answer.contains("bad request"), "{answer}");
+        drop(sock);
+        writer.join().unwrap();
+        assert_eq!(c.ps().len(), 3, "the supervisor still answers");
+    }
     let mut pids = c.node_pids();
     pids.push(c.supervisor_pid().unwrap());
     let out = c.ok(&["down"]);

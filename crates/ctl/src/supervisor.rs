@@ -888,9 +888,13 @@ impl Supervisor {
     }
 }
 
+/// Longest control request read (the largest real one, an `attach` with
+/// its configuration, is a few KiB).
+const MAX_REQUEST: usize = 1 << 20;
+
 /// Serves the control socket until the supervisor stops.
 pub async fn serve_control(listener: tokio::net::UnixListener, handle: Handle) {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::io::{AsyncWriteExt, BufReader};
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -898,8 +902,11 @@ pub async fn serve_control(listener: tokio::net::UnixListener, handle: Handle) {
         let handle = handle.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
-            let mut lines = BufReader::new(read).lines();
-            let Ok(Some(line)) = lines.next_line().await else {
+            // One request line, read no further than the limit (a longer
+            // one is cut, and refused as a bad request).
+            let (mut read, mut buf) = (BufReader::new(read), Vec::new());
+            let Ok(Some(line)) = p2p_proto::net::read_text_line(&mut read, &mut buf, MAX_REQUEST).await
+            else {
                 return;
             };
             let req: Request = match serde_json::from_str(&line) {
