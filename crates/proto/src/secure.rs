@@ -779,7 +779,9 @@ pub fn read_key_file(path: &std::path::Path) -> Result<ChatKey, KeyFileError> {
     };
     if let Ok(meta) = file.metadata() {
         if !meta.is_file() {
-            return Err(bad("found no regular file there".into()));
+            return Err(bad(
+                "found no regular file there (give --key-file the path of the chat's key file)".into(),
+            ));
         }
         #[cfg(unix)]
         {
