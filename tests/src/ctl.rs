@@ -161,6 +161,123 @@ fn assert_one_chat(c: &TestCluster, n: usize) {
     assert!(out.contains(&format!("{n} nodes agree")), "{out}");
 }
 
+/// The `p2pnode` processes running in `dir` (nodes run in their
+/// cluster's state directory).
+fn nodes_in(dir: &Path) -> Vec<i32> {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "p2pnode")
+                && std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir)
+        })
+        .collect()
+}
+
+#[test]
+fn ups_started_together_bring_up_one_cluster() {
+    // Six `up`s of one cluster at once, half of them detached. Before the
+    // state directory had a lock, two could both find no supervisor
+    // answering and both start one (six nodes; `down` reached only the
+    // second), and a detached one that lost printed the winner's log as
+    // its own reason.
+    let c = TestCluster::new(&["alice", "bob", "carol"], "");
+    let mut ups: Vec<(bool, std::process::Child)> = (0..6)
+        .map(|i| {
+            let detach = i % 2 == 0;
+            let args: &[&str] = if detach {
+                &["up", "-d"]
+            } else {
+                &["up", "--stream"]
+            };
+            let child = c
+                .command(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("starting p2pctl up");
+            (detach, child)
+        })
+        .collect();
+    let mut ended: Vec<Option<bool>> = vec![None; ups.len()];
+    // Every detached `up` returns; a foreground one returns unless it won.
+    wait_until("all racing `up`s but one winner to return", || {
+        for (i, (_, child)) in ups.iter_mut().enumerate() {
+            if ended[i].is_none() {
+                ended[i] = child.try_wait().unwrap().map(|s| s.success());
+            }
+        }
+        let detached_done = ups.iter().zip(&ended).all(|((d, _), e)| !d || e.is_some());
+        let won = ended.iter().filter(|e| **e != Some(false)).count();
+        (detached_done && won == 1).then_some(())
+    });
+    let winner = ended.iter().position(|e| *e != Some(false)).unwrap();
+    let mut foreground = None;
+    for (i, (detach, child)) in ups.into_iter().enumerate() {
+        if i == winner && ended[i].is_none() {
+            // Reaped as soon as it ends: `down` waits for its pid to go.
+            foreground = Some(std::thread::spawn(move || child.wait_with_output()));
+            continue;
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        if i != winner {
+            assert!(
+                err.contains("already running") && !err.contains("supervisor.log"),
+                "a losing `up` (detached: {detach}) says why: {err}"
+            );
+        }
+    }
+    let rows = c.wait_ps("the winner's three nodes running", |rows| {
+        rows.len() == 3 && rows.iter().all(|r| r["state"] == "running")
+    });
+    let mut pids: Vec<i32> = rows
+        .iter()
+        .filter_map(|r| r["pid"].as_i64())
+        .map(|p| p as i32)
+        .collect();
+    pids.sort_unstable();
+    let mut running = nodes_in(&c.state_dir());
+    running.sort_unstable();
+    assert_eq!(
+        running, pids,
+        "the cluster's nodes are the supervisor's three, no others"
+    );
+    // Straight after start-up, maybe before the supervisor has said
+    // "all ready": a foreground `up` stopped then waited for ever.
+    c.ok(&["down"]);
+    wait_until("no node of the cluster left", || {
+        nodes_in(&c.state_dir()).is_empty().then_some(())
+    });
+    if let Some(waiter) = foreground {
+        let out = waiter.join().unwrap().unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("stopped"),
+            "the foreground winner after down: {out:?}"
+        );
+    }
+    // The lock went with its supervisor: the cluster comes up again.
+    c.up();
+    assert_eq!(c.ps().len(), 3);
+    // The demo of a running cluster's file stops before it touches the
+    // running cluster's files (it deleted its transcript first).
+    let transcript = c.state_dir().join("data").join("transcript.jsonl");
+    std::fs::create_dir_all(transcript.parent().unwrap()).unwrap();
+    std::fs::write(&transcript, "{}\n").unwrap();
+    let out = c.ctl(&["demo", "--pace-ms", "0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("already running"),
+        "{out:?}"
+    );
+    assert!(transcript.exists(), "the running cluster's transcript is kept");
+    assert_eq!(c.ps().len(), 3);
+}
+
 #[test]
 fn up_ps_down_leaves_no_process() {
     let c = TestCluster::new(&["alice", "bob", "carol"], "");

@@ -154,6 +154,10 @@ pub async fn demo(cluster: Cluster, pace: Duration) -> anyhow::Result<i32> {
         cluster.file.display()
     ));
     let started = Instant::now();
+    cluster.check_plugins(&run::node_bin()?)?;
+    // Ours alone from here: a cluster of this name already running keeps
+    // its transcript (it was deleted before `start` found it running).
+    let lock = run::lock_state_dir(&cluster)?;
     // A fresh transcript for this run (the logger opens it when it loads).
     let _ = std::fs::remove_file(state_dir.join("data").join("transcript.jsonl"));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -163,8 +167,7 @@ pub async fn demo(cluster: Cluster, pace: Duration) -> anyhow::Result<i32> {
             _ = stop_rx => {}
         }
     };
-    cluster.check_plugins(&run::node_bin()?)?;
-    let mut running = run::start(cluster, run::node_bin()?, shutdown).await?;
+    let mut running = run::start(cluster, lock, run::node_bin()?, shutdown).await?;
     let mut display = Display::new(&names);
     if !run::wait_ready(&mut running, &mut display, n, true).await {
         running.finish().await;

@@ -47,6 +47,71 @@ pub struct Running {
     task: Option<tokio::task::JoinHandle<()>>,
     serve: tokio::task::JoinHandle<()>,
     state_dir: PathBuf,
+    /// Let go after the socket and pid file are removed.
+    _lock: StateLock,
+}
+
+/// One supervisor per state directory: an exclusive `flock` on
+/// `supervisor.lock`, held for the supervisor's life. The kernel lets go
+/// when the process ends, however it ends, so a crashed supervisor leaves
+/// no stale lock. Without it, two `up`s started together could both find
+/// no supervisor answering and both start one: the second took over the
+/// control socket, and the first one's nodes ran on out of reach of `down`.
+pub struct StateLock(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>);
+
+/// Takes the cluster's state-directory lock (creating the directory).
+///
+/// # Errors
+/// When another supervisor of this cluster holds it, or the directory
+/// cannot be created.
+pub fn lock_state_dir(cluster: &Cluster) -> anyhow::Result<StateLock> {
+    use nix::fcntl::{Flock, FlockArg};
+    let dir = &cluster.state_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    let path = dir.join("supervisor.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(StateLock(lock)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(already_running(cluster)),
+        Err((_, e)) => bail!("cannot lock {}: {e}", path.display()),
+    }
+}
+
+fn already_running(cluster: &Cluster) -> anyhow::Error {
+    let pid = std::fs::read_to_string(cluster.state_dir.join("supervisor.pid")).unwrap_or_default();
+    let pid = match pid.trim() {
+        "" => String::new(),
+        pid => format!(" (supervisor pid {pid})"),
+    };
+    anyhow::anyhow!(
+        "cluster {:?} is already running{pid}; stop it with `p2pctl -f {} down` first",
+        cluster.name,
+        cluster.file.display()
+    )
+}
+
+/// Sends this process's stdout and stderr to `path` (created or
+/// truncated): the background supervisor's log, opened only once it
+/// holds the state directory's lock, so a second `up -d` that loses the
+/// race neither empties the running supervisor's log nor writes into it.
+///
+/// # Errors
+/// If the file cannot be created.
+pub fn output_to(path: &Path) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let log = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let _ = std::io::stdout().flush();
+    for fd in [1, 2] {
+        nix::unistd::dup2(log.as_raw_fd(), fd)
+            .with_context(|| format!("cannot write to {}", path.display()))?;
+    }
+    Ok(())
 }
 
 impl Running {
@@ -90,13 +155,7 @@ fn cleanup(state_dir: &Path) {
 /// When it is running.
 pub async fn ensure_not_running(cluster: &Cluster) -> anyhow::Result<()> {
     if control::connect(&cluster.state_dir, &cluster.name).await.is_ok() {
-        let pid = std::fs::read_to_string(cluster.state_dir.join("supervisor.pid")).unwrap_or_default();
-        bail!(
-            "cluster {:?} is already running (supervisor pid {}); stop it with `p2pctl -f {} down` first",
-            cluster.name,
-            pid.trim(),
-            cluster.file.display()
-        );
+        return Err(already_running(cluster));
     }
     Ok(())
 }
@@ -104,16 +163,17 @@ pub async fn ensure_not_running(cluster: &Cluster) -> anyhow::Result<()> {
 /// Starts the supervisor in this process: binds the control socket, spawns
 /// the nodes. Stops when `down` arrives or `shutdown` completes.
 ///
-/// Callers check the plugins first ([`Cluster::check_plugins`]), once.
+/// Callers check the plugins first ([`Cluster::check_plugins`]), once,
+/// and hold the state directory's lock ([`lock_state_dir`]).
 ///
 /// # Errors
 /// If the state directory or control socket cannot be set up.
 pub async fn start(
     cluster: Cluster,
+    lock: StateLock,
     node_bin: PathBuf,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Running> {
-    ensure_not_running(&cluster).await?;
     let mut cluster = cluster;
     std::fs::create_dir_all(cluster.state_dir.join("logs")).with_context(|| {
         format!(
@@ -163,6 +223,7 @@ pub async fn start(
         task: Some(task),
         serve,
         state_dir,
+        _lock: lock,
     })
 }
 
@@ -191,18 +252,20 @@ fn progress(n: usize) -> ProgressBar {
 }
 
 /// Waits for start-up to finish, advancing a progress bar. Returns false
-/// if it failed.
+/// if it failed, or if the supervisor stopped first (a `down` or a signal
+/// during start-up: waiting on the event stream alone, a foreground `up`
+/// then waited for ever, its nodes gone).
 pub async fn wait_ready(running: &mut Running, display: &mut Display, n: usize, quiet: bool) -> bool {
     let bar = (!quiet).then(|| progress(n));
     loop {
-        match running.events.recv().await {
-            Ok(CtlEvent::AllReady { .. }) => {
+        match running.next_event().await {
+            Some(CtlEvent::AllReady { .. }) => {
                 if let Some(b) = &bar {
                     b.finish_and_clear();
                 }
                 return true;
             }
-            Ok(ev @ CtlEvent::StartFailed { .. }) => {
+            Some(ev @ CtlEvent::StartFailed { .. }) => {
                 if let Some(b) = &bar {
                     b.finish_and_clear();
                 }
@@ -211,7 +274,7 @@ pub async fn wait_ready(running: &mut Running, display: &mut Display, n: usize, 
                 }
                 return false;
             }
-            Ok(ev) => {
+            Some(ev) => {
                 if let (Some(b), CtlEvent::Node { node, event }) = (&bar, &ev) {
                     if event["event"] == "ready" {
                         b.inc(1);
@@ -226,8 +289,12 @@ pub async fn wait_ready(running: &mut Running, display: &mut Display, n: usize, 
                     }
                 }
             }
-            Err(broadcast::error::RecvError::Lagged(_)) => {}
-            Err(_) => return false,
+            None => {
+                if let Some(b) = &bar {
+                    b.finish_and_clear();
+                }
+                return false;
+            }
         }
     }
 }
@@ -249,12 +316,12 @@ pub fn say_text(text: &str) {
 ///
 /// # Errors
 /// If the supervisor cannot start.
-pub async fn up_foreground(cluster: Cluster, quiet: bool) -> anyhow::Result<i32> {
+pub async fn up_foreground(cluster: Cluster, lock: StateLock, quiet: bool) -> anyhow::Result<i32> {
     let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
     let n = names.len();
     let name = cluster.name.clone();
     let file = cluster.file.clone();
-    let mut running = start(cluster, node_bin()?, signals()).await?;
+    let mut running = start(cluster, lock, node_bin()?, signals()).await?;
     let mut display = Display::new(&names);
     let ok = wait_ready(&mut running, &mut display, n, quiet).await;
     if ok && !quiet {
@@ -280,11 +347,11 @@ pub async fn up_foreground(cluster: Cluster, quiet: bool) -> anyhow::Result<i32>
 ///
 /// # Errors
 /// As [`start`], or if the terminal cannot be set up.
-pub async fn up_dashboard(cluster: Cluster) -> anyhow::Result<i32> {
+pub async fn up_dashboard(cluster: Cluster, lock: StateLock) -> anyhow::Result<i32> {
     let names: Vec<String> = cluster.nodes.iter().map(|n| n.name.clone()).collect();
     let n = names.len();
     let view = cluster.clone();
-    let mut running = start(cluster, node_bin()?, signals()).await?;
+    let mut running = start(cluster, lock, node_bin()?, signals()).await?;
     let mut display = Display::new(&names);
     if !wait_ready(&mut running, &mut display, n, false).await {
         running.finish().await;
@@ -307,19 +374,18 @@ pub async fn up_dashboard(cluster: Cluster) -> anyhow::Result<i32> {
 pub async fn up_detached(cluster: &Cluster) -> anyhow::Result<i32> {
     ensure_not_running(cluster).await?;
     cluster.check_plugins(&node_bin()?)?;
-    std::fs::create_dir_all(&cluster.state_dir)
-        .with_context(|| format!("cannot create {}", cluster.state_dir.display()))?;
+    // The background supervisor takes the state directory's lock, then
+    // makes supervisor.log its output. Until then its stderr comes here:
+    // a second `up -d` racing this one says why it stopped.
     let log_path = cluster.state_dir.join("supervisor.log");
-    let log =
-        std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
     let exe = std::env::current_exe().context("while locating p2pctl")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("-f")
         .arg(&cluster.file)
         .args(["up", "--supervise"])
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     // SAFETY: setsid is async-signal-safe; it detaches the supervisor from
     // this terminal so closing it does not stop the cluster.
     unsafe {
@@ -335,6 +401,14 @@ pub async fn up_detached(cluster: &Cluster) -> anyhow::Result<i32> {
     loop {
         if let Some(status) = child.try_wait()? {
             bar.finish_and_clear();
+            let mut early = String::new();
+            if let Some(mut err) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut err, &mut early);
+            }
+            if !early.trim().is_empty() {
+                // It stopped before its log was its own: what it said is here.
+                bail!("{}", early.trim().trim_start_matches("p2pctl: "));
+            }
             let tail = std::fs::read_to_string(&log_path).unwrap_or_default();
             let tail: Vec<&str> = tail
                 .lines()

@@ -377,15 +377,21 @@ async fn dispatch(args: Args) -> anyhow::Result<i32> {
         // `--supervise` (the background half of `up -d`) runs the same
         // foreground supervisor; its output goes to supervisor.log.
         // The `up -d` that started it has checked the plugins already.
-        Cmd::Up { supervise: true, .. } => run::up_foreground(Cluster::load(&file)?, false).await,
+        Cmd::Up { supervise: true, .. } => {
+            let cluster = Cluster::load(&file)?;
+            let lock = run::lock_state_dir(&cluster)?;
+            run::output_to(&cluster.state_dir.join("supervisor.log"))?;
+            run::up_foreground(cluster, lock, false).await
+        }
         Cmd::Up { stream, .. } => {
             use std::io::IsTerminal;
             let cluster = Cluster::load(&file)?;
             cluster.check_plugins(&run::node_bin()?)?;
+            let lock = run::lock_state_dir(&cluster)?;
             if stream || !std::io::stdout().is_terminal() {
-                run::up_foreground(cluster, false).await
+                run::up_foreground(cluster, lock, false).await
             } else {
-                run::up_dashboard(cluster).await
+                run::up_dashboard(cluster, lock).await
             }
         }
         Cmd::Watch { .. } => {
