@@ -319,6 +319,20 @@ fn up_ps_down_leaves_no_process() {
         writer.join().unwrap();
         assert_eq!(c.ps().len(), 3, "the supervisor still answers");
     }
+    // A stopped supervisor is named as such, with the fix, at once (before:
+    // "no answer within 10 s", and 60 s for `down`).
+    {
+        let sup = Pid::from_raw(c.supervisor_pid().unwrap());
+        kill(sup, Signal::SIGSTOP).unwrap();
+        let out = c.ctl(&["ps"]);
+        kill(sup, Signal::SIGCONT).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("is stopped") && err.contains(&format!("kill -CONT {sup}")),
+            "{out:?}"
+        );
+        assert_eq!(c.ps().len(), 3, "the supervisor answers once it runs again");
+    }
     let mut pids = c.node_pids();
     pids.push(c.supervisor_pid().unwrap());
     let out = c.ok(&["down"]);

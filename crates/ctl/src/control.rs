@@ -147,17 +147,51 @@ pub async fn call(state_dir: &Path, name: &str, req: &Request) -> Result<Respons
         | Request::Detach { .. } => Duration::from_secs(60),
         _ => Duration::from_secs(10),
     };
-    match tokio::time::timeout(limit, call_unlimited(state_dir, name, req)).await {
-        Ok(r) => r,
-        Err(_) => Err(ClientError::Broken {
+    let pid_file = state_dir.join("supervisor.pid");
+    let pid = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok());
+    // A stopped supervisor is named at once, not after the time limit.
+    let stopped = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if let Some(pid) = pid.filter(|&p| process_stopped(p)) {
+                return pid;
+            }
+        }
+    };
+    tokio::select! {
+        r = tokio::time::timeout(limit, call_unlimited(state_dir, name, req)) => match r {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Broken {
+                name: name.to_string(),
+                detail: format!(
+                    "no answer within {} s; is the supervisor overloaded? Its pid is in {}",
+                    limit.as_secs(),
+                    pid_file.display()
+                ),
+            }),
+        },
+        pid = stopped => Err(ClientError::Broken {
             name: name.to_string(),
             detail: format!(
-                "no answer within {} s; is the supervisor stopped (SIGSTOP) or overloaded? Its pid is in {}",
-                limit.as_secs(),
-                state_dir.join("supervisor.pid").display()
+                "the supervisor (pid {pid}) is stopped (SIGSTOP or Ctrl-Z) and answers nothing until it runs again: `kill -CONT {pid}` (it may then still carry out this request)"
             ),
         }),
     }
+}
+
+/// Whether process `pid` is stopped by a signal (state `T`) or a tracer
+/// (`t`), from `/proc/<pid>/stat`.
+fn process_stopped(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may
+    // hold anything, so look after the last `)`.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| state == "T" || state == "t")
 }
 
 async fn call_unlimited(state_dir: &Path, name: &str, req: &Request) -> Result<Response, ClientError> {
