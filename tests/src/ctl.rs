@@ -1154,5 +1154,30 @@ fn cluster_files_take_variables_from_the_environment() {
         !out.status.success()
             && err.contains("cluster.yaml:1: environment variable UNSET_CLUSTER_NAME is not set"),
         "{err}"
+    ); // A value YAML reads as syntax names its variable and the fix.
+    std::fs::write(&c.file, "name: ${CLUSTER_NAME}\nnodes: []\n").unwrap();
+    let out = validate(&[("CLUSTER_NAME", "a: b")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("cluster.yaml:1")
+            && err.contains("${CLUSTER_NAME} from the environment")
+            && err.contains("\"${CLUSTER_NAME}\""),
+        "{err}"
+    );
+    // Quoted as advised, it is read as a value (and refused as a name).
+    std::fs::write(&c.file, "name: \"${CLUSTER_NAME}\"\nnodes: []\n").unwrap();
+    let out = validate(&[("CLUSTER_NAME", "a: b")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("a: b") && !err.contains("from the environment"),
+        "{err}"
+    );
+    // A line break is refused by name.
+    let out = validate(&[("CLUSTER_NAME", "a\nnodes: [x]")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("CLUSTER_NAME holds a line break"),
+        "{err}"
     );
 }

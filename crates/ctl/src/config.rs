@@ -436,12 +436,31 @@ impl Cluster {
     /// ([`ConfigError::Invalid`]); a file YAML cannot read stops at the
     /// first ([`ConfigError::Syntax`]).
     pub fn parse(text: &str, file: &Path) -> Result<Cluster, ConfigError> {
+        let original = text;
         let text =
             &interpolate(text, |v| std::env::var(v).ok()).map_err(|(line, why)| ConfigError::Syntax {
                 at: Location::line(file, Some(line)),
                 why,
             })?;
-        let raw = read_yaml(text, file)?;
+        let raw = read_yaml(text, file).map_err(|e| match e {
+            // A variable's value is put in the text as it is, so YAML reads
+            // it as syntax: say which variable came from where.
+            ConfigError::Syntax { at, why } => {
+                let vars = at
+                    .line
+                    .and_then(|l| original.lines().nth(l.saturating_sub(1)))
+                    .map(variables_in)
+                    .unwrap_or_default();
+                let why = match vars.first() {
+                    Some(v) => format!(
+                        "{why} (this line takes ${{{v}}} from the environment: a value holding YAML syntax such as `: `, ` #` or a leading `[`, `{{`, `*`, `&` or `!` must be quoted, e.g. \"${{{v}}}\")"
+                    ),
+                    None => why,
+                };
+                ConfigError::Syntax { at, why }
+            }
+            e => e,
+        })?;
         let lines = Lines { text, file };
         let mut problems = raw.problems(&lines);
         let host: IpAddr = raw.host.parse().unwrap_or(IpAddr::from([127, 0, 0, 1]));
@@ -736,6 +755,12 @@ fn interpolate(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Strin
                     return Err((n + 1, format!("`${{{}}}` is not a variable name", &body[..end])));
                 }
                 match (env(name).filter(|v| !v.is_empty()), default) {
+                    (Some(v), _) if v.contains(['\n', '\r']) => {
+                        return Err((
+                            n + 1,
+                            format!("environment variable {name} holds a line break; a cluster file takes one-line values"),
+                        ))
+                    }
                     (Some(v), _) => out.push_str(&v),
                     (None, Some(d)) => out.push_str(d),
                     (None, None) => {
@@ -757,6 +782,16 @@ fn interpolate(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Strin
         out.push_str(comment);
     }
     Ok(out)
+}
+
+/// The names of the `${VAR}`s on a line, outside its comment.
+fn variables_in(line: &str) -> Vec<&str> {
+    let line = &line[..comment_start(line).unwrap_or(line.len())];
+    line.split("${")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('}'))
+        .map(|(body, _)| body.split(":-").next().unwrap_or(body))
+        .collect()
 }
 
 /// Where a YAML comment starts on this line: a `#` at the start or after
@@ -870,6 +905,10 @@ mod tests {
             "{why}"
         );
         assert_eq!(interpolate("a: ${X\n", env).unwrap_err().0, 1);
+        let env = |v: &str| (v == "TWO").then(|| "a\nb: c".to_string());
+        let (line, why) = interpolate("a: 1\nb: ${TWO}\n", env).unwrap_err();
+        assert_eq!(line, 2);
+        assert!(why.contains("TWO holds a line break"), "{why}");
         assert!(interpolate("a: ${X Y}\n", env)
             .unwrap_err()
             .1
