@@ -455,8 +455,12 @@ async fn client(cluster: &Cluster, cmd: Cmd) -> anyhow::Result<i32> {
             out!("starting {node}");
         }
         Cmd::Stop { node, .. } => {
-            call(cluster, Request::Stop { node: node.clone() }).await?;
-            out!("stopping {node}");
+            let d = call(cluster, Request::Stop { node: node.clone() }).await?;
+            if d["was"] == "not running" {
+                out!("{node} is not running (stopped already)");
+            } else {
+                out!("stopping {node}");
+            }
         }
         Cmd::Restart { node, .. } => {
             call(cluster, Request::Restart { node: node.clone() }).await?;
