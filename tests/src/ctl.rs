@@ -256,7 +256,7 @@ fn ups_started_together_bring_up_one_cluster() {
     if let Some(waiter) = foreground {
         let out = waiter.join().unwrap().unwrap();
         assert!(
-            String::from_utf8_lossy(&out.stdout).contains("stopped"),
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("stopped"),
             "the foreground winner after down: {out:?}"
         );
     }

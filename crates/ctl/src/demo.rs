@@ -169,7 +169,7 @@ pub async fn demo(cluster: Cluster, pace: Duration) -> anyhow::Result<i32> {
     };
     let mut running = run::start(cluster, lock, run::node_bin()?, shutdown).await?;
     let mut display = Display::new(&names);
-    if !run::wait_ready(&mut running, &mut display, n, true).await {
+    if run::wait_ready(&mut running, &mut display, n, true).await != run::Startup::Ready {
         running.finish().await;
         bail!("the cluster did not start; see the node logs under .p2pctl/");
     }

@@ -251,11 +251,22 @@ fn progress(n: usize) -> ProgressBar {
     bar
 }
 
-/// Waits for start-up to finish, advancing a progress bar. Returns false
-/// if it failed, or if the supervisor stopped first (a `down` or a signal
-/// during start-up: waiting on the event stream alone, a foreground `up`
-/// then waited for ever, its nodes gone).
-pub async fn wait_ready(running: &mut Running, display: &mut Display, n: usize, quiet: bool) -> bool {
+/// How start-up ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Startup {
+    /// Every node is ready.
+    Ready,
+    /// A node could not start; the supervisor is stopping.
+    Failed,
+    /// The supervisor stopped first, as asked (`down`, Ctrl-C, SIGTERM).
+    Stopped,
+}
+
+/// Waits for start-up to finish, advancing a progress bar. A `down` or a
+/// signal during start-up ends it too ([`Startup::Stopped`]): waiting on
+/// the event stream alone, a foreground `up` then waited for ever, its
+/// nodes gone.
+pub async fn wait_ready(running: &mut Running, display: &mut Display, n: usize, quiet: bool) -> Startup {
     let bar = (!quiet).then(|| progress(n));
     loop {
         match running.next_event().await {
@@ -263,7 +274,7 @@ pub async fn wait_ready(running: &mut Running, display: &mut Display, n: usize, 
                 if let Some(b) = &bar {
                     b.finish_and_clear();
                 }
-                return true;
+                return Startup::Ready;
             }
             Some(ev @ CtlEvent::StartFailed { .. }) => {
                 if let Some(b) = &bar {
@@ -272,7 +283,7 @@ pub async fn wait_ready(running: &mut Running, display: &mut Display, n: usize, 
                 if let Some(l) = display.line(&ev) {
                     let _ = writeln!(std::io::stderr(), "{l}");
                 }
-                return false;
+                return Startup::Failed;
             }
             Some(ev) => {
                 if let (Some(b), CtlEvent::Node { node, event }) = (&bar, &ev) {
@@ -293,7 +304,7 @@ pub async fn wait_ready(running: &mut Running, display: &mut Display, n: usize, 
                 if let Some(b) = &bar {
                     b.finish_and_clear();
                 }
-                return false;
+                return Startup::Stopped;
             }
         }
     }
@@ -323,8 +334,8 @@ pub async fn up_foreground(cluster: Cluster, lock: StateLock, quiet: bool) -> an
     let file = cluster.file.clone();
     let mut running = start(cluster, lock, node_bin()?, signals()).await?;
     let mut display = Display::new(&names);
-    let ok = wait_ready(&mut running, &mut display, n, quiet).await;
-    if ok && !quiet {
+    let startup = wait_ready(&mut running, &mut display, n, quiet).await;
+    if startup == Startup::Ready && !quiet {
         say(&format!(
             "cluster {name} is up ({n} nodes). Ctrl-C stops it; from another terminal: p2pctl -f {} ps | kill --coordinator | logs -f",
             file.display()
@@ -339,7 +350,7 @@ pub async fn up_foreground(cluster: Cluster, lock: StateLock, quiet: bool) -> an
     if !quiet {
         say(&format!("cluster {name} stopped"));
     }
-    Ok(if ok { 0 } else { 1 })
+    Ok(if startup == Startup::Failed { 1 } else { 0 })
 }
 
 /// `p2pctl up` on a terminal: the supervisor runs here, the dashboard
@@ -353,9 +364,12 @@ pub async fn up_dashboard(cluster: Cluster, lock: StateLock) -> anyhow::Result<i
     let view = cluster.clone();
     let mut running = start(cluster, lock, node_bin()?, signals()).await?;
     let mut display = Display::new(&names);
-    if !wait_ready(&mut running, &mut display, n, false).await {
-        running.finish().await;
-        return Ok(1);
+    match wait_ready(&mut running, &mut display, n, false).await {
+        Startup::Ready => {}
+        startup => {
+            running.finish().await;
+            return Ok(if startup == Startup::Failed { 1 } else { 0 });
+        }
     }
     // The dashboard talks to this very supervisor over its socket; events
     // for the stream display are not needed meanwhile.
