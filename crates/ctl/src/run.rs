@@ -204,12 +204,8 @@ pub async fn start(
     let key = if cluster.insecure {
         None
     } else {
-        let key = match p2p_proto::secure::read_key_file(&key_file) {
-            Ok(k) => k,
-            Err(p2p_proto::secure::KeyFileError::Missing(_)) => p2p_proto::secure::create_key_file(&key_file)
-                .with_context(|| format!("cannot create the cluster's chat key {}", key_file.display()))?,
-            Err(e) => return Err(e.into()),
-        };
+        let (key, _) = p2p_proto::secure::read_or_create_key_file(&key_file)
+            .with_context(|| format!("cannot use the cluster's chat key {}", key_file.display()))?;
         Some(std::sync::Arc::new(key))
     };
     let sup = Supervisor::new(cluster, node_bin, key, key_file);

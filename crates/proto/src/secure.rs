@@ -809,11 +809,27 @@ pub fn read_key_file(path: &std::path::Path) -> Result<ChatKey, KeyFileError> {
 /// Creates a key file holding a new random key, readable by its owner
 /// only; fails if the file exists (never overwrites a chat's key).
 ///
+/// The key is written and synced under a temporary name in the same
+/// directory, then linked to `path` (a link never replaces a file), so a
+/// reader never finds the file empty or half written, and of two nodes
+/// creating it at once exactly one succeeds.
+///
 /// # Errors
-/// [`KeyFileError::Io`] if the file cannot be created.
+/// [`KeyFileError::Io`] if the file cannot be created (`AlreadyExists` if
+/// it is there already).
 pub fn create_key_file(path: &std::path::Path) -> Result<ChatKey, KeyFileError> {
     use std::io::Write;
     let key = ChatKey::generate();
+    let io = |error| KeyFileError::Io {
+        path: path.display().to_string(),
+        error,
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(
+        ".{name}.{}.{:x}.tmp",
+        std::process::id(),
+        crate::random_u64()
+    ));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -821,14 +837,34 @@ pub fn create_key_file(path: &std::path::Path) -> Result<ChatKey, KeyFileError> 
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let io = |error| KeyFileError::Io {
-        path: path.display().to_string(),
-        error,
-    };
-    let mut f = opts.open(path).map_err(io)?;
-    writeln!(f, "{}", key.to_hex()).map_err(io)?;
-    f.sync_all().map_err(io)?;
+    let written = opts.open(&tmp).and_then(|mut f| {
+        writeln!(f, "{}", key.to_hex())?;
+        f.sync_all()
+    });
+    let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    linked.map_err(io)?;
     Ok(key)
+}
+
+/// Reads the key file at `path`, or creates it with a new key when there
+/// is none; `true` with the key when this call created it. Of several
+/// processes doing this at once, one creates the key and the others read
+/// it.
+///
+/// # Errors
+/// [`KeyFileError`] naming the file and the fix.
+pub fn read_or_create_key_file(path: &std::path::Path) -> Result<(ChatKey, bool), KeyFileError> {
+    match read_key_file(path) {
+        Err(KeyFileError::Missing(_)) => match create_key_file(path) {
+            Ok(key) => Ok((key, true)),
+            Err(KeyFileError::Io { error, .. }) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+                read_key_file(path).map(|k| (k, false))
+            }
+            Err(e) => Err(e),
+        },
+        other => other.map(|k| (k, false)),
+    }
 }
 
 #[cfg(test)]
@@ -1053,6 +1089,59 @@ mod tests {
         for (path, want) in cases {
             let e = read_key_file(&path).unwrap_err().to_string();
             assert!(e.contains(want), "{}: {e}", path.display());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn nodes_starting_a_chat_together_share_one_key() {
+        // Several processes starting a chat in one directory at once: one
+        // creates the key, the others read that key, and nobody meanwhile
+        // finds the file there but empty (before the key was linked in
+        // whole, a reader between the creation and the write refused it).
+        let dir = std::env::temp_dir().join(format!("p2pchat-key-race-{}", crate::random_u64()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for round in 0..20 {
+            let path = dir.join(format!("k{round}"));
+            let start = std::sync::Barrier::new(8);
+            let results: Vec<_> = std::thread::scope(|s| {
+                let workers: Vec<_> = (0..8)
+                    .map(|i| {
+                        let (path, start) = (&path, &start);
+                        s.spawn(move || {
+                            start.wait();
+                            if i % 2 == 0 {
+                                read_or_create_key_file(path).map_err(|e| e.to_string())
+                            } else {
+                                // A node joining: it reads until the file is
+                                // there, and must never find it unreadable.
+                                loop {
+                                    match read_key_file(path) {
+                                        Err(KeyFileError::Missing(_)) => std::thread::yield_now(),
+                                        r => break r.map(|k| (k, false)).map_err(|e| e.to_string()),
+                                    }
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                workers.into_iter().map(|w| w.join().unwrap()).collect()
+            });
+            let results: Vec<_> = results.into_iter().collect::<Result<_, _>>().unwrap();
+            assert_eq!(
+                results.iter().filter(|(_, created)| *created).count(),
+                1,
+                "round {round}"
+            );
+            assert!(
+                results.iter().all(|(k, _)| *k == results[0].0),
+                "round {round}: one key"
+            );
+            let names: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names.len(), round + 1, "no temporary file left: {names:?}");
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

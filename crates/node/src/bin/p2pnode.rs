@@ -267,14 +267,12 @@ fn check_plugins(args: &Args) -> i32 {
 
 /// Reads the chat key; a node starting a chat creates it when missing.
 fn load_key(path: &std::path::Path, starts: bool) -> anyhow::Result<(ChatKey, std::path::PathBuf, bool)> {
-    match secure::read_key_file(path) {
-        Ok(k) => Ok((k, path.to_path_buf(), false)),
-        Err(secure::KeyFileError::Missing(_)) if starts => {
-            let k = secure::create_key_file(path)?;
-            Ok((k, path.to_path_buf(), true))
-        }
-        Err(e) => Err(e.into()),
-    }
+    let (key, created) = if starts {
+        secure::read_or_create_key_file(path)?
+    } else {
+        (secure::read_key_file(path)?, false)
+    };
+    Ok((key, path.to_path_buf(), created))
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.
