@@ -294,12 +294,19 @@ impl Core {
             // it); its welcome tells it the id. Without this it was told
             // "cut off a moment ago; retry" for ever (the simulator's
             // edge-of-quorum schedules).
-            _ if returning => self
+            //
+            // The same goes for a process that asks to join afresh: a
+            // coordinator admitted it and died before its welcome got
+            // out, and the next one took the `joined` entry over. Told
+            // "cut off a moment ago" (its own probe answered for the
+            // member it had become), it was refused until its patience
+            // ran out, and then started a chat of its own beside this one
+            // (the simulator's restart storms, seed 204414).
+            _ => self
                 .tip
                 .member_by_session(r.session)
                 .map(|m| m.id)
                 .filter(|id| !self.dead.contains(id)),
-            _ => None,
         };
         if let Some(id) = id {
             // Still a member: re-attach.
@@ -310,7 +317,9 @@ impl Core {
             }
             let c = self.coord().expect("coordinator");
             c.unreachable.remove(&id);
-            let base = Some(r.resume.commit);
+            // A process that never had its welcome is welcomed as a
+            // newcomer (the state, then recent history).
+            let base = returning.then_some(r.resume.commit);
             return self.welcome(conn, id, r.name, r.addr.is_some(), base);
         }
         // Gone, or new. Not while a majority of the voters is out of

@@ -37,6 +37,8 @@ pub(super) struct Joining {
     /// The last coordinator we were sent to and could not reach, and why
     /// (for the final error).
     unreached: Option<String>,
+    /// The last "not now" a peer answered (for the final error).
+    last_busy: Option<String>,
 }
 
 pub(super) struct Uplink {
@@ -154,6 +156,7 @@ impl Core {
             asked_at: self.now,
             redirected: None,
             unreached: None,
+            last_busy: None,
         });
         self.join_next();
     }
@@ -178,6 +181,7 @@ impl Core {
         j.conn = None;
         if j.busy_seen && self.now < j.give_up_at {
             j.busy_seen = false;
+            j.last_busy = None;
             j.next = 0;
             j.retry_at = Some(self.now + self.cfg.heartbeat_ms);
             if let Some(coordinator) = j.unreached.take() {
@@ -189,6 +193,7 @@ impl Core {
         }
         let tried = j.candidates.join(", ");
         let unreached = j.unreached.take();
+        let last_busy = j.last_busy.take();
         if self.cfg.create_if_alone && unreached.is_none() {
             tracing::info!(%tried, "no peer answered; starting a new chat");
             self.create();
@@ -198,9 +203,16 @@ impl Core {
                 Some(coordinator) => format!(
                     "could not join: {tried} sent us to the chat's coordinator at {coordinator}; check that this node can connect to it"
                 ),
-                None => format!(
-                    "could not join: no peer answered at {tried}; check the addresses, or pass --create-if-alone to start a new chat"
-                ),
+                // Peers answered, but only "not now", for the whole patience.
+                None => match last_busy {
+                    Some(answer) => format!(
+                        "could not join: {tried} kept answering \"{answer}\" for {} s; start this node again later",
+                        self.cfg.heartbeat_ms * JOIN_PATIENCE_HEARTBEATS / 1000
+                    ),
+                    None => format!(
+                        "could not join: no peer answered at {tried}; check the addresses, or pass --create-if-alone to start a new chat"
+                    ),
+                },
             };
             self.emit(Event::Error { code: None, message });
             self.role = State::Stopped;
@@ -853,6 +865,9 @@ impl Core {
         match &mut self.role {
             State::Joining(j) => {
                 j.busy_seen |= busy || code == ErrorCode::ShuttingDown;
+                if busy {
+                    j.last_busy = Some(message);
+                }
                 j.conn = None;
                 self.join_next();
             }

@@ -416,6 +416,11 @@ impl Sim {
         for ((idx, conn), held) in stalled {
             for (inc, what) in held {
                 match what {
+                    // The sender died and its connection reset meanwhile:
+                    // what waited at the cut was still in flight, and is
+                    // lost (as `fire` drops it without a cut).
+                    Stalled::Frame(_)
+                        if self.pipes.get(&(idx, conn)).is_some_and(|p| p.reset_at.is_some()) => {}
                     Stalled::Frame(b) => self.arrive(idx, inc, conn, b),
                     Stalled::Closed(reason) => self.closed(idx, inc, conn, reason),
                 }

@@ -548,6 +548,29 @@ fn a_newcomer_that_never_reaches_the_coordinator_says_so_and_starts_no_chat() {
     assert_clean(&sim);
 }
 
+/// A newcomer that peers only ever answer "not now" gives up with what
+/// they answered, not with "no peer answered" (which sent the user to
+/// check addresses that were fine).
+#[test]
+fn a_newcomer_turned_away_until_its_patience_ends_says_what_it_was_told() {
+    let mut sim = cluster(3);
+    // n0 cannot confirm anything while both others hang (it steps down
+    // and waits for a quorum to elect anyone).
+    sim.pause(1);
+    sim.pause(2);
+    run_for(&mut sim, 20 * HB);
+    let n = sim.spawn("late", vec![sim.nodes[0].addr.clone()]);
+    assert!(settle(&mut sim, 80 * HB, |s| s.nodes[n].exit.is_some()));
+    assert_eq!(sim.nodes[n].exit, Some(2));
+    let events = sim.check.events(n, 0);
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Error { message, .. }
+            if message.contains("10.0.0.1:7000 kept answering \"") && message.contains("retry in a moment"))),
+        "{events:?}"
+    );
+    assert_clean(&sim);
+}
+
 /// A member of a chat whose every other node was restarted into a new
 /// chat (no node keeps its chat across a restart; `p2pctl restart` of every
 /// node at once can do this) comes back to their addresses with a `resume`
@@ -707,6 +730,70 @@ fn survivors_wait_for_voters_that_are_only_cut_off() {
         == 1
         && (0..5).filter(|&i| s.role(i) == Some(Role::Member)).count() == 4));
     assert_clean(&sim);
+}
+
+/// A coordinator admits a newcomer and dies before its welcome gets out,
+/// while the newcomer's `joined` entry reaches the other peers. The next
+/// coordinator takes the entry over: the newcomer's process is a member it
+/// has never heard from. When that process asks to join again it is the
+/// same process (its session says so), and it is welcomed as that member.
+/// Before, it was told "a member named n3 was cut off a moment ago" until
+/// its patience ran out (its own answers to the coordinator's probes kept
+/// that member alive), and then it gave up (or, with --create-if-alone,
+/// started a chat of its own beside this one: restart storms, seed 204414).
+#[test]
+fn a_newcomer_whose_welcome_died_with_the_coordinator_joins_the_next_one() {
+    // Its connections reset when it dies: what waited at the cut is lost.
+    let net = NetConfig {
+        reset_percent: 100,
+        ..NetConfig::default()
+    };
+    let mut sim = cluster_with(3, net, 7);
+    let n3 = sim.spawn("n3", vec![sim.nodes[0].addr.clone(), sim.nodes[1].addr.clone()]);
+    let admitted = |s: &Sim, i: usize| s.nodes[i].core().tip.members.iter().any(|m| m.name == "n3");
+    // Event by event: the cut must come before the welcome arrives.
+    while !admitted(&sim, 0) {
+        assert!(sim.run_one(), "n0 never admitted n3");
+    }
+    // The welcome waits at a cut; the `joined` entry travels on to n1, n2.
+    sim.cut(n3, 0);
+    assert!(settle(&mut sim, 10 * HB, |s| admitted(s, 1) && admitted(s, 2)));
+    assert_eq!(
+        sim.role(n3),
+        Some(Role::Joining),
+        "n3 got its welcome before the cut"
+    );
+    sim.kill(0);
+    run_for(&mut sim, 1);
+    sim.heal();
+    assert!(
+        settle(&mut sim, 100 * HB, |s| s.role(n3) == Some(Role::Member)
+            && s.coordinators().len() == 1
+            && s.nodes[n3].core().state.chat_id
+                == s.nodes[1].core().state.chat_id),
+        "n3 did not get into the chat: exit {:?}, events {:?}",
+        sim.nodes[n3].exit,
+        sim.check.events(n3, 0)
+    );
+    // It holds the id the dead coordinator gave it: one member n3.
+    let c = sim.coordinators()[0];
+    let n3s: Vec<u64> = sim.nodes[c]
+        .core()
+        .members()
+        .iter()
+        .filter(|m| m.name == "n3")
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(n3s, vec![sim.nodes[n3].core().me.id]);
+    let text = sim.say(n3).expect("n3 can post");
+    assert!(
+        settle(&mut sim, 20 * HB, |s| [1, 2, n3]
+            .iter()
+            .all(|&i| s.texts(i).contains(&format!("n3:{text}")))),
+        "{text} not delivered everywhere: {:?}",
+        [1, 2, n3].map(|i| sim.texts(i))
+    );
+    assert_agree(&sim, &[1, 2, n3]);
 }
 
 #[test]
@@ -1388,6 +1475,23 @@ fn random_restart_storms_never_fork_a_chat_and_bring_back_one() {
         },
         300,
     );
+}
+
+/// A restart storm in which a coordinator died between admitting a
+/// restarted node and welcoming it: the next coordinator refused that
+/// process as "a member named n3 was cut off a moment ago" until its
+/// patience ran out, and it started a second chat beside the first (found
+/// past the default seeds, at 204414 of `P2P_SIM_START=200000`).
+#[test]
+fn the_restart_storm_seed_where_a_welcome_died_converges_to_one_chat() {
+    let chaos = Chaos {
+        partitions: 10,
+        restart_storms: true,
+        ..LIVE
+    };
+    if let Err(e) = run_seed(204414, chaos) {
+        panic!("{e}");
+    }
 }
 
 /// The same on a slow network (delays, slow outliers, resets).
