@@ -1048,6 +1048,11 @@ impl Core {
     /// The coordinator is gone. With `probe`, first reconnect to it: a
     /// closed connection may mean it dropped only us.
     pub(super) fn start_election(&mut self, reason: String, probe: Option<(u64, String)>) {
+        if matches!(&self.role, State::Member(u) if u.newcomer && u.loading.is_some())
+            && !self.cfg.join.is_empty()
+        {
+            return self.join_again(reason);
+        }
         let lost_info = self.member(self.coordinator).cloned();
         let lost = self.coordinator_name();
         if let Some(c) = self.uplink_conn() {
@@ -1070,6 +1075,29 @@ impl Core {
         });
         self.emit(Event::Electing { lost, reason });
         self.try_successor();
+    }
+
+    /// Welcomed, then cut off from the coordinator before the chat's state
+    /// arrived: this node has delivered and sent nothing, and knows no peer
+    /// of the chat but its join list. It asks to join again through that
+    /// list as the same process; the coordinator of the day finds its
+    /// session in the member list and welcomes it under the id the chat
+    /// gave it. It never starts a chat now (one exists: a second would
+    /// split it), and stays out of any other chat. Before, it ended with
+    /// "lost the coordinator before the chat's state arrived".
+    fn join_again(&mut self, reason: String) {
+        if let Some(c) = self.uplink_conn() {
+            self.close(c);
+        }
+        self.emit(Event::Info {
+            message: format!(
+                "lost the coordinator before the chat's state arrived ({reason}); joining again through {}",
+                self.cfg.join.join(", ")
+            ),
+        });
+        self.me.id = 0;
+        self.cfg.create_if_alone = false;
+        self.start_joining();
     }
 
     fn uplink_conn(&self) -> Option<ConnId> {

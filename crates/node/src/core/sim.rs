@@ -685,7 +685,6 @@ impl Sim {
         let applied = core.log.applied();
         if applied > n.seen_applied || !n.started {
             let from = n.seen_applied + 1;
-            let first = !n.started;
             let entries: Vec<(u64, Option<p2p_proto::Entry>)> = (from..=applied)
                 .map(|s| (s, core.log.entry(s).cloned()))
                 .collect();
@@ -695,7 +694,7 @@ impl Sim {
             }
             n.seen_applied = applied;
             self.check
-                .delivered(idx, inc, &chat, me, first, &entries, core.log.gaps());
+                .delivered(idx, inc, &chat, me, &entries, core.log.gaps());
         }
     }
 

@@ -548,6 +548,72 @@ fn a_newcomer_that_never_reaches_the_coordinator_says_so_and_starts_no_chat() {
     assert_clean(&sim);
 }
 
+/// A newcomer welcomed and then cut off from its coordinator before the
+/// chat's state arrived (the coordinator died meanwhile) has delivered and
+/// sent nothing, and knows no peer of the chat: it joins again through its
+/// join list, and the next coordinator welcomes it under the id the chat
+/// gave it. Before, it ended ("lost the coordinator before the chat's
+/// state arrived ... start it again to rejoin", status 3).
+#[test]
+fn a_newcomer_cut_off_between_its_welcome_and_the_state_joins_again() {
+    let net = NetConfig {
+        reset_percent: 100,
+        ..NetConfig::default()
+    };
+    let mut sim = cluster_with(3, net, 7);
+    sim.create_if_alone = true;
+    let n3 = sim.spawn("n3", vec![sim.nodes[0].addr.clone(), sim.nodes[1].addr.clone()]);
+    // Event by event: the cut falls between the welcome and the state.
+    while sim.role(n3) != Some(Role::Member) {
+        assert!(sim.run_one(), "n3 was never welcomed");
+    }
+    let id = sim.nodes[n3].core().me.id;
+    sim.cut(n3, 0);
+    let admitted = |s: &Sim, i: usize| s.nodes[i].core().tip.members.iter().any(|m| m.name == "n3");
+    assert!(settle(&mut sim, 10 * HB, |s| admitted(s, 1) && admitted(s, 2)));
+    let line = sim.say(n3).expect("n3 runs");
+    sim.kill(0);
+    run_for(&mut sim, 1);
+    sim.heal();
+    assert!(
+        settle(&mut sim, 100 * HB, |s| s.role(n3) == Some(Role::Member)
+            && s.coordinators().len() == 1
+            && s.nodes[n3].core().state.chat_id
+                == s.nodes[1].core().state.chat_id
+            && s.texts(n3).contains(&format!("n3:{line}"))),
+        "n3 did not get into the chat: exit {:?}, events {:?}",
+        sim.nodes[n3].exit,
+        sim.check.events(n3, 0)
+    );
+    let events = sim.check.events(n3, 0);
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Info { message } if message.contains("joining again through"))),
+        "{events:?}"
+    );
+    assert_eq!(
+        events.iter().filter(|e| matches!(e, Event::Ready { .. })).count(),
+        1,
+        "{events:?}"
+    );
+    // The same member, under the id it was given; its line went out once.
+    assert_eq!(sim.nodes[n3].core().me.id, id);
+    let c = sim.coordinators()[0];
+    let n3s: Vec<u64> = sim.nodes[c]
+        .core()
+        .members()
+        .iter()
+        .filter(|m| m.name == "n3")
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(n3s, vec![id]);
+    assert!(settle(&mut sim, 20 * HB, |s| [1, 2]
+        .iter()
+        .all(|&i| s.texts(i).contains(&format!("n3:{line}")))));
+    assert_agree(&sim, &[1, 2, n3]);
+}
+
 /// A newcomer that peers only ever answer "not now" gives up with what
 /// they answered, not with "no peer answered" (which sent the user to
 /// check addresses that were fine).
