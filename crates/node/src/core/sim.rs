@@ -891,17 +891,6 @@ impl Sim {
             .unwrap_or_default()
     }
 
-    /// The current and previous voters (elections may need both).
-    pub fn voter_union(&self) -> Vec<u64> {
-        let pick = self
-            .coordinators()
-            .into_iter()
-            .next()
-            .or_else(|| self.live().into_iter().next());
-        pick.map(|i| self.nodes[i].core().tip.all_voters())
-            .unwrap_or_default()
-    }
-
     /// Every live node knows the last voter change is in force.
     pub fn config_stable(&self) -> bool {
         self.live().iter().all(|i| {
