@@ -206,8 +206,8 @@ impl Core {
                 // Peers answered, but only "not now", for the whole patience.
                 None => match last_busy {
                     Some(answer) => format!(
-                        "could not join: {tried} kept answering \"{answer}\" for {} s; start this node again later",
-                        self.cfg.heartbeat_ms * JOIN_PATIENCE_HEARTBEATS / 1000
+                        "could not join: {tried} kept answering \"{answer}\" for {:.1} s; start this node again later",
+                        (self.cfg.heartbeat_ms * JOIN_PATIENCE_HEARTBEATS) as f64 / 1000.0
                     ),
                     None => format!(
                         "could not join: no peer answered at {tried}; check the addresses, or pass --create-if-alone to start a new chat"
