@@ -182,6 +182,12 @@ impl Core {
         if j.busy_seen && self.now < j.give_up_at {
             j.busy_seen = false;
             j.last_busy = None;
+            // The redirect limit is per round: it stops a loop, not a
+            // joiner that is sent on once a round while a chat elects
+            // (counted over the whole patience, the ninth redirect, to a
+            // coordinator just elected, made the joiner give up and start
+            // a second chat: restart storms, seed 402814).
+            j.redirects = 0;
             j.next = 0;
             j.retry_at = Some(self.now + self.cfg.heartbeat_ms);
             if let Some(coordinator) = j.unreached.take() {
@@ -781,8 +787,16 @@ impl Core {
             State::Joining(j) => {
                 j.redirects += 1;
                 if j.redirects > MAX_REDIRECTS {
+                    // A loop of redirects (coordinators changing under
+                    // us): a chat runs there all the same, so this round
+                    // counts as "not now" and the next starts a chat of
+                    // its own no more than one that was redirected.
                     j.conn = None;
                     j.next = j.candidates.len();
+                    j.busy_seen = true;
+                    j.unreached = Some(format!(
+                        "{addr} (redirected more than {MAX_REDIRECTS} times in a row)"
+                    ));
                     tracing::warn!("too many redirects while joining");
                     return self.join_next();
                 }

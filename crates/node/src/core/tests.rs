@@ -614,6 +614,71 @@ fn a_newcomer_cut_off_between_its_welcome_and_the_state_joins_again() {
     assert_agree(&sim, &[1, 2, n3]);
 }
 
+/// A joiner that its peers send on to the coordinator round after round
+/// while the chat elects keeps following them, and never starts a chat of
+/// its own: the redirect limit stops a loop within a round. Counted over
+/// the whole patience, the ninth redirect made it give up at once and,
+/// with --create-if-alone, start a second chat beside one that had just
+/// elected a coordinator (restart storms, seed 402814). Driven frame by
+/// frame.
+#[test]
+fn a_joiner_redirected_round_after_round_keeps_following_and_starts_no_chat() {
+    let mut cfg = CoreConfig::new("late", "10.0.0.9:7000");
+    cfg.join = vec!["10.0.0.1:7000".into(), "10.0.0.2:7000".into()];
+    cfg.create_if_alone = true;
+    cfg.heartbeat_ms = HB;
+    let mut core = Core::new(cfg, 0);
+    let mut now = 0;
+    let mut dial = |core: &mut Core| {
+        let dials: Vec<(ConnId, String)> = core
+            .drain()
+            .filter_map(|o| match o {
+                Output::Dial { conn, addr, .. } => Some((conn, addr)),
+                _ => None,
+            })
+            .collect();
+        dials.last().cloned()
+    };
+    let coordinator = "10.0.0.3:7000";
+    let mut redirects = 0;
+    for round in 0..6 {
+        for peer in 0..2 {
+            let (conn, addr) = dial(&mut core).unwrap_or_else(|| panic!("round {round}: no dial to a peer"));
+            assert_eq!(addr, format!("10.0.0.{}:7000", peer + 1), "round {round}");
+            now += 1;
+            let redirect = Frame::Redirect {
+                addr: coordinator.into(),
+                epoch: 1,
+            };
+            core.handle(now, Input::Frame(conn, redirect));
+            core.end_batch(now);
+            redirects += 1;
+            assert_eq!(
+                core.role(),
+                Role::Joining,
+                "redirect {redirects}: {:?}",
+                core.role()
+            );
+            let (conn, addr) =
+                dial(&mut core).unwrap_or_else(|| panic!("redirect {redirects} was not followed"));
+            assert_eq!(addr, coordinator, "redirect {redirects}");
+            now += 1;
+            let busy = Frame::Error {
+                code: ErrorCode::Electing,
+                message: "an election is under way; retry in a moment".into(),
+            };
+            core.handle(now, Input::Frame(conn, busy));
+            core.end_batch(now);
+        }
+        // Every peer said "not now": the next round starts a heartbeat on.
+        now += HB;
+        core.handle(now, Input::Tick);
+        core.end_batch(now);
+    }
+    assert!(redirects > 8);
+    assert_eq!(core.role(), Role::Joining);
+}
+
 /// A newcomer that peers only ever answer "not now" gives up with what
 /// they answered, not with "no peer answered" (which sent the user to
 /// check addresses that were fine).
