@@ -629,7 +629,7 @@ fn a_joiner_redirected_round_after_round_keeps_following_and_starts_no_chat() {
     cfg.heartbeat_ms = HB;
     let mut core = Core::new(cfg, 0);
     let mut now = 0;
-    let mut dial = |core: &mut Core| {
+    let dial = |core: &mut Core| {
         let dials: Vec<(ConnId, String)> = core
             .drain()
             .filter_map(|o| match o {
