@@ -975,6 +975,16 @@ impl Core {
                     let why = reason.unwrap_or_else(|| "connection closed".into());
                     j.busy_seen = true;
                     j.unreached = Some(format!("{addr} ({why})"));
+                } else if !refused {
+                    // No answer, and no refusal either (the dial timed
+                    // out, or the connection closed before any answer):
+                    // someone may be there, out of reach for a moment. Try
+                    // again within the patience rather than count it as
+                    // nobody: a restarted node cut off from the only live
+                    // peer it could reach, the others refusing, started a
+                    // chat of its own at once and stayed in it after the
+                    // cut healed (restart storms with cuts, seed 406433).
+                    j.busy_seen = true;
                 }
                 self.join_next();
             }

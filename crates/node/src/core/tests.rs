@@ -1624,15 +1624,21 @@ fn random_restart_storms_never_fork_a_chat_and_bring_back_one() {
 /// process as "a member named n3 was cut off a moment ago" until its
 /// patience ran out, and it started a second chat beside the first (found
 /// past the default seeds, at 204414 of `P2P_SIM_START=200000`).
+///
+/// And one where a restarted node, cut off from the only live peer it
+/// could reach while the others refused, took the timed-out dial for
+/// "nobody there" and started a second chat at once (406433).
 #[test]
-fn the_restart_storm_seed_where_a_welcome_died_converges_to_one_chat() {
+fn the_restart_storm_seeds_that_split_converge_to_one_chat() {
     let chaos = Chaos {
         partitions: 10,
         restart_storms: true,
         ..LIVE
     };
-    if let Err(e) = run_seed(204414, chaos) {
-        panic!("{e}");
+    for seed in [204414, 406433] {
+        if let Err(e) = run_seed(seed, chaos) {
+            panic!("{e}");
+        }
     }
 }
 
