@@ -556,35 +556,17 @@ fn a_newcomer_that_never_reaches_the_coordinator_says_so_and_starts_no_chat() {
 /// state arrived ... start it again to rejoin", status 3).
 #[test]
 fn a_newcomer_cut_off_between_its_welcome_and_the_state_joins_again() {
-    let net = NetConfig {
-        reset_percent: 100,
-        ..NetConfig::default()
-    };
-    let mut sim = cluster_with(3, net, 7);
+    let (mut sim, n3) = newcomer_n3();
     sim.create_if_alone = true;
-    let n3 = sim.spawn("n3", vec![sim.nodes[0].addr.clone(), sim.nodes[1].addr.clone()]);
     // Event by event: the cut falls between the welcome and the state.
     while sim.role(n3) != Some(Role::Member) {
         assert!(sim.run_one(), "n3 was never welcomed");
     }
     let id = sim.nodes[n3].core().me.id;
-    sim.cut(n3, 0);
-    let admitted = |s: &Sim, i: usize| s.nodes[i].core().tip.members.iter().any(|m| m.name == "n3");
-    assert!(settle(&mut sim, 10 * HB, |s| admitted(s, 1) && admitted(s, 2)));
+    cut_n3_until_its_entry_spread(&mut sim, n3);
     let line = sim.say(n3).expect("n3 runs");
-    sim.kill(0);
-    run_for(&mut sim, 1);
-    sim.heal();
-    assert!(
-        settle(&mut sim, 100 * HB, |s| s.role(n3) == Some(Role::Member)
-            && s.coordinators().len() == 1
-            && s.nodes[n3].core().state.chat_id
-                == s.nodes[1].core().state.chat_id
-            && s.texts(n3).contains(&format!("n3:{line}"))),
-        "n3 did not get into the chat: exit {:?}, events {:?}",
-        sim.nodes[n3].exit,
-        sim.check.events(n3, 0)
-    );
+    kill_n0_and_heal(&mut sim);
+    settle_n3_into_the_chat(&mut sim, n3, Some(&line));
     let events = sim.check.events(n3, 0);
     assert!(
         events
@@ -599,19 +581,70 @@ fn a_newcomer_cut_off_between_its_welcome_and_the_state_joins_again() {
     );
     // The same member, under the id it was given; its line went out once.
     assert_eq!(sim.nodes[n3].core().me.id, id);
+    assert_eq!(ids_of_n3(&sim), vec![id]);
+    assert!(settle(&mut sim, 20 * HB, |s| [1, 2]
+        .iter()
+        .all(|&i| s.texts(i).contains(&format!("n3:{line}")))));
+    assert_agree(&sim, &[1, 2, n3]);
+}
+
+/// Three nodes whose connections reset when one dies (what waited at a
+/// cut is lost with it), and a newcomer n3 joining through n0 and n1.
+fn newcomer_n3() -> (Sim, usize) {
+    let net = NetConfig {
+        reset_percent: 100,
+        ..NetConfig::default()
+    };
+    let mut sim = cluster_with(3, net, 7);
+    let n3 = sim.spawn("n3", vec![sim.nodes[0].addr.clone(), sim.nodes[1].addr.clone()]);
+    (sim, n3)
+}
+
+/// Whether node `i`'s member list holds n3.
+fn admitted_n3(sim: &Sim, i: usize) -> bool {
+    sim.nodes[i].core().tip.members.iter().any(|m| m.name == "n3")
+}
+
+/// Cuts n3 off from its coordinator n0 (what n0 sends it waits at the
+/// cut) until n3's `joined` entry has reached n1 and n2.
+fn cut_n3_until_its_entry_spread(sim: &mut Sim, n3: usize) {
+    sim.cut(n3, 0);
+    assert!(settle(sim, 10 * HB, |s| admitted_n3(s, 1) && admitted_n3(s, 2)));
+}
+
+/// Kills n0 (its connections reset: what waited at the cut is lost), then
+/// heals the cut.
+fn kill_n0_and_heal(sim: &mut Sim) {
+    sim.kill(0);
+    run_for(sim, 1);
+    sim.heal();
+}
+
+/// Runs until n3 is a member of the one chat left (and has delivered
+/// `line`, if given).
+fn settle_n3_into_the_chat(sim: &mut Sim, n3: usize, line: Option<&str>) {
+    assert!(
+        settle(sim, 100 * HB, |s| s.role(n3) == Some(Role::Member)
+            && s.coordinators().len() == 1
+            && s.nodes[n3].core().state.chat_id
+                == s.nodes[1].core().state.chat_id
+            && line.is_none_or(|l| s.texts(n3).contains(&format!("n3:{l}")))),
+        "n3 did not get into the chat: exit {:?}, events {:?}",
+        sim.nodes[n3].exit,
+        sim.check.events(n3, 0)
+    );
+}
+
+/// The ids the coordinator's member list gives n3.
+fn ids_of_n3(sim: &Sim) -> Vec<u64> {
     let c = sim.coordinators()[0];
-    let n3s: Vec<u64> = sim.nodes[c]
+    sim.nodes[c]
         .core()
         .members()
         .iter()
         .filter(|m| m.name == "n3")
         .map(|m| m.id)
-        .collect();
-    assert_eq!(n3s, vec![id]);
-    assert!(settle(&mut sim, 20 * HB, |s| [1, 2]
-        .iter()
-        .all(|&i| s.texts(i).contains(&format!("n3:{line}")))));
-    assert_agree(&sim, &[1, 2, n3]);
+        .collect()
 }
 
 /// A joiner that its peers send on to the coordinator round after round
@@ -874,48 +907,22 @@ fn survivors_wait_for_voters_that_are_only_cut_off() {
 /// started a chat of its own beside this one: restart storms, seed 204414).
 #[test]
 fn a_newcomer_whose_welcome_died_with_the_coordinator_joins_the_next_one() {
-    // Its connections reset when it dies: what waited at the cut is lost.
-    let net = NetConfig {
-        reset_percent: 100,
-        ..NetConfig::default()
-    };
-    let mut sim = cluster_with(3, net, 7);
-    let n3 = sim.spawn("n3", vec![sim.nodes[0].addr.clone(), sim.nodes[1].addr.clone()]);
-    let admitted = |s: &Sim, i: usize| s.nodes[i].core().tip.members.iter().any(|m| m.name == "n3");
+    let (mut sim, n3) = newcomer_n3();
     // Event by event: the cut must come before the welcome arrives.
-    while !admitted(&sim, 0) {
+    while !admitted_n3(&sim, 0) {
         assert!(sim.run_one(), "n0 never admitted n3");
     }
-    // The welcome waits at a cut; the `joined` entry travels on to n1, n2.
-    sim.cut(n3, 0);
-    assert!(settle(&mut sim, 10 * HB, |s| admitted(s, 1) && admitted(s, 2)));
+    // The welcome waits at the cut; the `joined` entry travels on.
+    cut_n3_until_its_entry_spread(&mut sim, n3);
     assert_eq!(
         sim.role(n3),
         Some(Role::Joining),
         "n3 got its welcome before the cut"
     );
-    sim.kill(0);
-    run_for(&mut sim, 1);
-    sim.heal();
-    assert!(
-        settle(&mut sim, 100 * HB, |s| s.role(n3) == Some(Role::Member)
-            && s.coordinators().len() == 1
-            && s.nodes[n3].core().state.chat_id
-                == s.nodes[1].core().state.chat_id),
-        "n3 did not get into the chat: exit {:?}, events {:?}",
-        sim.nodes[n3].exit,
-        sim.check.events(n3, 0)
-    );
+    kill_n0_and_heal(&mut sim);
+    settle_n3_into_the_chat(&mut sim, n3, None);
     // It holds the id the dead coordinator gave it: one member n3.
-    let c = sim.coordinators()[0];
-    let n3s: Vec<u64> = sim.nodes[c]
-        .core()
-        .members()
-        .iter()
-        .filter(|m| m.name == "n3")
-        .map(|m| m.id)
-        .collect();
-    assert_eq!(n3s, vec![sim.nodes[n3].core().me.id]);
+    assert_eq!(ids_of_n3(&sim), vec![sim.nodes[n3].core().me.id]);
     let text = sim.say(n3).expect("n3 can post");
     assert!(
         settle(&mut sim, 20 * HB, |s| [1, 2, n3]
