@@ -949,8 +949,26 @@ fn foreground_up_streams_events_and_ctrl_c_stops_everything() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_until("the supervisor's control socket", || {
-        c.ctl(&["ps"]).status.success().then_some(())
+    // Read stdout as it comes: a user acts once "is up" is shown, which
+    // follows the last node's ready line by as long as the newcomers take
+    // to become voters (under load, long enough for the steps below to
+    // start first and Ctrl-C to end start-up before it is shown).
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let lines = lines.clone();
+        let stdout = up.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(l);
+            }
+        })
+    };
+    wait_until("p2pctl up to say the cluster is up", || {
+        let lines = lines.lock().unwrap();
+        lines
+            .iter()
+            .any(|l| l.starts_with("cluster") && l.contains("is up"))
+            .then_some(())
     });
     let rows = c.wait_ps("all running", all_running(3));
     let pids: Vec<i32> = rows
@@ -969,12 +987,8 @@ fn foreground_up_streams_events_and_ctrl_c_stops_everything() {
     for pid in pids {
         wait_until(&format!("node {pid} gone"), || (!alive(pid)).then_some(()));
     }
-    let out: Vec<String> = BufReader::new(up.stdout.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .collect();
-    let text = out.join("\n");
-    assert!(text.contains("cluster") && text.contains("is up"), "{text}");
+    reader.join().unwrap();
+    let text = lines.lock().unwrap().join("\n");
     assert!(text.contains("hello from the test"), "chat is streamed: {text}");
     assert!(
         text.lines()
