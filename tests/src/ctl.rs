@@ -697,6 +697,34 @@ fn say_reports_its_own_line_not_one_queued_before_it() {
     assert!(seq >= 2, "say's line comes after the first: seq {seq}");
 }
 
+/// A node that cannot make progress is shown waiting, with its reason, by
+/// `ps` (the README's promise for a minority), and no longer once the
+/// majority is back.
+#[test]
+fn ps_shows_a_node_waiting_for_a_majority_until_it_is_back() {
+    let c = TestCluster::new(&["alice", "bob", "carol"], "");
+    c.up();
+    c.wait_ps("three voters", |rows| {
+        all_running(3)(rows) && coordinators(rows).len() == 1 && rows.iter().all(|r| r["voter"] == true)
+    });
+    c.ok(&["kill", "bob", "--signal", "STOP"]);
+    c.ok(&["kill", "carol", "--signal", "STOP"]);
+    let rows = c.wait_ps("alice waiting", |rows| rows[0]["waiting"].is_string());
+    let why = rows[0]["waiting"].as_str().unwrap();
+    assert!(why.contains("majority"), "{why}");
+    let table = c.ok(&["ps"]);
+    let alice = table.lines().find(|l| l.starts_with("alice")).unwrap();
+    assert!(alice.contains("waiting"), "{table}");
+    assert!(table.contains("alice waits: "), "{table}");
+    c.ok(&["kill", "bob", "--signal", "CONT"]);
+    c.ok(&["kill", "carol", "--signal", "CONT"]);
+    c.wait_ps("nobody waiting, one coordinator", |rows| {
+        all_running(3)(rows) && coordinators(rows).len() == 1 && rows.iter().all(|r| r["waiting"].is_null())
+    });
+    assert!(!c.ok(&["ps"]).contains("waits:"));
+    assert_one_chat(&c, 3);
+}
+
 /// `check` never leaves a node out quietly: a hung one makes it disagree
 /// (exit 1, naming the node), and once it runs again the nodes agree.
 #[test]

@@ -24,6 +24,9 @@ pub struct Display {
     colors: HashMap<String, Style>,
     shown_seq: u64,
     shown_lost: HashSet<String>,
+    /// Nodes whose `waiting` was shown and that have not moved on since
+    /// (a long wait says so once, not once per candidacy).
+    shown_waiting: HashSet<String>,
     coordinator: Option<String>,
 }
 
@@ -39,6 +42,7 @@ impl Display {
             colors,
             shown_seq: 0,
             shown_lost: HashSet::new(),
+            shown_waiting: HashSet::new(),
             coordinator: None,
         }
     }
@@ -83,7 +87,23 @@ impl Display {
 
     fn node_line(&mut self, node: &str, e: &Value) -> Option<String> {
         let s = |k: &str| e[k].as_str().unwrap_or("").to_string();
-        match e["event"].as_str()? {
+        let kind = e["event"].as_str()?;
+        if matches!(kind, "ready" | "role" | "resumed") {
+            self.shown_waiting.remove(node);
+        }
+        match kind {
+            "waiting" => self
+                .shown_waiting
+                .insert(node.to_string())
+                .then(|| self.prefixed(node, &format!("waiting: {}", s("reason")))),
+            "resumed" => {
+                // A false alarm: the coordinator was not lost after all, so
+                // losing it later is news again.
+                if let Some(c) = &self.coordinator {
+                    self.shown_lost.remove(c);
+                }
+                Some(self.prefixed(node, &s("reason")))
+            }
             "ready" => Some(self.prefixed(
                 node,
                 &format!("ready (coordinator {}, epoch {})", s("coordinator"), e["epoch"]),
@@ -195,6 +215,7 @@ pub fn log_line(line: &str) -> Option<String> {
             (None, None) => format!("* configuration changed at seq {}", e["seq"]),
         },
         "waiting" => format!("* waiting: {}", s("reason")),
+        "resumed" => format!("* {}", s("reason")),
         "unreachable" => format!("* {} stopped answering ({})", s("name"), s("reason")),
         "who" => format!(
             "* members: {}",
@@ -247,12 +268,21 @@ pub fn ps_table(rows: &[Value]) -> String {
                 .unwrap_or_else(|| "-".into()),
             r["addr"].as_str().unwrap_or(""),
             r["state"].as_str().unwrap_or(""),
-            r["role"].as_str().unwrap_or("-"),
+            if r["waiting"].is_string() {
+                "waiting"
+            } else {
+                r["role"].as_str().unwrap_or("-")
+            },
             if r["voter"] == true { "yes" } else { "-" },
             r["epoch"].to_string(),
             r["restarts"].to_string(),
             uptime
         ));
+    }
+    for r in rows {
+        if let Some(why) = r["waiting"].as_str() {
+            out.push_str(&format!("{} waits: {why}\n", r["name"].as_str().unwrap_or("")));
+        }
     }
     out
 }
@@ -319,5 +349,43 @@ mod tests {
         );
         assert_eq!(count(&1.into(), "log entry", "log entries"), "1 log entry");
         assert_eq!(count(&0.into(), "message", "messages"), "0 messages");
+    }
+
+    /// The stream says a wait once, however many candidacies it lasts, and
+    /// how a false alarm ended; a later loss of the same coordinator is
+    /// shown again.
+    #[test]
+    fn waits_and_false_alarms_read_once_each() {
+        use serde_json::json;
+        console::set_colors_enabled(false);
+        let names = ["alice".to_string(), "carol".to_string()];
+        let mut d = Display::new(&names);
+        d.line(&CtlEvent::Coordinator {
+            node: "alice".into(),
+            epoch: 1,
+            election_ms: None,
+            since_kill_ms: None,
+        });
+        let mut line = |node: &str, event: serde_json::Value| {
+            d.line(&CtlEvent::Node {
+                node: node.into(),
+                event,
+            })
+        };
+        let lost = json!({"event": "electing", "lost": "alice", "reason": "missed heartbeats"});
+        let wait = json!({"event": "waiting", "reason": "waiting for a majority of voters"});
+        assert!(line("carol", lost.clone()).is_some_and(|l| l.ends_with("electing")));
+        assert_eq!(
+            line("carol", wait.clone()).as_deref(),
+            Some("carol | waiting: waiting for a majority of voters")
+        );
+        assert_eq!(line("carol", wait.clone()), None, "said once per wait");
+        let resumed = json!({"event": "resumed", "reason": "alice still coordinates (epoch 1); carrying on"});
+        assert_eq!(
+            line("carol", resumed).as_deref(),
+            Some("carol | alice still coordinates (epoch 1); carrying on")
+        );
+        assert!(line("carol", lost).is_some(), "a later loss is news again");
+        assert!(line("carol", wait).is_some(), "and so is a later wait");
     }
 }

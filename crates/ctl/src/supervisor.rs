@@ -105,6 +105,9 @@ struct Slot {
     last_exit: Option<String>,
     /// The node's member id in the chat (from its `ready` event).
     id: Option<u64>,
+    /// Why the node cannot make progress, from its `waiting` event, until
+    /// it reports progress (`resumed`, `role`, `following`, a delivery).
+    waiting: Option<String>,
 }
 
 /// A cheap handle to the running supervisor.
@@ -180,6 +183,7 @@ impl Supervisor {
                 restart_after_exit: false,
                 last_exit: None,
                 id: None,
+                waiting: None,
             })
             .collect();
         Supervisor {
@@ -364,6 +368,7 @@ impl Supervisor {
         let slot = &mut self.slots[idx];
         slot.gen += 1;
         slot.role = None;
+        slot.waiting = None;
         slot.epoch = 0;
         slot.addr = None;
         slot.user_down = None;
@@ -454,6 +459,17 @@ impl Supervisor {
             event: v.clone(),
         });
         match kind.as_str() {
+            "waiting" => self.slots[idx].waiting = v["reason"].as_str().map(str::to_string),
+            "resumed" => {
+                let slot = &mut self.slots[idx];
+                slot.waiting = None;
+                if slot.role.as_deref() == Some("electing") {
+                    slot.role = Some("member".into());
+                }
+            }
+            "following" | "message" | "joined" | "left" => self.slots[idx].waiting = None,
+            // Until its `role` (or `resumed`) event says how it ended.
+            "electing" => self.slots[idx].role = Some("electing".into()),
             "listening" => {
                 let addr = v["addr"].as_str().map(str::to_string);
                 let slot = &mut self.slots[idx];
@@ -469,6 +485,7 @@ impl Supervisor {
                 slot.addr = addr;
             }
             "config" => {
+                self.slots[idx].waiting = None;
                 // The newest voter set any node delivered.
                 if let (Some(seq), Some(ids)) = (v["seq"].as_u64(), v["voters"].as_array()) {
                     if seq > self.voters.0 {
@@ -488,6 +505,7 @@ impl Supervisor {
                 let slot = &mut self.slots[idx];
                 slot.state = NodeState::Running;
                 slot.epoch = epoch;
+                slot.waiting = None;
                 slot.role = Some(if coord == name { "coordinator" } else { "member" }.into());
                 self.note_coordinator(epoch, &coord, None);
                 if self.starting == Some(idx) {
@@ -515,6 +533,7 @@ impl Supervisor {
                 let coord = v["coordinator"].as_str().unwrap_or("").to_string();
                 let slot = &mut self.slots[idx];
                 slot.epoch = epoch;
+                slot.waiting = None;
                 slot.role = v["role"].as_str().map(str::to_string);
                 self.note_coordinator(epoch, &coord, v["election_ms"].as_u64());
             }
@@ -557,6 +576,7 @@ impl Supervisor {
         let ran_ms = slot.started.map_or(0, |t| t.elapsed().as_millis() as u64);
         slot.pid = None;
         slot.role = None;
+        slot.waiting = None;
         slot.started = None;
         slot.last_exit = Some(info.describe());
         let name = slot.name.clone();
@@ -772,6 +792,7 @@ impl Supervisor {
                     "voter": s.pid.is_some() && s.id.is_some_and(|id| self.voters.1.contains(&id)),
                     "uptime_ms": s.started.map(|t| t.elapsed().as_millis() as u64),
                     "last_exit": s.last_exit,
+                    "waiting": s.waiting.clone().filter(|_| s.pid.is_some()),
                 })
             })
             .collect();

@@ -314,7 +314,7 @@ fn human(event: &Event, me: &str, style: HumanStyle) -> Option<String> {
             let detail = detail.strip_prefix(&own).unwrap_or(detail);
             format!("* plugin {name} {}: {detail}", state.as_str())
         }
-        Event::Waiting { reason } => format!("* {reason}"),
+        Event::Waiting { reason } | Event::Resumed { reason } => format!("* {reason}"),
         Event::Config { .. } => return None,
         Event::Unreachable { name, reason, .. } => format!(
             "* {name} is not answering ({reason}); it stays a voter until it returns or is proven gone"
@@ -348,6 +348,7 @@ fn json_line(event: &Event) -> Option<String> {
             json!({"event": "left", "id": id, "name": name, "reason": reason, "seq": seq, "t": t})
         }
         Event::Waiting { reason } => json!({"event": "waiting", "reason": reason, "t": t}),
+        Event::Resumed { reason } => json!({"event": "resumed", "reason": reason, "t": t}),
         Event::Config { seq, voters, plugins } => {
             let mut v = json!({"event": "config", "seq": seq, "t": t});
             if let Some(ids) = voters {

@@ -27,6 +27,8 @@ pub struct NodeRow {
     pub voter: bool,
     pub restarts: u64,
     pub uptime_ms: Option<u64>,
+    /// Why it cannot make progress (its last `waiting` event), if it waits.
+    pub waiting: Option<String>,
     /// Highest seq this node delivered (from its `message` events).
     pub last_seq: u64,
     /// The first seq where this node delivered something other than the
@@ -165,6 +167,7 @@ impl Model {
                 voter: r["voter"].as_bool().unwrap_or(false),
                 restarts: r["restarts"].as_u64().unwrap_or(0),
                 uptime_ms: r["uptime_ms"].as_u64(),
+                waiting: r["waiting"].as_str().map(str::to_string),
                 last_seq: old.map_or(0, |o| o.last_seq),
                 differs_at: old.and_then(|o| o.differs_at),
                 name,
@@ -314,7 +317,15 @@ impl Model {
                 self.notice(text);
                 true
             }
-            "plugin" | "ready" | "role" => true,
+            "waiting" => {
+                self.notice(format!("{node} waits: {}", s("reason")));
+                true
+            }
+            "resumed" => {
+                self.notice(format!("{node}: {}", s("reason")));
+                true
+            }
+            "plugin" | "ready" | "role" | "following" => true,
             _ => false,
         }
     }

@@ -83,11 +83,15 @@ fn draw_nodes(f: &mut Frame, m: &Model, area: Rect) {
             None => Cell::from("yes").style(Style::default().fg(Color::Green)),
             Some(seq) => Cell::from(format!("NO at seq {seq}")).style(Style::default().fg(Color::Red)),
         };
-        let role = n.role.clone().unwrap_or_else(|| "-".into());
-        let role_style = if role == "coordinator" {
-            Style::default().fg(Color::Yellow).add_modifier(Modifier::BOLD)
-        } else {
-            Style::default()
+        // A node that cannot make progress says so where its role is.
+        let role = match (&n.waiting, &n.role) {
+            (Some(_), _) => "waiting".to_string(),
+            (None, r) => r.clone().unwrap_or_else(|| "-".into()),
+        };
+        let role_style = match role.as_str() {
+            "coordinator" => Style::default().fg(Color::Yellow).add_modifier(Modifier::BOLD),
+            "waiting" | "electing" => Style::default().fg(Color::Red),
+            _ => Style::default(),
         };
         let state_style = match n.state.as_str() {
             "running" => Style::default().fg(Color::Green),
@@ -408,6 +412,48 @@ mod tests {
         let screen = text_of(&t);
         assert!(
             screen.contains("1 node(s) DISAGREE") && screen.contains("NO at seq 8"),
+            "{screen}"
+        );
+    }
+
+    /// A node that cannot make progress shows "waiting" as its role, and
+    /// what it said is among the notices.
+    #[test]
+    fn a_waiting_node_shows_it_in_the_table_and_the_notices() {
+        let mut m = model();
+        m.apply_event(
+            &CtlEvent::Node {
+                node: "carol".into(),
+                event: json!({"event":"waiting","reason":"waiting for a majority of voters: 1 of 3 agree"}),
+            },
+            Instant::now(),
+        );
+        let mut rows = json!([
+            {"name":"alice","pid":101,"state":"exited","role":null,"epoch":1,"voter":false,"restarts":0,"uptime_ms":null},
+            {"name":"bob","pid":102,"state":"running","role":"coordinator","epoch":2,"voter":true,"restarts":0,"uptime_ms":65000},
+            {"name":"carol","pid":103,"state":"running","role":"electing","epoch":2,"voter":true,"restarts":1,"uptime_ms":4200,
+             "waiting":"waiting for a majority of voters: 1 of 3 agree"},
+        ]);
+        m.apply_ps(&rows);
+        let mut t = Terminal::new(TestBackend::new(150, 36)).unwrap();
+        t.draw(|f| draw(f, &m)).unwrap();
+        let screen = text_of(&t);
+        let carol = screen
+            .lines()
+            .find(|l| l.contains("carol") && l.contains("103"))
+            .unwrap();
+        assert!(carol.contains("waiting"), "{screen}");
+        assert!(screen.contains("carol waits: waiting for a majority"), "{screen}");
+        rows[2]["waiting"] = json!(null);
+        m.apply_ps(&rows);
+        t.draw(|f| draw(f, &m)).unwrap();
+        let screen = text_of(&t);
+        let carol = screen
+            .lines()
+            .find(|l| l.contains("carol") && l.contains("103"))
+            .unwrap();
+        assert!(
+            carol.contains("electing") && !carol.contains("waiting"),
             "{screen}"
         );
     }

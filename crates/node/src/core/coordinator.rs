@@ -1250,7 +1250,10 @@ impl Core {
             .collect();
         if configs.iter().all(|cfg| is_quorum(cfg, &contact, &dead)) {
             c.quorum_lost_since = None;
-            c.waiting = None;
+            if c.waiting.take().is_some() {
+                let reason = "a majority of voters answers again; confirming messages".to_string();
+                self.emit(Event::Resumed { reason });
+            }
             return;
         }
         let since = *c.quorum_lost_since.get_or_insert(now);

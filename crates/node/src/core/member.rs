@@ -612,7 +612,15 @@ impl Core {
             State::Joining(_) => {}
             State::Electing(_) => {
                 let same_reign = lost.is_some_and(|(id, _)| id == coordinator);
-                if !same_reign {
+                if same_reign {
+                    // A false alarm (a slow coordinator, a cut that healed):
+                    // the user saw "electing" and hears how it ended.
+                    let reason = format!(
+                        "{} still coordinates (epoch {epoch}); carrying on",
+                        self.name_of(coordinator)
+                    );
+                    self.emit(Event::Resumed { reason });
+                } else {
                     self.emit(Event::Role {
                         role: Role::Member,
                         epoch,

@@ -261,6 +261,12 @@ pub enum Event {
     Waiting {
         reason: String,
     },
+    /// Progress again with no change of coordinator: a coordinator that
+    /// said it was waiting hears a majority of its voters once more, or a
+    /// member that started electing finds its coordinator still there.
+    Resumed {
+        reason: String,
+    },
     /// A voter stopped answering the coordinator; it stays a voter until it
     /// comes back or is proven dead.
     Unreachable {

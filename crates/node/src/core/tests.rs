@@ -158,6 +158,56 @@ fn a_paused_peer_of_two_is_not_proven_dead_so_the_other_waits() {
     assert_agree(&sim, &[0, 1]);
 }
 
+/// A coordinator out of contact with its voters says so (`waiting`), and
+/// says so again (`resumed`) when they answer before it steps down: p2pctl
+/// shows a node as waiting between the two.
+#[test]
+fn a_coordinator_that_waited_for_its_voters_says_when_it_confirms_again() {
+    let mut sim = cluster(3);
+    sim.pause(1);
+    sim.pause(2);
+    let waited = |s: &Sim| s.events(0).iter().any(|e| matches!(e, Event::Waiting { .. }));
+    assert!(settle(&mut sim, 10 * HB, waited));
+    assert!(!sim.events(0).iter().any(|e| matches!(e, Event::Resumed { .. })));
+    sim.resume(1);
+    sim.resume(2);
+    let resumed = |s: &Sim| s.events(0).iter().any(|e| matches!(e, Event::Resumed { .. }));
+    assert!(settle(&mut sim, 10 * HB, resumed));
+    assert_eq!(sim.coordinators(), vec![0], "it never stepped down");
+    let text = sim.say(1).unwrap();
+    assert!(settle(&mut sim, 10 * HB, |s| s
+        .texts(2)
+        .iter()
+        .any(|t| t.ends_with(&text))));
+    assert_clean(&sim);
+}
+
+/// A member cut off from its coordinator alone starts electing; when the
+/// cut heals and the coordinator is still there, it says so (`resumed`)
+/// instead of leaving its user (and p2pctl) with "electing" for good.
+#[test]
+fn a_member_whose_coordinator_was_still_there_says_the_election_is_off() {
+    let mut sim = cluster(3);
+    sim.cut(0, 2);
+    let electing = |s: &Sim| s.events(2).iter().any(|e| matches!(e, Event::Electing { .. }));
+    assert!(settle(&mut sim, 10 * HB, electing));
+    sim.heal();
+    let resumed = |s: &Sim| {
+        s.events(2)
+            .iter()
+            .any(|e| matches!(e, Event::Resumed { reason } if reason.starts_with("n0 still coordinates")))
+    };
+    assert!(settle(&mut sim, 20 * HB, resumed), "{:?}", sim.events(2));
+    assert_eq!(sim.coordinators(), vec![0]);
+    assert!(!sim.events(2).iter().any(|e| matches!(e, Event::Role { .. })));
+    let text = sim.say(2).unwrap();
+    assert!(settle(&mut sim, 10 * HB, |s| s
+        .texts(1)
+        .iter()
+        .any(|t| t.ends_with(&text))));
+    assert_clean(&sim);
+}
+
 #[test]
 fn hung_coordinator_is_replaced_and_its_buffered_messages_never_fork() {
     let mut sim = cluster(3);
