@@ -1713,6 +1713,26 @@ fn random_faults_to_the_edge_on_a_slow_network_converge() {
     );
 }
 
+/// A coordinator that committed a voter change and proposed the next one
+/// died before saying the first was committed; three voters of the set
+/// before both changes were dead by then. The coordinators after it
+/// counted that set for every commit and could never commit again, though
+/// elections (which count the last two sets) went on: every message
+/// typed after it waited for good (seed 501535, past the default seeds).
+#[test]
+fn a_coordinator_taking_over_two_voter_changes_commits_again() {
+    let chaos = Chaos {
+        slow_net: true,
+        partitions: 20,
+        edge: true,
+        ..LIVE
+    };
+    match run_seed(501535, chaos) {
+        Ok(stats) => assert!(stats.converged, "{stats:?}"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
 /// Seeds that, with a cut every 0.15 s or so, left the chat without a
 /// coordinator for good once healed: the earliest-joined voter had been
 /// cut off while the others changed the voter set (or admitted the same
