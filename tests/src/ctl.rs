@@ -725,6 +725,33 @@ fn ps_shows_a_node_waiting_for_a_majority_until_it_is_back() {
     assert_one_chat(&c, 3);
 }
 
+/// The wait behind `up`'s "is up" (newcomers become voters) no longer
+/// waits for a node killed meanwhile: its address refuses connections, so
+/// it is gone. It waited out its whole limit, and "is up" came 10 s late.
+#[test]
+fn the_start_up_wait_does_not_wait_for_a_node_that_is_gone() {
+    use crate::util::{chat_key, wait_voters, Node};
+    let a = Node::join("alice", &[]);
+    let b = Node::join("bob", &["--join", &a.addr]);
+    wait_voters(&[&a, &b]);
+    let gone = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let key = Some(std::sync::Arc::new(chat_key()));
+    let addrs = [a.addr.clone(), b.addr.clone(), gone];
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let settled = runtime.block_on(p2p_ctl::check::wait_settled(
+        &addrs,
+        std::time::Duration::from_secs(10),
+        &key,
+    ));
+    assert!(settled, "alice and bob agree; the third address is nobody's");
+}
+
 /// `check` never leaves a node out quietly: a hung one makes it disagree
 /// (exit 1, naming the node), and once it runs again the nodes agree.
 #[test]

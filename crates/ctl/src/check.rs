@@ -123,27 +123,43 @@ pub async fn status(addr: &str, key: &Key) -> std::io::Result<NodeStatus> {
 
 /// Waits until every node at `addrs` reports the same voter set, in force,
 /// holding every node (up to the 7 voters a chat has), or until `limit`.
+/// A node whose address refuses connections is gone (killed meanwhile) and
+/// no longer waited for: `up` said "is up" only at `limit` then.
 /// Returns whether it settled.
 pub async fn wait_settled(addrs: &[String], limit: Duration, key: &Key) -> bool {
     let end = Instant::now() + limit;
-    let want = addrs.len().min(7);
+    let mut gone = std::collections::HashSet::new();
     while Instant::now() < end {
         let mut sets = Vec::new();
         for a in addrs {
+            if gone.contains(a) {
+                continue;
+            }
             let reply = coordinator_request(a, &Frame::StatusRequest { log: false }, key).await;
-            if let Ok(Frame::Status {
-                voters, stable: true, ..
-            }) = reply
-            {
-                sets.push(voters);
+            match reply {
+                Ok(Frame::Status {
+                    voters, stable: true, ..
+                }) => sets.push(voters),
+                Err(_) if refuses(a).await => {
+                    gone.insert(a.clone());
+                }
+                _ => {}
             }
         }
-        if sets.len() == addrs.len() && sets.windows(2).all(|w| w[0] == w[1]) && sets[0].len() >= want {
+        let live = addrs.len() - gone.len();
+        let want = live.min(7);
+        if live > 0 && sets.len() == live && sets.windows(2).all(|w| w[0] == w[1]) && sets[0].len() >= want {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     false
+}
+
+/// Whether `addr` refuses connections: nobody listens there.
+async fn refuses(addr: &str) -> bool {
+    let dial = tokio::time::timeout(IO_TIMEOUT, tokio::net::TcpStream::connect(addr)).await;
+    matches!(dial, Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused)
 }
 
 /// How long `check` waits for messages in flight to reach every node.
